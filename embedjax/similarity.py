@@ -1,0 +1,213 @@
+"""The one similarity core: losses and evaluation both call these functions.
+
+Every function is a pure ``jnp`` function (jit-, grad- and vmap-friendly). Scores follow one
+convention: **higher means more similar**, so distances come back negated
+(``euclidean`` = -||a - b||_2, ``manhattan`` = -||a - b||_1).
+
+* ``pairwise(a, b, metric)``: a_i vs b_i, ``(..., D), (..., D) -> (...)``.
+* ``matrix(a, b, metric)``: every a vs every b, ``(N, D), (M, D) -> (N, M)``. Written with plain
+  matmuls/einsums and no device logic, so when ``a`` and ``b`` are sharded over a mesh axis
+  (``AxisType.Auto``) GSPMD inserts the all-gather: in-batch negatives span the global batch.
+* ``angle_pairwise``: the AnglE angle similarity (REFERENCE.md, "AnglE").
+* ``topk``: chunked top-k over a large corpus, never materialising the (Q, N) score matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+METRICS = ("cosine", "dot", "euclidean", "manhattan")
+PAIRWISE_METRICS = METRICS + ("angle",)
+
+
+def _safe_norm(x, axis=-1, keepdims=False, eps=0.0):
+    """sqrt(sum x^2) with a finite gradient at 0 (plain sqrt has an infinite one there)."""
+    sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)
+    if eps > 0:
+        # max(||x||, eps) == sqrt(max(||x||^2, eps^2)); the max also guards the gradient.
+        return jnp.sqrt(jnp.maximum(sq, eps * eps))
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+    """``x / max(||x||_2, eps)`` along ``axis`` (like ``torch.nn.functional.normalize``).
+
+    A zero vector stays zero and has a finite gradient.
+    """
+    return x / _safe_norm(x, axis=axis, keepdims=True, eps=eps)
+
+
+# ---------------------------------------------------------------- pairwise: a_i vs b_i
+
+
+def cosine_pairwise(a, b, eps=1e-12):
+    """Cosine similarity of a_i and b_i: ``(..., D), (..., D) -> (...)``."""
+    return jnp.sum(l2_normalize(a, eps=eps) * l2_normalize(b, eps=eps), axis=-1)
+
+
+def dot_pairwise(a, b):
+    """Dot product of a_i and b_i."""
+    return jnp.sum(a * b, axis=-1)
+
+
+def euclidean_pairwise(a, b):
+    """Negative Euclidean distance -||a_i - b_i||_2 (gradient 0, not NaN, at a_i == b_i)."""
+    return -_safe_norm(a - b, axis=-1)
+
+
+def manhattan_pairwise(a, b):
+    """Negative Manhattan distance -||a_i - b_i||_1."""
+    return -jnp.sum(jnp.abs(a - b), axis=-1)
+
+
+def angle_pairwise(a, b, pooling="sum", eps=1e-12):
+    """AnglE angle similarity of a_i and b_i (REFERENCE.md, "AnglE"), in [0, 1] for 'sum'.
+
+    Each (un-normalised) embedding of even size D is read as a complex vector of size D/2:
+    real part = first D/2 dims, imaginary part = last D/2. For z = x + i y (text 1) and
+    w = u + i v (text 2), per component k:
+
+        Re_k = (x_k u_k + y_k v_k) / (|z| |w|),   Im_k = (y_k u_k - x_k v_k) / (|z| |w|)
+
+    with |z| = sqrt(sum x^2 + y^2) the norm of the whole vector (this is z / w rescaled by
+    |w|^2 / (|z||w|), as in angle-emb). The score is ``|sum_k Re_k + sum_k Im_k|`` for
+    ``pooling='sum'``; ``pooling='mean'`` averages over the D concatenated (Re, Im) entries,
+    i.e. divides the sum by D (angle-emb's ``torch.mean`` over ``concat(re, im)``).
+    Multiply by the scale (angle_tau) in the loss, not here.
+    """
+    d = a.shape[-1]
+    if d % 2:
+        raise ValueError(f"angle similarity needs an even embedding size, got {d}")
+    if pooling not in ("sum", "mean"):
+        raise ValueError(f"pooling must be 'sum' or 'mean', got {pooling!r}")
+    h = d // 2
+    x, y = a[..., :h], a[..., h:]
+    u, v = b[..., :h], b[..., h:]
+    denom = _safe_norm(a, eps=eps) * _safe_norm(b, eps=eps)
+    total = jnp.sum(x * u + y * v, axis=-1) + jnp.sum(y * u - x * v, axis=-1)
+    score = total / denom
+    if pooling == "mean":
+        score = score / d
+    return jnp.abs(score)
+
+
+_PAIRWISE = {
+    "cosine": cosine_pairwise,
+    "dot": dot_pairwise,
+    "euclidean": euclidean_pairwise,
+    "manhattan": manhattan_pairwise,
+    "angle": angle_pairwise,
+}
+
+
+def pairwise(a, b, metric="cosine"):
+    """Similarity of a_i and b_i with ``metric`` in ``PAIRWISE_METRICS``: ``(..., D) -> (...)``."""
+    try:
+        fn = _PAIRWISE[metric]
+    except KeyError:
+        raise ValueError(f"unknown metric {metric!r}; choose from {PAIRWISE_METRICS}") from None
+    return fn(a, b)
+
+
+# ---------------------------------------------------------------- matrix: all a vs all b
+
+
+def dot_matrix(a, b):
+    """All dot products: ``(N, D), (M, D) -> (N, M)``."""
+    return jnp.einsum("nd,md->nm", a, b)
+
+
+def cosine_matrix(a, b, eps=1e-12):
+    """All cosine similarities: ``(N, D), (M, D) -> (N, M)``."""
+    return dot_matrix(l2_normalize(a, eps=eps), l2_normalize(b, eps=eps))
+
+
+def euclidean_matrix(a, b):
+    """All negative Euclidean distances: ``(N, D), (M, D) -> (N, M)``.
+
+    Uses ||a||^2 + ||b||^2 - 2 a.b (one matmul, O(NM) memory, like torch.cdist for large
+    inputs); the squared distance is clamped at 0 against round-off. Expect ~1e-3 absolute
+    error for near-identical float32 vectors; use ``euclidean_pairwise`` when that matters.
+    """
+    sq = (
+        jnp.sum(a * a, axis=-1)[:, None]
+        + jnp.sum(b * b, axis=-1)[None, :]
+        - 2.0 * dot_matrix(a, b)
+    )
+    sq = jnp.maximum(sq, 0.0)
+    positive = sq > 0
+    return -jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def manhattan_matrix(a, b):
+    """All negative Manhattan distances: ``(N, D), (M, D) -> (N, M)``.
+
+    Written as a broadcast-and-reduce that XLA fuses (no (N, M, D) buffer in the forward
+    pass); its gradient does hold an (N, M, D) buffer, so keep N, M modest when training.
+    """
+    return -jnp.sum(jnp.abs(a[:, None, :] - b[None, :, :]), axis=-1)
+
+
+_MATRIX = {
+    "cosine": cosine_matrix,
+    "dot": dot_matrix,
+    "euclidean": euclidean_matrix,
+    "manhattan": manhattan_matrix,
+}
+
+
+def matrix(a, b, metric="cosine"):
+    """All-pairs similarity with ``metric`` in ``METRICS``: ``(N, D), (M, D) -> (N, M)``."""
+    try:
+        fn = _MATRIX[metric]
+    except KeyError:
+        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}") from None
+    return fn(a, b)
+
+
+# ---------------------------------------------------------------- chunked top-k
+
+
+def topk(queries, corpus, k, *, metric="cosine", chunk_size=4096):
+    """Top-``k`` corpus entries for every query, scanning the corpus in chunks.
+
+    ``queries (Q, D)``, ``corpus (N, D)`` -> ``(scores (Q, k), indices (Q, k))``, best first,
+    ``indices`` into the original (unpadded) corpus. The corpus is zero-padded to a multiple of
+    ``chunk_size``, and a ``lax.scan`` over the chunks keeps a running top-k merged with each
+    chunk's scores by ``jax.lax.top_k``; padded rows score -inf. Peak extra memory is
+    O(Q * (k + chunk_size)), never the (Q, N) matrix. ``k`` may exceed ``chunk_size`` but not N.
+    Ties go to the lower corpus index.
+    """
+    n, d = corpus.shape
+    if not 0 < k <= n:
+        raise ValueError(f"need 0 < k <= corpus size, got k={k}, N={n}")
+    chunk_size = min(chunk_size, n)
+    n_chunks = math.ceil(n / chunk_size)
+    padded = jnp.pad(corpus, ((0, n_chunks * chunk_size - n), (0, 0)))
+    chunks = padded.reshape(n_chunks, chunk_size, d)
+    starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
+
+    q = queries.shape[0]
+    score_dtype = jnp.result_type(queries.dtype, corpus.dtype, jnp.float32)
+    init = (
+        jnp.full((q, k), -jnp.inf, score_dtype),
+        jnp.full((q, k), -1, jnp.int32),
+    )
+
+    def step(carry, chunk_and_start):
+        best_scores, best_idx = carry
+        chunk, start = chunk_and_start
+        scores = matrix(queries, chunk, metric).astype(score_dtype)  # (Q, chunk)
+        idx = start + jnp.arange(chunk_size, dtype=jnp.int32)
+        scores = jnp.where(idx[None, :] < n, scores, -jnp.inf)
+        # Running best first, so on ties the earlier (lower) index wins.
+        all_scores = jnp.concatenate([best_scores, scores], axis=1)
+        all_idx = jnp.concatenate([best_idx, jnp.broadcast_to(idx, (q, chunk_size))], axis=1)
+        top_scores, pos = jax.lax.top_k(all_scores, k)
+        return (top_scores, jnp.take_along_axis(all_idx, pos, axis=1)), None
+
+    (scores, indices), _ = jax.lax.scan(step, init, (chunks, starts))
+    return scores, indices

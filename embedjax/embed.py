@@ -1,0 +1,98 @@
+"""``embed``: the one pure function from token ids to text embeddings.
+
+Encoding, training and evaluation all call it, so what is trained is exactly
+what is evaluated and exported.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from embedjax import pooling as pooling_lib
+from embedjax.encoders import bert
+
+
+def truncate(z, dim: int | None, normalize: bool):
+    """Keeps the first ``dim`` components (Matryoshka), then L2-normalises if asked."""
+    if dim is not None:
+        if not 1 <= dim <= z.shape[-1]:
+            raise ValueError(f"dim must be in 1..{z.shape[-1]}, got {dim}")
+        z = z[..., :dim]
+    if normalize:
+        z32 = z.astype(jnp.float32)
+        z = z32 / jnp.maximum(jnp.linalg.norm(z32, axis=-1, keepdims=True), 1e-12)
+    return z
+
+
+def embed(
+    params,
+    cfg: bert.BertConfig,
+    input_ids,
+    attention_mask,
+    *,
+    pooling: str = "mean",
+    normalize: bool = True,
+    dim: int | None = None,
+    num_layers: int | None = None,
+    token_type_ids=None,
+    pool_mask=None,
+    dropout_key=None,
+    per_layer: bool = False,
+    remat: bool = False,
+):
+    """Token ids -> text embeddings.
+
+    Args:
+      params, cfg: encoder params and config.
+      input_ids, attention_mask: (B, T) int arrays.
+      pooling: one of ``pooling.MODES``.
+      normalize: L2-normalise the output (after ``dim`` truncation).
+      dim: keep the first ``dim`` components (Matryoshka truncation).
+      num_layers: use only the first k layers (the rest are not computed).
+      token_type_ids: optional (B, T) segment ids.
+      pool_mask: optional (B, T) mask for pooling only (e.g. to exclude an
+        instruction prefix); defaults to ``attention_mask``.
+      dropout_key: PRNG key for dropout (training); None is deterministic.
+      per_layer: return the pooled embedding of every hidden state,
+        shape (k + 1, B, D) with index 0 the embedding-layer output, from one
+        forward pass (what layer-wise / 2D Matryoshka losses need).
+      remat: rematerialise layers in the backward pass.
+
+    Returns:
+      (B, D) float array, or (k + 1, B, D) when ``per_layer``.
+    """
+    hidden = bert.apply(
+        params,
+        cfg,
+        input_ids,
+        attention_mask,
+        token_type_ids=token_type_ids,
+        dropout_key=dropout_key,
+        num_layers=num_layers,
+        all_layers=per_layer,
+        remat=remat,
+    )
+    mask = attention_mask if pool_mask is None else pool_mask
+    pooled = pooling_lib.pool(hidden, mask, pooling)
+    return truncate(pooled, dim, normalize)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "pooling", "normalize", "dim", "num_layers"))
+def embed_jit(params, cfg, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize, dim, num_layers):
+    """``embed`` compiled for inference (float32 output), one program per shape and option set."""
+    z = embed(
+        params,
+        cfg,
+        input_ids,
+        attention_mask,
+        pooling=pooling,
+        normalize=normalize,
+        dim=dim,
+        num_layers=num_layers,
+        token_type_ids=token_type_ids,
+        pool_mask=pool_mask,
+    )
+    return z.astype(jnp.float32)

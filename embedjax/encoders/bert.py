@@ -1,0 +1,236 @@
+"""The BERT encoder family as pure functions: BERT, MiniLM, BGE, E5, GTE (BERT-style),
+RoBERTa and XLM-RoBERTa.
+
+``params`` is a plain dict pytree. The transformer layers are stacked along a
+leading axis of size ``num_layers`` and run with ``lax.scan``, so:
+
+* the compiled program has one copy of the layer, whatever the depth;
+* ``num_layers=k`` slices the stack to its first k layers *before* the scan:
+  the layers above k are never computed (what 2D Matryoshka inference needs).
+
+Param tree (kernels are ``(in, out)``; ``L`` = number of layers)::
+
+    embeddings: word (V, H), position (P, H), token_type (T, H), norm {scale, bias}
+    layers:     attention: query/key/value/output {kernel (L, H, H), bias (L, H)}, norm
+                mlp:       up {kernel (L, H, I), bias}, down {kernel (L, I, H), bias}, norm
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from embedjax.encoders import layers as L
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Static architecture description (hashable, so it can be a jit static argument).
+
+    ``position_style`` is ``"absolute"`` for BERT (positions 0..T-1) and ``"roberta"``
+    for RoBERTa / XLM-R (positions count non-pad tokens, offset by ``pad_token_id + 1``).
+    ``dtype`` is the compute dtype; parameters stay float32.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    pad_token_id: int = 0
+    model_type: str = "bert"
+    position_style: str = "absolute"
+    dtype: str = "float32"
+
+    @property
+    def max_length(self) -> int:
+        """Longest input the position table allows (RoBERTa reserves pad_token_id + 1 slots)."""
+        if self.position_style == "roberta":
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "BertConfig":
+        """Builds the config from a Hugging Face ``config.json`` dict."""
+        model_type = hf.get("model_type", "bert")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported architecture model_type={model_type!r} "
+                f"(architectures={hf.get('architectures')}); embedjax supports {SUPPORTED_MODEL_TYPES}"
+            )
+        pos_type = hf.get("position_embedding_type", "absolute")
+        if pos_type not in (None, "absolute"):
+            raise ValueError(f"unsupported position_embedding_type={pos_type!r}; only 'absolute' is implemented")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            max_position_embeddings=hf["max_position_embeddings"],
+            type_vocab_size=hf.get("type_vocab_size", 2),
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            hidden_act=hf.get("hidden_act", "gelu"),
+            hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0,
+            model_type=model_type,
+            position_style="roberta" if model_type in ("roberta", "xlm-roberta") else "absolute",
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_hf(self) -> dict:
+        """The Hugging Face ``config.json`` dict for this architecture."""
+        arch = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+        return {
+            "architectures": [arch[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "type_vocab_size": self.type_vocab_size,
+            "layer_norm_eps": self.layer_norm_eps,
+            "hidden_act": self.hidden_act,
+            "hidden_dropout_prob": self.hidden_dropout,
+            "attention_probs_dropout_prob": self.attention_dropout,
+            "pad_token_id": self.pad_token_id,
+            "position_embedding_type": "absolute",
+        }
+
+
+def init(cfg: BertConfig, key) -> dict:
+    """Random parameters (BERT's init: normal(0.02) weights, zero biases, unit layer norms)."""
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    keys = iter(jax.random.split(key, 16))
+
+    def normal(*shape):
+        return 0.02 * jax.random.normal(next(keys), shape, jnp.float32)
+
+    def linear(d_in, d_out):
+        return {"kernel": normal(n, d_in, d_out), "bias": jnp.zeros((n, d_out), jnp.float32)}
+
+    def norm(*lead):
+        return {"scale": jnp.ones((*lead, h), jnp.float32), "bias": jnp.zeros((*lead, h), jnp.float32)}
+
+    return {
+        "embeddings": {
+            "word": normal(cfg.vocab_size, h),
+            "position": normal(cfg.max_position_embeddings, h),
+            "token_type": normal(max(cfg.type_vocab_size, 1), h),
+            "norm": norm(),
+        },
+        "layers": {
+            "attention": {
+                "query": linear(h, h),
+                "key": linear(h, h),
+                "value": linear(h, h),
+                "output": linear(h, h),
+                "norm": norm(n),
+            },
+            "mlp": {"up": linear(h, i), "down": linear(i, h), "norm": norm(n)},
+        },
+    }
+
+
+def position_ids(cfg: BertConfig, input_ids):
+    """Position ids as the reference PyTorch models compute them."""
+    if cfg.position_style == "roberta":
+        not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+
+def embed_tokens(params, cfg: BertConfig, input_ids, token_type_ids=None, dropout_key=None):
+    """Word + position + token-type embeddings, layer norm, dropout -> (B, T, H)."""
+    p = params["embeddings"]
+    dtype = jnp.dtype(cfg.dtype)
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    x = p["word"][input_ids] + p["position"][position_ids(cfg, input_ids)] + p["token_type"][token_type_ids]
+    x = L.layer_norm(p["norm"], x, cfg.layer_norm_eps).astype(dtype)
+    return L.dropout(x, cfg.hidden_dropout, dropout_key)
+
+
+def layer(p, cfg: BertConfig, x, bias, dropout_key=None):
+    """One post-LN transformer layer: attention + residual + norm, MLP + residual + norm."""
+    keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+    a = p["attention"]
+    ctx = L.self_attention(
+        a, x, bias, num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout, dropout_key=keys[0]
+    )
+    x = L.layer_norm(a["norm"], x + L.dropout(L.dense(a["output"], ctx), cfg.hidden_dropout, keys[1]), cfg.layer_norm_eps)
+    m = p["mlp"]
+    y = L.dense(m["down"], L.activation(cfg.hidden_act)(L.dense(m["up"], x)))
+    return L.layer_norm(m["norm"], x + L.dropout(y, cfg.hidden_dropout, keys[2]), cfg.layer_norm_eps)
+
+
+def apply(
+    params,
+    cfg: BertConfig,
+    input_ids,
+    attention_mask,
+    *,
+    token_type_ids=None,
+    dropout_key=None,
+    num_layers: int | None = None,
+    all_layers: bool = True,
+    remat: bool = False,
+):
+    """Runs the encoder.
+
+    Args:
+      params: the param pytree (see the module docstring).
+      cfg: the static ``BertConfig``.
+      input_ids, attention_mask: (B, T) integer arrays; mask is 1 for real tokens.
+      token_type_ids: optional (B, T); zeros when omitted.
+      dropout_key: a PRNG key turns dropout on; None (the default) is deterministic.
+      num_layers: run only the first k layers (the rest are not computed).
+      all_layers: return every hidden state (True) or only the last (False).
+      remat: rematerialise each layer in the backward pass (saves activation memory).
+
+    Returns:
+      ``(k + 1, B, T, H)`` hidden states -- index 0 is the embedding output and index i
+      the output of layer i, as Hugging Face's ``hidden_states`` -- or ``(B, T, H)`` for
+      the last layer when ``all_layers=False``.
+    """
+    k = cfg.num_layers if num_layers is None else int(num_layers)
+    if not 1 <= k <= cfg.num_layers:
+        raise ValueError(f"num_layers must be in 1..{cfg.num_layers}, got {num_layers}")
+    stack = params["layers"]
+    if k < cfg.num_layers:
+        stack = jax.tree.map(lambda w: w[:k], stack)
+
+    emb_key, layer_keys = None, None
+    if dropout_key is not None:
+        emb_key, layers_key = jax.random.split(dropout_key)
+        layer_keys = jax.random.split(layers_key, k)
+
+    x = embed_tokens(params, cfg, input_ids, token_type_ids, emb_key)
+    bias = L.attention_bias(attention_mask, jnp.float32)
+
+    def body(h, xs):
+        p, key = xs
+        h = layer(p, cfg, h, bias, key)
+        return h, (h if all_layers else None)
+
+    if remat:
+        body = jax.checkpoint(body)
+    last, hidden = jax.lax.scan(body, x, (stack, layer_keys))
+    if all_layers:
+        return jnp.concatenate([x[None], hidden], axis=0)
+    return last

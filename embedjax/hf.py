@@ -1,0 +1,289 @@
+"""Hugging Face checkpoints <-> embedjax param pytrees.
+
+Reads a local directory (``config.json`` + ``model.safetensors``, or sharded
+``*.safetensors`` with ``model.safetensors.index.json``) or a hub id (downloaded
+with ``huggingface_hub`` when online, or found in its cache when offline), and
+the sentence-transformers files that say how the checkpoint was meant to be used
+(``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``,
+``config_sentence_transformers.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedjax.encoders.bert import BertConfig
+
+# Files a hub download needs; weights other than safetensors are not read.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "tokenizer*", "*.md"]
+
+# Per-layer tensors: (our path inside params['layers'], torch name inside encoder.layer.{i}).
+_LAYER_MAP = [
+    (("attention", "query"), "attention.self.query"),
+    (("attention", "key"), "attention.self.key"),
+    (("attention", "value"), "attention.self.value"),
+    (("attention", "output"), "attention.output.dense"),
+    (("attention", "norm"), "attention.output.LayerNorm"),
+    (("mlp", "up"), "intermediate.dense"),
+    (("mlp", "down"), "output.dense"),
+    (("mlp", "norm"), "output.LayerNorm"),
+]
+_EMBEDDING_MAP = [
+    ("word", "embeddings.word_embeddings"),
+    ("position", "embeddings.position_embeddings"),
+    ("token_type", "embeddings.token_type_embeddings"),
+    ("norm", "embeddings.LayerNorm"),
+]
+# Tensors a base-model checkpoint may carry that an encoder does not use.
+_IGNORED = re.compile(r"^(pooler\.|cls\.|lm_head\.|embeddings\.position_ids$|qa_outputs\.|classifier\.)")
+_PREFIXES = ("bert.", "roberta.", "xlm_roberta.", "model.", "encoder_model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be mapped onto an embedjax encoder."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local directory, or a hub id downloaded (or read from the hub cache) as one.
+
+    Set ``HF_HUB_OFFLINE=1`` to use only the local hub cache.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"{name}: expected a checkpoint directory, found a file")
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", name):
+        raise FileNotFoundError(f"{name}: no such directory, and not a Hugging Face hub id")
+    import huggingface_hub  # imported here: only hub users pay for it
+
+    try:
+        return Path(huggingface_hub.snapshot_download(name, allow_patterns=_HUB_PATTERNS))
+    except Exception as err:  # offline, unknown repo, gated...: say what was tried
+        raise FileNotFoundError(
+            f"{name}: not a local directory, and the Hugging Face hub download failed ({type(err).__name__}: {err}). "
+            "Offline? Point at a local copy of the checkpoint directory instead."
+        ) from err
+
+
+def read_json(path: Path) -> dict | list | None:
+    """JSON content of ``path``, None when the file is absent; errors name the file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+
+
+def load_state_dict(directory: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory's safetensors file(s), as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    index = read_json(directory / "model.safetensors.index.json")
+    if index is not None:
+        files = sorted(set(index["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in directory.iterdir())
+        raise CheckpointError(
+            f"{directory}: no *.safetensors weights (found {found}). Convert PyTorch .bin weights with "
+            "`transformers` (model.save_pretrained(dir, safe_serialization=True))."
+        )
+    state = {}
+    for name in files:
+        state.update(load_file(str(directory / name)))
+    return state
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _strip_prefix(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix + "embeddings.") for k in state):
+            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    return state
+
+
+def _norm_names(torch_name: str) -> tuple[str, str]:
+    return f"{torch_name}.weight", f"{torch_name}.bias"
+
+
+def _legacy(name: str) -> str:
+    # Old TF-converted checkpoints call layer-norm params gamma/beta.
+    return name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+
+
+def params_from_state_dict(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
+    """Maps a PyTorch-named state dict onto the embedjax param tree.
+
+    Raises ``CheckpointError`` listing every missing and unexpected tensor.
+    """
+    state = _strip_prefix(state)
+    used: set[str] = set()
+    missing: list[str] = []
+
+    def take(name: str, transpose: bool = False):
+        for candidate in (name, _legacy(name)):
+            if candidate in state:
+                used.add(candidate)
+                arr = np.asarray(state[candidate], dtype=np.float32)
+                return arr.T if transpose else arr
+        missing.append(name)
+        return None
+
+    def linear(torch_name: str, transpose: bool):
+        w, b = _norm_names(torch_name)
+        return {"kernel": take(w, transpose), "bias": take(b)}
+
+    def norm(torch_name: str):
+        w, b = _norm_names(torch_name)
+        return {"scale": take(w), "bias": take(b)}
+
+    emb = {}
+    for ours, theirs in _EMBEDDING_MAP:
+        emb[ours] = norm(theirs) if ours == "norm" else take(f"{theirs}.weight")
+
+    per_layer = []
+    for i in range(cfg.num_layers):
+        layer: dict[str, Any] = {"attention": {}, "mlp": {}}
+        for (group, ours), theirs in _LAYER_MAP:
+            full = f"encoder.layer.{i}.{theirs}"
+            layer[group][ours] = norm(full) if ours == "norm" else linear(full, transpose=True)
+        per_layer.append(layer)
+
+    unexpected = sorted(k for k in state if k not in used and not _IGNORED.match(k))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint does not match a {cfg.model_type} encoder with {cfg.num_layers} layers:\n"
+            f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+            f"  unexpected ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+        )
+
+    import jax
+
+    layers = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
+    params = {"embeddings": emb, "layers": layers}
+    _check_shapes(params, cfg)
+    return params
+
+
+def _check_shapes(params: dict, cfg: BertConfig) -> None:
+    import jax
+
+    from embedjax.encoders import bert
+
+    expected = jax.eval_shape(lambda: bert.init(cfg, jax.random.key(0)))
+    flat_exp = dict(jax.tree_util.tree_leaves_with_path(expected))
+    bad = [
+        f"{jax.tree_util.keystr(path)}: checkpoint {np.shape(leaf)} vs config {flat_exp[path].shape}"
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if path in flat_exp and tuple(np.shape(leaf)) != tuple(flat_exp[path].shape)
+    ]
+    if bad:
+        raise CheckpointError("tensor shapes do not match config.json:\n  " + "\n  ".join(bad))
+
+
+def state_dict_from_params(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
+    """The inverse of ``params_from_state_dict``: PyTorch names, (out, in) linear weights.
+
+    Names carry no model prefix, as ``BertModel.save_pretrained`` writes them.
+    """
+    params = __import__("jax").device_get(params)
+    out: dict[str, np.ndarray] = {}
+    emb = params["embeddings"]
+    for ours, theirs in _EMBEDDING_MAP:
+        if ours == "norm":
+            w, b = _norm_names(theirs)
+            out[w], out[b] = emb["norm"]["scale"], emb["norm"]["bias"]
+        else:
+            out[f"{theirs}.weight"] = emb[ours]
+    for i in range(cfg.num_layers):
+        for (group, ours), theirs in _LAYER_MAP:
+            p = params["layers"][group][ours]
+            w, b = _norm_names(f"encoder.layer.{i}.{theirs}")
+            if ours == "norm":
+                out[w], out[b] = p["scale"][i], p["bias"][i]
+            else:
+                out[w], out[b] = p["kernel"][i].T, p["bias"][i]
+    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- sentence-transformers
+
+
+@dataclasses.dataclass(frozen=True)
+class SentenceTransformersInfo:
+    """How a sentence-transformers checkpoint was meant to be used (defaults when absent)."""
+
+    pooling: str | None = None
+    normalize: bool = False
+    max_seq_length: int | None = None
+    do_lower_case: bool = False
+    include_prompt: bool = True
+    prompts: dict = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
+
+
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
+    """Reads modules.json, the pooling config, sentence_bert_config.json and prompts."""
+    from embedjax import pooling as pooling_lib
+
+    modules = read_json(directory / "modules.json") or []
+    pooling, normalize, include_prompt = None, False, True
+    for module in modules:
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind not in _SUPPORTED_MODULES:
+            raise CheckpointError(
+                f"{directory / 'modules.json'}: module {module.get('type')!r} is not supported "
+                f"(embedjax reads {_SUPPORTED_MODULES}); its output would differ from the reference"
+            )
+        if kind == "Pooling":
+            cfg = read_json(directory / module.get("path", "") / "config.json") or {}
+            pooling = pooling_lib.from_sentence_transformers(cfg)
+            include_prompt = bool(cfg.get("include_prompt", True))
+        elif kind == "Normalize":
+            normalize = True
+    sbert = read_json(directory / "sentence_bert_config.json") or {}
+    st_cfg = read_json(directory / "config_sentence_transformers.json") or {}
+    return SentenceTransformersInfo(
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_length=sbert.get("max_seq_length"),
+        do_lower_case=bool(sbert.get("do_lower_case", False)),
+        include_prompt=include_prompt,
+        prompts=dict(st_cfg.get("prompts") or {}),
+        default_prompt_name=st_cfg.get("default_prompt_name"),
+    )
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_checkpoint(name_or_path: str | os.PathLike, **config_overrides) -> tuple[dict, BertConfig, Path]:
+    """Loads ``(params, cfg, directory)`` from a checkpoint directory or hub id."""
+    directory = resolve(name_or_path)
+    hf_config = read_json(directory / "config.json")
+    if hf_config is None:
+        raise CheckpointError(f"{directory}: no config.json")
+    cfg = BertConfig.from_hf(hf_config, **config_overrides)
+    params = params_from_state_dict(load_state_dict(directory), cfg)
+    return params, cfg, directory

@@ -1,0 +1,192 @@
+"""``load_pretrained`` and ``Encoder``: the user-facing way to embed texts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embedjax import hf, tokenize
+from embedjax.embed import embed_jit
+from embedjax.encoders.bert import BertConfig
+from embedjax import pooling as pooling_lib
+
+
+@dataclasses.dataclass
+class Encoder:
+    """A loaded text encoder: params, architecture, tokenizer and how to pool.
+
+    ``params`` is a plain pytree and ``cfg`` a static config: pass them to
+    ``embedjax.embed`` (or ``encoders.bert.apply``) to use the pure functions directly.
+    """
+
+    params: Any
+    cfg: BertConfig
+    tokenizer: tokenize.Tokenizer
+    pooling: str = "mean"
+    max_length: int = 512
+    prompts: dict = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
+    include_prompt: bool = True
+    lowercase: bool = False
+    path: Path | None = None
+
+    @property
+    def dim(self) -> int:
+        """Embedding width."""
+        return self.cfg.hidden_size
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        batch_size: int = 64,
+        normalize: bool = True,
+        dim: int | None = None,
+        num_layers: int | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """Embeds texts; returns float32 (N, D), or (D,) for a single string.
+
+        Texts are sorted by length so batches waste little padding, padded to
+        static length buckets, and the result comes back in the caller's order.
+
+        Args:
+          texts: a string or a sequence of strings (empty strings are fine).
+          batch_size: texts per forward pass.
+          normalize: L2-normalise (after ``dim`` truncation).
+          dim: keep the first ``dim`` components (Matryoshka truncation).
+          num_layers: use only the first k transformer layers (2D Matryoshka).
+          prompt: an instruction prefixed to every text, e.g. ``"query: "``.
+          prompt_name: a prompt named in the checkpoint's
+            ``config_sentence_transformers.json`` (its ``default_prompt_name``
+            applies when neither ``prompt`` nor ``prompt_name`` is given).
+          show_progress: a tqdm bar; None shows one for long encodes on a terminal.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(_check_texts(texts))
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dim is not None and not 1 <= dim <= self.dim:
+            raise ValueError(f"dim must be in 1..{self.dim}, got {dim}")
+        if num_layers is not None and not 1 <= num_layers <= self.cfg.num_layers:
+            raise ValueError(f"num_layers must be in 1..{self.cfg.num_layers}, got {num_layers}")
+        width = dim or self.dim
+        if not texts:
+            return np.zeros((0, width), np.float32)
+
+        prefix = self._prompt(prompt, prompt_name)
+        if prefix:
+            texts = [prefix + t for t in texts]
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
+        # Tokens of the instruction that pooling skips when the checkpoint says so.
+        skip = self.tokenizer.num_tokens(prefix) - 1 if prefix and not self.include_prompt else 0
+
+        encodings = self.tokenizer.encode(texts)
+        order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
+        starts = range(0, len(order), batch_size)
+        pending = []
+        for start in _progress(starts, len(texts), batch_size, show_progress):
+            chunk = order[start : start + batch_size]
+            batch = self.tokenizer.pad([encodings[i] for i in chunk], tokenize.rows_for(len(chunk), batch_size))
+            pool_mask = batch.attention_mask.copy()
+            pool_mask[:, :skip] = 0
+            z = embed_jit(
+                self.params,
+                self.cfg,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.token_type_ids,
+                pool_mask,
+                pooling=self.pooling,
+                normalize=normalize,
+                dim=dim,
+                num_layers=num_layers,
+            )
+            pending.append((chunk, z))  # dispatch is async: tokenization overlaps compute
+        out = np.empty((len(texts), width), np.float32)
+        for chunk, z in pending:
+            out[chunk] = np.asarray(z)[: len(chunk)]
+        return out[0] if single else out
+
+    def _prompt(self, prompt: str | None, prompt_name: str | None) -> str:
+        if prompt is not None and prompt_name is not None:
+            raise ValueError("pass prompt or prompt_name, not both")
+        if prompt is not None:
+            return prompt
+        name = prompt_name if prompt_name is not None else self.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise KeyError(f"prompt_name {name!r} not in this checkpoint's prompts {sorted(self.prompts)}")
+        return self.prompts[name]
+
+
+def _check_texts(texts) -> list[str]:
+    if not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.60}), expected str")
+    return texts
+
+
+def _progress(starts, n_texts: int, batch_size: int, show: bool | None):
+    if show is False or (show is None and n_texts <= 16 * batch_size):
+        return starts
+    from tqdm.auto import tqdm
+
+    return tqdm(starts, desc="encode", unit="batch", disable=None if show is None else False)
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    pooling: str | None = None,
+    max_length: int | None = None,
+    dtype: str | None = None,
+    buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS,
+) -> Encoder:
+    """Loads a Hugging Face / sentence-transformers checkpoint as an ``Encoder``.
+
+    Args:
+      name_or_path: a local checkpoint directory or a hub id (e.g.
+        ``"sentence-transformers/all-MiniLM-L6-v2"``, downloaded when online).
+      pooling: one of ``pooling.MODES``; default: the checkpoint's
+        sentence-transformers pooling, else ``"mean"``.
+      max_length: truncation length in tokens; default: the checkpoint's
+        ``max_seq_length``, else the model's position limit.
+      dtype: compute dtype (``"float32"`` or ``"bfloat16"``); params stay float32.
+      buckets: candidate padded lengths (capped at ``max_length``).
+    """
+    overrides = {"dtype": jnp.dtype(dtype).name} if dtype else {}
+    params, cfg, directory = hf.load_checkpoint(name_or_path, **overrides)
+    st = hf.read_sentence_transformers(directory)
+    pooling = pooling or st.pooling or "mean"
+    if pooling not in pooling_lib.MODES:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {pooling_lib.MODES}")
+    max_length = int(max_length or st.max_seq_length or cfg.max_length)
+    if not 1 <= max_length <= cfg.max_length:
+        raise ValueError(f"max_length must be in 1..{cfg.max_length} for this model, got {max_length}")
+    tokenizer = tokenize.Tokenizer.from_directory(directory, max_length, cfg.pad_token_id, buckets=buckets)
+    return Encoder(
+        params=jax.device_put(params),
+        cfg=cfg,
+        tokenizer=tokenizer,
+        pooling=pooling,
+        max_length=max_length,
+        prompts=st.prompts,
+        default_prompt_name=st.default_prompt_name,
+        include_prompt=st.include_prompt,
+        lowercase=st.do_lower_case,
+        path=directory,
+    )

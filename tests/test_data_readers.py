@@ -263,3 +263,10 @@ def test_sick_triplets_on_real_data_follow_the_labels(sick_dir):
     assert len(set(triplets)) == len(triplets)
     directional = R.read_sick_triplets(path, symmetric=False)
     assert 0 < len(directional) < len(triplets)
+
+
+def test_rows_record_their_line_numbers(tmp_path):
+    path = write(tmp_path, "lines.tsv", "q\tp\n\na\tb\nbad\n\nc\td\n")
+    rows = R.read_pairs(path, columns={"text_a": "q", "text_b": "p"}, skip_bad=True)
+    assert rows == [R.Pair("a", "b"), R.Pair("c", "d")]
+    assert rows.lines == [3, 6] and rows.skipped == 1

@@ -79,11 +79,12 @@ class Tokenizer:
         """Length of ``text`` in tokens, special tokens included."""
         return len(self.backend.encode(text).ids)
 
-    def pad(self, encodings: Sequence, rows: int | None = None) -> Batch:
-        """Pads encodings to the bucket of the longest one and to ``rows`` rows."""
+    def pad(self, encodings: Sequence, rows: int | None = None, min_length: int = 1) -> Batch:
+        """Pads encodings to ``rows`` rows and to the bucket of the longest one
+        (or of ``min_length``, if longer: to give several batches one shape)."""
         n = len(encodings)
         rows = n if rows is None else rows
-        length = bucket_for(max((len(e.ids) for e in encodings), default=1), self.buckets)
+        length = bucket_for(max(max((len(e.ids) for e in encodings), default=1), min_length), self.buckets)
         ids = np.full((rows, length), self.pad_token_id, np.int32)
         mask = np.zeros((rows, length), np.int32)
         types = np.zeros((rows, length), np.int32)

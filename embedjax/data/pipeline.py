@@ -95,17 +95,22 @@ def collate(
     rows: int,
     fields: Sequence[str],
     preprocess: Callable[[str], str] | None = None,
+    common_length: bool = False,
 ) -> dict[str, np.ndarray]:
     """(index, record) pairs -> one padded batch of ``rows`` rows (see the module docstring).
 
-    Each side is padded to the length bucket of its own longest text; ``preprocess``
-    (e.g. lower-casing or a prompt prefix) applies before tokenization, not to the hash.
+    Each side is padded to the length bucket of its own longest text, or with
+    ``common_length`` every side to the bucket of the longest text of the batch (one
+    shape per bucket instead of one per combination of buckets: fewer compilations).
+    ``preprocess`` (e.g. lower-casing or a prompt prefix) applies before tokenization,
+    not to the hash.
     """
     n = len(items)
     if n > rows:
         raise ValueError(f"{n} records do not fit in a batch of {rows} rows")
     records = [as_record(r) for _, r in items]
     out: dict[str, np.ndarray] = {}
+    encoded: dict[str, tuple[list[str], list]] = {}
     for field in fields:
         try:
             values = [r[field] for r in records]
@@ -117,9 +122,12 @@ def collate(
             labels[:n] = values
             out["labels"] = labels
             continue
-        side = SIDES[field]
         texts = values if preprocess is None else [preprocess(t) for t in values]
-        batch = tokenizer.pad(tokenizer.encode(texts), rows)
+        encoded[field] = (values, tokenizer.encode(texts))
+    longest = max((len(e.ids) for _, encs in encoded.values() for e in encs), default=1) if common_length else 1
+    for field, (values, encodings) in encoded.items():
+        side = SIDES[field]
+        batch = tokenizer.pad(encodings, rows, min_length=longest)
         out[f"{side}_ids"], out[f"{side}_mask"], out[f"{side}_types"] = (
             batch.input_ids, batch.attention_mask, batch.token_type_ids)
         hashes = np.zeros(rows, np.int32)
@@ -213,6 +221,7 @@ def train_pipeline(
     shard_options: grain.sharding.ShardOptions | None = None,
     preprocess: Callable[[str], str] | None = None,
     read_options: grain.ReadOptions | None = None,
+    common_length: bool = False,
 ) -> DataIterator:
     """Shuffled, sharded, repeated training batches of ``global_batch_size / host count`` rows.
 
@@ -228,6 +237,7 @@ def train_pipeline(
         order, so all hosts run the same number of steps.
       preprocess: text transform before tokenization (lower-casing, a prompt prefix).
       read_options: grain prefetch threads / buffer (default 2 threads, 4 batches).
+      common_length: pad every side of a batch to one length bucket (see ``collate``).
     """
     index, count = _shard(shard_options)
     rows = _host_batch(global_batch_size, count)
@@ -240,7 +250,8 @@ def train_pipeline(
                          f"per-host batch of {rows}: no full batch to train on")
     ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
     ds = ds.seed(seed).shuffle()[index * per_host:(index + 1) * per_host]
-    ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess))
+    ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess,
+                                                                     common_length))
     ds = ds.repeat(num_epochs)
     fingerprint = (f"train n={n} seed={seed} shard={index}/{count} host_batch={rows} "
                    f"epochs={num_epochs} fields={','.join(fields)}")

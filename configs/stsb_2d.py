@@ -1,0 +1,27 @@
+"""2D Matryoshka (layers x dims) fine-tune on STS-B so that shallow layers are usable.
+
+    python scripts/train.py --config configs/stsb_2d.py --workdir workdirs/stsb_2d
+    python scripts/train.py --config configs/stsb_2d.py:mode=2dmse --workdir workdirs/stsb_2dmse
+    python scripts/train.py --config configs/stsb_2d.py:smoke --workdir /tmp/smoke_2d
+
+Default mode ``adaptive`` = sentence-transformers' Matryoshka2dLoss (AdaptiveLayer over a
+Matryoshka inner loss); ``2dmse`` = angle-emb 0.3's 2DMSE v1; ``espresso`` = ESE.
+"""
+
+from configs import base, stsb_angle
+
+
+def get_config(arg: str | None = None):
+    args = base.parse_arg(arg)
+    c = stsb_angle.get_config(None)
+    mode = args.get("mode", "adaptive")
+    c.objective.layers = mode
+    if mode == "adaptive":
+        c.objective.matryoshka_dims = [384, 256, 128, 64, 32]
+        c.objective.layer_kwargs = {"n_layers_per_step": 5, "layer_weighting": "uniform", "kl_temperature": 0.3,
+                                    "detach_teacher": True}
+    elif mode == "espresso":
+        c.objective.layer_kwargs = {"compression_size": 128}
+    if "smoke" in args:
+        base.smoke(c)
+    return c

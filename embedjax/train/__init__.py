@@ -1,0 +1,1 @@
+"""Training: optimizer, state, objective, the pure train step, and the loop."""

@@ -1,0 +1,229 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+mesh -> encoder + data -> optimizer -> shardings (eval_shape) -> state created sharded
+or resumed -> jit(train_step, donate) -> loop: step, NaN guard, metrics, evaluation +
+best-k, checkpoint (state + data position) -> export the best params as a
+sentence-transformers directory in the workdir -> final evaluation.
+
+Side effects (files, logging, progress bar, jax.distributed) live here and in
+``embedjax.checkpoint``; everything it calls is pure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from embedjax import export as export_lib
+from embedjax import sharding, tokenize
+from embedjax.checkpoint import Checkpointer, abstract_like
+from embedjax.data import pipeline
+from embedjax.eval import STSEvaluator
+from embedjax.model import load_pretrained
+from embedjax.train import optim, sources
+from embedjax.train.objective import Objective
+from embedjax.train.state import TrainState
+from embedjax.train.step import train_step
+
+log = logging.getLogger(__name__)
+MODEL_FIELDS = ("a_", "b_", "n_", "labels")  # batch keys the step reads (not 'valid', 'index')
+
+
+def maybe_initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` on multi-host TPU/GPU runs; a no-op on one host."""
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as err:  # no coordinator configured: single host
+        log.debug("single-host run (%s)", err)
+
+
+def opt_state_shardings(opt_state_shapes, param_shards, mesh):
+    """Optimizer leaves named like a param (Adam's mu/nu) share its sharding; others replicate."""
+    by_path = {sharding.param_path(path): s for path, s in jax.tree_util.tree_leaves_with_path(param_shards)}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        name = sharding.param_path(path)
+        for param_name, s in by_path.items():
+            if name.endswith(param_name) and len(s.spec) <= leaf.ndim:
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state_shapes)
+
+
+class MetricsWriter:
+    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard (process 0)."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboardX not installed: metrics go to metrics.jsonl only")
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _model_batch(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k.startswith(MODEL_FIELDS)}
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Fine-tunes ``config.model`` as configured; resumes from ``workdir`` when it has a checkpoint.
+
+    Returns ``{"before": dev metrics of the start, "after": dev metrics of the exported
+    (best) model, "best_step": ..., "steps": ...}``. The exported model is in ``workdir``.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    maybe_initialize_distributed()
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+
+    # ------------------------------------------------------------------ mesh, model, data
+    mesh = sharding.mesh_from_config(config.mesh)
+    encoder = load_pretrained(config.model, pooling=config.get("pooling"), max_length=config.get("max_length"))
+    enc_cfg = dataclasses.replace(encoder.cfg, dtype=config.get("dtype", "float32"),
+                                  hidden_dropout=config.get("hidden_dropout", encoder.cfg.hidden_dropout),
+                                  attention_dropout=config.get("attention_dropout", encoder.cfg.attention_dropout))
+    objective = Objective.from_config(config.objective, encoder.pooling)
+    train_source = sources.train_source(config.data)
+    train_tokenizer = tokenize.Tokenizer(encoder.tokenizer.backend, encoder.max_length, encoder.cfg.pad_token_id,
+                                         buckets=tuple(config.data.get("buckets", tokenize.DEFAULT_BUCKETS)))
+    preprocess = str.lower if encoder.lowercase else None
+    data_iter = pipeline.train_pipeline(train_source, train_tokenizer, global_batch_size=config.batch_size,
+                                        seed=config.seed, preprocess=preprocess, common_length=True)
+    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size, jax.process_count())
+    total_steps = int(config.get("num_steps") or round(config.num_epochs * steps_per_epoch))
+    evaluator = STSEvaluator(sources.dev_pairs(config.data), name="dev", metrics=("cosine",),
+                             batch_size=config.get("eval_batch_size", 128))
+    best_metric = "dev/cosine_spearman"
+
+    # ------------------------------------------------------------------ optimizer, shardings
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    rules = sharding.FSDP_RULES if config.get("sharding_rules", "replicated") == "fsdp" else sharding.REPLICATED_RULES
+    create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
+    abstract = jax.eval_shape(create, encoder.params)
+    param_shards = sharding.param_shardings(abstract.params, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    state_shards = TrainState(step=replicated, params=param_shards,
+                              opt_state=opt_state_shardings(abstract.opt_state, param_shards, mesh), rng=replicated)
+    batch_shards = sharding.batch_sharding(mesh)
+
+    # ------------------------------------------------------------------ state: resume or create
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
+                        best_metric=best_metric)
+    writer = MetricsWriter(workdir)
+    if ckpt.latest_step() is not None:
+        state, data_state, start = ckpt.restore(abstract_like(abstract, state_shards))
+        data_iter.set_state(data_state)
+        log.info("resumed from %s step %d", workdir / "checkpoints", start)
+        before = None
+    else:
+        state = jax.jit(create, out_shardings=state_shards)(encoder.params)
+        start = 0
+        before = evaluator(dataclasses.replace(encoder, params=state.params))
+        writer.write(0, before)
+        ckpt.save_best(0, state.params, before)  # the start competes for "best" too
+
+    step_fn = jax.jit(
+        functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx),
+        in_shardings=(state_shards, batch_shards),
+        out_shardings=(state_shards, replicated),
+        donate_argnums=0,
+    )
+
+    # ------------------------------------------------------------------ loop
+    log_every, eval_every, save_every = config.log_every, config.eval_every, config.checkpoint.every
+    kill_at = config.get("testing", {}).get("kill_at_step", 0)  # fault injection for the resume test
+    pending: list[tuple[int, dict]] = []
+    progress = _progress(total_steps, start)
+    t_last, examples = time.perf_counter(), 0
+    for step in range(start + 1, total_steps + 1):
+        batch = sharding.to_global(_model_batch(next(data_iter)), mesh)
+        state, metrics = step_fn(state, batch)
+        pending.append((step, metrics))
+        examples += config.batch_size
+        is_last = step == total_steps
+        due = {name: is_last or step % every == 0
+               for name, every in (("log", log_every), ("eval", eval_every), ("save", save_every))}
+        if any(due.values()):
+            # Fetching metrics syncs with the device: done only here, and always before a save,
+            # so no checkpoint ever holds a state that produced a non-finite loss.
+            fetched = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+            pending.clear()
+            for s, m in fetched:
+                if not all(math.isfinite(v) for v in m.values()):
+                    ckpt.wait()
+                    writer.close()
+                    raise FloatingPointError(
+                        f"non-finite training metrics at step {s}: {m}. Stopped; the last good checkpoint "
+                        f"(step {ckpt.latest_step()}) in {workdir / 'checkpoints'} is untouched and a rerun "
+                        "resumes from it (lower the learning rate or check the data first).")
+            now = time.perf_counter()
+            last = fetched[-1][1] | {"lr": float(schedule(step - 1)), "examples_per_s": examples / (now - t_last)}
+            t_last, examples = now, 0
+            writer.write(step, last)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                 ex_s=f"{last['examples_per_s']:.0f}", refresh=False)
+        if due["eval"]:
+            dev = evaluator(dataclasses.replace(encoder, params=state.params))
+            writer.write(step, dev)
+            ckpt.save_best(step, state.params, dev)
+            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in dev.items()))
+        if due["save"]:
+            ckpt.save(step, state, data_iter.get_state())
+        progress.update(1)
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real crash
+    progress.close()
+    ckpt.wait()
+
+    # ------------------------------------------------------------------ export the best, evaluate it
+    best_params, best_metrics, best_step = ckpt.restore_best(abstract_like(abstract.params, param_shards))
+    ckpt.close()
+    writer.close()
+    if jax.process_index() == 0:
+        export_lib.export(encoder, workdir, params=best_params, normalize=True)
+    after = evaluator(load_pretrained(workdir, pooling=encoder.pooling))
+    summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
+               "best_at_selection": best_metrics}
+    if jax.process_index() == 0:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _progress(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0)

@@ -1,0 +1,28 @@
+"""The train state: a pytree of step, params, optimizer state and PRNG key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs besides the data position (saved beside it)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key: plain arrays checkpoint everywhere
+
+    @classmethod
+    def create(cls, params, tx, seed: int) -> "TrainState":
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.PRNGKey(seed),
+        )

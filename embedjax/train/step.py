@@ -20,8 +20,8 @@ def train_step(state: TrainState, batch, *, enc_cfg, objective: Objective, tx):
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,260 @@
+"""The training loop end to end on a tiny checkpoint: exact resume after SIGKILL, sharded ==
+unsharded, NaN guard, kill during save, export loadable by sentence-transformers."""
+
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import embedjax
+from embedjax import hf
+from embedjax.encoders import bert
+from embedjax.train import loop, optim
+from safetensors.numpy import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, minilm_path) -> Path:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer and sentence-transformers files."""
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                          max_position_embeddings=128)
+    params = bert.init(cfg, jax.random.key(0))
+    save_file(hf.state_dict_from_params(params, cfg), str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
+    for name in TOKENIZER_FILES + ("modules.json", "sentence_bert_config.json"):
+        shutil.copyfile(minilm_path / name, d / name)
+    shutil.copytree(minilm_path / "1_Pooling", d / "1_Pooling")
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                               "pooling_mode_mean_tokens": True}))
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def small_dev(tmp_path_factory, stsb_dir) -> Path:
+    path = tmp_path_factory.mktemp("dev") / "dev.csv"
+    path.write_bytes(b"\n".join((stsb_dir / "sts-dev.csv").read_bytes().split(b"\n")[:200]) + b"\n")
+    return path
+
+
+def tiny_config(model: Path, dev: Path, **overrides):
+    sys.path.insert(0, str(REPO))
+    from configs import stsb_angle
+
+    c = stsb_angle.get_config("smoke")
+    c.model = str(model)
+    c.data.dev = str(dev)
+    c.num_steps = 8
+    c.batch_size = 16
+    c.log_every = 1
+    c.eval_every = 4
+    c.checkpoint.every = 2
+    c.checkpoint.keep = 10
+    c.optim.learning_rate = 1e-3  # a tiny random model: let the params move visibly
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def run_train(workdir: Path, config_overrides: dict, devices: int = 8, check: bool = True):
+    """scripts/train.py in a fresh process with ``devices`` fake CPU devices."""
+    args = [f"--config.{k}={v}" for k, v in config_overrides.items()]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config",
+                           str(REPO / "configs" / "stsb_angle.py") + ":smoke", "--workdir", str(workdir), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def loss_curve(workdir: Path) -> dict[int, float]:
+    """step -> loss; a resumed run rewrites the steps after its checkpoint: the last line wins."""
+    curve = {}
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            curve[rec["step"]] = rec["loss"]
+    return curve
+
+
+def final_params(workdir: Path, step: int):
+    with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return jax.tree.map(np.asarray, restored["state"]["params"])
+
+
+@pytest.fixture(scope="module")
+def tiny_overrides(tiny_model, small_dev):
+    return {"model": tiny_model, "data.dev": small_dev, "num_steps": 8, "batch_size": 16, "log_every": 1,
+            "eval_every": 4, "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_overrides) -> Path:
+    workdir = tmp_path_factory.mktemp("straight")
+    run_train(workdir, tiny_overrides)
+    return workdir
+
+
+def test_resume_after_sigkill_is_bitwise_exact(straight_run, tiny_overrides, tmp_path):
+    workdir = tmp_path / "killed"
+    killed = run_train(workdir, {**tiny_overrides, "testing.kill_at_step": 5}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+        assert mngr.latest_step() in (2, 4)  # the kill landed before the end; some saves are on disk
+    run_train(workdir, tiny_overrides)  # resumes from the newest complete checkpoint
+    straight, resumed = loss_curve(straight_run), loss_curve(workdir)
+    assert sorted(straight) == sorted(resumed) == list(range(1, 9))
+    assert straight == resumed  # same XLA program, same restored bits, same data position: bitwise equal
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final_params(straight_run, 8)),
+                            jax.tree.leaves(final_params(workdir, 8))):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_eight_devices_and_fsdp_give_the_one_device_loss_curve(straight_run, tiny_overrides, tmp_path):
+    one = tmp_path / "one"
+    run_train(one, tiny_overrides, devices=1)
+    fsdp = tmp_path / "fsdp"
+    run_train(fsdp, {**tiny_overrides, "mesh.data": 2, "mesh.fsdp": 4, "sharding_rules": "fsdp"})
+    ref = loss_curve(one)
+    for other in (straight_run, fsdp):
+        curve = loss_curve(other)
+        assert sorted(curve) == sorted(ref)
+        np.testing.assert_allclose([curve[s] for s in sorted(curve)], [ref[s] for s in sorted(ref)], rtol=2e-5)
+    assert len(set(ref.values())) > 4  # the curve moves: a constant would compare equal trivially
+
+
+def test_run_outputs_and_export_load_in_sentence_transformers(straight_run, small_dev):
+    from sentence_transformers import SentenceTransformer
+
+    summary = json.loads((straight_run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["best_step"] in (0, 4, 8)
+    evals = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if "dev/cosine_spearman" in e] == [0, 4, 8]
+    best = max((e for e in evals if "dev/cosine_spearman" in e), key=lambda e: e["dev/cosine_spearman"])
+    assert summary["best_step"] == best["step"]
+    assert abs(summary["after"]["dev/cosine_spearman"] - best["dev/cosine_spearman"]) < 1e-6
+    assert {"loss", "lr", "grad_norm", "param_norm", "examples_per_s"} <= set(evals[1])
+    assert (straight_run / "config.json").is_file() and list((straight_run / "tensorboard").iterdir())
+
+    texts = ["A man is playing a flute.", "Two dogs run on the beach.", ""]
+    ours = embedjax.load_pretrained(straight_run).encode(texts)
+    ref = SentenceTransformer(str(straight_run), device="cpu").encode(texts, normalize_embeddings=True)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_model, small_dev, tmp_path, monkeypatch):
+    bad_from = 5
+
+    def poisoned(state, batch, **kw):
+        new_state, metrics = loop_train_step(state, batch, **kw)
+        nan = jax.numpy.where(state.step + 1 >= bad_from, jax.numpy.nan, 0.0)
+        return new_state, {**metrics, "loss": metrics["loss"] + nan}
+
+    loop_train_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    config = tiny_config(tiny_model, small_dev)
+    with pytest.raises(FloatingPointError, match=r"non-finite training metrics at step 5.*last good checkpoint \(step 4\)"):
+        loop.train_and_evaluate(config, tmp_path)
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as mngr:
+        assert mngr.latest_step() == 4
+    params = final_params(tmp_path, 4)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+KILL_DURING_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from embedjax.checkpoint import Checkpointer
+    ckpt = Checkpointer(sys.argv[1], keep=5)
+    big = {"w": np.full((64, 1024, 1024), 1.0, np.float32)}  # 256 MiB: the write takes a while
+    ckpt.save(1, big, {"position": 1}); ckpt.wait()
+    ckpt.save(2, {"w": big["w"] * 2}, {"position": 2})  # async: returns before the write is done
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint_usable(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    from embedjax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, keep=5)
+    assert ckpt.latest_step() == 1  # step 2 never completed, so it is not offered
+    abstract = {"w": jax.ShapeDtypeStruct((64, 1024, 1024), np.float32)}
+    state, data, step = ckpt.restore(abstract)
+    assert step == 1 and data == {"position": 1} and float(state["w"][3, 5, 7]) == 1.0
+    ckpt.save(2, {"w": np.zeros((64, 1024, 1024), np.float32)}, {"position": 2}, force=True)  # next run saves on
+    ckpt.wait()
+    assert ckpt.latest_step() == 2
+    ckpt.close()
+
+
+def test_learning_rate_schedule_and_decay_mask():
+    sched = optim.learning_rate_schedule(1e-3, total_steps=100, warmup=0.1, decay="linear")
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 5, 10, 55, 100)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+    cos = optim.learning_rate_schedule(1.0, total_steps=20, warmup=0, decay="cosine")
+    np.testing.assert_allclose(float(cos(10)), 0.5 * (1 + np.cos(np.pi * 10 / 20)), atol=1e-6)
+    cfg = bert.BertConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
+                          max_position_embeddings=8)
+    mask = optim.decay_mask(bert.init(cfg, jax.random.key(0)))
+    assert mask["layers"]["attention"]["query"]["kernel"] and mask["layers"]["mlp"]["down"]["kernel"]
+    assert not mask["layers"]["attention"]["query"]["bias"] and not mask["layers"]["mlp"]["norm"]["scale"]
+    assert not mask["embeddings"]["word"]
+
+
+@pytest.mark.parametrize("name", ["stsb_angle", "stsb_cosent", "sick_simcse_sup", "unsup_simcse",
+                                  "stsb_matryoshka", "stsb_2d", "stsb_2d:mode=2dmse", "stsb_2d:mode=espresso"])
+def test_every_config_trains_a_step(name, tiny_model, tmp_path):
+    """Each shipped config's data and objective run through the real train step (tiny model)."""
+    import importlib
+
+    from embedjax import tokenize
+    from embedjax.data import pipeline
+    from embedjax.train import sources
+    from embedjax.train.objective import Objective
+    from embedjax.train.state import TrainState
+    from embedjax.train.step import train_step
+
+    sys.path.insert(0, str(REPO))
+    module, _, arg = name.partition(":")
+    c = importlib.import_module(f"configs.{module}").get_config(arg or None)
+    enc = embedjax.load_pretrained(tiny_model)
+    if c.objective.matryoshka_dims:  # the tiny model is 32 wide
+        c.objective.matryoshka_dims = [32, 16, 8]
+        c.objective.matryoshka_weights = [1.0, 1.0, 1.0]
+    if "compression_size" in c.objective.layer_kwargs:
+        c.objective.layer_kwargs.compression_size = 8
+    objective = Objective.from_config(c.objective, enc.pooling)
+    tok = tokenize.Tokenizer(enc.tokenizer.backend, 64, 0, buckets=tuple(c.data.buckets))
+    it = pipeline.train_pipeline(sources.train_source(c.data), tok, global_batch_size=8, seed=0, common_length=True)
+    batch = {k: v for k, v in next(it).items() if k.startswith(loop.MODEL_FIELDS)}
+    assert len({v.shape[1] for k, v in batch.items() if k.endswith("_ids")}) == 1  # one common length
+    c.optim.warmup = 0  # warmup's first step has learning rate 0: the params would not move
+    tx, _ = optim.make_optimizer(c.optim, 10)
+    state = TrainState.create(enc.params, tx, 0)
+    step = jax.jit(functools.partial(train_step, enc_cfg=enc.cfg, objective=objective, tx=tx))
+    new_state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), new_state.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 0

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         "layer_kwargs": {},
         "remat": False,
         "dropout": True,
+        "gradcache_chunk": 0,  # > 0: GradCache (exact large-batch contrastive loss, bounded memory)
     })
     c.data = ml_collections.ConfigDict({
         "kind": "stsb",

@@ -258,3 +258,27 @@ def test_every_config_trains_a_step(name, tiny_model, tmp_path):
     assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), new_state.params, state.params)
     assert max(jax.tree.leaves(moved)) > 0
+
+
+@pytest.mark.parametrize("layers,dims", [("", ()), ("", (32, 16)), ("adaptive", (32, 16))])
+def test_gradcache_objective_equals_the_uncached_one(layers, dims):
+    """Without dropout (keys then do not matter) GradCache is the same loss and gradient."""
+    from embedjax.train.objective import Objective, batch_loss
+
+    cfg = bert.BertConfig(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                          max_position_embeddings=16)
+    params = bert.init(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    b, t, k = 8, 6, 2
+    batch = {"a_ids": rng.integers(1, 60, (b, t)), "a_mask": np.ones((b, t), np.int32),
+             "b_ids": rng.integers(1, 60, (b, t)), "b_mask": np.ones((b, t), np.int32),
+             "n_ids": rng.integers(1, 60, (b, k, t)), "n_mask": np.ones((b, k, t), np.int32)}
+    base = dict(loss="infonce", dropout=False, matryoshka_dims=list(dims), layers=layers,
+                layer_kwargs={"n_layers_per_step": 1} if layers else {})
+    key = jax.random.PRNGKey(3)
+    plain = jax.value_and_grad(batch_loss)(params, cfg, Objective.from_config(base, "mean"), batch, key)
+    cached = jax.value_and_grad(batch_loss)(params, cfg, Objective.from_config({**base, "gradcache_chunk": 2}, "mean"),
+                                            batch, key)
+    np.testing.assert_allclose(float(cached[0]), float(plain[0]), rtol=1e-5)
+    for g1, g2 in zip(jax.tree.leaves(cached[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-6)

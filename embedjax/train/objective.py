@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from embedjax import losses
+from embedjax import gradcache, losses
 from embedjax.embed import embed
 
 LOSSES = ("angle", "cosent", "infonce", "simcse_unsup")
@@ -41,6 +41,7 @@ class Objective:
     layer_kwargs: tuple = ()
     remat: bool = False
     dropout: bool = True             # the encoder's dropout during training (SimCSE needs it)
+    gradcache_chunk: int = 0         # > 0: GradCache, embedding this many rows at a time
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], pooling: str) -> "Objective":
@@ -69,6 +70,7 @@ class Objective:
             layer_kwargs=items(cfg.get("layer_kwargs")),
             remat=bool(cfg.get("remat", False)),
             dropout=bool(cfg.get("dropout", True)),
+            gradcache_chunk=int(cfg.get("gradcache_chunk", 0) or 0),
         )
 
 
@@ -125,18 +127,36 @@ def _embed_side(params, enc_cfg, objective, batch, side, key):
     return z.reshape(*z.shape[:-2], *lead, z.shape[-1])
 
 
-def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Array], key):
-    """Loss of one batch; ``key`` drives dropout and any sampling (dims, layers)."""
-    k_a, k_b, k_n, k_loss = jax.random.split(key, 4)
+def embed_batch(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Array], key):
+    """``(za, zb, zn)``: embeddings of the batch's sides (``zn`` None without negatives)."""
+    k_a, k_b, k_n = jax.random.split(key, 3)
     za = _embed_side(params, enc_cfg, objective, batch, "a", k_a)
-    if "b_ids" in batch:
-        zb = _embed_side(params, enc_cfg, objective, batch, "b", k_b)
-        b_hash = batch.get("b_hash")
-    else:  # unsupervised SimCSE: the positive is the same text under another dropout mask
-        zb = _embed_side(params, enc_cfg, objective, batch, "a", k_b)
-        b_hash = batch.get("a_hash")
+    # Unsupervised SimCSE has no side b: the positive is side a under another dropout mask.
+    zb = _embed_side(params, enc_cfg, objective, batch, "b" if "b_ids" in batch else "a", k_b)
     zn = _embed_side(params, enc_cfg, objective, batch, "n", k_n) if "n_ids" in batch else None
+    return za, zb, zn
+
+
+def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Array], key):
+    """Loss of one batch; ``key`` drives dropout and any sampling (dims, layers).
+
+    With ``objective.gradcache_chunk`` the encoder runs chunk by chunk under
+    ``jax.checkpoint`` (GradCache): the same loss and gradient, activation memory bounded
+    by the chunk instead of the batch.
+    """
+    k_embed, k_loss = jax.random.split(key)
+    if objective.gradcache_chunk:
+        inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask", "_types"))}
+        embed_all = gradcache.chunked_embed(
+            lambda p, chunk, k: embed_batch(p, enc_cfg, objective, chunk, k),
+            objective.gradcache_chunk,
+            batch_axis=1 if objective.layers else 0,  # per-layer stacks are (L, B, D)
+        )
+        za, zb, zn = embed_all(params, inputs, k_embed)
+    else:
+        za, zb, zn = embed_batch(params, enc_cfg, objective, batch, k_embed)
     fn = loss_function(objective)
+    b_hash = batch.get("b_hash") if "b_ids" in batch else batch.get("a_hash")
     kwargs = dict(a_hash=batch.get("a_hash"), b_hash=b_hash, n_hash=batch.get("n_hash"))
     if objective.layers in ("2dmse", "adaptive") or objective.matryoshka_n_per_step:
         kwargs["key"] = k_loss

@@ -1,0 +1,44 @@
+"""Encode a text file (one text per line) into a .npy matrix of embeddings.
+
+    python scripts/encode.py --input sentences.txt --output emb.npy [--model DIR_OR_HUB_ID] [--dim 128] [--num-layers 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import embedjax  # noqa: E402
+from embedjax import hf  # noqa: E402
+from embedjax.data import read_sentences  # noqa: E402
+
+
+def main(argv=None) -> np.ndarray:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", type=Path, required=True, help="UTF-8 text file, one text per line")
+    ap.add_argument("--output", type=Path, required=True, help=".npy file to write (float32, one row per line)")
+    ap.add_argument("--model", default=hf.minilm_l6(), help="checkpoint directory or hub id")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=None, help="Matryoshka truncation")
+    ap.add_argument("--num-layers", type=int, default=None, help="use only the first k layers")
+    ap.add_argument("--prompt", default=None, help="instruction prefixed to every text")
+    ap.add_argument("--no-normalize", action="store_true")
+    args = ap.parse_args(argv)
+
+    texts = read_sentences(args.input)
+    encoder = embedjax.load_pretrained(args.model)
+    emb = encoder.encode(texts, batch_size=args.batch_size, dim=args.dim, num_layers=args.num_layers,
+                         prompt=args.prompt, normalize=not args.no_normalize, show_progress=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.output, emb)
+    print(f"{len(texts)} texts -> {args.output} {emb.shape}")
+    return emb
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Export a checkpoint (a training workdir, a local directory or a hub id) as a
+sentence-transformers / Hugging Face directory that PyTorch users load directly.
+
+    python scripts/export.py --model workdirs/stsb_angle --output exported/
+    # then, in PyTorch:  SentenceTransformer("exported/")  or  AutoModel.from_pretrained("exported/")
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import embedjax  # noqa: E402
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory, training workdir or hub id")
+    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--pooling", default=None, help="override the pooling written to 1_Pooling/config.json")
+    ap.add_argument("--no-normalize", action="store_true", help="omit the Normalize module")
+    args = ap.parse_args(argv)
+    encoder = embedjax.load_pretrained(args.model, pooling=args.pooling)
+    out = embedjax.export(encoder, args.output, normalize=not args.no_normalize)
+    print(f"exported {args.model} -> {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -9,36 +9,12 @@ import pytest
 from jax.test_util import check_grads
 
 from embedjax import losses as L
+from test_losses import np_cos, np_cosent, np_infonce, np_lse  # the naive NumPy references
 
 RNG = np.random.default_rng(2)
 
 
 # ---------------------------------------------------------------- naive references
-
-
-def np_cos(x, y):
-    nx = math.sqrt(sum(float(v) ** 2 for v in x))
-    ny = math.sqrt(sum(float(v) ** 2 for v in y))
-    return sum(float(x[k]) * float(y[k]) for k in range(len(x))) / (max(nx, 1e-12) * max(ny, 1e-12))
-
-
-def np_lse(values):
-    m = max(values)
-    return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def np_cosent(a, b, y, scale=20.0):
-    s = [scale * np_cos(a[i], b[i]) for i in range(len(a))]
-    terms = [0.0] + [s[i] - s[j] for i in range(len(s)) for j in range(len(s)) if y[i] < y[j]]
-    return np_lse(terms)
-
-
-def np_infonce(a, p, n, scale=20.0):
-    cands = [p[j] for j in range(len(p))] + [n[i, kk] for i in range(len(n)) for kk in range(n.shape[1])]
-    tot = 0.0
-    for i in range(len(a)):
-        tot += np_lse([scale * np_cos(a[i], c) for c in cands]) - scale * np_cos(a[i], p[i])
-    return tot / len(a)
 
 
 def np_softmax(v):

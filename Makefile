@@ -7,11 +7,14 @@ install:  ## torch's CPU build first (a parity oracle for tests only), then embe
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 
-main: install  ## zero-shot STS-B dev evaluation of all-MiniLM-L6-v2
-	$(PY) scripts/eval.py
+main: install  ## fine-tune all-MiniLM-L6-v2 on STS-B with AnglE; dev Spearman before and after
+	$(PY) scripts/train.py --config configs/stsb_angle.py --workdir workdirs/stsb_angle
 
 test: install  ## the whole suite on 8 simulated CPU devices
 	$(PY) -m pytest -q
 
 bench: install  ## side-by-side benchmarks against the PyTorch peers
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/encode_speed.py
+	$(PY) benchmarks/gradcache_memory.py
+	$(PY) benchmarks/finetune_vs_st.py

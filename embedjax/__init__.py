@@ -12,10 +12,10 @@ Public API::
 from embedjax import losses, pooling, similarity
 from embedjax.embed import embed
 from embedjax.encoders.bert import BertConfig
-from embedjax.export import export
+from embedjax.export import save_pretrained
 from embedjax.model import Encoder, load_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["BertConfig", "Encoder", "embed", "export", "load_pretrained", "losses", "pooling", "similarity",
+__all__ = ["BertConfig", "Encoder", "embed", "load_pretrained", "losses", "pooling", "save_pretrained", "similarity",
            "__version__"]

@@ -37,7 +37,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def export(encoder, directory: str | Path, *, params=None, normalize: bool = True) -> Path:
+def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: bool = True) -> Path:
     """Writes ``encoder`` (with ``params`` if given, e.g. trained ones) to ``directory``.
 
     The tokenizer files are copied from the checkpoint the encoder was loaded from.

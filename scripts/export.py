@@ -24,7 +24,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--no-normalize", action="store_true", help="omit the Normalize module")
     args = ap.parse_args(argv)
     encoder = embedjax.load_pretrained(args.model, pooling=args.pooling)
-    out = embedjax.export(encoder, args.output, normalize=not args.no_normalize)
+    out = embedjax.save_pretrained(encoder, args.output, normalize=not args.no_normalize)
     print(f"exported {args.model} -> {out}")
     return out
 

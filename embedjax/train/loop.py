@@ -213,7 +213,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:
-        export_lib.export(encoder, workdir, params=best_params, normalize=True)
+        export_lib.save_pretrained(encoder, workdir, params=best_params, normalize=True)
     after = evaluator(load_pretrained(workdir, pooling=encoder.pooling))
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
                "best_at_selection": best_metrics}

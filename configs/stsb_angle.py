@@ -16,6 +16,8 @@ def get_config(arg: str | None = None):
     # 1e-5 stays above the start the whole epoch (87.63 best, 87.47 at the end).
     c.optim.learning_rate = 1e-5
     c.num_epochs = 1.0
+    # Dropout off: the same best dev Spearman as with it (87.62 vs 87.63) and ~17% faster steps on CPU.
+    c.objective.dropout = False
     c.eval_every = 20  # selection on dev every 20 steps (~9 evaluations an epoch)
     # Fine length buckets: ~30% fewer padded tokens than base's [16, 32, 64, ...] on STS-B for
     # ~7 compiled shapes instead of 3.

@@ -202,6 +202,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
             progress.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in dev.items()))
         if due["save"]:
             ckpt.save(step, state, data_iter.get_state())
+        if any(due.values()):
+            t_last = time.perf_counter()  # evaluation and saving are not training throughput
         progress.update(1)
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real crash

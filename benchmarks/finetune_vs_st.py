@@ -133,25 +133,12 @@ def run_st(loss_name: str, args) -> dict:
 
 
 # --------------------------------------------------------------------------- embedjax
-def patch_export(loop) -> None:
-    """Work around ``from embedjax import export as export_lib`` in loop.py resolving to the
-    *function* ``embedjax.export`` (re-exported by ``embedjax/__init__.py``) instead of the module:
-    the export at the end of every training run then fails with AttributeError."""
-    import types
-
-    if not isinstance(loop.export_lib, types.ModuleType):
-        loop.export_lib = sys.modules["embedjax.export"]
-
-
 def run_embedjax(config_path: str, args) -> dict:
-    from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
     import importlib.util
 
     from embedjax import sharding
-    from embedjax.train import loop
     from embedjax.train.loop import train_and_evaluate
 
-    patch_export(loop)
 
     path, _, variant = config_path.partition(":")
     spec = importlib.util.spec_from_file_location("bench_cfg", ROOT / path)

@@ -9,7 +9,7 @@ import pytest
 from jax.test_util import check_grads
 
 from embedjax import losses as L
-from test_losses import np_cos, np_cosent, np_infonce, np_lse  # the naive NumPy references
+from test_losses import np_cosent, np_infonce  # the naive NumPy references
 
 RNG = np.random.default_rng(2)
 

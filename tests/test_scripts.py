@@ -1,7 +1,6 @@
 """The CLIs under scripts/ on real weights and data."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np

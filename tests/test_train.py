@@ -51,26 +51,18 @@ def small_dev(tmp_path_factory, stsb_dir) -> Path:
     return path
 
 
-def tiny_config(model: Path, dev: Path, **overrides):
+def config_with(overrides: dict):
+    """configs/stsb_angle.py:smoke with ``overrides`` (dotted keys), as ``--config.key=value`` would."""
     sys.path.insert(0, str(REPO))
     from configs import stsb_angle
 
     c = stsb_angle.get_config("smoke")
-    c.model = str(model)
-    c.data.dev = str(dev)
-    c.num_steps = 8
-    c.batch_size = 16
-    c.log_every = 1
-    c.eval_every = 4
-    c.checkpoint.every = 2
-    c.checkpoint.keep = 10
-    c.optim.learning_rate = 1e-3  # a tiny random model: let the params move visibly
     for key, value in overrides.items():
         target = c
         *parents, leaf = key.split(".")
         for p in parents:
             target = target[p]
-        target[leaf] = value
+        target[leaf] = str(value) if isinstance(value, Path) else value
     return c
 
 
@@ -162,7 +154,7 @@ def test_run_outputs_and_export_load_in_sentence_transformers(straight_run, smal
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_model, small_dev, tmp_path, monkeypatch):
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_overrides, tmp_path, monkeypatch):
     bad_from = 5
 
     def poisoned(state, batch, **kw):
@@ -172,7 +164,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_model, small_de
 
     loop_train_step = loop.train_step
     monkeypatch.setattr(loop, "train_step", poisoned)
-    config = tiny_config(tiny_model, small_dev)
+    config = config_with(tiny_overrides)
     with pytest.raises(FloatingPointError, match=r"non-finite training metrics at step 5.*last good checkpoint \(step 4\)"):
         loop.train_and_evaluate(config, tmp_path)
     with ocp.CheckpointManager(tmp_path / "checkpoints") as mngr:

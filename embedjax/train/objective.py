@@ -14,11 +14,9 @@ shared ``embed`` and applies the loss. Batches are dicts of arrays:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from embedjax import gradcache, losses
 from embedjax.embed import embed

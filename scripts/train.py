@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from embedjax.train.loop import train_and_evaluate  # noqa: E402
@@ -30,7 +31,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv) -> None:
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    # embedjax's own messages at INFO; Orbax/absl internals only when something is wrong.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("embedjax").setLevel(logging.INFO)
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     before, after = summary["before"], summary["after"]
     key = "dev/cosine_spearman"

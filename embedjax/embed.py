@@ -80,6 +80,52 @@ def embed(
     return truncate(pooled, dim, normalize)
 
 
+def embed_packed(
+    params,
+    cfg: bert.BertConfig,
+    input_ids,
+    segment_ids,
+    positions,
+    *,
+    num_texts: int,
+    token_type_ids=None,
+    pooling: str = "mean",
+    normalize: bool = True,
+    dim: int | None = None,
+    num_layers: int | None = None,
+    dropout_key=None,
+    per_layer: bool = False,
+    remat: bool = False,
+):
+    """``embed`` for packed rows (``embedjax.tokenize.Tokenizer.pack``): several texts per row.
+
+    Args:
+      input_ids, segment_ids, positions: (R, T) int arrays; ``segment_ids`` is 0 on padding
+        and ``i + 1`` on the tokens of text i, ``positions`` each token's index in its text.
+      num_texts: how many texts the rows hold (static): the output has this many rows.
+      the rest: as ``embed``.
+
+    Returns:
+      (num_texts, D), or (k + 1, num_texts, D) when ``per_layer``: for every text what
+      ``embed`` gives it alone, with far less padding to compute on.
+    """
+    hidden = bert.apply(
+        params,
+        cfg,
+        input_ids,
+        segment_ids > 0,
+        token_type_ids=token_type_ids,
+        segment_ids=segment_ids,
+        positions=positions,
+        dropout_key=dropout_key,
+        num_layers=num_layers,
+        all_layers=per_layer,
+        remat=remat,
+    )
+    pooled = pooling_lib.pool_segments(hidden, segment_ids, positions, num_texts, pooling)
+    return truncate(pooled, dim, normalize)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "pooling", "normalize", "dim", "num_layers"))
 def embed_jit(params, cfg, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize, dim, num_layers):
     """``embed`` compiled for inference (float32 output), one program per shape and option set."""

@@ -6,6 +6,7 @@ into the result. Modes follow sentence-transformers' ``Pooling`` module.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 MODES = ("cls", "mean", "max", "cls_avg", "last_token", "weighted_mean", "mean_sqrt_len")
@@ -86,6 +87,47 @@ def pool(hidden, mask, mode: str = "mean"):
         flat_mask = jnp.broadcast_to(mask, (*lead, b, t)).reshape(-1, t)
         return _FUNCS[mode](flat, flat_mask).reshape(*lead, b, h)
     return _FUNCS[mode](hidden, mask)
+
+
+def pool_segments(hidden, segment_ids, positions, num_segments: int, mode: str = "mean"):
+    """Pools packed token states (..., R, T, H) into one vector per segment (..., num_segments, H).
+
+    ``segment_ids`` (R, T): 0 on padding, ``i + 1`` on the tokens of text i; ``positions``
+    (R, T): each token's index within its text. Every mode gives what ``pool`` gives for
+    the same text in a row of its own. The linear modes are one (num_segments, R*T) weight
+    matrix times the token states (a matmul: fast, and sharding-friendly when rows are split
+    over devices); ``max`` is a segment max.
+    """
+    if mode not in _FUNCS:
+        raise ValueError(f"unknown pooling mode {mode!r}; choose one of {MODES}")
+    *lead, r, t, h = hidden.shape
+    flat = hidden.reshape(*lead, r * t, h)
+    seg = segment_ids.reshape(r * t)
+    pos = positions.reshape(r * t).astype(jnp.float32)
+    if mode == "max":
+        ids = jnp.where(seg > 0, seg - 1, num_segments)  # padding -> a dropped extra segment
+        seg_max = lambda x: jax.ops.segment_max(x, ids, num_segments + 1)[:num_segments]
+        for _ in lead:
+            seg_max = jax.vmap(seg_max)
+        return seg_max(flat)
+    member = (seg[None, :] == jnp.arange(1, num_segments + 1)[:, None]).astype(jnp.float32)  # (N, R*T)
+    count = member.sum(1, keepdims=True)
+    last = member * (pos[None, :] == count - 1)
+    first = member * (pos[None, :] == 0)
+    if mode == "mean":
+        weights = member / jnp.maximum(count, 1e-9)
+    elif mode == "mean_sqrt_len":
+        weights = member / jnp.sqrt(jnp.maximum(count, 1e-9))
+    elif mode == "cls":
+        weights = first
+    elif mode == "last_token":
+        weights = last
+    elif mode == "cls_avg":
+        weights = (first + member / jnp.maximum(count, 1e-9)) / 2
+    else:  # weighted_mean: weight = 1-based position within the text
+        w = member * (pos[None, :] + 1)
+        weights = w / jnp.maximum(w.sum(1, keepdims=True), 1e-9)
+    return jnp.einsum("nt,...th->...nh", weights, flat.astype(jnp.float32)).astype(hidden.dtype)
 
 
 def from_sentence_transformers(pooling_config: dict) -> str:

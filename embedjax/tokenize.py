@@ -36,6 +36,39 @@ def rows_for(n: int, batch_size: int) -> int:
     return min(batch_size, 1 << max(n - 1, 0).bit_length())
 
 
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of item indices, each holding at most ``capacity`` in total (longest items first,
+    each into the first bin with room). Items longer than ``capacity`` get a bin each."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - n)
+    return bins
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """Several texts per row, (rows, length) int32 arrays (see ``Tokenizer.pack``).
+
+    ``segment_ids`` is 0 on padding and ``i + 1`` on the tokens of text i; ``positions``
+    is each token's index within its own text.
+    """
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+    num_texts: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """A padded batch: (rows, length) int32 arrays; rows past ``size`` are padding."""
@@ -94,6 +127,32 @@ class Tokenizer:
             mask[i, :t] = 1
             types[i, :t] = e.type_ids
         return Batch(ids, mask, types, n)
+
+    def pack(self, encodings: Sequence, length: int, rows_multiple: int = 1) -> PackedBatch:
+        """Packs encodings into rows of ``length`` tokens, several texts per row.
+
+        Row length: ``length``, or the bucket of the longest text if that is longer. Rows:
+        as few as first-fit-decreasing needs, rounded up to a multiple of ``rows_multiple``
+        (a multiple of the device count shards evenly; coarser multiples mean fewer
+        compiled shapes). A text never spans two rows, and ``embed_packed`` masks attention
+        across texts, so each text's embedding is the one it gets alone.
+        """
+        lengths = [len(e.ids) for e in encodings]
+        length = max(int(length), bucket_for(max(lengths, default=1), self.buckets))
+        bins = first_fit_decreasing(lengths, length)
+        rows = max(-(-len(bins) // rows_multiple) * rows_multiple, rows_multiple)
+        ids = np.full((rows, length), self.pad_token_id, np.int32)
+        types, segments, positions = (np.zeros((rows, length), np.int32) for _ in range(3))
+        for r, members in enumerate(bins):
+            start = 0
+            for i in members:
+                e, n = encodings[i], lengths[i]
+                ids[r, start:start + n] = e.ids
+                types[r, start:start + n] = e.type_ids
+                segments[r, start:start + n] = i + 1
+                positions[r, start:start + n] = np.arange(n)
+                start += n
+        return PackedBatch(ids, types, segments, positions, len(encodings))
 
     def __call__(self, texts: Sequence[str], rows: int | None = None) -> Batch:
         """Tokenizes and pads ``texts`` into one static-shape batch."""

@@ -273,4 +273,5 @@ def test_gradcache_objective_equals_the_uncached_one(layers, dims):
                                             batch, key)
     np.testing.assert_allclose(float(cached[0]), float(plain[0]), rtol=1e-5)
     for g1, g2 in zip(jax.tree.leaves(cached[1]), jax.tree.leaves(plain[1])):
-        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-6)
+        # float32 round-off scales with the leaf's largest entry (fusion/reassociation differs)
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-5 * max(1.0, np.abs(g2).max()))

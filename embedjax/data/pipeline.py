@@ -96,14 +96,16 @@ def collate(
     fields: Sequence[str],
     preprocess: Callable[[str], str] | None = None,
     common_length: bool = False,
+    packing: Packing | None = None,
 ) -> dict[str, np.ndarray]:
     """(index, record) pairs -> one padded batch of ``rows`` rows (see the module docstring).
 
     Each side is padded to the length bucket of its own longest text, or with
     ``common_length`` every side to the bucket of the longest text of the batch (one
     shape per bucket instead of one per combination of buckets: fewer compilations).
-    ``preprocess`` (e.g. lower-casing or a prompt prefix) applies before tokenization,
-    not to the hash.
+    With ``packing`` every text of the batch goes into shared packed rows instead (see
+    ``Packing``). ``preprocess`` (e.g. lower-casing or a prompt prefix) applies before
+    tokenization, not to the hash.
     """
     n = len(items)
     if n > rows:
@@ -124,20 +126,64 @@ def collate(
             continue
         texts = values if preprocess is None else [preprocess(t) for t in values]
         encoded[field] = (values, tokenizer.encode(texts))
-    longest = max((len(e.ids) for _, encs in encoded.values() for e in encs), default=1) if common_length else 1
+    if packing is not None:
+        out.update(_packed(encoded, tokenizer, rows, packing))
+        encoded = {field: (values, None) for field, (values, _) in encoded.items()}
+    longest = max((len(e.ids) for _, encs in encoded.values() for e in encs or ()), default=1) if common_length else 1
     for field, (values, encodings) in encoded.items():
         side = SIDES[field]
-        batch = tokenizer.pad(encodings, rows, min_length=longest)
-        out[f"{side}_ids"], out[f"{side}_mask"], out[f"{side}_types"] = (
-            batch.input_ids, batch.attention_mask, batch.token_type_ids)
+        if encodings is not None:
+            batch = tokenizer.pad(encodings, rows, min_length=longest)
+            out[f"{side}_ids"], out[f"{side}_mask"], out[f"{side}_types"] = (
+                batch.input_ids, batch.attention_mask, batch.token_type_ids)
         hashes = np.zeros(rows, np.int32)
         hashes[:n] = [text_hash(t) for t in values]
         out[f"{side}_hash"] = hashes
+    if packing is not None and packing.views == 2 and "b_text" in out and "text_b" not in encoded:
+        out["b_hash"] = out["a_hash"]  # the second view is the same text
     out["valid"] = np.arange(rows) < n
     index = np.full(rows, -1, np.int32)
     index[:n] = [i for i, _ in items]
     out["index"] = index
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Sequence packing for training batches: every text of the batch (all sides) shares
+    rows of ``length`` tokens (``Tokenizer.pack``), instead of each side padded to its
+    longest text. On STS-B, 922 real tokens a step of 32 pairs take 1,024 packed slots
+    against ~2,600 padded ones.
+
+    ``rows_multiple``: the row count is rounded up to a multiple of it (the number of
+    local devices, at least, so rows shard evenly). ``views=2`` packs each text_a twice
+    (records without text_b): unsupervised SimCSE's two dropout views of one text.
+
+    The batch then holds ``p_ids, p_types, p_segments, p_positions`` (R, L) and, per side,
+    ``{a,b,n}_text`` (rows,): the index of each example's text among the packed texts
+    (padding examples point at text 0); hashes, labels, valid and index as usual.
+    """
+
+    length: int = 64
+    rows_multiple: int = 1
+    views: int = 1
+
+
+def _packed(encoded: dict[str, tuple[list[str], list]], tokenizer: Tokenizer, rows: int,
+            packing: Packing) -> dict[str, np.ndarray]:
+    texts, index = [], {}
+    sides = [(SIDES[f], f) for f in encoded]
+    if packing.views == 2 and "text_b" not in encoded:
+        sides.insert(1, ("b", "text_a"))
+    for side, field in sides:
+        encodings = encoded[field][1]
+        ids = np.zeros(rows, np.int32)
+        ids[:len(encodings)] = np.arange(len(texts), len(texts) + len(encodings))
+        index[f"{side}_text"] = ids
+        texts.extend(encodings)
+    packed = tokenizer.pack(texts, packing.length, packing.rows_multiple)
+    return {"p_ids": packed.input_ids, "p_types": packed.token_type_ids, "p_segments": packed.segment_ids,
+            "p_positions": packed.positions, **index}
 
 
 # ---------------------------------------------------------------------------- iterator
@@ -222,6 +268,7 @@ def train_pipeline(
     preprocess: Callable[[str], str] | None = None,
     read_options: grain.ReadOptions | None = None,
     common_length: bool = False,
+    packing: Packing | None = None,
 ) -> DataIterator:
     """Shuffled, sharded, repeated training batches of ``global_batch_size / host count`` rows.
 
@@ -238,6 +285,7 @@ def train_pipeline(
       preprocess: text transform before tokenization (lower-casing, a prompt prefix).
       read_options: grain prefetch threads / buffer (default 2 threads, 4 batches).
       common_length: pad every side of a batch to one length bucket (see ``collate``).
+      packing: pack all texts of a batch into shared rows instead of padding (``Packing``).
     """
     index, count = _shard(shard_options)
     rows = _host_batch(global_batch_size, count)
@@ -251,7 +299,7 @@ def train_pipeline(
     ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
     ds = ds.seed(seed).shuffle()[index * per_host:(index + 1) * per_host]
     ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess,
-                                                                     common_length))
+                                                                     common_length, packing))
     ds = ds.repeat(num_epochs)
     fingerprint = (f"train n={n} seed={seed} shard={index}/{count} host_batch={rows} "
                    f"epochs={num_epochs} fields={','.join(fields)}")
@@ -297,5 +345,5 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, host_count: int =
     return (num_examples // host_count) // rows
 
 
-__all__ = ["DataIterator", "as_record", "collate", "eval_pipeline", "fields_of", "steps_per_epoch",
+__all__ = ["DataIterator", "Packing", "as_record", "collate", "eval_pipeline", "fields_of", "steps_per_epoch",
            "text_hash", "train_pipeline"]

@@ -2,9 +2,8 @@
 RoBERTa and XLM-RoBERTa.
 
 ``params`` is a plain dict pytree. The transformer layers are stacked along a
-leading axis of size ``num_layers`` and run with ``lax.scan``, so:
+leading axis of size ``num_layers`` and run with ``lax.scan`` (unrolled by default), so:
 
-* the compiled program has one copy of the layer, whatever the depth;
 * ``num_layers=k`` slices the stack to its first k layers *before* the scan:
   the layers above k are never computed (what 2D Matryoshka inference needs).
 
@@ -147,21 +146,28 @@ def init(cfg: BertConfig, key) -> dict:
     }
 
 
-def position_ids(cfg: BertConfig, input_ids):
-    """Position ids as the reference PyTorch models compute them."""
+def position_ids(cfg: BertConfig, input_ids, positions=None):
+    """Position ids as the reference PyTorch models compute them.
+
+    ``positions`` (packed sequences): each token's 0-based index within its own text,
+    given by the packer; the ids then follow the model's convention from there.
+    """
+    if positions is not None:
+        return positions + (cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0)
     if cfg.position_style == "roberta":
         not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
         return jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
 
-def embed_tokens(params, cfg: BertConfig, input_ids, token_type_ids=None, dropout_key=None):
+def embed_tokens(params, cfg: BertConfig, input_ids, token_type_ids=None, dropout_key=None, positions=None):
     """Word + position + token-type embeddings, layer norm, dropout -> (B, T, H)."""
     p = params["embeddings"]
     dtype = jnp.dtype(cfg.dtype)
     if token_type_ids is None:
         token_type_ids = jnp.zeros_like(input_ids)
-    x = p["word"][input_ids] + p["position"][position_ids(cfg, input_ids)] + p["token_type"][token_type_ids]
+    pos = position_ids(cfg, input_ids, positions)
+    x = p["word"][input_ids] + p["position"][pos] + p["token_type"][token_type_ids]
     x = L.layer_norm(p["norm"], x, cfg.layer_norm_eps).astype(dtype)
     return L.dropout(x, cfg.hidden_dropout, dropout_key)
 
@@ -186,10 +192,13 @@ def apply(
     attention_mask,
     *,
     token_type_ids=None,
+    segment_ids=None,
+    positions=None,
     dropout_key=None,
     num_layers: int | None = None,
     all_layers: bool = True,
     remat: bool = False,
+    unroll: bool = True,
 ):
     """Runs the encoder.
 
@@ -198,10 +207,17 @@ def apply(
       cfg: the static ``BertConfig``.
       input_ids, attention_mask: (B, T) integer arrays; mask is 1 for real tokens.
       token_type_ids: optional (B, T); zeros when omitted.
+      segment_ids, positions: packed sequences (see ``embedjax.tokenize.Tokenizer.pack``):
+        several texts share a row; ``segment_ids`` (B, T) numbers them (0 = padding) and a
+        token attends only within its own segment; ``positions`` is each token's index
+        within its text. The result equals running every text in a row of its own.
       dropout_key: a PRNG key turns dropout on; None (the default) is deterministic.
       num_layers: run only the first k layers (the rest are not computed).
       all_layers: return every hidden state (True) or only the last (False).
       remat: rematerialise each layer in the backward pass (saves activation memory).
+      unroll: unroll the layer scan in the compiled program. Faster (no stacking of each
+        layer's residuals into scan buffers: ~20% of a CPU training step for MiniLM-L6);
+        ``False`` keeps one copy of the layer (faster compiles for very deep models).
 
     Returns:
       ``(k + 1, B, T, H)`` hidden states -- index 0 is the embedding output and index i
@@ -220,8 +236,11 @@ def apply(
         emb_key, layers_key = jax.random.split(dropout_key)
         layer_keys = jax.random.split(layers_key, k)
 
-    x = embed_tokens(params, cfg, input_ids, token_type_ids, emb_key)
-    bias = L.attention_bias(attention_mask, jnp.float32)
+    x = embed_tokens(params, cfg, input_ids, token_type_ids, emb_key, positions)
+    if segment_ids is None:
+        bias = L.attention_bias(attention_mask, jnp.float32)
+    else:
+        bias = L.segment_attention_bias(jnp.where(attention_mask > 0, segment_ids, 0), jnp.float32)
 
     def body(h, xs):
         p, key = xs
@@ -230,7 +249,7 @@ def apply(
 
     if remat:
         body = jax.checkpoint(body)
-    last, hidden = jax.lax.scan(body, x, (stack, layer_keys))
+    last, hidden = jax.lax.scan(body, x, (stack, layer_keys), unroll=unroll)
     if all_layers:
         return jnp.concatenate([x[None], hidden], axis=0)
     return last

@@ -37,7 +37,7 @@ from embedjax.train.state import TrainState
 from embedjax.train.step import train_step
 
 log = logging.getLogger(__name__)
-MODEL_FIELDS = ("a_", "b_", "n_", "labels")  # batch keys the step reads (not 'valid', 'index')
+MODEL_FIELDS = ("a_", "b_", "n_", "p_", "labels")  # batch keys the step reads (not 'valid', 'index')
 
 
 def maybe_initialize_distributed() -> None:
@@ -92,6 +92,20 @@ class MetricsWriter:
             self.tb.close()
 
 
+def packing_from_config(config, objective: Objective) -> pipeline.Packing | None:
+    """``data.pack_length`` > 0: pack the texts of each batch (``pipeline.Packing``); rows
+    are a multiple of ``data.pack_rows_multiple`` and of the local device count. GradCache
+    needs the padded layout, so it turns packing off."""
+    length = int(config.data.get("pack_length", 0) or 0)
+    if not length:
+        return None
+    if objective.gradcache_chunk:
+        log.info("objective.gradcache_chunk is set: padded batches (GradCache chunks by example, not by packed row)")
+        return None
+    multiple = math.lcm(int(config.data.get("pack_rows_multiple", 1) or 1), jax.local_device_count())
+    return pipeline.Packing(length=length, rows_multiple=multiple, views=2 if objective.loss == "simcse_unsup" else 1)
+
+
 def _model_batch(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k.startswith(MODEL_FIELDS)}
 
@@ -119,8 +133,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     train_tokenizer = tokenize.Tokenizer(encoder.tokenizer.backend, encoder.max_length, encoder.cfg.pad_token_id,
                                          buckets=tuple(config.data.get("buckets", tokenize.DEFAULT_BUCKETS)))
     preprocess = str.lower if encoder.lowercase else None
+    packing = packing_from_config(config, objective)
     data_iter = pipeline.train_pipeline(train_source, train_tokenizer, global_batch_size=config.batch_size,
-                                        seed=config.seed, preprocess=preprocess, common_length=True)
+                                        seed=config.seed, preprocess=preprocess, common_length=True,
+                                        packing=packing)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size, jax.process_count())
     total_steps = int(config.get("num_steps") or round(config.num_epochs * steps_per_epoch))
     evaluator = STSEvaluator(sources.dev_pairs(config.data), name="dev", metrics=("cosine",),

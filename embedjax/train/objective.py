@@ -9,6 +9,12 @@ shared ``embed`` and applies the loss. Batches are dicts of arrays:
     n_ids, n_mask, n_types      hard negatives     (B, T) or (B, k, T)   (optional)
     labels                      gold scores        (B,)     (scored pairs)
     a_hash, b_hash, n_hash      int32 text hashes: equal texts are not each other's negatives
+
+or, packed (``embedjax.data.Packing``: every text of the batch in shared rows, much less
+padding), instead of the ``*_ids / *_mask / *_types``:
+
+    p_ids, p_types, p_segments, p_positions     (R, L)
+    a_text, b_text, n_text      index of each example's text among the packed ones (B,) / (B, k)
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from embedjax import gradcache, losses
-from embedjax.embed import embed
+from embedjax.embed import embed, embed_packed
 
 LOSSES = ("angle", "cosent", "infonce", "simcse_unsup")
 LAYER_MODES = ("", "2dmse", "adaptive", "espresso")
@@ -125,8 +132,35 @@ def _embed_side(params, enc_cfg, objective, batch, side, key):
     return z.reshape(*z.shape[:-2], *lead, z.shape[-1])
 
 
+def _embed_packed_batch(params, enc_cfg, objective: Objective, batch, key):
+    index = {side: batch[f"{side}_text"] for side in "abn" if f"{side}_text" in batch}
+    z = embed_packed(
+        params,
+        enc_cfg,
+        batch["p_ids"],
+        batch["p_segments"],
+        batch["p_positions"],
+        num_texts=sum(i.size for i in index.values()),  # static; an upper bound if texts are shared
+        token_type_ids=batch.get("p_types"),
+        pooling=objective.pooling,
+        normalize=False,
+        dropout_key=key if objective.dropout else None,
+        per_layer=bool(objective.layers),
+        remat=objective.remat,
+    )
+    if objective.layers and not dict(objective.layer_kwargs).get("embedding_layer", False):
+        z = z[1:]
+    take = lambda side: jnp.take(z, index[side], axis=-2) if side in index else None
+    if "b" not in index:
+        raise ValueError("a packed batch needs b_text; for unsupervised SimCSE pack with Packing(views=2) so "
+                         "each text is embedded twice under independent dropout")
+    return take("a"), take("b"), take("n")
+
+
 def embed_batch(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Array], key):
     """``(za, zb, zn)``: embeddings of the batch's sides (``zn`` None without negatives)."""
+    if "p_ids" in batch:
+        return _embed_packed_batch(params, enc_cfg, objective, batch, key)
     k_a, k_b, k_n = jax.random.split(key, 3)
     za = _embed_side(params, enc_cfg, objective, batch, "a", k_a)
     # Unsupervised SimCSE has no side b: the positive is side a under another dropout mask.
@@ -143,6 +177,9 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Ar
     by the chunk instead of the batch.
     """
     k_embed, k_loss = jax.random.split(key)
+    if objective.gradcache_chunk and "p_ids" in batch:
+        raise ValueError("GradCache chunks the batch by examples; it cannot take a packed batch "
+                         "(set data.pack_length=0 with objective.gradcache_chunk)")
     if objective.gradcache_chunk:
         inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask", "_types"))}
         embed_all = gradcache.chunked_embed(
@@ -154,7 +191,7 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Ar
     else:
         za, zb, zn = embed_batch(params, enc_cfg, objective, batch, k_embed)
     fn = loss_function(objective)
-    b_hash = batch.get("b_hash") if "b_ids" in batch else batch.get("a_hash")
+    b_hash = batch.get("b_hash") if ("b_ids" in batch or "b_text" in batch) else batch.get("a_hash")
     kwargs = dict(a_hash=batch.get("a_hash"), b_hash=b_hash, n_hash=batch.get("n_hash"))
     if objective.layers in ("2dmse", "adaptive") or objective.matryoshka_n_per_step:
         kwargs["key"] = k_loss

@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 50
     c.eval_batch_size = 128
+    c.eval_layers = []            # also evaluate these depths (2D Matryoshka grids) ...
+    c.eval_dims = []              # ... and these widths; the full model is always evaluated
+    c.select_metric = "dev/cosine_spearman"  # best checkpoint by this; "dev/cosine_spearman_mean" = grid mean
     c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 2, "keep_best": 1})
     c.testing = ml_collections.ConfigDict({"kill_at_step": 0})  # fault injection (tests only)
     return c

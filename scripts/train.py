@@ -41,6 +41,10 @@ def main(argv) -> None:
     if before is not None:
         print(f"dev Spearman before training: {before[key]:.2f}")
     print(f"dev Spearman after training:  {after[key]:.2f}  (best step {summary['best_step']} of {summary['steps']})")
+    select = _CONFIG.value.get("select_metric", key)
+    if select != key:  # e.g. the 2D grid mean: say what the checkpoint was chosen by
+        start = "" if before is None else f"{before[select]:.2f} before, "
+        print(f"{select} (selection metric): {start}{after[select]:.2f} after")
     print(f"model exported to {Path(_WORKDIR.value).absolute()}")
 
 

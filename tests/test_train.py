@@ -275,3 +275,24 @@ def test_gradcache_objective_equals_the_uncached_one(layers, dims):
     for g1, g2 in zip(jax.tree.leaves(cached[1]), jax.tree.leaves(plain[1])):
         # float32 round-off scales with the leaf's largest entry (fusion/reassociation differs)
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=1e-4, atol=1e-5 * max(1.0, np.abs(g2).max()))
+
+
+def test_dev_grid_evaluation_and_selection_metric(tiny_model, small_dev):
+    """eval_layers x eval_dims adds a cell per (depth, width) and their mean; the selection
+    metric must be one of the reported names, checked before any training."""
+    c = config_with({"model": tiny_model, "data.dev": small_dev})
+    enc = embedjax.load_pretrained(tiny_model)
+    c.eval_layers, c.eval_dims, c.select_metric = [1, 2], [8, 32], loop.GRID_MEAN
+    metrics = loop.dev_evaluator(c, enc.cfg)(enc)
+    cells = {k: v for k, v in metrics.items() if "spearman" in k and k != loop.GRID_MEAN}
+    # depth 2 and width 32 are the full model (tiny: 2 layers, hidden 32): not evaluated twice
+    assert sorted(cells) == sorted(["dev/cosine_spearman", "dev/cosine_spearman@8", "dev/cosine_spearman@L1",
+                                    "dev/cosine_spearman@L1@8"])
+    assert metrics[loop.GRID_MEAN] == pytest.approx(np.mean(list(cells.values())))
+    assert metrics["dev/cosine_spearman@L1"] != pytest.approx(metrics["dev/cosine_spearman"])
+    c.select_metric = "dev/cosine_spearman@L3"
+    with pytest.raises(ValueError, match="select_metric"):
+        loop.dev_evaluator(c, enc.cfg)
+    c.eval_layers, c.select_metric = [7], loop.HEADLINE
+    with pytest.raises(ValueError, match="eval_layers: 7"):
+        loop.dev_evaluator(c, enc.cfg)

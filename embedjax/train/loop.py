@@ -92,6 +92,44 @@ class MetricsWriter:
             self.tb.close()
 
 
+HEADLINE = "dev/cosine_spearman"  # full model, full width
+GRID_MEAN = "dev/cosine_spearman_mean"  # mean over every evaluated (layers, dims) cell
+
+
+def dev_evaluator(config, enc_cfg):
+    """Dev STS evaluation: the full model, plus the ``eval_layers`` x ``eval_dims`` grid if set.
+
+    Returns ``evaluate(encoder) -> metrics``; with a grid the metrics also hold GRID_MEAN,
+    the mean cosine Spearman over every cell (a 2D Matryoshka run selects on it: the
+    full-model score alone would pick a checkpoint before the shallow layers have learned).
+    """
+    layers = [k for k in config.get("eval_layers", ()) or () if k != enc_cfg.num_layers]
+    dims = [d for d in config.get("eval_dims", ()) or () if d != enc_cfg.hidden_size]
+    for k in layers:
+        if not 1 <= k < enc_cfg.num_layers:
+            raise ValueError(f"eval_layers: {k} is not in 1..{enc_cfg.num_layers}")
+    for d in dims:
+        if not 1 <= d < enc_cfg.hidden_size:
+            raise ValueError(f"eval_dims: {d} is not in 1..{enc_cfg.hidden_size}")
+    evaluator = STSEvaluator(sources.dev_pairs(config.data), name="dev", metrics=("cosine",),
+                             layers=(None, *layers), dims=(None, *dims), batch_size=config.get("eval_batch_size", 128))
+    select = config.get("select_metric", HEADLINE)
+    cells = [HEADLINE + ("" if k is None else f"@L{k}") + ("" if d is None else f"@{d}")
+             for k in (None, *layers) for d in (None, *dims)]  # STSEvaluator's names
+    names = cells + ([GRID_MEAN] if len(cells) > 1 else [])
+    if select not in names:
+        raise ValueError(f"select_metric {select!r} is not among the dev metrics {names} "
+                         f"(use {HEADLINE!r}, or {GRID_MEAN!r} with eval_layers / eval_dims)")
+
+    def evaluate(encoder) -> dict[str, float]:
+        metrics = evaluator(encoder)
+        if len(cells) > 1:
+            metrics[GRID_MEAN] = sum(metrics[c] for c in cells) / len(cells)
+        return metrics
+
+    return evaluate
+
+
 def packing_from_config(config, objective: Objective) -> pipeline.Packing | None:
     """``data.pack_length`` > 0: pack the texts of each batch (``pipeline.Packing``); rows
     are a multiple of ``data.pack_rows_multiple`` and of the local device count. GradCache
@@ -139,9 +177,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
                                         packing=packing)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size, jax.process_count())
     total_steps = int(config.get("num_steps") or round(config.num_epochs * steps_per_epoch))
-    evaluator = STSEvaluator(sources.dev_pairs(config.data), name="dev", metrics=("cosine",),
-                             batch_size=config.get("eval_batch_size", 128))
-    best_metric = "dev/cosine_spearman"
+    evaluator = dev_evaluator(config, encoder.cfg)
+    best_metric = config.get("select_metric", HEADLINE)
 
     # ------------------------------------------------------------------ optimizer, shardings
     tx, schedule = optim.make_optimizer(config.optim, total_steps)

@@ -24,6 +24,8 @@ def get_config(arg: str | None = None):
         # the last (5 layers x 5.0 / 5) move the shallow cells more than lr 1e-5 with prior weight 1.
         c.optim.learning_rate = 2e-5
         c.objective.dropout = True  # as measured (stsb_angle turns it off)
+    elif mode == "espresso":
+        c.objective.layer_kwargs = {"compression_size": 128}
     # Select on the whole grid, not the full model alone (which peaks early, before the
     # shallow layers have learned much): the mean dev Spearman over layers 1-6 x the dims.
     c.eval_layers = [1, 2, 3, 4, 5]
@@ -31,8 +33,6 @@ def get_config(arg: str | None = None):
     c.select_metric = "dev/cosine_spearman_mean"
     c.num_epochs = 2.0
     c.eval_every = 40
-    elif mode == "espresso":
-        c.objective.layer_kwargs = {"compression_size": 128}
     if "smoke" in args:
         base.smoke(c)
     return c

@@ -1,0 +1,87 @@
+"""One training step of configs/stsb_angle.py in isolation: padded vs packed batches, float32 vs bfloat16.
+
+The jitted ``train_step`` (forward, backward, AdamW) of all-MiniLM-L6-v2 on real STS-B train
+batches of 32 pairs (seeded shuffle), compiled for every batch shape first, then timed batch
+by batch (median). Reports token slots per step (what the encoder computes on) next to the
+real tokens, so the effect of the layout is visible apart from the kernels.
+
+    python benchmarks/train_step.py                    # padded + packed, float32 + bfloat16
+    python benchmarks/train_step.py --batches 60 --layouts packed --dtypes float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "stsb" / "sts-train.csv"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, default=40, help="distinct batches timed (each once, after compiling)")
+    ap.add_argument("--layouts", nargs="+", default=["padded", "packed"], choices=("padded", "packed"))
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--train", default=str(DEFAULT_TRAIN))
+    args = ap.parse_args()
+
+    import jax
+    import numpy as np
+
+    from configs import stsb_angle
+    from embedjax import load_pretrained, tokenize
+    from embedjax.data import pipeline, read_stsb
+    from embedjax.train import optim
+    from embedjax.train.loop import MODEL_FIELDS
+    from embedjax.train.objective import Objective
+    from embedjax.train.state import TrainState
+    from embedjax.train.step import train_step
+
+    c = stsb_angle.get_config()
+    enc = load_pretrained(c.model)
+    objective = Objective.from_config(c.objective, enc.pooling)
+    tx, _ = optim.make_optimizer(c.optim, 179)
+    tok = tokenize.Tokenizer(enc.tokenizer.backend, enc.max_length, enc.cfg.pad_token_id, buckets=tuple(c.data.buckets))
+    rows = read_stsb(args.train)
+    order = np.random.default_rng(c.seed).permutation(len(rows))
+    groups = [[(int(i), rows[i]) for i in order[s:s + c.batch_size]]
+              for s in range(0, c.batch_size * args.batches, c.batch_size)]
+    real = statistics.mean(sum(len(e.ids) for e in tok.encode([t for _, r in g for t in (r.text_a, r.text_b)]))
+                           for g in groups)
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {args.batches} batches of {c.batch_size} pairs, "
+          f"{real:.0f} real tokens per step")
+    print(f"{'layout':8s} {'dtype':9s} {'token slots':>11s} {'shapes':>6s} {'step ms (median)':>17s} {'p25-p75':>11s}")
+    for layout in args.layouts:
+        packing = pipeline.Packing(c.data.pack_length, c.data.pack_rows_multiple) if layout == "packed" else None
+        batches = [pipeline.collate(g, tok, c.batch_size, ("text_a", "text_b", "score"), None, True, packing)
+                   for g in groups]
+        batches = [{k: v for k, v in b.items() if k.startswith(MODEL_FIELDS)} for b in batches]
+        slots = statistics.mean(sum(v.size for k, v in b.items() if k.endswith("_ids")) for b in batches)
+        shapes = {tuple(v.shape for k, v in sorted(b.items()) if k.endswith("_ids")) for b in batches}
+        for dtype in args.dtypes:
+            cfg = dataclasses.replace(enc.cfg, dtype=dtype)
+            step = jax.jit(functools.partial(train_step, enc_cfg=cfg, objective=objective, tx=tx), donate_argnums=0)
+            state = TrainState.create(enc.params, tx, c.seed)
+            for b in batches:  # compile every shape
+                state, m = step(state, b)
+            jax.block_until_ready(state)
+            times = []
+            for b in batches:
+                t = time.perf_counter()
+                state, m = step(state, b)
+                jax.block_until_ready(m)
+                times.append(time.perf_counter() - t)
+            q = statistics.quantiles(times, n=4)
+            print(f"{layout:8s} {dtype:9s} {slots:11.0f} {len(shapes):6d} {1000 * statistics.median(times):17.0f} "
+                  f"{1000 * q[0]:5.0f}-{1000 * q[2]:.0f}")
+
+
+if __name__ == "__main__":
+    main()

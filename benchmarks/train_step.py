@@ -68,7 +68,8 @@ def main() -> None:
         for dtype in args.dtypes:
             cfg = dataclasses.replace(enc.cfg, dtype=dtype)
             step = jax.jit(functools.partial(train_step, enc_cfg=cfg, objective=objective, tx=tx), donate_argnums=0)
-            state = TrainState.create(enc.params, tx, c.seed)
+            fresh = jax.tree.map(lambda x: x.copy(), enc.params)  # the step donates (deletes) its input state
+            state = TrainState.create(fresh, tx, c.seed)
             for b in batches:  # compile every shape
                 state, m = step(state, b)
             jax.block_until_ready(state)

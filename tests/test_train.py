@@ -239,17 +239,23 @@ def test_every_config_trains_a_step(name, tiny_model, tmp_path):
         c.objective.layer_kwargs.compression_size = 8
     objective = Objective.from_config(c.objective, enc.pooling)
     tok = tokenize.Tokenizer(enc.tokenizer.backend, 64, 0, buckets=tuple(c.data.buckets))
-    it = pipeline.train_pipeline(sources.train_source(c.data), tok, global_batch_size=8, seed=0, common_length=True)
-    batch = {k: v for k, v in next(it).items() if k.startswith(loop.MODEL_FIELDS)}
-    assert len({v.shape[1] for k, v in batch.items() if k.endswith("_ids")}) == 1  # one common length
     c.optim.warmup = 0  # warmup's first step has learning rate 0: the params would not move
     tx, _ = optim.make_optimizer(c.optim, 10)
-    state = TrainState.create(enc.params, tx, 0)
     step = jax.jit(functools.partial(train_step, enc_cfg=enc.cfg, objective=objective, tx=tx))
-    new_state, metrics = step(state, batch)
-    assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), new_state.params, state.params)
-    assert max(jax.tree.leaves(moved)) > 0
+    packing = loop.packing_from_config(c, objective)
+    assert (packing is None) == bool(c.objective.gradcache_chunk)  # packed by default, as the loop does
+    for layout in {packing, None}:
+        it = pipeline.train_pipeline(sources.train_source(c.data), tok, global_batch_size=8, seed=0,
+                                     common_length=True, packing=layout)
+        batch = {k: v for k, v in next(it).items() if k.startswith(loop.MODEL_FIELDS)}
+        assert len({v.shape[1] for k, v in batch.items() if k.endswith("_ids")}) == 1  # one common length
+        assert ("p_ids" in batch) == (layout is not None)
+        state = TrainState.create(enc.params, tx, 0)
+        new_state, metrics = step(state, batch)
+        assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+        moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                             new_state.params, state.params)
+        assert max(jax.tree.leaves(moved)) > 0
 
 
 @pytest.mark.parametrize("layers,dims", [("", ()), ("", (32, 16)), ("adaptive", (32, 16))])

@@ -15,6 +15,7 @@ from embedjax.losses.angle import (
     in_batch_pair_loss,
 )
 from embedjax.losses.cosent import cosent, ranking_loss
+from embedjax.losses.cosine import cosine_mse
 from embedjax.losses.infonce import infonce, simcse_supervised, simcse_unsupervised
 from embedjax.losses.matryoshka import matryoshka, sample_dims
 from embedjax.losses.matryoshka2d import (
@@ -39,6 +40,7 @@ __all__ = [
     "angle_loss",
     "angle_triplet_loss",
     "cosent",
+    "cosine_mse",
     "espresso",
     "ibn_pair_weights",
     "in_batch_pair_loss",

@@ -1,0 +1,33 @@
+"""Cosine-similarity regression: sentence-transformers' ``CosineSimilarityLoss``.
+
+L = mean_i (cos(a_i, b_i) - y_i)^2,   y_i = (label_i - lo) / (hi - lo)
+
+The gold score is scaled to [0, 1] by ``label_range = (lo, hi)`` (STS-B: ``(0, 5)``), so
+the cosine of a pair is regressed onto its normalised score. Each pair's term depends on
+that pair alone: no in-batch interaction (unlike InfoNCE, CoSENT or AnglE), so the loss of
+a batch is the mean of its examples' losses and gradient accumulation over micro-batches
+is exactly the large batch.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from embedjax import similarity as sim
+
+
+def cosine_mse(a, b, labels, *, label_range=(0.0, 1.0)):
+    """Mean squared error between ``cos(a_i, b_i)`` and the label scaled to [0, 1].
+
+    Args:
+      a, b: (B, D) embeddings of the two texts of each pair.
+      labels: (B,) gold scores on the dataset's scale.
+      label_range: (lo, hi) of that scale: ``lo`` maps to 0, ``hi`` to 1 (a static pair of
+        floats; hi > lo). ``(0, 1)``, the default, is sentence-transformers' convention of
+        labels already in [0, 1].
+    """
+    lo, hi = (float(x) for x in label_range)
+    if not hi > lo:
+        raise ValueError(f"label_range must be (lo, hi) with hi > lo, got {tuple(label_range)}")
+    a, b = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (a, b))
+    y = (jnp.asarray(labels, a.dtype) - lo) / (hi - lo)
+    return jnp.mean(jnp.square(sim.cosine_pairwise(a, b) - y))

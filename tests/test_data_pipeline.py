@@ -105,13 +105,18 @@ def test_every_example_once_per_epoch_and_epochs_shuffle_differently(records, to
 def test_hosts_get_disjoint_shards(records, tok):
     n = len(records)
     hosts = [train(records, tok, global_batch_size=8, shard_options=shard(h, 2)) for h in range(2)]
-    assert hosts[0].batches_per_epoch == hosts[1].batches_per_epoch == (n // 2) // 4
+    one = train(records, tok, global_batch_size=8, shard_options=shard(0, 1))
+    assert hosts[0].batches_per_epoch == hosts[1].batches_per_epoch == one.batches_per_epoch == n // 8
     per_epoch = hosts[0].batches_per_epoch
     for epoch in range(2):
-        seen = [np.concatenate([b["index"] for b in take(h, per_epoch)]).tolist() for h in hosts]
+        per_host = [[b["index"].tolist() for b in take(h, per_epoch)] for h in hosts]
+        seen = [sum(batches, []) for batches in per_host]
         assert all(len(s) == per_epoch * 4 == len(set(s)) for s in seen)
         assert not set(seen[0]) & set(seen[1])
         assert set(seen[0]) | set(seen[1]) <= set(range(n))
+        # step by step, the hosts' rows together are the one-host global batch, in order
+        for k, batch in enumerate(take(one, per_epoch)):
+            assert per_host[0][k] + per_host[1][k] == batch["index"].tolist()
     # the host batch is the global batch divided by the host count
     assert next(hosts[0])["a_ids"].shape[0] == 4
     with pytest.raises(ValueError, match="multiple of the host count"):

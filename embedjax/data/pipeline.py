@@ -8,9 +8,13 @@ Each record is normalised by ``as_record`` to ``{text_a[, text_b][, text_n][, sc
 Training (``train_pipeline``), one epoch = one pass over the data:
 
     source -> index every record -> shuffle (seed; a new permutation each epoch, the same
-    on every host) -> this host's contiguous block of the permutation (hosts disjoint)
-    -> batches of global_batch_size / host_count (drop_remainder) -> tokenize + pad
-    -> repeat(num_epochs)
+    on every host) -> global batches of global_batch_size consecutive examples (drop_remainder)
+    -> this host's 1/host_count slice of each global batch (hosts disjoint; the global batch
+    is the same whatever the host count) -> tokenize + pad -> repeat(num_epochs)
+
+Shapes are per host (each host pads to its own longest text or packs its own texts):
+``embedjax.distributed.global_batch`` agrees them across hosts before the batch becomes
+one global array.
 
 Evaluation (``eval_pipeline``): no shuffle, nothing dropped; host h reads the h-th
 contiguous block of the source; every host yields the same number of batches (the last
@@ -280,8 +284,8 @@ def train_pipeline(
       num_epochs: None repeats forever.
       shard_options: this host's ``shard_index`` / ``shard_count``; default
         ``grain.sharding.ShardByJaxProcess`` (``jax.process_index()`` / ``process_count()``).
-        Each epoch every host takes ``len(source) // count`` examples of the shuffled
-        order, so all hosts run the same number of steps.
+        Each epoch has ``len(source) // global_batch_size`` global batches; every host
+        takes its slice of each, so all hosts run the same number of steps.
       preprocess: text transform before tokenization (lower-casing, a prompt prefix).
       read_options: grain prefetch threads / buffer (default 2 threads, 4 batches).
       common_length: pad every side of a batch to one length bucket (see ``collate``).
@@ -291,16 +295,18 @@ def train_pipeline(
     rows = _host_batch(global_batch_size, count)
     fields = fields_of(source)
     n = len(source)
-    per_host = n // count
-    batches = per_host // rows
+    batches = n // global_batch_size
     if batches == 0:
-        raise ValueError(f"{n} examples over {count} host(s) give {per_host} per host, fewer than the "
-                         f"per-host batch of {rows}: no full batch to train on")
+        raise ValueError(f"{n} examples are fewer than the global batch of {global_batch_size}: "
+                         "no full batch to train on")
     ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
-    ds = ds.seed(seed).shuffle()[index * per_host:(index + 1) * per_host]
+    # Global batch k is examples [k*B, (k+1)*B) of the epoch's permutation whatever the host
+    # count; host h takes rows [h*B/c, (h+1)*B/c) of it (the h-th of every c consecutive
+    # host-sized blocks). So 1 host and c hosts see the same global batches, step by step.
+    ds = ds.seed(seed).shuffle()[:batches * global_batch_size]
     ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess,
                                                                      common_length, packing))
-    ds = ds.repeat(num_epochs)
+    ds = ds[index::count].repeat(num_epochs)
     fingerprint = (f"train n={n} seed={seed} shard={index}/{count} host_batch={rows} "
                    f"epochs={num_epochs} fields={','.join(fields)}")
     return DataIterator(ds, batches_per_epoch=batches, num_epochs=num_epochs, fingerprint=fingerprint,
@@ -341,8 +347,8 @@ def eval_pipeline(
 
 def steps_per_epoch(num_examples: int, global_batch_size: int, host_count: int = 1) -> int:
     """Training steps in one epoch (what ``train_pipeline`` yields per epoch on each host)."""
-    rows = _host_batch(global_batch_size, host_count)
-    return (num_examples // host_count) // rows
+    _host_batch(global_batch_size, host_count)  # validates the split
+    return num_examples // global_batch_size
 
 
 __all__ = ["DataIterator", "Packing", "as_record", "collate", "eval_pipeline", "fields_of", "steps_per_epoch",

@@ -24,6 +24,8 @@ Weights are static Python floats (configuration); a term with weight 0 is not co
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -49,16 +51,39 @@ def _promote(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def check_label_range(label_range) -> tuple[float, float]:
+    """``label_range`` as ``(lo, hi)`` floats; raises ``ValueError`` unless both are finite and hi > lo.
+
+    (hi == lo would divide by zero and hi < lo would invert which pairs count as positive,
+    silently, so both are configuration errors.) Whether the range covers the data's scores
+    is checked where the data is known (at config time).
+    """
+    try:
+        if isinstance(label_range, (str, bytes)):
+            raise TypeError
+        lo, hi = label_range
+        if any(isinstance(v, (str, bytes, bool)) for v in (lo, hi)):
+            raise TypeError
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"label_range must be a pair (lo, hi) of numbers, got {label_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        raise ValueError(f"label_range must be (lo, hi) with finite lo < hi (the scale of the labels, e.g. "
+                         f"(0, 5) for STS-B), got {label_range!r}")
+    return lo, hi
+
+
 def ibn_pair_weights(labels, *, label_range=(0.0, 1.0), ibn_rule="threshold", ibn_threshold=0.5):
     """(B,) weight of each scored pair as an in-batch positive (see the module docstring).
 
     threshold: 1[(y - lo) / (hi - lo) >= ibn_threshold];  soft: clip((y - lo) / (hi - lo), 0, 1);
     angle_emb: 1[trunc(y) >= 1] on the raw labels (angle-emb's int() rule).
+    ``label_range`` is validated by ``check_label_range`` (for every rule).
     """
+    lo, hi = check_label_range(label_range)
     labels = _promote(jnp.asarray(labels))
     if ibn_rule == "angle_emb":
         return (jnp.trunc(labels) >= 1).astype(labels.dtype)
-    lo, hi = label_range
     y = (labels - lo) / (hi - lo)
     if ibn_rule == "threshold":
         return (y >= ibn_threshold).astype(labels.dtype)
@@ -115,7 +140,8 @@ def angle_loss(
       a, b: (B, D) embeddings (D even for the angle term).
       labels: (B,) gold scores. Only their order matters for the cosine and angle terms;
         the in-batch term reads them through ``label_range``/``ibn_rule``/``ibn_threshold``
-        (module docstring). Pass ``label_range=(0, 5)`` for raw STS-B scores.
+        (module docstring). Pass ``label_range=(0, 5)`` for raw STS-B scores; a range with
+        hi <= lo raises ``ValueError`` (``check_label_range``), whatever the weights.
       cosine_w, ibn_w, angle_w: term weights (Python floats; presets ``ANGLE_V06``,
         ``ANGLE_V03``, ``ANGLE_README_STSB``, ``ANGLE_NLI_BERT``).
       cosine_tau, ibn_tau, angle_tau: scales of the three terms, 20 each.
@@ -123,6 +149,7 @@ def angle_loss(
       a_ids, b_ids: optional (B,) text ids to mask duplicates in the in-batch term.
       return_parts: also return a dict of the unweighted active terms.
     """
+    check_label_range(label_range)
     a, b = _promote(a), _promote(b)
     parts = {}
     if cosine_w:

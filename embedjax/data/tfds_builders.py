@@ -13,8 +13,10 @@ line in the source file) and dataset extras (STS-B ``genre``; SICK ``label``, ``
     builder = prepare("embedjax_stsb", data_dir="/data/tfds", source_dir="data/stsb")
     train = tfds.data_source("embedjax_stsb", split="train", data_dir="/data/tfds")
 
-Without ``source_dir`` (and nothing in ``<data_dir>/downloads/manual``) the STS-B and SICK
-builders download the original archives (for users who are online).
+Without ``source_dir`` (and nothing of theirs in ``<data_dir>/downloads/manual``) the STS-B
+and SICK builders download the original archives (for users who are online). A ``source_dir``
+that is missing, empty or lacks the required files raises ``FileNotFoundError`` naming the
+directory and the files expected; it never falls back to a download.
 
 ``tfds_source(name, split, columns)`` reads any TFDS dataset by name and maps its columns
 onto these field names.
@@ -46,24 +48,78 @@ SICK_URLS = {  # SemEval-2014 task 1 releases; each zip holds the .txt of the sa
 SICK_FILES = {"train": "SICK_train.txt", "trial": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
 
 
-def _local_files(dl_manager, names: Mapping[str, str]) -> dict[str, Path] | None:
-    """{split: file} found in the manual dir (only splits whose file exists), or None if there is none."""
-    try:
-        manual = Path(dl_manager.manual_dir)
-    except AssertionError:  # no manual dir configured, or it is empty
-        return None
-    found = {split: manual / name for split, name in names.items() if (manual / name).is_file()}
-    return found or None
+def _expected(files: Mapping[str, str], required: Sequence[str]) -> str:
+    must = [files[s] for s in required]
+    maybe = [name for split, name in files.items() if split not in required]
+    return ", ".join(must) + (f" (optionally {', '.join(maybe)})" if maybe else "")
+
+
+def check_source_dir(source_dir, files: Mapping[str, str], required: Sequence[str], *,
+                     what: str = "source_dir") -> dict[str, Path]:
+    """{split: path} of the raw files in ``source_dir`` (the required splits and any optional one present).
+
+    Raises ``FileNotFoundError`` naming the directory and the files expected when it is
+    missing, not a directory, empty, or lacks a required file: a local copy that is not
+    there must never turn into a silent download (or a dataset with splits missing).
+    ``what`` names the directory's role in the messages.
+    """
+    d = Path(source_dir).expanduser()
+    expected = _expected(files, required)
+    if not d.exists():
+        raise FileNotFoundError(f"{what} {d} does not exist (expected a directory holding {expected})")
+    if not d.is_dir():
+        raise NotADirectoryError(f"{what} {d} is not a directory (expected a directory holding {expected})")
+    if not any(d.iterdir()):
+        raise FileNotFoundError(f"{what} {d} is empty (expected {expected})")
+    missing = [files[s] for s in required if not (d / files[s]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what} {d} lacks {', '.join(missing)} (expected {expected}; "
+                                f"it has {sorted(p.name for p in d.iterdir())[:20]})")
+    return {split: d / name for split, name in files.items() if (d / name).is_file()}
+
+
+class _LocalOrDownload:
+    """Mixin: raw files from an explicit manual dir (strictly checked), else TFDS's default one, else download.
+
+    ``download_and_prepare(download_config=DownloadConfig(manual_dir=DIR))`` (what ``prepare``
+    passes for ``source_dir``) makes ``DIR`` mandatory: missing, empty or incomplete raises
+    ``FileNotFoundError``. Without it, TFDS's default ``<data_dir>/downloads/manual`` is used
+    when it holds the required files, an incomplete copy there (some of our files, not all the
+    required ones) raises, and otherwise the original archives are downloaded.
+    """
+
+    FILES: Mapping[str, str] = {}
+    REQUIRED: tuple[str, ...] = ()
+    _explicit_manual_dir = None
+
+    def download_and_prepare(self, *args, **kwargs):
+        config = kwargs.get("download_config")
+        self._explicit_manual_dir = getattr(config, "manual_dir", None) or None
+        return super().download_and_prepare(*args, **kwargs)
+
+    def _local_files(self, dl_manager) -> dict[str, Path] | None:
+        """{split: file} from the manual dir, or None to download."""
+        if self._explicit_manual_dir is not None:
+            return check_source_dir(self._explicit_manual_dir, self.FILES, self.REQUIRED)
+        manual = getattr(dl_manager, "_manual_dir", None)
+        if manual is None or not Path(manual).is_dir():
+            return None
+        manual = Path(manual)
+        if not any((manual / name).is_file() for name in self.FILES.values()):
+            return None  # nothing of ours in the (shared) default manual dir: download
+        return check_source_dir(manual, self.FILES, self.REQUIRED, what="manual dir")
 
 
 # ---------------------------------------------------------------------------- STS-B
 
 
-class EmbedjaxStsb(tfds.core.GeneratorBasedBuilder):
+class EmbedjaxStsb(_LocalOrDownload, tfds.core.GeneratorBasedBuilder):
     """The STS benchmark (train / dev / test when present): sentence pairs with a 0-5 score."""
 
     name = "embedjax_stsb"
     VERSION = tfds.core.Version("1.0.0")
+    FILES = STSB_FILES
+    REQUIRED = ("train", "dev")
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         f"Put sts-train.csv and sts-dev.csv (optionally sts-test.csv) from {STSB_URL} in the manual dir "
         "(prepare(..., source_dir=DIR)); without them the archive is downloaded."
@@ -84,7 +140,7 @@ class EmbedjaxStsb(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        files = _local_files(dl_manager, STSB_FILES)
+        files = self._local_files(dl_manager)
         if files is None:  # online users: the original archive
             root = Path(dl_manager.download_and_extract(STSB_URL)) / "stsbenchmark"
             files = {split: root / name for split, name in STSB_FILES.items()}
@@ -101,11 +157,13 @@ class EmbedjaxStsb(tfds.core.GeneratorBasedBuilder):
 # ---------------------------------------------------------------------------- SICK
 
 
-class EmbedjaxSick(tfds.core.GeneratorBasedBuilder):
+class EmbedjaxSick(_LocalOrDownload, tfds.core.GeneratorBasedBuilder):
     """SICK (SemEval-2014 task 1; train / trial / test when present): relatedness 1-5 and entailment."""
 
     name = "embedjax_sick"
     VERSION = tfds.core.Version("1.0.0")
+    FILES = SICK_FILES
+    REQUIRED = ("train", "trial")
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put SICK_train.txt and SICK_trial.txt (optionally SICK_test_annotated.txt) in the manual dir "
         "(prepare(..., source_dir=DIR)); without them the SemEval-2014 zips are downloaded."
@@ -127,7 +185,7 @@ class EmbedjaxSick(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        files = _local_files(dl_manager, SICK_FILES)
+        files = self._local_files(dl_manager)
         if files is None:
             dirs = dl_manager.download_and_extract(SICK_URLS)
             files = {split: Path(dirs[split]) / SICK_FILES[split] for split in SICK_URLS}
@@ -239,13 +297,20 @@ BUILDERS = {b.name: b for b in (EmbedjaxStsb, EmbedjaxSick, EmbedjaxTextFiles)}
 def prepare(name: str, data_dir, source_dir=None, **builder_kwargs) -> tfds.core.DatasetBuilder:
     """Prepares ``embedjax_stsb`` or ``embedjax_sick`` in ``data_dir`` (array_record) and returns the builder.
 
-    ``source_dir``: a local copy of the raw files (used as TFDS's manual dir); without it the
-    original archives are downloaded (needs the internet).
+    ``source_dir``: a local copy of the raw files (used as TFDS's manual dir). If given, it
+    must exist and hold the required files (STS-B: sts-train.csv, sts-dev.csv; SICK:
+    SICK_train.txt, SICK_trial.txt; the test files are optional), else ``FileNotFoundError``
+    names the directory and the files expected, before anything is built. Only with
+    ``source_dir=None`` are the original archives downloaded (needs the internet).
     """
     if name not in ("embedjax_stsb", "embedjax_sick"):
         raise ValueError(f"prepare() knows embedjax_stsb and embedjax_sick; use build_text_files for {name!r}")
-    builder = BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", **builder_kwargs)
-    config = tfds.download.DownloadConfig(manual_dir=os.fspath(source_dir)) if source_dir else None
+    cls = BUILDERS[name]
+    config = None
+    if source_dir is not None:
+        check_source_dir(source_dir, cls.FILES, cls.REQUIRED)
+        config = tfds.download.DownloadConfig(manual_dir=os.fspath(Path(source_dir).expanduser()))
+    builder = cls(data_dir=os.fspath(data_dir), file_format="array_record", **builder_kwargs)
     builder.download_and_prepare(download_config=config)
     return builder
 

@@ -1,6 +1,10 @@
 """Encode a text file (one text per line) into a .npy matrix of embeddings.
 
     python scripts/encode.py --input sentences.txt --output emb.npy [--model DIR_OR_HUB_ID] [--dim 128] [--num-layers 3]
+
+Row i of the output is line i + 1 of the input, whatever the file's suffix: a blank line is
+embedded as the empty string, so the rows stay aligned with the lines. Bad input (undecodable
+bytes, an empty file, a bad option) is one line on stderr and exit status 2 (--debug: traceback).
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 import embedjax  # noqa: E402
-from embedjax import hf  # noqa: E402
+from embedjax import cli, hf  # noqa: E402
 from embedjax.data import read_sentences  # noqa: E402
 
 
 def main(argv=None) -> np.ndarray:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", type=Path, required=True, help="UTF-8 text file, one text per line")
+    ap.add_argument("--input", type=Path, required=True,
+                    help="UTF-8 text file, one text per line (read as plain text whatever its suffix)")
     ap.add_argument("--output", type=Path, required=True, help=".npy file to write (float32, one row per line)")
     ap.add_argument("--model", default=hf.minilm_l6(), help="checkpoint directory or hub id")
     ap.add_argument("--batch-size", type=int, default=64)
@@ -28,9 +33,10 @@ def main(argv=None) -> np.ndarray:
     ap.add_argument("--num-layers", type=int, default=None, help="use only the first k layers")
     ap.add_argument("--prompt", default=None, help="instruction prefixed to every text")
     ap.add_argument("--no-normalize", action="store_true")
+    cli.add_debug_flag(ap)
     args = ap.parse_args(argv)
 
-    texts = read_sentences(args.input)
+    texts = read_sentences(args.input, format="txt", keep_blank=True)  # one row per line, blank ones too
     encoder = embedjax.load_pretrained(args.model)
     emb = encoder.encode(texts, batch_size=args.batch_size, dim=args.dim, num_layers=args.num_layers,
                          prompt=args.prompt, normalize=not args.no_normalize, show_progress=True)
@@ -41,4 +47,4 @@ def main(argv=None) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

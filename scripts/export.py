@@ -3,6 +3,8 @@ sentence-transformers / Hugging Face directory that PyTorch users load directly.
 
     python scripts/export.py --model workdirs/stsb_angle --output exported/
     # then, in PyTorch:  SentenceTransformer("exported/")  or  AutoModel.from_pretrained("exported/")
+
+A bad checkpoint or option is one line on stderr and exit status 2 (--debug: the traceback).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedjax  # noqa: E402
+from embedjax import cli  # noqa: E402
 
 
 def main(argv=None) -> Path:
@@ -22,6 +25,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--pooling", default=None, help="override the pooling written to 1_Pooling/config.json")
     ap.add_argument("--no-normalize", action="store_true", help="omit the Normalize module")
+    cli.add_debug_flag(ap)
     args = ap.parse_args(argv)
     encoder = embedjax.load_pretrained(args.model, pooling=args.pooling)
     out = embedjax.save_pretrained(encoder, args.output, normalize=not args.no_normalize)
@@ -30,4 +34,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -17,7 +17,8 @@ Formats: ``tsv`` (split on tabs, no quoting), ``csv`` (the ``csv`` module, RFC 4
 quoting, one record per line: a quoted field may not span lines, which makes an
 unbalanced quote an error on its own line instead of swallowing the rest of the
 file), ``jsonl`` (one JSON object, or array, per line) and ``txt`` (one sentence per
-line). Blank lines are ignored everywhere.
+line). Blank lines are ignored everywhere, except by ``read_sentences(path, keep_blank=True)``
+(txt only), which returns one string per line, ``""`` for a blank one (``scripts/encode.py``).
 """
 
 from __future__ import annotations
@@ -100,17 +101,21 @@ _SUFFIXES = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".n
 # ---------------------------------------------------------------------------- lines and rows
 
 
-def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of each non-blank line; an empty file raises DataError."""
+def _raw_lines(path: Path, keep_blank: bool = False) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of each non-blank line (each line with ``keep_blank``,
+    the text after a final newline not counting as one); an empty file raises DataError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(path, None, "file is empty (expected at least one row)")
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    pieces = raw.split(b"\n")
+    if keep_blank and pieces[-1] == b"":
+        pieces.pop()
+    for number, line in enumerate(pieces, start=1):
         line = line.rstrip(b"\r")
-        if line.strip():
+        if keep_blank or line.strip():
             yield number, line
 
 
@@ -147,6 +152,7 @@ def _rows(
     *,
     skip_bad: bool,
     header: bool | Callable[[int, str], None] = False,
+    keep_blank: bool = False,
 ) -> Rows:
     """``parse(line number, text)`` over the non-blank lines of ``path``.
 
@@ -155,7 +161,7 @@ def _rows(
     undecodable bytes in it) is raised, or with ``skip_bad`` counted and logged.
     """
     out, skipped, first = Rows(), 0, None
-    lines = _raw_lines(path)
+    lines = _raw_lines(path, keep_blank)
     if header:
         number, raw = next(lines)
         text = _decode(path, number, raw)
@@ -325,6 +331,7 @@ def read_records(
     num_columns: int | None = None,
     score_range: tuple[float, float] | None = None,
     skip_bad: bool = False,
+    keep_blank: bool = False,
 ) -> Rows:
     """Reads examples of ``kind`` ("sentences", "pairs", "triplets", "scored") from one file.
 
@@ -341,6 +348,7 @@ def read_records(
         else the first row's (a tab or comma inside a text shows up as a wrong count).
       score_range: (lo, hi) a score must lie in (inclusive); default: any finite number.
       skip_bad: skip, count and log bad rows instead of raising ``DataError``.
+      keep_blank: (txt only) one row per line, ``""`` for a blank line, so row i is line i + 1.
 
     Returns a ``Rows`` list (``.skipped`` = bad rows left out) of ``str`` / ``Pair`` /
     ``Triplet`` / ``ScoredPair``.
@@ -348,6 +356,8 @@ def read_records(
     path = Path(path)
     fmt = infer_format(path, format, default="txt" if kind == "sentences" else None)
     cols = _columns(kind, fmt, columns)
+    if keep_blank and fmt != "txt":
+        raise ValueError(f"keep_blank applies to txt files (one sentence per line), not {fmt}")
     shown = dict(cols)  # as the user named them, for messages
     fields, make = KINDS[kind]
     lo, hi = (None, None) if score_range is None else map(float, score_range)
@@ -403,17 +413,19 @@ def read_records(
                 values[field] = _score(value, lo, hi, path, number, f"score (column {shown[field]!r})")
             elif not isinstance(value, str):
                 raise DataError(path, number, f"{field} must be a string, found {type(value).__name__} {value!r}")
-            elif not value.strip():
+            elif not value.strip() and not keep_blank:
                 raise DataError(path, number, f"{field} (column {shown[field]!r}) is empty (expected non-empty text)")
             else:
                 values[field] = value
         return make(values)
 
-    return _rows(path, parse, skip_bad=skip_bad, header=take_header if header else False)
+    return _rows(path, parse, skip_bad=skip_bad, header=take_header if header else False, keep_blank=keep_blank)
 
 
 def read_sentences(path, **kw) -> Rows:
     """One sentence per line (``format="txt"``, surrounding whitespace stripped) -> ``list[str]``.
+
+    Blank lines are skipped; with ``keep_blank=True`` (txt) each line gives one row, ``""`` if blank.
 
     Also reads one column of a tsv/csv/jsonl file with ``columns={"text_a": ...}``.
     """

@@ -1,4 +1,5 @@
-"""The optimizer: AdamW with warmup and decay, clipping, weight-decay mask, accumulation."""
+"""The optimizer: AdamW with warmup and decay, clipping, weight-decay mask, gradient accumulation
+(the schedule counts optimizer updates; see ``make_optimizer``)."""
 
 from __future__ import annotations
 
@@ -43,27 +44,57 @@ def decay_mask(params, pattern: str = NO_DECAY):
 
 
 def make_optimizer(cfg: Mapping[str, Any], total_steps: int):
-    """``(optax transformation, schedule)`` from the ``optim`` section of a config.
+    """``(tx, lr_at_step)`` from the ``optim`` section of a config.
 
-    Keys: learning_rate, warmup (fraction or steps), decay, weight_decay, b1, b2, eps,
-    clip_norm (0 = off), accumulate (micro-batches per update, 1 = off).
+    Keys (all required; configs/base.py declares them): learning_rate, warmup (a fraction of
+    the updates when < 1, else a number of updates), decay ("linear", "cosine", "constant"),
+    weight_decay, b1, b2, eps, clip_norm (0 = off), accumulate (micro-batches per update,
+    1 = off).
+
+    ``total_steps`` counts train steps (micro-batches: one ``train_step`` call each). With
+    ``accumulate = k > 1`` the transformation is ``optax.MultiSteps``: it averages the
+    gradients of k consecutive micro-batches and applies ONE AdamW update (clipping the
+    averaged gradient) on every k-th step, leaving the parameters unchanged on the others.
+    The learning-rate schedule counts those updates: ``total_steps // k`` of them, warmup and
+    decay computed over the updates. ``total_steps`` must be a multiple of k (else the last
+    ``total_steps % k`` micro-batches would be averaged into an update that never happens):
+    a ValueError says so.
+
+    ``lr_at_step(step)`` is the learning rate of the update that the 0-based train step
+    ``step`` contributes to, i.e. ``schedule(step // k)``: the rate actually applied (on the
+    k-th micro-step of the group). Log it for the step just run, ``lr_at_step(state.step - 1)``.
+    The first update runs at ``schedule(0)``, which is 0 with warmup.
+
+    Accumulation is NOT a large batch for contrastive losses: each micro-batch is embedded
+    and scored on its own, so InfoNCE / SimCSE / CoSENT / AnglE see only the micro-batch's
+    in-batch negatives (B/k candidates, not B). Only losses without in-batch interaction
+    (``cosine_mse``) give the large-batch gradient exactly. GradCache
+    (``objective.gradcache_chunk``) is the exact large-batch path for contrastive losses:
+    the whole batch's embeddings are scored together while the encoder runs chunk by chunk.
     """
-    schedule = learning_rate_schedule(cfg["learning_rate"], total_steps, cfg.get("warmup", 0.1), cfg.get("decay", "linear"))
+    accumulate = int(cfg["accumulate"])
+    if accumulate < 1:
+        raise ValueError(f"optim.accumulate must be >= 1 (1 = no accumulation), got {accumulate}")
+    if total_steps % accumulate:
+        raise ValueError(
+            f"optim.accumulate={accumulate} does not divide the {total_steps} train steps: the last "
+            f"{total_steps % accumulate} micro-batches would never be applied. Set num_steps to a multiple "
+            f"of {accumulate} (e.g. {total_steps - total_steps % accumulate or accumulate})")
+    updates = total_steps // accumulate
+    schedule = learning_rate_schedule(cfg["learning_rate"], updates, cfg["warmup"], cfg["decay"])
     chain = []
-    if cfg.get("clip_norm", 1.0):
-        chain.append(optax.clip_by_global_norm(cfg.get("clip_norm", 1.0)))
+    if cfg["clip_norm"]:
+        chain.append(optax.clip_by_global_norm(cfg["clip_norm"]))
     chain.append(
-        optax.adamw(
-            schedule,
-            b1=cfg.get("b1", 0.9),
-            b2=cfg.get("b2", 0.999),
-            eps=cfg.get("eps", 1e-6),
-            weight_decay=cfg.get("weight_decay", 0.01),
-            mask=decay_mask,
-        )
+        optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=cfg["weight_decay"],
+                    mask=decay_mask)
     )
     tx = optax.chain(*chain)
-    accumulate = int(cfg.get("accumulate", 1))
     if accumulate > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
-    return tx, schedule
+
+    def lr_at_step(step):
+        """Learning rate applied by the update that (0-based) train step ``step`` contributes to."""
+        return schedule(step // accumulate)
+
+    return tx, lr_at_step

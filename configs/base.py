@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import difflib
 import os
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -13,73 +16,131 @@ from embedjax import hf
 DATA = Path(os.environ.get("EMBEDJAX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """``"smoke"`` / ``"smoke,lr=1e-5"`` -> ``{"smoke": "", "lr": "1e-5"}`` (variants after the colon)."""
-    out = {}
-    for part in filter(None, (arg or "").split(",")):
-        key, _, value = part.partition("=")
-        out[key.strip()] = value.strip()
+def _typed(value: str):
+    """``"1e-5"`` -> 1e-05, ``"8"`` -> 8, ``"true"`` -> True, ``"(0, 5)"`` -> (0, 5); anything else stays a str."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return value
+
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Variants after the colon: ``"smoke,lr=1e-5,steps=8"`` -> ``{"smoke": True, "lr": 1e-05, "steps": 8}``.
+
+    Values are typed (``ast.literal_eval``; ``true``/``false`` -> bool; a str when that fails);
+    a bare name is True. With ``allowed``, an unknown variant name raises (a typo must not
+    silently run the full config).
+    """
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+        key, eq, value = part.partition("=")
+        out[key.strip()] = _typed(value.strip()) if eq else True
+    if allowed is not None:
+        for key in out:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"unknown config variant {key!r}; {hint}this config takes {sorted(allowed)}")
     return out
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key the code reads, with its default (tests/test_configs.py checks both ways).
+
+    Lists are tuples so ``--config.key="(a, b)"`` can override them.
+    """
     c = ml_collections.ConfigDict()
     c.model = hf.minilm_l6()      # a checkpoint directory or hub id
-    c.pooling = ""                # '' = the checkpoint's pooling
-    c.max_length = 0              # 0 = the checkpoint's max_seq_length
+    c.pooling = ""                # the run's one pooling mode (train, eval, export); '' = the checkpoint's
+    c.max_length = 0              # tokens per text; 0 = the checkpoint's max_seq_length
     c.dtype = "float32"           # compute dtype ("bfloat16" on TPU/GPU); params stay float32
-    c.seed = 0
-    c.batch_size = 32             # global, over all devices and hosts
-    c.num_epochs = 1.0
-    c.num_steps = 0               # > 0 overrides num_epochs
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+    c.hidden_dropout = -1.0       # encoder hidden dropout rate; < 0 = the checkpoint's (config.json)
+    c.attention_dropout = -1.0    # encoder attention dropout rate; < 0 = the checkpoint's
+    c.seed = 0                    # params' dropout keys and the data order
+    c.batch_size = 32             # global, over all devices and hosts (per micro-batch with optim.accumulate)
+    c.num_epochs = 1.0            # passes over the training data (ignored when num_steps > 0)
+    c.num_steps = 0               # > 0: train steps (micro-batches), overrides num_epochs
+    c.mesh = ml_collections.ConfigDict({
+        "data": -1,               # data-parallel axis size; -1 = all devices not used by fsdp
+        "fsdp": 1,                # parameter-sharding axis size
+    })
     c.sharding_rules = "replicated"  # or "fsdp" (shard big matrices over the fsdp axis)
 
     c.optim = ml_collections.ConfigDict({
-        "learning_rate": 2e-5, "warmup": 0.1, "decay": "linear", "weight_decay": 0.01,
-        "clip_norm": 1.0, "accumulate": 1, "b1": 0.9, "b2": 0.999, "eps": 1e-6,
+        "learning_rate": 2e-5,    # peak learning rate (AdamW)
+        "warmup": 0.1,            # linear warmup: a fraction of the updates if < 1, else a number of updates
+        "decay": "linear",        # after warmup, to 0: "linear", "cosine", or "constant"
+        "weight_decay": 0.01,     # AdamW decoupled weight decay (not on biases, norms, embeddings)
+        "clip_norm": 1.0,         # global gradient-norm clipping; 0 = off
+        # Micro-batches per optimizer update (optax.MultiSteps; 1 = off). The schedule counts updates;
+        # contrastive losses still see only a micro-batch's in-batch negatives (GradCache is exact).
+        "accumulate": 1,
+        "b1": 0.9,                # Adam beta1
+        "b2": 0.999,              # Adam beta2
+        "eps": 1e-6,              # Adam epsilon
     })
     c.objective = ml_collections.ConfigDict({
-        "loss": "angle",
-        "loss_kwargs": {},
-        "pooling": "",
-        "matryoshka_dims": [],
-        "matryoshka_weights": [],
-        "matryoshka_n_per_step": 0,
-        "layers": "",
-        "layer_kwargs": {},
-        "remat": False,
-        "dropout": True,
-        "gradcache_chunk": 0,  # > 0: GradCache (exact large-batch contrastive loss, bounded memory)
+        "loss": "angle",          # angle | cosent | cosine_mse | infonce | simcse_unsup
+        "loss_kwargs": {},        # keyword arguments of the loss (free-form: set the whole dict on the CLI)
+        "matryoshka_dims": (),    # Matryoshka: also train these leading widths; () = off
+        "matryoshka_weights": (),  # one weight per dim; () = all 1
+        "matryoshka_n_per_step": 0,  # sample this many dims each step; 0 = all
+        "layers": "",             # 2D Matryoshka / ESE over layers: '' | adaptive | 2dmse | espresso
+        "layer_kwargs": {},       # keyword arguments of the layer wrapper (free-form)
+        "remat": False,           # rematerialise each layer in the backward pass (memory for compute)
+        "dropout": True,          # the encoder's dropout during training (SimCSE needs it)
+        "gradcache_chunk": 0,     # > 0: GradCache (exact large-batch contrastive loss, bounded memory)
     })
     c.data = ml_collections.ConfigDict({
-        "kind": "stsb",
-        "train": str(DATA / "stsb" / "sts-train.csv"),
-        "dev": str(DATA / "stsb" / "sts-dev.csv"),
-        "dev_format": "stsb",
-        "buckets": [16, 32, 64, 128, 256],  # padded layout, or a packed row's length past pack_length
+        "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: KINDS)
+        "train": str(DATA / "stsb" / "sts-train.csv"),  # training file
+        "format": "",             # pairs/triplets/scored/sentences: tsv | csv | jsonl | txt; '' = from the suffix
+        "columns": {},            # {field: column name / JSON key / 0-based index} (files), or TFDS features; {} = defaults
+        "score_range": (),        # scored files: (lo, hi) every score must lie in; () = any finite score
+        "tfds_name": "",          # kind=tfds: the dataset, e.g. "glue/stsb"
+        "tfds_split": "train",    # kind=tfds: the split to train on
+        "tfds_data_dir": "",      # kind=tfds: where TFDS keeps datasets; '' = TFDS's default
+        "skip_bad": False,        # skip (and count) malformed rows instead of stopping at the first
+        "dev": str(DATA / "stsb" / "sts-dev.csv"),  # scored dev pairs: evaluation and best-checkpoint selection
+        "dev_format": "stsb",     # the dev file's format: stsb | sick
+        "buckets": (16, 32, 64, 128, 256),  # padded lengths, or a packed row's length past pack_length
         # Sequence packing: all texts of a batch share rows of pack_length tokens (0 = pad each
         # side instead). ~2.5x fewer token slots than padding on STS-B; the same embeddings.
         "pack_length": 64,
         "pack_rows_multiple": 2,  # rows round up to a multiple of this (and of the local device count)
-        "skip_bad": False,
     })
-    c.log_every = 10
-    c.eval_every = 50
-    c.eval_batch_size = 128
-    c.eval_layers = []            # also evaluate these depths (2D Matryoshka grids) ...
-    c.eval_dims = []              # ... and these widths; the full model is always evaluated
+    c.log_every = 10              # train metrics (loss, lr, norms, examples/s) every this many steps
+    c.eval_every = 50             # dev evaluation + best-checkpoint candidate every this many steps
+    c.eval_batch_size = 128       # texts per evaluation batch
+    c.eval_layers = ()            # also evaluate these depths (2D Matryoshka grids) ...
+    c.eval_dims = ()              # ... and these widths; the full model is always evaluated
     c.select_metric = "dev/cosine_spearman"  # best checkpoint by this; "dev/cosine_spearman_mean" = grid mean
-    c.checkpoint = ml_collections.ConfigDict({"every": 50, "keep": 2, "keep_best": 1})
-    c.testing = ml_collections.ConfigDict({"kill_at_step": 0})  # fault injection (tests only)
+    c.checkpoint = ml_collections.ConfigDict({
+        "every": 50,              # save the train state + data position every this many steps
+        "keep": 2,                # latest checkpoints kept (for resuming)
+        "keep_best": 1,           # best checkpoints kept by select_metric (the best one is exported)
+    })
     return c
 
 
 def smoke(c: ml_collections.ConfigDict, steps: int = 8) -> ml_collections.ConfigDict:
-    """A seconds-long CPU run of the same code path: few steps, small dev set."""
+    """A seconds-long CPU run of the same code path: few steps, frequent logs/evals/saves."""
     c.num_steps = steps
     c.batch_size = 16
     c.log_every = 2
     c.eval_every = steps // 2
     c.checkpoint.every = steps // 2
     return c
+
+
+def maybe_smoke(c: ml_collections.ConfigDict, args: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The ``smoke`` variant: ``:smoke`` = 8 steps, ``:smoke=4`` = 4 steps (even, >= 2)."""
+    value = args.get("smoke", False)
+    if value is False:
+        return c
+    steps = 8 if value is True else value
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2 or steps % 2:
+        raise ValueError(f"smoke takes an even number of steps >= 2 (smoke=8), got {value!r}")
+    return smoke(c, steps)

@@ -9,7 +9,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    args = base.parse_arg(arg)
+    args = base.parse_arg(arg, allowed=("smoke",))
     c = base.base_config()
     c.data.kind = "sick_triplets"
     c.data.train = str(base.DATA / "sick" / "SICK_train.txt")
@@ -21,6 +21,4 @@ def get_config(arg: str | None = None):
     c.num_epochs = 3.0
     c.eval_every = 10
     c.checkpoint.every = 10
-    if "smoke" in args:
-        base.smoke(c)
-    return c
+    return base.maybe_smoke(c, args)

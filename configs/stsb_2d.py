@@ -12,9 +12,11 @@ from configs import base, stsb_angle
 
 
 def get_config(arg: str | None = None):
-    args = base.parse_arg(arg)
+    args = base.parse_arg(arg, allowed=("smoke", "mode"))
     c = stsb_angle.get_config(None)
     mode = args.get("mode", "adaptive")
+    if mode not in ("adaptive", "2dmse", "espresso"):
+        raise ValueError(f"stsb_2d: mode must be adaptive, 2dmse or espresso, got {mode!r}")
     c.objective.layers = mode
     if mode == "adaptive":
         c.objective.matryoshka_dims = [384, 256, 128, 64, 32]
@@ -33,6 +35,4 @@ def get_config(arg: str | None = None):
     c.select_metric = "dev/cosine_spearman_mean"
     c.num_epochs = 2.0
     c.eval_every = 40
-    if "smoke" in args:
-        base.smoke(c)
-    return c
+    return base.maybe_smoke(c, args)

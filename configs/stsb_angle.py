@@ -8,7 +8,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    args = base.parse_arg(arg)
+    args = base.parse_arg(arg, allowed=("smoke",))
     c = base.base_config()
     c.objective.loss = "angle"
     c.objective.loss_kwargs = {"cosine_w": 1.0, "ibn_w": 1.0, "angle_w": 0.02, "label_range": (0.0, 5.0)}
@@ -22,6 +22,4 @@ def get_config(arg: str | None = None):
     # Fine length buckets: ~30% fewer padded tokens than base's [16, 32, 64, ...] on STS-B for
     # ~7 compiled shapes instead of 3.
     c.data.buckets = [16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 256]
-    if "smoke" in args:
-        base.smoke(c)
-    return c
+    return base.maybe_smoke(c, args)

@@ -8,10 +8,8 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    args = base.parse_arg(arg)
+    args = base.parse_arg(arg, allowed=("smoke",))
     c = base.base_config()
     c.objective.loss = "cosent"
     c.objective.loss_kwargs = {"scale": 20.0}
-    if "smoke" in args:
-        base.smoke(c)
-    return c
+    return base.maybe_smoke(c, args)

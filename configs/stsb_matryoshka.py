@@ -8,10 +8,8 @@ from configs import base, stsb_angle
 
 
 def get_config(arg: str | None = None):
-    args = base.parse_arg(arg)
+    args = base.parse_arg(arg, allowed=("smoke",))
     c = stsb_angle.get_config(None)
     c.objective.matryoshka_dims = [384, 256, 128, 64, 32]
     c.objective.matryoshka_weights = [1.0, 1.0, 1.0, 1.0, 1.0]
-    if "smoke" in args:
-        base.smoke(c)
-    return c
+    return base.maybe_smoke(c, args)

@@ -11,16 +11,15 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    args = base.parse_arg(arg)
+    args = base.parse_arg(arg, allowed=("smoke", "file"))
     c = base.base_config()
-    c.data.kind = "sentences" if args.get("file") else "stsb_sentences"
-    c.data.format = "txt"
-    c.data.train = args.get("file") or str(base.DATA / "stsb" / "sts-train.csv")
+    file = str(args.get("file", ""))  # a str even if the name parses as a number
+    c.data.kind = "sentences" if file else "stsb_sentences"
+    c.data.format = "txt" if file else ""  # stsb_sentences reads the STS-B csv itself
+    c.data.train = file or str(base.DATA / "stsb" / "sts-train.csv")
     c.objective.loss = "simcse_unsup"
     c.objective.loss_kwargs = {"scale": 20.0}  # temperature 0.05
     c.objective.dropout = True
     c.batch_size = 64
     c.optim.learning_rate = 3e-5
-    if "smoke" in args:
-        base.smoke(c)
-    return c
+    return base.maybe_smoke(c, args)

@@ -20,7 +20,8 @@ padding), instead of the ``*_ids / *_mask / *_types``:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+import inspect
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,13 @@ import jax.numpy as jnp
 from embedjax import gradcache, losses
 from embedjax.embed import embed, embed_packed
 
-LOSSES = ("angle", "cosent", "infonce", "simcse_unsup")
+LOSSES = ("angle", "cosent", "cosine_mse", "infonce", "simcse_unsup")
 LAYER_MODES = ("", "2dmse", "adaptive", "espresso")
+# What each loss reads from the data (check_objective_data):
+SCORED_LOSSES = ("angle", "cosent", "cosine_mse")        # regress / rank gold scores: need them
+CONTRASTIVE_LOSSES = ("infonce", "simcse_unsup")         # positives + in-batch negatives: no scores
+NEGATIVE_LOSSES = ("infonce",)                           # the only ones that use hard negatives (text_n)
+LABEL_RANGE_LOSSES = ("angle", "cosine_mse")             # read scores through loss_kwargs.label_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Objective:
 
     loss: str = "angle"
     loss_kwargs: tuple = ()          # sorted (name, value) items passed to the loss
-    pooling: str = "mean"
+    pooling: str = "mean"            # the run's pooling (config.pooling, resolved against the checkpoint)
     matryoshka_dims: tuple = ()      # () = off
     matryoshka_weights: tuple = ()
     matryoshka_n_per_step: int = 0   # 0 = every dim every step
@@ -50,33 +56,122 @@ class Objective:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], pooling: str) -> "Objective":
-        """From the ``objective`` section of a config (see configs/*.py)."""
-        loss = cfg.get("loss", "angle")
+        """From the ``objective`` section of a config (configs/base.py declares every key; a
+        missing key raises KeyError, an unknown one ValueError).
+
+        ``pooling`` is the run's resolved pooling mode (the encoder's, after ``config.pooling``
+        overrode the checkpoint's): a run has one pooling setting, used by training,
+        evaluation and export alike.
+        """
+        unknown = sorted(set(cfg) - OBJECTIVE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown objective keys {unknown}; the objective section has {sorted(OBJECTIVE_KEYS)}")
+        if not pooling:
+            raise ValueError("Objective.from_config needs the resolved pooling mode (the encoder's), got ''")
+        loss = cfg["loss"]
         if loss not in LOSSES:
             raise ValueError(f"unknown objective.loss {loss!r}; choose one of {LOSSES}")
-        layers = cfg.get("layers", "") or ""
+        layers = cfg["layers"] or ""
         if layers not in LAYER_MODES:
             raise ValueError(f"unknown objective.layers {layers!r}; choose one of {LAYER_MODES}")
-        if layers in ("2dmse", "espresso") and cfg.get("matryoshka_dims"):
+        if layers in ("2dmse", "espresso") and cfg["matryoshka_dims"]:
             raise ValueError(f"objective.layers={layers!r} truncates dims itself; matryoshka_dims combine with "
                              "layers='' or 'adaptive' (sentence-transformers' Matryoshka2dLoss)")
-        if layers and cfg.get("matryoshka_n_per_step"):
+        if layers and cfg["matryoshka_n_per_step"]:
             raise ValueError("matryoshka_n_per_step cannot be combined with objective.layers (the layer "
                              "wrappers own the step's key); use every dim inside 2D losses")
         items = lambda d: tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(d or {}).items()))
         return cls(
             loss=loss,
-            loss_kwargs=items(cfg.get("loss_kwargs")),
-            pooling=cfg.get("pooling") or pooling,
-            matryoshka_dims=tuple(cfg.get("matryoshka_dims") or ()),
-            matryoshka_weights=tuple(cfg.get("matryoshka_weights") or ()),
-            matryoshka_n_per_step=int(cfg.get("matryoshka_n_per_step") or 0),
+            loss_kwargs=items(cfg["loss_kwargs"]),
+            pooling=pooling,
+            matryoshka_dims=tuple(cfg["matryoshka_dims"] or ()),
+            matryoshka_weights=tuple(cfg["matryoshka_weights"] or ()),
+            matryoshka_n_per_step=int(cfg["matryoshka_n_per_step"] or 0),
             layers=layers,
-            layer_kwargs=items(cfg.get("layer_kwargs")),
-            remat=bool(cfg.get("remat", False)),
-            dropout=bool(cfg.get("dropout", True)),
-            gradcache_chunk=int(cfg.get("gradcache_chunk", 0) or 0),
+            layer_kwargs=items(cfg["layer_kwargs"]),
+            remat=bool(cfg["remat"]),
+            dropout=bool(cfg["dropout"]),
+            gradcache_chunk=int(cfg["gradcache_chunk"] or 0),
         )
+
+
+# The keys of a config's ``objective`` section (configs/base.py).
+OBJECTIVE_KEYS = frozenset({"loss", "loss_kwargs", "matryoshka_dims", "matryoshka_weights", "matryoshka_n_per_step",
+                            "layers", "layer_kwargs", "remat", "dropout", "gradcache_chunk"})
+
+
+def _label_range(objective: Objective) -> tuple[float, float] | None:
+    """The (lo, hi) the loss scales scores by, or None when it does not read it (e.g. AnglE with
+    ibn_w=0 or ibn_rule='angle_emb': only the order of the scores matters then)."""
+    kw = dict(objective.loss_kwargs)
+    if objective.loss == "angle":
+        defaults = {k: p.default for k, p in inspect.signature(losses.angle_loss).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        if not kw.get("ibn_w", defaults["ibn_w"]) or kw.get("ibn_rule", defaults["ibn_rule"]) == "angle_emb":
+            return None
+        return tuple(kw.get("label_range", defaults["label_range"]))
+    if objective.loss == "cosine_mse":
+        default = inspect.signature(losses.cosine_mse).parameters["label_range"].default
+        return tuple(kw.get("label_range", default))
+    return None
+
+
+def check_objective_data(objective: Objective, fields: Sequence[str], scores: Sequence[float] | None = None) -> None:
+    """Refuses training data the objective would silently misuse (ValueError naming the fix).
+
+    ``fields``: the training records' fields (``embedjax.data.pipeline.fields_of(source)``,
+    some of text_a, text_b, text_n, score); ``scores``: every record's score
+    (``embedjax.train.sources.scores_of(source)``), or None when the records have none.
+
+    * InfoNCE / SimCSE on scored pairs: the scores would be ignored (every pair a positive).
+    * angle / cosent / cosine_mse on records without scores: nothing to regress or rank.
+    * AnglE (in-batch term) / cosine_mse with a ``label_range`` that does not cover the
+      observed scores: they would be mis-scaled (AnglE's positives, cosine_mse's targets).
+    * hard negatives (text_n) with a loss that ignores them (every loss but infonce).
+    * infonce without a second text (use simcse_unsup), simcse_unsup on pairs (use infonce).
+    """
+    fields = tuple(fields)
+    loss = objective.loss
+    has_score = "score" in fields
+    if loss in CONTRASTIVE_LOSSES and has_score:
+        raise ValueError(
+            f"objective.loss={loss!r} ignores scores, but the training records are scored pairs {fields}: every "
+            "pair would count as a positive whatever its score. Use a loss that reads scores "
+            "(objective.loss=cosent, angle or cosine_mse), or unscored data (data.kind=pairs / triplets).")
+    if loss in SCORED_LOSSES and not has_score:
+        raise ValueError(
+            f"objective.loss={loss!r} needs a gold score per pair, but the training records have only {fields}. "
+            "Use scored data (data.kind=stsb, sick or scored), or a contrastive loss "
+            "(objective.loss=infonce for pairs/triplets, simcse_unsup for sentences).")
+    if "text_n" in fields and loss not in NEGATIVE_LOSSES:
+        raise ValueError(
+            f"the training records have hard negatives (text_n) but objective.loss={loss!r} ignores them. "
+            "Use objective.loss=infonce (hard negatives as extra candidates), or pairs without negatives.")
+    if loss == "infonce" and "text_b" not in fields:
+        raise ValueError(
+            "objective.loss='infonce' needs a positive (text_b) per record, but the records are single texts "
+            f"{fields}. For unsupervised SimCSE (each text its own positive under dropout) use "
+            "objective.loss=simcse_unsup.")
+    if loss == "simcse_unsup" and "text_b" in fields:
+        raise ValueError(
+            f"objective.loss='simcse_unsup' trains on single sentences, but the records are pairs {fields}. "
+            "Use objective.loss=infonce for (anchor, positive) pairs, or data.kind=sentences.")
+    label_range = _label_range(objective)
+    if label_range is not None and has_score:
+        lo, hi = (float(x) for x in label_range)
+        if not hi > lo:
+            raise ValueError(f"objective.loss_kwargs.label_range={tuple(label_range)} must be (lo, hi) with hi > lo")
+        if scores is None or len(scores) == 0:
+            raise ValueError("check_objective_data needs the records' scores to check the label_range")
+        s_min, s_max = float(min(scores)), float(max(scores))
+        if s_min < lo or s_max > hi:
+            raise ValueError(
+                f"objective.loss={loss!r} scales scores to [0, 1] by label_range=({lo:g}, {hi:g}), but the training "
+                f"scores lie in [{s_min:g}, {s_max:g}]: they would be mis-scaled. Set "
+                f"objective.loss_kwargs.label_range=(lo, hi) to the data's scale, e.g. "
+                f"--config.objective.loss_kwargs.label_range=\"({min(lo, s_min):g}, {max(hi, s_max):g})\" "
+                "(the dataset's documented range, not just the observed one).")
 
 
 def _pair_loss(objective: Objective):
@@ -88,6 +183,9 @@ def _pair_loss(objective: Objective):
     elif objective.loss == "cosent":
         def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None):
             return losses.cosent(za, zb, labels, **kw)
+    elif objective.loss == "cosine_mse":  # no in-batch interaction: accumulation is exactly the large batch
+        def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None):
+            return losses.cosine_mse(za, zb, labels, **kw)
     else:  # infonce, and unsupervised SimCSE (two dropout views of the same texts)
         def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None):
             return losses.infonce(za, zb, zn, anchor_ids=a_hash, positive_ids=b_hash, negative_ids=n_hash, **kw)

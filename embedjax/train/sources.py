@@ -10,6 +10,10 @@
     pairs | triplets | scored   generic tsv/csv/jsonl files (data.format, data.columns, data.score_range)
     tfds           any TFDS dataset by name (data.tfds_name, data.tfds_split, data.columns, data.tfds_data_dir)
 
+``data.columns`` maps fields (text_a, text_b, text_n, score) to a file's columns (header names
+or JSON keys, or 0-based indexes) or to a TFDS dataset's features; ``{}`` = the defaults.
+On the command line: ``--config.data.columns="{'text_a': 'sentence1', 'score': 'label'}"``.
+
 ``data.dev`` is an STS-B-format file (``data.dev_format='sick'`` for SICK) used for
 evaluation and best-checkpoint selection.
 """
@@ -18,14 +22,25 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from embedjax.data import readers
+from embedjax.data import pipeline, readers
 
+DEV_FORMATS = ("stsb", "sick")
 KINDS = ("stsb", "stsb_sentences", "sick", "sick_triplets", "sentences", "pairs", "triplets", "scored", "tfds")
 
 
+def _columns(data: Mapping[str, Any]) -> dict[str, str | int] | None:
+    """``data.columns`` ({field: column}; {} = the defaults) as the readers take it."""
+    columns = dict(data["columns"] or {})
+    return columns or None
+
+
 def train_source(data: Mapping[str, Any]):
-    """The training records (a random-access sequence) described by ``data``."""
-    kind, skip_bad = data["kind"], bool(data.get("skip_bad", False))
+    """The training records (a random-access sequence) described by ``data``.
+
+    Every key is read by item access: configs/base.py declares them all, so a missing
+    one is a KeyError, not a silent default.
+    """
+    kind, skip_bad = data["kind"], bool(data["skip_bad"])
     if kind == "stsb":
         return readers.read_stsb(data["train"], skip_bad=skip_bad)
     if kind == "stsb_sentences":
@@ -35,19 +50,33 @@ def train_source(data: Mapping[str, Any]):
     if kind == "sick_triplets":
         return readers.read_sick_triplets(data["train"], skip_bad=skip_bad)
     if kind in ("sentences", "pairs", "triplets", "scored"):
-        score_range = data.get("score_range")
+        score_range = tuple(data["score_range"] or ())
+        if score_range and len(score_range) != 2:
+            raise ValueError(f"data.score_range must be () or (lo, hi), got {score_range}")
         return readers.read_records(
-            data["train"], kind, format=data.get("format"), columns=dict(data.get("columns") or {}) or None,
-            score_range=tuple(score_range) if score_range else None, skip_bad=skip_bad)
+            data["train"], kind, format=data["format"] or None, columns=_columns(data),
+            score_range=score_range or None, skip_bad=skip_bad)
     if kind == "tfds":
         from embedjax.data.tfds_builders import tfds_source
 
-        return tfds_source(data["tfds_name"], data.get("tfds_split", "train"), dict(data.get("columns") or {}) or None,
-                           data_dir=data.get("tfds_data_dir"))
+        if not data["tfds_name"]:
+            raise ValueError("data.kind='tfds' needs data.tfds_name (e.g. --config.data.tfds_name=glue/stsb)")
+        return tfds_source(data["tfds_name"], data["tfds_split"], _columns(data),
+                           data_dir=data["tfds_data_dir"] or None)
     raise ValueError(f"unknown data.kind {kind!r}; choose one of {KINDS}")
+
+
+def scores_of(source) -> list[float] | None:
+    """Every record's score (for ``objective.check_objective_data``), or None when the records
+    have no score. Reads the whole source once."""
+    if "score" not in pipeline.fields_of(source):
+        return None
+    return [float(pipeline.as_record(r)["score"]) for r in source]
 
 
 def dev_pairs(data: Mapping[str, Any]) -> list:
     """Scored dev pairs for evaluation and checkpoint selection."""
-    reader = readers.read_sick if data.get("dev_format", "stsb") == "sick" else readers.read_stsb
+    if data["dev_format"] not in DEV_FORMATS:
+        raise ValueError(f"unknown data.dev_format {data['dev_format']!r}; choose one of {DEV_FORMATS}")
+    reader = readers.read_sick if data["dev_format"] == "sick" else readers.read_stsb
     return reader(data["dev"])

@@ -62,13 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 32             # global, over all devices and hosts (per micro-batch with optim.accumulate)
     c.num_epochs = 1.0            # passes over the training data (ignored when num_steps > 0)
     c.num_steps = 0               # > 0: train steps (micro-batches), overrides num_epochs
-    c.mesh = ml_collections.ConfigDict({
+    c.mesh = ml_collections.ConfigDict({  # the device mesh (embedjax/sharding.py)
         "data": -1,               # data-parallel axis size; -1 = all devices not used by fsdp
         "fsdp": 1,                # parameter-sharding axis size
     })
     c.sharding_rules = "replicated"  # or "fsdp" (shard big matrices over the fsdp axis)
 
-    c.optim = ml_collections.ConfigDict({
+    c.optim = ml_collections.ConfigDict({  # AdamW + schedule (embedjax/train/optim.py)
         "learning_rate": 2e-5,    # peak learning rate (AdamW)
         "warmup": 0.1,            # linear warmup: a fraction of the updates if < 1, else a number of updates
         "decay": "linear",        # after warmup, to 0: "linear", "cosine", or "constant"
@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
         "b2": 0.999,              # Adam beta2
         "eps": 1e-6,              # Adam epsilon
     })
-    c.objective = ml_collections.ConfigDict({
+    c.objective = ml_collections.ConfigDict({  # the loss and its wrappers (embedjax/train/objective.py)
         "loss": "angle",          # angle | cosent | cosine_mse | infonce | simcse_unsup
         "loss_kwargs": {},        # keyword arguments of the loss (free-form: set the whole dict on the CLI)
         "matryoshka_dims": (),    # Matryoshka: also train these leading widths; () = off
@@ -93,7 +93,7 @@ def base_config() -> ml_collections.ConfigDict:
         "dropout": True,          # the encoder's dropout during training (SimCSE needs it)
         "gradcache_chunk": 0,     # > 0: GradCache (exact large-batch contrastive loss, bounded memory)
     })
-    c.data = ml_collections.ConfigDict({
+    c.data = ml_collections.ConfigDict({  # training and dev data (embedjax/train/sources.py)
         "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: KINDS)
         "train": str(DATA / "stsb" / "sts-train.csv"),  # training file
         "format": "",             # pairs/triplets/scored/sentences: tsv | csv | jsonl | txt; '' = from the suffix
@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_layers = ()            # also evaluate these depths (2D Matryoshka grids) ...
     c.eval_dims = ()              # ... and these widths; the full model is always evaluated
     c.select_metric = "dev/cosine_spearman"  # best checkpoint by this; "dev/cosine_spearman_mean" = grid mean
-    c.checkpoint = ml_collections.ConfigDict({
+    c.checkpoint = ml_collections.ConfigDict({  # Orbax checkpoints in the workdir
         "every": 50,              # save the train state + data position every this many steps
         "keep": 2,                # latest checkpoints kept (for resuming)
         "keep_best": 1,           # best checkpoints kept by select_metric (the best one is exported)

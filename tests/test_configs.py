@@ -1,0 +1,406 @@
+"""Configs a user can trust: every shipped config (and variant) loads and adds no undeclared
+key; every config key the code reads is declared in configs/base.py (and every declared key
+is read); typed variants; one-line override-key errors with close matches; the rerun check
+on a real config.json; the objective refuses data it would silently misuse."""
+
+import ast
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import base  # noqa: E402
+from embedjax.data import pipeline  # noqa: E402
+from embedjax.train import run_config, sources  # noqa: E402
+from embedjax.train.objective import Objective, check_objective_data  # noqa: E402
+
+# Every shipped config with every variant it takes.
+VARIANTS = [
+    "stsb_angle", "stsb_angle:smoke", "stsb_angle:smoke=4",
+    "stsb_cosent", "stsb_cosent:smoke",
+    "sick_simcse_sup", "sick_simcse_sup:smoke",
+    "unsup_simcse", "unsup_simcse:smoke", "unsup_simcse:file=/tmp/corpus.txt,smoke",
+    "stsb_matryoshka", "stsb_matryoshka:smoke",
+    "stsb_2d", "stsb_2d:smoke", "stsb_2d:mode=adaptive", "stsb_2d:mode=2dmse", "stsb_2d:mode=espresso,smoke",
+]
+
+
+def load(name: str):
+    module, _, arg = name.partition(":")
+    return importlib.import_module(f"configs.{module}").get_config(arg or None)
+
+
+def declared_paths() -> dict:
+    return run_config._paths(base.base_config().to_dict())
+
+
+def undeclared(paths) -> list[str]:
+    """Paths not declared in base_config (anything below a free-form dict is allowed)."""
+    declared = declared_paths()
+    return sorted(p for p in paths if p not in declared
+                  and not any(p.startswith(s + ".") for s in run_config.OPEN_SECTIONS))
+
+
+def test_every_shipped_config_is_covered():
+    shipped = {p.stem for p in (REPO / "configs").glob("*.py")} - {"__init__", "base"}
+    assert shipped == {v.partition(":")[0] for v in VARIANTS}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_config_loads_and_declares_nothing_new(name):
+    c = load(name)
+    paths = run_config._paths(c.to_dict())
+    assert undeclared(paths) == []
+    base_paths = declared_paths()
+    for path, value in paths.items():  # same types as declared (ml_collections enforces most of it)
+        want = base_paths[path] if path in base_paths else None
+        if want is not None and not isinstance(want, dict):
+            assert isinstance(value, (int, float) if isinstance(want, (int, float)) and not isinstance(want, bool)
+                              else type(want)), (path, value, want)
+    assert ("smoke" in name) == (c.num_steps in (4, 8))
+    assert "testing" not in c and "pooling" not in c.objective
+
+
+def test_variants_are_typed_and_checked():
+    assert base.parse_arg("smoke,lr=1e-5,steps=8,x=true,y=False,name=abc,path=/a/b.txt") == {
+        "smoke": True, "lr": 1e-5, "steps": 8, "x": True, "y": False, "name": "abc", "path": "/a/b.txt"}
+    assert isinstance(base.parse_arg("lr=1e-5")["lr"], float) and isinstance(base.parse_arg("steps=8")["steps"], int)
+    assert base.parse_arg(None) == base.parse_arg("") == {}
+    with pytest.raises(ValueError, match="unknown config variant 'smok'; did you mean 'smoke'"):
+        load("stsb_angle:smok")
+    with pytest.raises(ValueError, match="mode must be"):
+        load("stsb_2d:mode=2dmes")
+    with pytest.raises(ValueError, match="even number of steps"):
+        load("stsb_cosent:smoke=3")
+    assert load("stsb_angle:smoke=4").num_steps == 4 and load("stsb_angle:smoke").num_steps == 8
+    c = load("unsup_simcse:file=123")  # a file name that parses as a number stays a path
+    assert c.data.train == "123" and c.data.kind == "sentences"
+    assert load("unsup_simcse").data.kind == "stsb_sentences"
+
+
+# ---------------------------------------------------------------------------- what the code reads
+
+# Where a config (or a section of one) enters the code: (file, function) -> {parameter: prefix}.
+# From there the scan follows calls that pass a section (``sources.train_source(config.data)``
+# binds ``train_source``'s parameter to "data") and simple aliases (``d = config.data``).
+SEEDS = {("embedjax/train/loop.py", "train_and_evaluate"): {"config": ""},
+         ("scripts/train.py", "main"): {"_CONFIG.value": ""}}
+MAPPING_METHODS = {"get", "items", "keys", "values", "to_dict", "to_json", "to_json_best_effort", "lock", "unlock",
+                   "unlocked", "copy_and_resolve_references", "update", "ignore_type", "get_ref", "get_oneway_ref"}
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+class ConfigReads:
+    """Static scan of the config keys the code reads (attribute, item and ``.get`` access)."""
+
+    def __init__(self, files: dict[str, str], seeds=SEEDS, sections=None):
+        self.trees = {name: ast.parse(src) for name, src in files.items()}
+        self.sections = set(sections if sections is not None else
+                            (p for p, v in declared_paths().items() if isinstance(v, dict)))
+        self.defs: dict[str, list] = {}
+        for name, tree in self.trees.items():
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    self.defs.setdefault(node.name, []).append((name, node))
+        self.reads: dict[str, set] = {}   # dotted key -> {"file:line"}
+        self.gets: dict[str, set] = {}    # keys read with .get(key, ...)
+        self.bound: set = set()
+        todo = []
+        for (file, func), env in seeds.items():
+            todo += [(file, node, env) for f, node in self.defs.get(func, []) if f == file]
+        while todo:
+            file, node, env = todo.pop()
+            key = (file, node.name, tuple(sorted(env.items())))
+            if key in self.bound:
+                continue
+            self.bound.add(key)
+            todo += self._scan(file, node, dict(env))
+
+    def _resolve(self, expr, env):
+        if isinstance(expr, ast.Name):
+            return env.get(expr.id)
+        if isinstance(expr, ast.Attribute):
+            dotted = ast.unparse(expr)
+            if dotted in env:
+                return env[dotted]
+            prefix = self._resolve(expr.value, env)
+            if prefix is not None and expr.attr not in MAPPING_METHODS:
+                return _join(prefix, expr.attr)
+            return None
+        if isinstance(expr, ast.Subscript) and isinstance(expr.slice, ast.Constant) and isinstance(expr.slice.value, str):
+            prefix = self._resolve(expr.value, env)
+            return None if prefix is None else _join(prefix, expr.slice.value)
+        if (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr == "get"
+                and expr.args and isinstance(expr.args[0], ast.Constant) and isinstance(expr.args[0].value, str)):
+            prefix = self._resolve(expr.func.value, env)
+            return None if prefix is None else _join(prefix, expr.args[0].value)
+        return None
+
+    def _is_section(self, prefix) -> bool:
+        return prefix is not None and (prefix == "" or prefix in self.sections)
+
+    def _scan(self, file, func, env):
+        # aliases first (a pass in source order is enough for straight-line code)
+        for node in ast.walk(func):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                prefix = self._resolve(node.value, env)
+                if self._is_section(prefix):
+                    env[node.targets[0].id] = prefix
+        calls = []
+        for node in ast.walk(func):
+            prefix = self._resolve(node, env) if isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)) else None
+            if prefix:
+                self.reads.setdefault(prefix, set()).add(f"{file}:{node.lineno}")
+                if isinstance(node, ast.Call):
+                    self.gets.setdefault(prefix, set()).add(f"{file}:{node.lineno}")
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+                for target_file, target in self.defs.get(name, []):
+                    params = [a.arg for a in target.args.posonlyargs + target.args.args]
+                    if params[:1] in (["self"], ["cls"]):
+                        params = params[1:]
+                    bind = {}
+                    for param, arg in [*zip(params, node.args),
+                                       *((k.arg, k.value) for k in node.keywords if k.arg in params)]:
+                        p = self._resolve(arg, env)
+                        if self._is_section(p):
+                            bind[param] = p
+                    if bind:
+                        calls.append((target_file, target, bind))
+        return calls
+
+
+def code_files() -> dict[str, str]:
+    files = sorted((REPO / "embedjax").rglob("*.py")) + sorted((REPO / "scripts").glob("*.py"))
+    return {str(p.relative_to(REPO)): p.read_text() for p in files}
+
+
+@pytest.fixture(scope="module")
+def scan() -> ConfigReads:
+    return ConfigReads(code_files())
+
+
+def test_scan_finds_reads_through_calls_and_aliases(scan):
+    """The scan itself: keys read in the loop, in functions it passes sections to, by every access form."""
+    expected = {"model", "batch_size", "optim.learning_rate", "optim.accumulate", "objective.loss",
+                "objective.gradcache_chunk", "data.kind", "data.tfds_name", "data.columns", "data.score_range",
+                "mesh.data", "mesh.fsdp", "checkpoint.keep", "select_metric", "data.pack_length", "eval_layers"}
+    assert expected <= set(scan.reads), sorted(expected - set(scan.reads))
+    fake = {"m.py": "def run(config):\n    d = config.data\n    helper(d)\n    x = config['optim']['lr']\n"
+                    "def helper(section):\n    return section.get('nope', 0)\n"}
+    reads = ConfigReads(fake, seeds={("m.py", "run"): {"config": ""}}, sections={"data", "optim"})
+    assert set(reads.reads) == {"data", "optim", "optim.lr", "data.nope"} and set(reads.gets) == {"data.nope"}
+
+
+def test_every_key_the_code_reads_is_declared(scan):
+    bad = {k: sorted(scan.reads[k]) for k in undeclared(scan.reads)}
+    assert not bad, f"config keys read but not declared in configs/base.py: {bad}"
+
+
+def test_every_declared_key_is_read(scan):
+    declared = [p for p, v in declared_paths().items() if not isinstance(v, dict) or p in run_config.OPEN_SECTIONS]
+    unread = [p for p in declared if p not in scan.reads]
+    assert not unread, f"declared in configs/base.py but read nowhere: {unread}"
+
+
+def test_objective_optim_sources_read_no_key_with_a_default(scan):
+    mine = ("embedjax/train/objective.py", "embedjax/train/optim.py", "embedjax/train/sources.py")
+    gets = {k: sorted(w for w in where if w.startswith(mine)) for k, where in scan.gets.items()}
+    assert not {k: w for k, w in gets.items() if w}, "use item access so a missing key raises"
+
+
+def test_base_declares_with_one_line_comments():
+    """Every declared key's line in configs/base.py carries a comment (or the line above does)."""
+    lines = (REPO / "configs" / "base.py").read_text().splitlines()
+    body = lines[next(i for i, l in enumerate(lines) if l.startswith("def base_config")):]
+    for path in declared_paths():
+        leaf = path.rsplit(".", 1)[-1]
+        hits = [i for i, l in enumerate(body) if f'c.{leaf} =' in l or f'"{leaf}":' in l]
+        assert hits, path
+        assert any("#" in body[i] or "#" in body[i - 1] for i in hits), f"{path}: no comment in configs/base.py"
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def test_override_key_typos_name_close_matches():
+    c = load("stsb_angle")
+    run_config.check_override_keys(c, ["optim.learning_rate", "data.buckets", "optim", "objective.loss_kwargs",
+                                       "objective.loss_kwargs.label_range", "hidden_dropout", "data.tfds_name"])
+    with pytest.raises(ValueError) as err:
+        run_config.check_override_keys(c, ["batch_size", "optim.learning_rat"])
+    assert str(err.value) == "--config.optim.learning_rat: no such key; did you mean optim.learning_rate?"
+    for typo, match in [("learning_rate", "optim.learning_rate"), ("data.colums", "data.columns"),
+                        ("batchsize", "batch_size"), ("objective.pooling", "pooling")]:
+        with pytest.raises(ValueError, match=rf"^--config\.{typo}: no such key; did you mean .*{match}"):
+            run_config.check_override_keys(c, [typo])
+    with pytest.raises(ValueError, match=r"^--config\.zzzz: no such key; see configs/base.py"):
+        run_config.check_override_keys(c, ["zzzz"])
+    with pytest.raises(ValueError, match=r"objective.loss_kwargs has no key 'label_rang'.*label_range.*whole dict"):
+        run_config.check_override_keys(c, ["objective.loss_kwargs.label_rang"])
+    for keys in (["optim.learning_rat"], ["objective.loss_kwargs.label_rang"], ["zzzz"]):
+        with pytest.raises(ValueError) as err:
+            run_config.check_override_keys(c, keys)
+        assert "\n" not in str(err.value)
+
+
+def test_override_keys_from_argv():
+    argv = ["train.py", "--config", "configs/stsb_angle.py:smoke", "--config.optim.learning_rate=1e-5",
+            "--config.batch_size", "64", "-config.seed=1", "--noconfig.objective.dropout", "--workdir=/tmp/w",
+            "--", "--config.not_a_flag=1"]
+    assert run_config.override_keys_from_argv(argv) == ["optim.learning_rate", "batch_size", "seed",
+                                                        "objective.dropout"]
+
+
+# ---------------------------------------------------------------------------- rerun
+
+
+@pytest.fixture()
+def saved_workdir(tmp_path):
+    c = load("stsb_angle:smoke")
+    (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")  # as the loop writes it
+    return tmp_path
+
+
+def test_config_changes_on_real_json(saved_workdir):
+    saved = json.loads((saved_workdir / "config.json").read_text())
+    c = load("stsb_angle:smoke")
+    assert run_config.config_changes(saved, c.to_dict()) == []  # tuples vs lists, (0.0, 5.0) vs [0.0, 5.0]
+    assert run_config.config_changes(saved, c) == []  # a ConfigDict too
+    # what does not change the run
+    c.log_every, c.eval_every, c.eval_batch_size, c.sharding_rules = 1, 2, 7, "fsdp"
+    c.mesh.data, c.mesh.fsdp, c.checkpoint.keep, c.checkpoint.every, c.checkpoint.keep_best = 2, 4, 9, 1, 3
+    assert run_config.config_changes(saved, c.to_dict()) == []
+    # what does
+    c.optim.learning_rate, c.batch_size, c.data.buckets = 2e-5, 64, (16, 32)
+    c.objective.loss_kwargs.label_range = (0.0, 1.0)
+    c.num_steps, c.pooling = 16, "cls"
+    assert run_config.config_changes(saved, c.to_dict()) == [
+        "batch_size: 16 -> 64",
+        "data.buckets: [16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 256] -> [16, 32]",
+        "num_steps: 8 -> 16",
+        "objective.loss_kwargs.label_range: [0.0, 5.0] -> [0.0, 1.0]",
+        "optim.learning_rate: 1e-05 -> 2e-05",
+        "pooling: '' -> 'cls'",
+    ]
+
+
+def test_config_changes_equivalences_and_absent_keys():
+    saved = {"num_steps": 8.0, "num_epochs": 3, "optim": {"learning_rate": 1e-5, "accumulate": 1},
+             "objective": {"loss_kwargs": {"scale": 20}}, "log_every": 5, "testing": {"kill_at_step": 3}}
+    new = {"num_steps": 8, "num_epochs": 1.0, "optim": {"learning_rate": 1e-5, "accumulate": True},
+           "objective": {"loss_kwargs": {}}, "log_every": 1}
+    # num_epochs is not read when num_steps > 0; bool is not int; a removed kwarg is a change
+    assert run_config.config_changes(saved, new) == ["objective.loss_kwargs: (absent) -> {}",
+                                                     "objective.loss_kwargs.scale: 20 -> (absent)",
+                                                     "optim.accumulate: 1 -> True"]
+    assert run_config.config_changes({**saved, "num_steps": 0}, {**new, "num_steps": 0})[0] == "num_epochs: 3 -> 1.0"
+
+
+def test_check_rerun(saved_workdir, tmp_path_factory):
+    c = load("stsb_angle:smoke")
+    assert run_config.check_rerun(saved_workdir, c, allow_change=False) == []
+    assert run_config.check_rerun(tmp_path_factory.mktemp("fresh"), c, allow_change=False) == []  # no config.json
+    c.optim.learning_rate, c.log_every = 2e-5, 1
+    with pytest.raises(ValueError) as err:
+        run_config.check_rerun(saved_workdir, c, allow_change=False)
+    msg = str(err.value)
+    assert "optim.learning_rate: 1e-05 -> 2e-05" in msg and "--allow_config_change" in msg
+    assert "log_every" not in msg and str(saved_workdir / "config.json") in msg
+    assert run_config.check_rerun(saved_workdir, c, allow_change=True) == ["optim.learning_rate: 1e-05 -> 2e-05"]
+    (saved_workdir / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run_config.check_rerun(saved_workdir, c, allow_change=False)
+
+
+# ---------------------------------------------------------------------------- objective vs data
+
+
+def objective(loss, **kw):
+    cfg = base.base_config().objective
+    cfg.loss = loss
+    cfg.loss_kwargs = kw
+    return Objective.from_config(cfg, "mean")
+
+
+def test_objective_from_config_is_strict():
+    cfg = base.base_config().objective
+    assert Objective.from_config(cfg, "cls").pooling == "cls"  # the caller's (resolved) pooling, only
+    with pytest.raises(ValueError, match="resolved pooling"):
+        Objective.from_config(cfg, "")
+    with pytest.raises(KeyError):
+        Objective.from_config({k: v for k, v in cfg.items() if k != "dropout"}, "mean")
+    with pytest.raises(ValueError, match=r"unknown objective keys \['pooling'\]"):
+        Objective.from_config({**cfg.to_dict(), "pooling": "cls"}, "mean")
+    with pytest.raises(ValueError, match="unknown objective.loss 'cosine'"):
+        objective("cosine")
+
+
+SCORED = ("text_a", "text_b", "score")
+
+
+@pytest.mark.parametrize("loss", ["infonce", "simcse_unsup"])
+def test_refuses_contrastive_loss_on_scored_pairs(loss):
+    with pytest.raises(ValueError, match=r"ignores scores.*objective.loss=cosent, angle or cosine_mse.*data.kind=pairs"):
+        check_objective_data(objective(loss), SCORED, [0.0, 5.0])
+
+
+@pytest.mark.parametrize("loss", ["angle", "cosent", "cosine_mse"])
+def test_refuses_scored_loss_without_scores(loss):
+    with pytest.raises(ValueError, match=r"needs a gold score.*data.kind=stsb"):
+        check_objective_data(objective(loss), ("text_a", "text_b"), None)
+
+
+@pytest.mark.parametrize("loss", ["angle", "cosine_mse"])
+def test_refuses_a_label_range_that_does_not_cover_the_scores(loss):
+    with pytest.raises(ValueError) as err:
+        check_objective_data(objective(loss), SCORED, [0.0, 2.5, 5.0])  # default label_range (0, 1)
+    msg = str(err.value)
+    assert "[0, 5]" in msg and "objective.loss_kwargs.label_range=(lo, hi)" in msg and "(0, 5)" in msg
+    check_objective_data(objective(loss, label_range=(0.0, 5.0)), SCORED, [0.0, 2.5, 5.0])
+    with pytest.raises(ValueError, match=r"\[-1, 4\]"):
+        check_objective_data(objective(loss, label_range=(0, 5)), SCORED, [-1.0, 4.0])
+    with pytest.raises(ValueError, match="hi > lo"):
+        check_objective_data(objective(loss, label_range=(5, 0)), SCORED, [1.0])
+
+
+def test_label_range_only_checked_where_the_loss_reads_it():
+    check_objective_data(objective("cosent"), SCORED, [0.0, 5.0])  # order only
+    check_objective_data(objective("angle", ibn_w=0.0), SCORED, [0.0, 5.0])  # no in-batch term
+    check_objective_data(objective("angle", ibn_rule="angle_emb"), SCORED, [0.0, 5.0])  # raw labels
+
+
+@pytest.mark.parametrize("loss", ["angle", "cosent", "cosine_mse", "simcse_unsup"])
+def test_refuses_hard_negatives_a_loss_ignores(loss):
+    fields = ("text_a", "text_b", "text_n") + (("score",) if loss != "simcse_unsup" else ())
+    with pytest.raises(ValueError, match=r"hard negatives \(text_n\).*ignores them.*objective.loss=infonce"):
+        check_objective_data(objective(loss, label_range=(0, 5)), fields, [1.0])
+    check_objective_data(objective("infonce"), ("text_a", "text_b", "text_n"), None)
+
+
+def test_refuses_infonce_on_sentences_and_simcse_unsup_on_pairs():
+    with pytest.raises(ValueError, match="objective.loss=simcse_unsup"):
+        check_objective_data(objective("infonce"), ("text_a",), None)
+    with pytest.raises(ValueError, match="objective.loss=infonce"):
+        check_objective_data(objective("simcse_unsup"), ("text_a", "text_b"), None)
+    check_objective_data(objective("simcse_unsup"), ("text_a",), None)
+
+
+@pytest.mark.parametrize("name", [v for v in VARIANTS if "file=" not in v])
+def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir):
+    c = load(name)
+    source = sources.train_source(c.data)
+    fields, scores = pipeline.fields_of(source), sources.scores_of(source)
+    assert (scores is None) == ("score" not in fields)
+    if scores is not None:
+        assert len(scores) == len(source) and np.isfinite(scores).all()
+    check_objective_data(Objective.from_config(c.objective, "mean"), fields, scores)

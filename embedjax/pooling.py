@@ -17,9 +17,14 @@ def _mask(mask, hidden):
 
 
 def cls(hidden, mask):
-    """The first token's state."""
-    del mask
-    return hidden[:, 0]
+    """The state of the first token the mask keeps (position 0 under right padding).
+
+    As sentence-transformers (``argmax`` of the mask): with left padding, or with an
+    instruction excluded from pooling (``include_prompt=False``), it is the first
+    token that is pooled, not position 0. A row whose mask is all 0 reads position 0.
+    """
+    idx = jnp.argmax(mask > 0, axis=1)
+    return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
 
 
 def mean(hidden, mask):

@@ -5,7 +5,8 @@ Reads a local directory (``config.json`` + ``model.safetensors``, or sharded
 with ``huggingface_hub`` when online, or found in its cache when offline), and
 the sentence-transformers files that say how the checkpoint was meant to be used
 (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``,
-``config_sentence_transformers.json``).
+``config_sentence_transformers.json``), and embedjax's own record of an export
+(``embedjax_config.json``: pooling, normalize, include_prompt).
 """
 
 from __future__ import annotations
@@ -241,16 +242,71 @@ class SentenceTransformersInfo:
 
 
 _SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+# sentence-transformers Pooling mode names (``pooling_mode``) and their legacy flags, in its concatenation order.
+_ST_LEGACY_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+EMBEDJAX_CONFIG = "embedjax_config.json"
+
+
+def _st_pooling_modes(cfg: dict) -> tuple:
+    """The sentence-transformers mode names a Pooling config concatenates, in output order."""
+    mode = cfg.get("pooling_mode")
+    if isinstance(mode, str):
+        return (mode,)
+    if isinstance(mode, (list, tuple)):
+        return tuple(mode)
+    return tuple(name for flag, name in _ST_LEGACY_FLAGS.items() if cfg.get(flag))
+
+
+def cls_avg_dense_weight(hidden_size: int) -> np.ndarray:
+    """The (H, 2H) Dense weight that turns Pooling(cls, mean)'s ``[cls, mean]`` into ``(cls + mean) / 2``."""
+    half = np.eye(hidden_size, dtype=np.float32) / 2
+    return np.concatenate([half, half], axis=1)
+
+
+def _is_cls_avg_dense(directory: Path, module: dict, hidden_size: int | None) -> bool:
+    """Whether a Dense module is exactly the cls/mean averaging ``export`` writes for ``cls_avg``."""
+    path = directory / module.get("path", "")
+    cfg = read_json(path / "config.json") or {}
+    if not (cfg.get("activation_function", "").endswith("Identity") and cfg.get("bias") is False
+            and not cfg.get("use_residual", False) and cfg.get("in_features") == 2 * cfg.get("out_features", -1)):
+        return False
+    if hidden_size is not None and cfg["out_features"] != hidden_size:
+        return False
+    if not (path / "model.safetensors").is_file():
+        return False
+    from safetensors.numpy import load_file
+
+    weight = load_file(str(path / "model.safetensors")).get("linear.weight")
+    want = cls_avg_dense_weight(cfg["out_features"])
+    return weight is not None and weight.shape == want.shape and np.array_equal(weight, want)
 
 
 def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
-    """Reads modules.json, the pooling config, sentence_bert_config.json and prompts."""
+    """Reads modules.json, the pooling config, sentence_bert_config.json and prompts.
+
+    Transformer, Pooling (one mode) and Normalize modules are read; so is the one
+    Dense module ``export.save_pretrained`` writes for ``cls_avg``: Pooling(cls, mean)
+    followed by a bias-free identity-activation Dense whose weight is ``[I/2, I/2]``
+    (checked value by value). Any other module is refused with ``CheckpointError``.
+    """
     from embedjax import pooling as pooling_lib
 
     modules = read_json(directory / "modules.json") or []
     pooling, normalize, include_prompt = None, False, True
-    for module in modules:
+    pool_modes, hidden = (), None
+    for i, module in enumerate(modules):
         kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind == "Dense" and pool_modes == ("cls", "mean") and pooling is None and \
+                _is_cls_avg_dense(directory, module, hidden):
+            pooling = "cls_avg"
+            continue
         if kind not in _SUPPORTED_MODULES:
             raise CheckpointError(
                 f"{directory / 'modules.json'}: module {module.get('type')!r} is not supported "
@@ -258,10 +314,17 @@ def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
             )
         if kind == "Pooling":
             cfg = read_json(directory / module.get("path", "") / "config.json") or {}
-            pooling = pooling_lib.from_sentence_transformers(cfg)
             include_prompt = bool(cfg.get("include_prompt", True))
+            hidden = cfg.get("embedding_dimension", cfg.get("word_embedding_dimension"))
+            pool_modes = _st_pooling_modes(cfg)
+            next_kind = modules[i + 1].get("type", "").rsplit(".", 1)[-1] if i + 1 < len(modules) else None
+            if pool_modes == ("cls", "mean") and next_kind == "Dense":
+                continue  # cls_avg when the Dense is the averaging one (checked there), else refused there
+            pooling = pooling_lib.from_sentence_transformers(cfg)
         elif kind == "Normalize":
             normalize = True
+    if pool_modes == ("cls", "mean") and pooling is None:
+        pooling_lib.from_sentence_transformers({"pooling_mode": list(pool_modes)})  # raises: concatenated modes
     sbert = read_json(directory / "sentence_bert_config.json") or {}
     st_cfg = read_json(directory / "config_sentence_transformers.json") or {}
     return SentenceTransformersInfo(
@@ -273,6 +336,25 @@ def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name"),
     )
+
+
+def read_embedjax_config(directory: Path) -> dict:
+    """``embedjax_config.json``, the record ``export.save_pretrained`` writes: ``{"pooling": ...,
+    "normalize": ..., "include_prompt": ...}`` (keys absent when the file is). Checked on read."""
+    from embedjax import pooling as pooling_lib
+
+    record = read_json(directory / EMBEDJAX_CONFIG)
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: expected a JSON object")
+    if "pooling" in record and record["pooling"] not in pooling_lib.MODES:
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: pooling {record['pooling']!r} is not one of "
+                              f"{pooling_lib.MODES}")
+    for key in ("normalize", "include_prompt"):
+        if key in record and not isinstance(record[key], bool):
+            raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: {key} must be true or false, got {record[key]!r}")
+    return record
 
 
 # --------------------------------------------------------------------------- entry point

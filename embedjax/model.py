@@ -23,6 +23,9 @@ class Encoder:
 
     ``params`` is a plain pytree and ``cfg`` a static config: pass them to
     ``embedjax.embed`` (or ``encoders.bert.apply``) to use the pure functions directly.
+    ``normalize`` is the checkpoint's own setting (a sentence-transformers ``Normalize``
+    module, or an embedjax export's record): ``encode`` L2-normalises by default exactly
+    when it is True, as ``SentenceTransformer.encode`` does.
     """
 
     params: Any
@@ -35,6 +38,7 @@ class Encoder:
     include_prompt: bool = True
     lowercase: bool = False
     path: Path | None = None
+    normalize: bool = False
 
     @property
     def dim(self) -> int:
@@ -46,7 +50,7 @@ class Encoder:
         texts: str | Sequence[str],
         *,
         batch_size: int = 64,
-        normalize: bool = True,
+        normalize: bool | None = None,
         dim: int | None = None,
         num_layers: int | None = None,
         prompt: str | None = None,
@@ -61,7 +65,9 @@ class Encoder:
         Args:
           texts: a string or a sequence of strings (empty strings are fine).
           batch_size: texts per forward pass.
-          normalize: L2-normalise (after ``dim`` truncation).
+          normalize: L2-normalise (after ``dim`` truncation); None (default): the
+            checkpoint's setting, ``self.normalize`` (True for a checkpoint with a
+            sentence-transformers ``Normalize`` module, e.g. all-MiniLM-L6-v2).
           dim: keep the first ``dim`` components (Matryoshka truncation).
           num_layers: use only the first k transformer layers (2D Matryoshka).
           prompt: an instruction prefixed to every text, e.g. ``"query: "``.
@@ -79,6 +85,7 @@ class Encoder:
         if num_layers is not None and not 1 <= num_layers <= self.cfg.num_layers:
             raise ValueError(f"num_layers must be in 1..{self.cfg.num_layers}, got {num_layers}")
         width = dim or self.dim
+        normalize = self.normalize if normalize is None else bool(normalize)
         if not texts:
             return np.zeros((0, width), np.float32)
 
@@ -161,17 +168,23 @@ def load_pretrained(
     Args:
       name_or_path: a local checkpoint directory or a hub id (e.g.
         ``"sentence-transformers/all-MiniLM-L6-v2"``, downloaded when online).
-      pooling: one of ``pooling.MODES``; default: the checkpoint's
+      pooling: one of ``pooling.MODES``; default: the pooling recorded by an
+        embedjax export (``embedjax_config.json``), else the checkpoint's
         sentence-transformers pooling, else ``"mean"``.
       max_length: truncation length in tokens; default: the checkpoint's
         ``max_seq_length``, else the model's position limit.
       dtype: compute dtype (``"float32"`` or ``"bfloat16"``); params stay float32.
       buckets: candidate padded lengths (capped at ``max_length``).
+
+    ``Encoder.normalize`` (what ``encode`` does by default) and ``include_prompt``
+    come from the same places: the embedjax record, else the sentence-transformers
+    modules (``normalize`` is True when there is a ``Normalize`` module), else False / True.
     """
     overrides = {"dtype": jnp.dtype(dtype).name} if dtype else {}
     params, cfg, directory = hf.load_checkpoint(name_or_path, **overrides)
     st = hf.read_sentence_transformers(directory)
-    pooling = pooling or st.pooling or "mean"
+    record = hf.read_embedjax_config(directory)
+    pooling = pooling or record.get("pooling") or st.pooling or "mean"
     if pooling not in pooling_lib.MODES:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {pooling_lib.MODES}")
     max_length = int(max_length or st.max_seq_length or cfg.max_length)
@@ -186,7 +199,8 @@ def load_pretrained(
         max_length=max_length,
         prompts=st.prompts,
         default_prompt_name=st.default_prompt_name,
-        include_prompt=st.include_prompt,
+        include_prompt=record.get("include_prompt", st.include_prompt),
         lowercase=st.do_lower_case,
         path=directory,
+        normalize=record.get("normalize", st.normalize),
     )

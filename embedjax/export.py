@@ -1,9 +1,11 @@
 """Export an encoder as a Hugging Face / sentence-transformers directory.
 
 The directory holds ``config.json`` + ``model.safetensors`` (loadable by transformers'
-``AutoModel``), the tokenizer files, and the sentence-transformers modules (Transformer,
-Pooling, Normalize), so ``SentenceTransformer(dir)`` and ``embedjax.load_pretrained(dir)``
-both give the same embeddings.
+``AutoModel``), the tokenizer files, embedjax's record of how the encoder embeds
+(``embedjax_config.json``: pooling, normalize, include_prompt) and the
+sentence-transformers modules (Transformer, Pooling, [Dense], Normalize), so
+``SentenceTransformer(dir)`` and ``embedjax.load_pretrained(dir)`` both give the
+encoder's embeddings, with no pooling argument needed on either side.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "added_tokens.json")
-# embedjax pooling -> sentence-transformers Pooling flag.
-_ST_POOLING = {
-    "cls": "pooling_mode_cls_token",
-    "mean": "pooling_mode_mean_tokens",
-    "max": "pooling_mode_max_tokens",
-    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
-    "weighted_mean": "pooling_mode_weightedmean_tokens",
-    "last_token": "pooling_mode_lasttoken",
+# embedjax pooling -> sentence-transformers Pooling mode names (concatenated in this order).
+# cls_avg is Pooling(cls, mean) followed by a Dense module averaging the two halves.
+ST_POOLING = {
+    "cls": ("cls",),
+    "mean": ("mean",),
+    "max": ("max",),
+    "mean_sqrt_len": ("mean_sqrt_len_tokens",),
+    "weighted_mean": ("weightedmean",),
+    "last_token": ("lasttoken",),
+    "cls_avg": ("cls", "mean"),
 }
+_LEGACY_FLAG = {name: flag for flag, name in hf._ST_LEGACY_FLAGS.items()}
+_ST_MODULES = "sentence_transformers.models."
 
 
 def _write_json(path: Path, obj) -> None:
@@ -37,14 +43,64 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: bool = True) -> Path:
+def sentence_transformers_problem(pooling: str, include_prompt: bool = True) -> str | None:
+    """Why ``SentenceTransformer`` cannot reproduce this pooling, or None when it can.
+
+    Every mode of ``pooling.MODES`` is expressible (``cls_avg`` as Pooling(cls, mean) +
+    an averaging Dense) except ``weighted_mean`` with ``include_prompt=False``:
+    sentence-transformers keeps a text token's position weight counted from the start
+    of the prompt, embedjax's pooling sees only the pooled tokens and counts from 1.
+    """
+    if pooling not in ST_POOLING:
+        return f"pooling {pooling!r} has no sentence-transformers equivalent"
+    if pooling == "weighted_mean" and not include_prompt:
+        return ("weighted_mean with include_prompt=False: sentence-transformers weights text tokens by their "
+                "position counted from the start of the prompt, embedjax from the first pooled token")
+    return None
+
+
+def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: bool | None = None,
+                    sentence_transformers: bool = True) -> Path:
     """Writes ``encoder`` (with ``params`` if given, e.g. trained ones) to ``directory``.
 
-    The tokenizer files are copied from the checkpoint the encoder was loaded from.
-    Returns the directory. Files are written next to whatever else is there (a
-    training workdir keeps its checkpoints and metrics beside the export).
+    ``embedjax.load_pretrained(directory)`` (no arguments) then gives the encoder's
+    embeddings: the pooling, ``normalize`` and ``include_prompt`` are recorded in
+    ``embedjax_config.json``, which it reads before any sentence-transformers file.
+
+    Args:
+      encoder: an ``Encoder`` (its pooling, prompts, max_length and tokenizer files are exported).
+      directory: created if needed; files are written next to whatever else is there
+        (a training workdir keeps its checkpoints and metrics beside the export).
+      params: parameters to write instead of ``encoder.params``.
+      normalize: whether embeddings are L2-normalised by default (a sentence-transformers
+        ``Normalize`` module, and ``Encoder.normalize`` on reload); None: ``encoder.normalize``.
+      sentence_transformers: write the sentence-transformers modules (``modules.json``,
+        ``1_Pooling``, ``2_Dense`` for ``cls_avg``, ``Normalize``) so that
+        ``SentenceTransformer(directory)`` reproduces the embeddings. When the encoder's
+        pooling cannot be expressed there (see ``sentence_transformers_problem``), this
+        raises ``ValueError`` instead of writing a model that PyTorch users would load
+        with different embeddings. ``False`` writes only the Hugging Face and embedjax
+        files, removes a ``modules.json`` left by an earlier export (it would describe
+        another model) and logs a warning: ``SentenceTransformer(directory)`` then has no
+        modules to read and falls back to its own default (mean pooling, with its own
+        warning), so such a directory is for embedjax (and ``AutoModel``) only.
+
+    Why raise rather than write something approximate: an export is usually the last
+    step of a training run, read later by someone who did not see the run; a directory
+    that loads fine in sentence-transformers but embeds differently is the one failure
+    nobody notices. Every mode except one corner (``weighted_mean`` with
+    ``include_prompt=False``) is exact in sentence-transformers, so the raise only asks
+    for a decision where there is really nothing faithful to write.
+
+    Returns the directory.
     """
     directory = Path(directory)
+    normalize = bool(encoder.normalize if normalize is None else normalize)
+    problem = sentence_transformers_problem(encoder.pooling, encoder.include_prompt)
+    if sentence_transformers and problem:
+        raise ValueError(f"cannot export for sentence-transformers: {problem}. SentenceTransformer would load "
+                         "different embeddings; pass sentence_transformers=False to write only the Hugging Face "
+                         "and embedjax files (embedjax.load_pretrained reproduces them), or choose another pooling")
     directory.mkdir(parents=True, exist_ok=True)
     params = encoder.params if params is None else params
     cfg = encoder.cfg
@@ -58,22 +114,50 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
             if src.is_file():
                 shutil.copyfile(src, directory / name)
 
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-    if encoder.pooling in _ST_POOLING:
-        pool = {"word_embedding_dimension": cfg.hidden_size, **{flag: False for flag in _ST_POOLING.values()},
-                _ST_POOLING[encoder.pooling]: True, "include_prompt": encoder.include_prompt}
-        _write_json(directory / "1_Pooling" / "config.json", pool)
-        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
-    else:
-        log.warning("pooling %r has no sentence-transformers equivalent: exported without a Pooling module "
-                    "(embedjax.load_pretrained(dir, pooling=%r) reproduces it)", encoder.pooling, encoder.pooling)
-    if normalize:
-        modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
-                        "type": "sentence_transformers.models.Normalize"})
-    _write_json(directory / "modules.json", modules)
+    version = __import__("embedjax").__version__
+    _write_json(directory / hf.EMBEDJAX_CONFIG,
+                {"pooling": encoder.pooling, "normalize": normalize, "include_prompt": encoder.include_prompt,
+                 "sentence_transformers": bool(sentence_transformers), "embedjax_version": version})
     _write_json(directory / "sentence_bert_config.json",
                 {"max_seq_length": encoder.max_length, "do_lower_case": encoder.lowercase})
     _write_json(directory / "config_sentence_transformers.json",
                 {"prompts": encoder.prompts, "default_prompt_name": encoder.default_prompt_name,
-                 "similarity_fn_name": "cosine", "__version__": {"embedjax": __import__("embedjax").__version__}})
+                 "similarity_fn_name": "cosine", "__version__": {"embedjax": version}})
+    if sentence_transformers:
+        _write_sentence_transformers_modules(directory, encoder, normalize)
+    else:
+        stale = directory / "modules.json"
+        if stale.is_file():
+            stale.unlink()
+        log.warning("exported %s without sentence-transformers modules (pooling %r%s): SentenceTransformer(%r) "
+                    "cannot load it as-is and would fall back to mean pooling; embedjax.load_pretrained "
+                    "reproduces it", directory, encoder.pooling, f"; {problem}" if problem else "",
+                    str(directory))
     return directory
+
+
+def _write_sentence_transformers_modules(directory: Path, encoder, normalize: bool) -> None:
+    hidden = encoder.cfg.hidden_size
+    st_modes = ST_POOLING[encoder.pooling]
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_MODULES + "Transformer"}]
+
+    def add(kind: str) -> Path:
+        i = len(modules)
+        modules.append({"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": _ST_MODULES + kind})
+        return directory / f"{i}_{kind}"
+
+    # Legacy flags (read by every sentence-transformers version, converted by >= 6) plus the dimension
+    # under both its old and new names.
+    pool = {"word_embedding_dimension": hidden, **{flag: False for flag in _LEGACY_FLAG.values()},
+            **{_LEGACY_FLAG[m]: True for m in st_modes}, "include_prompt": encoder.include_prompt}
+    _write_json(add("Pooling") / "config.json", pool)
+    if encoder.pooling == "cls_avg":
+        # [cls, mean] (2H) -> (cls + mean) / 2 (H): halves are exact in float, so the result is too.
+        dense = add("Dense")
+        _write_json(dense / "config.json", {"in_features": 2 * hidden, "out_features": hidden, "bias": False,
+                                            "activation_function": "torch.nn.modules.linear.Identity"})
+        save_file({"linear.weight": hf.cls_avg_dense_weight(hidden)}, str(dense / "model.safetensors"),
+                  metadata={"format": "pt"})
+    if normalize:
+        add("Normalize")
+    _write_json(directory / "modules.json", modules)

@@ -323,8 +323,6 @@ def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
             pooling = pooling_lib.from_sentence_transformers(cfg)
         elif kind == "Normalize":
             normalize = True
-    if pool_modes == ("cls", "mean") and pooling is None:
-        pooling_lib.from_sentence_transformers({"pooling_mode": list(pool_modes)})  # raises: concatenated modes
     sbert = read_json(directory / "sentence_bert_config.json") or {}
     st_cfg = read_json(directory / "config_sentence_transformers.json") or {}
     return SentenceTransformersInfo(

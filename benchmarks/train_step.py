@@ -5,6 +5,15 @@ batches of 32 pairs (seeded shuffle), compiled for every batch shape first, then
 by batch (median). Reports token slots per step (what the encoder computes on) next to the
 real tokens, so the effect of the layout is visible apart from the kernels.
 
+bfloat16 rows: params, optimizer state, layer norm and softmax stay float32; every matmul
+takes bf16 operands and accumulates in float32, the backward pass's included
+(``embedjax.encoders.layers.mixed_einsum``). The ``bf16 dots`` column counts the matrix
+products of the compiled step (XLA:CPU ``dot``, GPU gemm custom calls) whose operands are
+both bf16, out of all: it shows whether the backward really runs bf16 after XLA's passes
+(the loss / pooling products stay float32 on purpose). Each layout ends with the bf16 /
+float32 step-time ratio. Runs on any backend (CPU, GPU); ``--data`` or ``EMBEDJAX_DATA``
+points at the data directory holding ``stsb/sts-train.csv``.
+
     python benchmarks/train_step.py                    # padded + packed, float32 + bfloat16
     python benchmarks/train_step.py --batches 60 --layouts packed --dtypes float32
 """
@@ -14,6 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
+import re
 import statistics
 import sys
 import time
@@ -21,7 +32,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DEFAULT_TRAIN = ROOT.parent / "shared" / "data" / "stsb" / "sts-train.csv"
+DATA = Path(os.environ.get("EMBEDJAX_DATA", ROOT.parent / "shared" / "data"))
+DEFAULT_TRAIN = DATA / "stsb" / "sts-train.csv"
+
+
+def matmul_dtypes(hlo_text: str) -> tuple[int, int]:
+    """(products with two bf16 operands, all products) in compiled HLO text: ``dot`` ops
+    (XLA:CPU) and gemm custom calls (XLA:GPU's cuBLAS / cuBLASLt), operand types looked up
+    from their definitions in the same computation."""
+    types, both, total = {}, 0, 0
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = \(?(\w+)\[", line)
+        if m:
+            types[m.group(1)] = m.group(2)
+        call = re.search(r" dot\(%([^,)]+), %([^,)]+)\)", line)
+        if call is None and "custom-call(" in line and any(k in line.lower() for k in ("gemm", "cublas", "matmul")):
+            call = re.search(r"custom-call\(%([^,)]+), %([^,)]+)", line)
+        if call:
+            total += 1
+            both += all(types.get(name) == "bf16" for name in call.groups())
+    return both, total
 
 
 def main() -> None:
@@ -57,7 +87,8 @@ def main() -> None:
                            for g in groups)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {args.batches} batches of {c.batch_size} pairs, "
           f"{real:.0f} real tokens per step")
-    print(f"{'layout':8s} {'dtype':9s} {'token slots':>11s} {'shapes':>6s} {'step ms (median)':>17s} {'p25-p75':>11s}")
+    print(f"{'layout':8s} {'dtype':9s} {'token slots':>11s} {'shapes':>6s} {'step ms (median)':>17s} {'p25-p75':>11s} "
+          f"{'bf16 dots':>10s}")
     for layout in args.layouts:
         packing = pipeline.Packing(c.data.pack_length, c.data.pack_rows_multiple) if layout == "packed" else None
         batches = [pipeline.collate(g, tok, c.batch_size, ("text_a", "text_b", "score"), None, True, packing)
@@ -65,11 +96,13 @@ def main() -> None:
         batches = [{k: v for k, v in b.items() if k.startswith(MODEL_FIELDS)} for b in batches]
         slots = statistics.mean(sum(v.size for k, v in b.items() if k.endswith("_ids")) for b in batches)
         shapes = {tuple(v.shape for k, v in sorted(b.items()) if k.endswith("_ids")) for b in batches}
+        medians = {}
         for dtype in args.dtypes:
             cfg = dataclasses.replace(enc.cfg, dtype=dtype)
             step = jax.jit(functools.partial(train_step, enc_cfg=cfg, objective=objective, tx=tx), donate_argnums=0)
             fresh = jax.tree.map(lambda x: x.copy(), enc.params)  # the step donates (deletes) its input state
             state = TrainState.create(fresh, tx, c.seed)
+            both, total = matmul_dtypes(step.lower(state, batches[0]).compile().as_text())
             for b in batches:  # compile every shape
                 state, m = step(state, b)
             jax.block_until_ready(state)
@@ -80,8 +113,11 @@ def main() -> None:
                 jax.block_until_ready(m)
                 times.append(time.perf_counter() - t)
             q = statistics.quantiles(times, n=4)
-            print(f"{layout:8s} {dtype:9s} {slots:11.0f} {len(shapes):6d} {1000 * statistics.median(times):17.0f} "
-                  f"{1000 * q[0]:5.0f}-{1000 * q[2]:.0f}")
+            medians[dtype] = statistics.median(times)
+            print(f"{layout:8s} {dtype:9s} {slots:11.0f} {len(shapes):6d} {1000 * medians[dtype]:17.0f} "
+                  f"{1000 * q[0]:5.0f}-{1000 * q[2]:.0f} {f'{both}/{total}':>10s}", flush=True)
+        if "float32" in medians and "bfloat16" in medians:
+            print(f"{layout:8s} bfloat16 / float32 step time: {medians['bfloat16'] / medians['float32']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

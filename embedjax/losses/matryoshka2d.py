@@ -224,7 +224,7 @@ def adaptive_layer(
         depths = layer_depths(n_stack, embedding_layer)
         n_layers = depths[-1]
         table = jnp.asarray(layer_weights(depths[:-1], layer_weighting, n_layers), args[0].dtype)
-        if n_layers_per_step is None or n_layers_per_step < 0 or n_layers_per_step >= n_cand:
+        if n_layers_per_step is None or n_layers_per_step < 1 or n_layers_per_step >= n_cand:
             picks = list(range(n_cand))
         else:
             if key is None:

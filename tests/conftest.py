@@ -62,3 +62,39 @@ def st_minilm(minilm_path):
 
     torch.set_num_threads(2)
     return SentenceTransformer(str(minilm_path), device="cpu")
+
+
+TINY_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_path) -> Path:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer and sentence-transformers files."""
+    import json
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from embedjax import hf
+    from embedjax.encoders import bert
+
+    d = tmp_path_factory.mktemp("tiny")
+    cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                          max_position_embeddings=128)
+    params = bert.init(cfg, jax.random.key(0))
+    save_file(hf.state_dict_from_params(params, cfg), str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
+    for name in TINY_TOKENIZER_FILES + ("modules.json", "sentence_bert_config.json"):
+        shutil.copyfile(minilm_path / name, d / name)
+    shutil.copytree(minilm_path / "1_Pooling", d / "1_Pooling")
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                               "pooling_mode_mean_tokens": True}))
+    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def small_dev(tmp_path_factory, stsb_dir) -> Path:
+    path = tmp_path_factory.mktemp("dev") / "dev.csv"
+    path.write_bytes(b"\n".join((stsb_dir / "sts-dev.csv").read_bytes().split(b"\n")[:200]) + b"\n")
+    return path

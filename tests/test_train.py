@@ -4,7 +4,6 @@ unsharded, NaN guard, kill during save, export loadable by sentence-transformers
 import functools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,38 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 import embedjax
-from embedjax import hf
 from embedjax.encoders import bert
 from embedjax.train import loop, optim
-from safetensors.numpy import save_file
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, minilm_path) -> Path:
-    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer and sentence-transformers files."""
-    d = tmp_path_factory.mktemp("tiny")
-    cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                          max_position_embeddings=128)
-    params = bert.init(cfg, jax.random.key(0))
-    save_file(hf.state_dict_from_params(params, cfg), str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
-    for name in TOKENIZER_FILES + ("modules.json", "sentence_bert_config.json"):
-        shutil.copyfile(minilm_path / name, d / name)
-    shutil.copytree(minilm_path / "1_Pooling", d / "1_Pooling")
-    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                               "pooling_mode_mean_tokens": True}))
-    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
-    return d
-
-
-@pytest.fixture(scope="module")
-def small_dev(tmp_path_factory, stsb_dir) -> Path:
-    path = tmp_path_factory.mktemp("dev") / "dev.csv"
-    path.write_bytes(b"\n".join((stsb_dir / "sts-dev.csv").read_bytes().split(b"\n")[:200]) + b"\n")
-    return path
 
 
 def config_with(overrides: dict):
@@ -66,13 +37,17 @@ def config_with(overrides: dict):
     return c
 
 
-def run_train(workdir: Path, config_overrides: dict, devices: int = 8, check: bool = True):
-    """scripts/train.py in a fresh process with ``devices`` fake CPU devices."""
+def run_train(workdir: Path, config_overrides: dict, devices: int = 8, check: bool = True, kill_at: int = 0,
+              extra_args=()):
+    """scripts/train.py in a fresh process with ``devices`` fake CPU devices (with ``kill_at``:
+    tests/train_with_kill.py, the same script killing itself after that step)."""
     args = [f"--config.{k}={v}" for k, v in config_overrides.items()]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--config",
-                           str(REPO / "configs" / "stsb_angle.py") + ":smoke", "--workdir", str(workdir), *args],
-                          env=env, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "EMBEDJAX_KILL_AT_STEP": str(kill_at)}
+    script = REPO / "tests" / "train_with_kill.py" if kill_at else REPO / "scripts" / "train.py"
+    proc = subprocess.run([sys.executable, str(script), "--config",
+                           str(REPO / "configs" / "stsb_angle.py") + ":smoke", "--workdir", str(workdir), *args,
+                           *extra_args], env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -109,7 +84,7 @@ def straight_run(tmp_path_factory, tiny_overrides) -> Path:
 
 def test_resume_after_sigkill_is_bitwise_exact(straight_run, tiny_overrides, tmp_path):
     workdir = tmp_path / "killed"
-    killed = run_train(workdir, {**tiny_overrides, "testing.kill_at_step": 5}, check=False)
+    killed = run_train(workdir, tiny_overrides, check=False, kill_at=5)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
         assert mngr.latest_step() in (2, 4)  # the kill landed before the end; some saves are on disk
@@ -273,10 +248,14 @@ def test_gradcache_objective_equals_the_uncached_one(layers, dims):
              "n_ids": rng.integers(1, 60, (b, k, t)), "n_mask": np.ones((b, k, t), np.int32)}
     base = dict(loss="infonce", dropout=False, matryoshka_dims=list(dims), layers=layers,
                 layer_kwargs={"n_layers_per_step": 1} if layers else {})
+    sys.path.insert(0, str(REPO))
+    from configs.base import base_config
+
+    declared = base_config().objective.to_dict()
+    objective = lambda **kw: Objective.from_config({**declared, **base, **kw}, "mean")
     key = jax.random.PRNGKey(3)
-    plain = jax.value_and_grad(batch_loss)(params, cfg, Objective.from_config(base, "mean"), batch, key)
-    cached = jax.value_and_grad(batch_loss)(params, cfg, Objective.from_config({**base, "gradcache_chunk": 2}, "mean"),
-                                            batch, key)
+    plain = jax.value_and_grad(batch_loss)(params, cfg, objective(), batch, key)
+    cached = jax.value_and_grad(batch_loss)(params, cfg, objective(gradcache_chunk=2), batch, key)
     np.testing.assert_allclose(float(cached[0]), float(plain[0]), rtol=1e-5)
     for g1, g2 in zip(jax.tree.leaves(cached[1]), jax.tree.leaves(plain[1])):
         # float32 round-off scales with the leaf's largest entry (fusion/reassociation differs)

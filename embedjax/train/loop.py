@@ -1,12 +1,15 @@
 """The training loop: ``train_and_evaluate(config, workdir)``.
 
-mesh -> encoder + data -> optimizer -> shardings (eval_shape) -> state created sharded
-or resumed -> jit(train_step, donate) -> loop: step, NaN guard, metrics, evaluation +
-best-k, checkpoint (state + data position) -> export the best params as a
-sentence-transformers directory in the workdir -> final evaluation.
+rerun check -> mesh -> encoder + data -> optimizer -> shardings (eval_shape) -> state
+created sharded or resumed -> jit(train_step, donate) -> loop: host batch -> global batch
+(shapes agreed across hosts) -> step, NaN guard, metrics, evaluation + best-k, checkpoint
+(state + every host's data position), callbacks -> export the best params once (process 0),
+barrier -> final evaluation on every host.
 
-Side effects (files, logging, progress bar, jax.distributed) live here and in
-``embedjax.checkpoint``; everything it calls is pure.
+The same code runs on one CPU and on a multi-host pod: ``jax.distributed`` is initialised
+by the caller (``scripts/train.py``, ``embedjax.distributed.initialize``) before this runs.
+Side effects (files, logging, progress bar) live here and in ``embedjax.checkpoint``;
+everything it calls is pure. Tests and benchmarks hook in through ``Callback``.
 """
 
 from __future__ import annotations
@@ -17,22 +20,21 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from embedjax import distributed, sharding, tokenize
 from embedjax import export as export_lib
-from embedjax import sharding, tokenize
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.data import pipeline
 from embedjax.eval import STSEvaluator
 from embedjax.model import load_pretrained
-from embedjax.train import optim, sources
-from embedjax.train.objective import Objective
+from embedjax.train import optim, run_config, sources
+from embedjax.train.objective import Objective, check_objective_data
 from embedjax.train.state import TrainState
 from embedjax.train.step import train_step
 
@@ -40,12 +42,15 @@ log = logging.getLogger(__name__)
 MODEL_FIELDS = ("a_", "b_", "n_", "p_", "labels")  # batch keys the step reads (not 'valid', 'index')
 
 
-def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` on multi-host TPU/GPU runs; a no-op on one host."""
-    try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError) as err:  # no coordinator configured: single host
-        log.debug("single-host run (%s)", err)
+@dataclasses.dataclass(frozen=True)
+class Callback:
+    """``fn(step, state, metrics)`` after every ``every``-th step (after its evaluation and
+    checkpoint, if due). ``metrics`` are the step's device scalars (``float()`` syncs);
+    ``state`` is donated to the next step, so read what you need before returning.
+    Tests inject faults through it, benchmarks time steps with it."""
+
+    every: int
+    fn: Callable[[int, Any, dict], None]
 
 
 def opt_state_shardings(opt_state_shapes, param_shards, mesh):
@@ -103,8 +108,8 @@ def dev_evaluator(config, enc_cfg):
     the mean cosine Spearman over every cell (a 2D Matryoshka run selects on it: the
     full-model score alone would pick a checkpoint before the shallow layers have learned).
     """
-    layers = [k for k in config.get("eval_layers", ()) or () if k != enc_cfg.num_layers]
-    dims = [d for d in config.get("eval_dims", ()) or () if d != enc_cfg.hidden_size]
+    layers = [k for k in config.eval_layers if k != enc_cfg.num_layers]
+    dims = [d for d in config.eval_dims if d != enc_cfg.hidden_size]
     for k in layers:
         if not 1 <= k < enc_cfg.num_layers:
             raise ValueError(f"eval_layers: {k} is not in 1..{enc_cfg.num_layers}")
@@ -112,8 +117,8 @@ def dev_evaluator(config, enc_cfg):
         if not 1 <= d < enc_cfg.hidden_size:
             raise ValueError(f"eval_dims: {d} is not in 1..{enc_cfg.hidden_size}")
     evaluator = STSEvaluator(sources.dev_pairs(config.data), name="dev", metrics=("cosine",),
-                             layers=(None, *layers), dims=(None, *dims), batch_size=config.get("eval_batch_size", 128))
-    select = config.get("select_metric", HEADLINE)
+                             layers=(None, *layers), dims=(None, *dims), batch_size=config.eval_batch_size)
+    select = config.select_metric
     cells = [HEADLINE + ("" if k is None else f"@L{k}") + ("" if d is None else f"@{d}")
              for k in (None, *layers) for d in (None, *dims)]  # STSEvaluator's names
     names = cells + ([GRID_MEAN] if len(cells) > 1 else [])
@@ -134,13 +139,13 @@ def packing_from_config(config, objective: Objective) -> pipeline.Packing | None
     """``data.pack_length`` > 0: pack the texts of each batch (``pipeline.Packing``); rows
     are a multiple of ``data.pack_rows_multiple`` and of the local device count. GradCache
     needs the padded layout, so it turns packing off."""
-    length = int(config.data.get("pack_length", 0) or 0)
+    length = int(config.data.pack_length)
     if not length:
         return None
     if objective.gradcache_chunk:
         log.info("objective.gradcache_chunk is set: padded batches (GradCache chunks by example, not by packed row)")
         return None
-    multiple = math.lcm(int(config.data.get("pack_rows_multiple", 1) or 1), jax.local_device_count())
+    multiple = math.lcm(int(config.data.pack_rows_multiple), jax.local_device_count())
     return pipeline.Packing(length=length, rows_multiple=multiple, views=2 if objective.loss == "simcse_unsup" else 1)
 
 
@@ -148,41 +153,56 @@ def _model_batch(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k.startswith(MODEL_FIELDS)}
 
 
-def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequence[Callback] = (),
+                       allow_config_change: bool = False) -> dict[str, Any]:
     """Fine-tunes ``config.model`` as configured; resumes from ``workdir`` when it has a checkpoint.
 
     Returns ``{"before": dev metrics of the start, "after": dev metrics of the exported
     (best) model, "best_step": ..., "steps": ...}``. The exported model is in ``workdir``.
+    A workdir whose run finished returns its summary (``"finished_before": True``) without
+    training again. A workdir whose ``config.json`` differs from ``config`` in something that
+    changes the run (loss, optimizer, batch size, model, data, ...) is refused unless
+    ``allow_config_change``. Every process of a multi-host run calls this with the same
+    arguments.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    maybe_initialize_distributed()
+    changes = run_config.check_rerun(workdir, config, allow_config_change)
+    summary_path = workdir / "summary.json"
+    if summary_path.is_file() and not changes:
+        log.info("%s: this run already finished; nothing to do (a new workdir trains again)", workdir)
+        return {**json.loads(summary_path.read_text()), "finished_before": True}
+    distributed.barrier("config checked")  # no process writes before every process has read config.json
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     # ------------------------------------------------------------------ mesh, model, data
     mesh = sharding.mesh_from_config(config.mesh)
-    encoder = load_pretrained(config.model, pooling=config.get("pooling"), max_length=config.get("max_length"))
-    enc_cfg = dataclasses.replace(encoder.cfg, dtype=config.get("dtype", "float32"),
-                                  hidden_dropout=config.get("hidden_dropout", encoder.cfg.hidden_dropout),
-                                  attention_dropout=config.get("attention_dropout", encoder.cfg.attention_dropout))
-    objective = Objective.from_config(config.objective, encoder.pooling)
+    encoder = load_pretrained(config.model, pooling=config.pooling or None, max_length=config.max_length or None)
+    enc_cfg = dataclasses.replace(encoder.cfg, dtype=config.dtype,
+                                  hidden_dropout=_or_default(config.hidden_dropout, encoder.cfg.hidden_dropout),
+                                  attention_dropout=_or_default(config.attention_dropout,
+                                                                encoder.cfg.attention_dropout))
+    objective = Objective.from_config(config.objective, encoder.pooling)  # the run's one pooling
     train_source = sources.train_source(config.data)
+    check_objective_data(objective, pipeline.fields_of(train_source), sources.scores_of(train_source))
     train_tokenizer = tokenize.Tokenizer(encoder.tokenizer.backend, encoder.max_length, encoder.cfg.pad_token_id,
-                                         buckets=tuple(config.data.get("buckets", tokenize.DEFAULT_BUCKETS)))
+                                         buckets=tuple(config.data.buckets))
     preprocess = str.lower if encoder.lowercase else None
     packing = packing_from_config(config, objective)
     data_iter = pipeline.train_pipeline(train_source, train_tokenizer, global_batch_size=config.batch_size,
                                         seed=config.seed, preprocess=preprocess, common_length=True,
                                         packing=packing)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size, jax.process_count())
-    total_steps = int(config.get("num_steps") or round(config.num_epochs * steps_per_epoch))
+    total_steps = int(config.num_steps or round(config.num_epochs * steps_per_epoch))
+    if not config.num_steps:  # epochs: whole accumulation groups only (an explicit num_steps must divide)
+        total_steps -= total_steps % int(config.optim.accumulate)
     evaluator = dev_evaluator(config, encoder.cfg)
-    best_metric = config.get("select_metric", HEADLINE)
+    evaluate = lambda params: evaluator(dataclasses.replace(encoder, params=_local(params)))
 
     # ------------------------------------------------------------------ optimizer, shardings
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    rules = sharding.FSDP_RULES if config.get("sharding_rules", "replicated") == "fsdp" else sharding.REPLICATED_RULES
+    tx, lr_at = optim.make_optimizer(config.optim, total_steps)
+    rules = sharding.FSDP_RULES if config.sharding_rules == "fsdp" else sharding.REPLICATED_RULES
     create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
     abstract = jax.eval_shape(create, encoder.params)
     param_shards = sharding.param_shardings(abstract.params, mesh, rules)
@@ -193,7 +213,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ state: resume or create
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
-                        best_metric=best_metric)
+                        best_metric=config.select_metric)
     writer = MetricsWriter(workdir)
     if ckpt.latest_step() is not None:
         state, data_state, start = ckpt.restore(abstract_like(abstract, state_shards))
@@ -203,7 +223,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
     else:
         state = jax.jit(create, out_shardings=state_shards)(encoder.params)
         start = 0
-        before = evaluator(dataclasses.replace(encoder, params=state.params))
+        before = evaluate(state.params)
         writer.write(0, before)
         ckpt.save_best(0, state.params, before)  # the start competes for "best" too
 
@@ -216,12 +236,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ loop
     log_every, eval_every, save_every = config.log_every, config.eval_every, config.checkpoint.every
-    kill_at = config.get("testing", {}).get("kill_at_step", 0)  # fault injection for the resume test
     pending: list[tuple[int, dict]] = []
     progress = _progress(total_steps, start)
     t_last, examples = time.perf_counter(), 0
     for step in range(start + 1, total_steps + 1):
-        batch = sharding.to_global(_model_batch(next(data_iter)), mesh)
+        host_batch = distributed.global_batch(_model_batch(next(data_iter)), pad_token_id=enc_cfg.pad_token_id)
+        batch = sharding.to_global(host_batch, mesh)
         state, metrics = step_fn(state, batch)
         pending.append((step, metrics))
         examples += config.batch_size
@@ -242,38 +262,52 @@ def train_and_evaluate(config, workdir: str | os.PathLike) -> dict[str, Any]:
                         f"(step {ckpt.latest_step()}) in {workdir / 'checkpoints'} is untouched and a rerun "
                         "resumes from it (lower the learning rate or check the data first).")
             now = time.perf_counter()
-            last = fetched[-1][1] | {"lr": float(schedule(step - 1)), "examples_per_s": examples / (now - t_last)}
+            last = fetched[-1][1] | {"lr": float(lr_at(step - 1)), "examples_per_s": examples / (now - t_last)}
             t_last, examples = now, 0
             writer.write(step, last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                  ex_s=f"{last['examples_per_s']:.0f}", refresh=False)
         if due["eval"]:
-            dev = evaluator(dataclasses.replace(encoder, params=state.params))
+            dev = evaluate(state.params)
             writer.write(step, dev)
             ckpt.save_best(step, state.params, dev)
             progress.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in dev.items()))
         if due["save"]:
             ckpt.save(step, state, data_iter.get_state())
-        if any(due.values()):
-            t_last = time.perf_counter()  # evaluation and saving are not training throughput
+        for callback in callbacks:
+            if step % callback.every == 0:
+                callback.fn(step, state, metrics)
+        if any(due.values()) or callbacks:
+            t_last = time.perf_counter()  # evaluation, saving and hooks are not training throughput
         progress.update(1)
-        if step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real crash
     progress.close()
     ckpt.wait()
 
     # ------------------------------------------------------------------ export the best, evaluate it
     best_params, best_metrics, best_step = ckpt.restore_best(abstract_like(abstract.params, param_shards))
+    best_params = distributed.to_host(best_params)
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:
         export_lib.save_pretrained(encoder, workdir, params=best_params, normalize=True)
-    after = evaluator(load_pretrained(workdir, pooling=encoder.pooling))
+    distributed.barrier("exported")  # every host evaluates the file process 0 wrote
+    after = evaluator(load_pretrained(workdir))
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
                "best_at_selection": best_metrics}
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _or_default(value: float, default: float) -> float:
+    """Config dropout: a negative value means the checkpoint's own rate."""
+    return default if value < 0 else value
+
+
+def _local(params):
+    """Params an evaluator on this host can use: as they are on one process; on several,
+    a full host copy (the train state spans every host's devices, evaluation runs locally)."""
+    return distributed.to_host(params) if distributed.is_multiprocess() else params
 
 
 def _progress(total: int, initial: int):

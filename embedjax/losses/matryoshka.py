@@ -52,6 +52,15 @@ def matryoshka(loss_fn, dims, weights=None, *, n_dims_per_step=None):
     Returns:
       ``loss(*args, key=None, **kwargs) -> scalar`` with the signature of ``loss_fn`` plus
       ``key`` (required iff ``n_dims_per_step`` is set).
+
+    Differences from sentence-transformers' ``MatryoshkaLoss`` (same value and gradient
+    otherwise, tests/test_losses_vs_st.py): it L2-normalises each truncated prefix before the
+    inner loss; we only slice. That changes nothing for inner losses whose similarity is
+    cosine (``cosent``, ``infonce``, ``angle_loss``: all defaults) or AnglE's angle (invariant
+    to each vector's scale); an inner loss with ``similarity="dot"``, ``"euclidean"`` or
+    ``"manhattan"`` sees the raw prefix here and a unit vector there. Dims are drawn with
+    ``jax.random`` from ``key`` (theirs: Python's ``random.sample`` over the dims sorted
+    largest first; the same draw gives the same loss); "every dim" is ``None`` (their -1).
     """
     dims = tuple(int(d) for d in dims)
     weights = (1.0,) * len(dims) if weights is None else tuple(float(w) for w in weights)

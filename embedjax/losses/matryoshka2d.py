@@ -19,7 +19,9 @@ of a pair, negatives too: torch's ``batchmean`` over the concatenated batch). Th
 
 * ``matryoshka_2d``: 2DMSE v1 (angle-emb 0.3.x), one sampled layer and one sampled dim.
 * ``adaptive_layer``: sentence-transformers' AdaptiveLayerLoss with layer weightings;
-  ``adaptive_layer(matryoshka(loss, dims), ...)`` is its Matryoshka2dLoss.
+  ``adaptive_layer(matryoshka(loss, dims), ...)`` is its Matryoshka2dLoss with
+  ``n_dims_per_step=-1`` (see ``adaptive_layer`` for the differences; tests/test_losses_vs_st.py
+  checks values and encoder gradients against sentence-transformers).
 * ``espresso``: ESE (angle-emb >= 0.4), every layer every step, with PCA-style distillation.
 """
 from __future__ import annotations
@@ -208,11 +210,33 @@ def adaptive_layer(
     S = ``n_layers_per_step`` stack entries drawn by ``sample_layers`` (uniform, without
     replacement, with the ``key`` of the returned function) from all entries below the last
     (the embedding output included when ``embedding_layer=True``, as in sentence-transformers);
-    ``None``, -1 or a number >= the candidates uses all of them. ``w`` = ``layer_weights(..., layer_weighting)``
-    ("inverse" = sentence-transformers' 1/(1+idx) when ``embedding_layer=True``).
-    ``kl_temperature`` 0.3 (sentence-transformers' default; 0 disables the KL term).
-    ``detach_teacher=True`` (default, as the later versions) stops the KL gradient into T.
-    Wrap ``loss_fn`` in ``matryoshka(...)`` to get Matryoshka2dLoss.
+    ``None``, a number < 1 (sentence-transformers' -1; its 0 too) or a number >= the candidates
+    uses all of them, and needs no key. ``w`` = ``layer_weights(..., layer_weighting)``.
+    ``kl_temperature`` 0.3 (sentence-transformers' default; 0 disables the KL term); the KL term
+    is not divided by |S|, as in sentence-transformers. ``detach_teacher=True`` (default, as
+    sentence-transformers) stops the KL gradient into T. Wrap ``loss_fn`` in ``matryoshka(...)``
+    to get Matryoshka2dLoss.
+
+    Differences from sentence-transformers (AdaptiveLayerLoss / Matryoshka2dLoss 6.x); with
+    the settings below the value and gradient are the same (tests/test_losses_vs_st.py):
+
+    * Students. Theirs are ``hidden_states[0 .. N-1]``, the embedding-layer output included
+      (their layer index 0). Ours include it only with ``embedding_layer=True`` (then stack
+      index = their layer index). The training objective passes stacks without it by default
+      (``embedding_layer=False``): that is sentence-transformers with the embedding output
+      removed from the candidate students, nothing else.
+    * Weighting names. Our "inverse" 1/(1+d) is THEIR "linear"; our "linear" is (N-d)/N (theirs
+      as the callable ``lambda i: (N - i) / N``); "uniform" and "log" are the same. Our default
+      is "inverse" (sentence-transformers < 6's only weighting); theirs is now "uniform".
+      Callable weightings are not accepted.
+    * Sampling. Layers are drawn with ``jax.random`` from ``key`` (theirs: Python's
+      ``random.sample``); the same draw gives the same loss.
+    * Matryoshka2dLoss samples ``n_dims_per_step=1`` dim by default, drawn anew for every
+      layer's loss. ``adaptive_layer`` does not pass its key to ``loss_fn``, so the inner
+      ``matryoshka`` uses every dim at every layer: their ``n_dims_per_step=-1``.
+    * The KL term sees the embeddings as passed. Theirs are the model's outputs, i.e. after a
+      Normalize module when the checkpoint has one (all-MiniLM-L6-v2 does): pass unit vectors
+      to match. (The cosine task losses do not care; the KL term does.)
     """
 
     def loss(*args, key=None, **kwargs):

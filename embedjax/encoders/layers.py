@@ -82,7 +82,8 @@ def _relayout(x, spec: str, order: str):
     perm = [spec.index(c) for c in order]
     if perm == sorted(perm):
         return x
-    for axis in perm:
+    moved = [i for pos, i in enumerate(perm) if i != pos]
+    for axis in moved:  # split an axis that moves: a split of one that stays could be folded again
         f = _smallest_split(x.shape[axis])
         if f:
             break
@@ -114,7 +115,7 @@ def _backward_einsum(spec: str, a, b):
     lhs = _relayout(a, sa, "".join(batch + free_a + contract))
     rhs = _relayout(b, sb, "".join(batch + contract + free_b))
     if lhs is None or rhs is None:  # nothing to split (tiny/prime sizes): float32, slower but correct
-        return jnp.einsum(spec, a.astype(jnp.float32), b.astype(jnp.float32))
+        return jnp.einsum(f"{sa},{sb}->{out}", a.astype(jnp.float32), b.astype(jnp.float32))
     nb, nf, nc = len(batch), len(free_a), len(contract)
     dims = ((tuple(range(nb + nf, nb + nf + nc)), tuple(range(nb, nb + nc))), (tuple(range(nb)), tuple(range(nb))))
     y = jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)

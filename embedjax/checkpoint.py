@@ -40,7 +40,8 @@ class Checkpointer:
         self.skipped_best: list[tuple[int, float]] = []  # (step, value) offered with a non-finite metric
         self.latest = ocp.CheckpointManager(
             workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                                 multiprocessing_options=_barriers("latest")),
         )
         self.best = None
         if best_mode not in ("max", "min"):
@@ -60,6 +61,7 @@ class Checkpointer:
                     best_mode=best_mode,
                     enable_async_checkpointing=async_save,
                     create=True,
+                    multiprocessing_options=_barriers("best"),
                 ),
             )
 
@@ -157,6 +159,13 @@ class Checkpointer:
         self.latest.close()
         if self.best is not None:
             self.best.close()
+
+
+def _barriers(name: str) -> ocp.options.MultiprocessingOptions:
+    """Distinct barrier names per manager: on several processes, Orbax names its async-save
+    barriers by step, so the latest and best managers saving the same step would collide
+    ("Barrier _async_write_complete.4 is already ongoing")."""
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
 
 
 class _HostState:

@@ -32,14 +32,15 @@ def main(argv=None) -> np.ndarray:
     ap.add_argument("--dim", type=int, default=None, help="Matryoshka truncation")
     ap.add_argument("--num-layers", type=int, default=None, help="use only the first k layers")
     ap.add_argument("--prompt", default=None, help="instruction prefixed to every text")
-    ap.add_argument("--no-normalize", action="store_true")
+    ap.add_argument("--no-normalize", action="store_true",
+                    help="raw embeddings (default: as the checkpoint says; unit norm with a Normalize module)")
     cli.add_debug_flag(ap)
     args = ap.parse_args(argv)
 
     texts = read_sentences(args.input, format="txt", keep_blank=True)  # one row per line, blank ones too
     encoder = embedjax.load_pretrained(args.model)
     emb = encoder.encode(texts, batch_size=args.batch_size, dim=args.dim, num_layers=args.num_layers,
-                         prompt=args.prompt, normalize=not args.no_normalize, show_progress=True)
+                         prompt=args.prompt, normalize=False if args.no_normalize else None, show_progress=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.output, emb)
     print(f"{len(texts)} texts -> {args.output} {emb.shape}")

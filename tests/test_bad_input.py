@@ -2,7 +2,6 @@
 AnglE label_range is refused, a TFDS source_dir that is not there is an error (not a download),
 encode.py keeps one row per line, and the CLIs report bad input as one line with exit status 2."""
 
-import json
 import math
 import os
 import shutil
@@ -14,34 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import embedjax
-from embedjax import cli, hf
+from embedjax import cli
 from embedjax.checkpoint import Checkpointer
 from embedjax.data import DataError, read_sentences
-from embedjax.encoders import bert
 from embedjax.losses import angle as A
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, minilm_path) -> Path:
-    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer (as tests/test_train.py)."""
-    d = tmp_path_factory.mktemp("tiny")
-    cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                          max_position_embeddings=128)
-    save_file(hf.state_dict_from_params(bert.init(cfg, jax.random.key(0)), cfg), str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
-    for name in TOKENIZER_FILES + ("modules.json",):
-        shutil.copyfile(minilm_path / name, d / name)
-    (d / "1_Pooling").mkdir()
-    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                               "pooling_mode_mean_tokens": True}))
-    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
-    return d
 
 
 # ---------------------------------------------------------------------------- best checkpoint

@@ -1,7 +1,7 @@
 """Configs a user can trust: every shipped config (and variant) loads and adds no undeclared
 key; every config key the code reads is declared in configs/base.py (and every declared key
 is read); typed variants; one-line override-key errors with close matches; the rerun check
-on a real config.json; the objective refuses data it would silently misuse."""
+on a real train_config.json; the objective refuses data it would silently misuse."""
 
 import ast
 import importlib
@@ -267,7 +267,7 @@ def test_override_keys_from_argv():
 @pytest.fixture()
 def saved_workdir(tmp_path):
     c = load("stsb_angle:smoke")
-    (tmp_path / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")  # as the loop writes it
+    (tmp_path / run_config.CONFIG_FILE).write_text(c.to_json_best_effort(indent=2) + "\n")  # as the loop writes it
     return tmp_path
 
 

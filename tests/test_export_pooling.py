@@ -14,30 +14,15 @@ from safetensors.numpy import load_file, save_file
 
 import embedjax
 from embedjax import export, hf, pooling
-from embedjax.encoders import bert
-from embedjax.export import TOKENIZER_FILES
 
 TEXTS = ["A man is playing a flute.", "Two dogs run on the beach while a child watches them closely.", "",
          "short", "query: where is the flute?"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, minilm_path):
-    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer and ST files (mean pooling + Normalize)."""
-    d = tmp_path_factory.mktemp("tiny")
-    cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
-                          max_position_embeddings=128)
-    params = bert.init(cfg, jax.random.key(7))
-    save_file(hf.state_dict_from_params(params, cfg), str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(cfg.to_hf()))
-    for name in TOKENIZER_FILES + ("modules.json",):
-        if (minilm_path / name).is_file():
-            shutil.copyfile(minilm_path / name, d / name)
-    (d / "1_Pooling").mkdir()
-    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                               "pooling_mode_mean_tokens": True}))
-    (d / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64, "do_lower_case": False}))
-    return d
+def tiny(tiny_model):
+    """The random 2-layer BERT of tests/conftest.py (MiniLM's tokenizer and ST files: mean pooling + Normalize)."""
+    return tiny_model
 
 
 def sentence_transformer(path):

@@ -20,6 +20,7 @@ from embedjax import distributed, tokenize
 from embedjax.data import pipeline
 from embedjax.train import sources
 from embedjax.train.objective import Objective, batch_loss
+from test_train import loss_curve  # noqa: E402  (tests/ is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,15 +171,6 @@ def launch(workdir: Path, config: str, overrides: dict, *, processes: int, kill_
             if p.poll() is None:
                 p.kill()
     return out
-
-
-def loss_curve(workdir: Path) -> dict[int, float]:
-    curve = {}
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            curve[rec["step"]] = rec["loss"]
-    return curve
 
 
 LAYOUTS = {

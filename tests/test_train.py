@@ -17,7 +17,7 @@ import pytest
 
 import embedjax
 from embedjax.encoders import bert
-from embedjax.train import loop, optim
+from embedjax.train import loop, optim, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,11 +122,54 @@ def test_run_outputs_and_export_load_in_sentence_transformers(straight_run, smal
     assert abs(summary["after"]["dev/cosine_spearman"] - best["dev/cosine_spearman"]) < 1e-6
     assert {"loss", "lr", "grad_norm", "param_norm", "examples_per_s"} <= set(evals[1])
     assert (straight_run / "config.json").is_file() and list((straight_run / "tensorboard").iterdir())
+    saved = json.loads((straight_run / run_config.CONFIG_FILE).read_text())  # the run's config, beside the model's
+    assert saved["num_steps"] == 8 and saved["objective"]["loss"] == "angle"
 
     texts = ["A man is playing a flute.", "Two dogs run on the beach.", ""]
     ours = embedjax.load_pretrained(straight_run).encode(texts)
     ref = SentenceTransformer(str(straight_run), device="cpu").encode(texts, normalize_embeddings=True)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_rerun_of_a_finished_or_changed_workdir(straight_run, tiny_overrides, tmp_path):
+    """A finished workdir reports and exits; a run-changing config is refused (one line, exit 2)
+    unless --allow_config_change; a change that does not alter the run (log_every) passes."""
+    import shutil
+
+    workdir = tmp_path / "w"
+    shutil.copytree(straight_run, workdir)
+    metrics_before = (workdir / "metrics.jsonl").read_text()
+    again = run_train(workdir, {**tiny_overrides, "log_every": 3})
+    assert "already holds a finished run" in again.stdout and "dev Spearman after training" in again.stdout
+    assert (workdir / "metrics.jsonl").read_text() == metrics_before  # nothing trained, nothing logged
+    changed = run_train(workdir, {**tiny_overrides, "optim.learning_rate": 2e-3}, check=False)
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    errors = [line for line in changed.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "optim.learning_rate: 0.001 -> 0.002" in errors[0] and "--allow_config_change" in errors[0]
+    more = run_train(workdir, {**tiny_overrides, "num_steps": 10, "eval_every": 5}, extra_args=["--allow_config_change"])
+    assert "best step" in more.stdout and sorted(loss_curve(workdir)) == list(range(1, 11))
+    typo = run_train(workdir, {**tiny_overrides, "optim.learning_rat": 1e-3}, check=False)
+    assert typo.returncode == 2 and "did you mean optim.learning_rate" in typo.stderr and "Traceback" not in typo.stderr
+
+
+def test_one_pooling_from_training_to_reload(tiny_overrides, tmp_path):
+    """config.pooling is the run's one pooling: the dev evaluation that selected the best step,
+    the export and its reload (no pooling argument) all use it."""
+    from embedjax.eval import STSEvaluator
+    from embedjax.train import sources
+
+    workdir = tmp_path / "max"
+    run_train(workdir, {**tiny_overrides, "pooling": "max", "num_steps": 4, "eval_every": 2})
+    summary = json.loads((workdir / "summary.json").read_text())
+    reloaded = embedjax.load_pretrained(workdir)
+    assert reloaded.pooling == "max"
+    dev = STSEvaluator(sources.dev_pairs({"dev": str(tiny_overrides["data.dev"]), "dev_format": "stsb"}),
+                       name="dev", metrics=("cosine",))
+    # the selection-time score of the best step is what the reloaded export scores
+    assert dev(reloaded)["dev/cosine_spearman"] == pytest.approx(summary["best_at_selection"]["dev/cosine_spearman"],
+                                                                  abs=1e-4)
+    mean = dev(embedjax.load_pretrained(workdir, pooling="mean"))["dev/cosine_spearman"]
+    assert abs(mean - summary["after"]["dev/cosine_spearman"]) > 1e-3  # mean pooling would score differently
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_overrides, tmp_path, monkeypatch):

@@ -160,7 +160,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     Returns ``{"before": dev metrics of the start, "after": dev metrics of the exported
     (best) model, "best_step": ..., "steps": ...}``. The exported model is in ``workdir``.
     A workdir whose run finished returns its summary (``"finished_before": True``) without
-    training again. A workdir whose ``config.json`` differs from ``config`` in something that
+    training again. A workdir whose ``train_config.json`` differs from ``config`` in something that
     changes the run (loss, optimizer, batch size, model, data, ...) is refused unless
     ``allow_config_change``. Every process of a multi-host run calls this with the same
     arguments.
@@ -172,9 +172,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     if summary_path.is_file() and not changes:
         log.info("%s: this run already finished; nothing to do (a new workdir trains again)", workdir)
         return {**json.loads(summary_path.read_text()), "finished_before": True}
-    distributed.barrier("config checked")  # no process writes before every process has read config.json
+    distributed.barrier("config checked")  # no process writes before every process has read the saved config
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        (workdir / run_config.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
 
     # ------------------------------------------------------------------ mesh, model, data
     mesh = sharding.mesh_from_config(config.mesh)
@@ -184,6 +184,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
                                   attention_dropout=_or_default(config.attention_dropout,
                                                                 encoder.cfg.attention_dropout))
     objective = Objective.from_config(config.objective, encoder.pooling)  # the run's one pooling
+    st_problem = export_lib.sentence_transformers_problem(encoder.pooling, encoder.include_prompt)
+    if st_problem:  # said now, not after hours of training
+        log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
+                    st_problem)
     train_source = sources.train_source(config.data)
     check_objective_data(objective, pipeline.fields_of(train_source), sources.scores_of(train_source))
     train_tokenizer = tokenize.Tokenizer(encoder.tokenizer.backend, encoder.max_length, encoder.cfg.pad_token_id,
@@ -289,7 +293,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:
-        export_lib.save_pretrained(encoder, workdir, params=best_params, normalize=True)
+        export_lib.save_pretrained(encoder, workdir, params=best_params, normalize=True,
+                                   sentence_transformers=not st_problem)
     distributed.barrier("exported")  # every host evaluates the file process 0 wrote
     after = evaluator(load_pretrained(workdir))
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,

@@ -4,7 +4,7 @@
   (configs/base.py), else a one-line ValueError with the close matches.
   ``override_keys_from_argv(argv)`` extracts those keys from a command line.
 * ``config_changes(saved, new)`` / ``check_rerun(workdir, config, allow_change)``: a rerun in
-  a workdir resumes its run, so a config that differs from the workdir's ``config.json`` in
+  a workdir resumes its run, so a config that differs from the workdir's ``train_config.json`` in
   anything that changes the result is refused unless ``--allow_config_change``.
 
 What changes the run: every key except ``IGNORED`` (below). That is the model and its
@@ -35,6 +35,9 @@ IGNORED = ("log_every", "eval_every", "eval_batch_size", "checkpoint", "mesh", "
 # ``--config.a.b.key`` only overrides a key the config already has.
 OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "data.columns")
 ABSENT = "(absent)"
+
+# The run's config in its workdir; not config.json, which the export writes (the model's HF config).
+CONFIG_FILE = "train_config.json"
 
 
 def _as_dict(config: Any) -> dict:
@@ -124,7 +127,7 @@ def _ignored(path: str) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """JSON's view of a value (tuples -> lists, Paths -> str), as config.json holds it."""
+    """JSON's view of a value (tuples -> lists, Paths -> str), as train_config.json holds it."""
     return json.loads(json.dumps(value, default=str))
 
 
@@ -155,7 +158,7 @@ def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
 
         optim.learning_rate: 1e-05 -> 2e-05
 
-    ``saved``: the workdir's ``config.json`` (``json.loads``; written with
+    ``saved``: the workdir's ``train_config.json`` (``json.loads``; written with
     ``to_json_best_effort``), ``new``: ``config.to_dict()`` (or the same JSON form). Tuples and
     lists compare equal, as do 2 and 2.0; a key present on one side only shows ``(absent)``.
     Keys under ``IGNORED`` are skipped (module docstring), and ``num_epochs`` when both set
@@ -180,13 +183,13 @@ def _num(value: Any) -> float:
 def check_rerun(workdir: str | Path, config: Any, allow_change: bool) -> list[str]:
     """Refuses to resume ``workdir`` with a config that changes its run.
 
-    If ``workdir/config.json`` exists (the loop writes it at the start of every run: call this
+    If ``workdir/train_config.json`` exists (the loop writes it at the start of every run: call this
     before it does) and ``config_changes(saved, config)`` is not empty, raises ValueError
     listing the differences and the ways out, unless ``allow_change``. Returns the changes
     (empty when there is no saved config or nothing run-changing differs) so the caller can
     log what ``allow_change`` let through.
     """
-    path = Path(workdir) / "config.json"
+    path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
         return []
     try:

@@ -272,7 +272,7 @@ def saved_workdir(tmp_path):
 
 
 def test_config_changes_on_real_json(saved_workdir):
-    saved = json.loads((saved_workdir / "config.json").read_text())
+    saved = json.loads((saved_workdir / run_config.CONFIG_FILE).read_text())
     c = load("stsb_angle:smoke")
     assert run_config.config_changes(saved, c.to_dict()) == []  # tuples vs lists, (0.0, 5.0) vs [0.0, 5.0]
     assert run_config.config_changes(saved, c) == []  # a ConfigDict too
@@ -315,9 +315,9 @@ def test_check_rerun(saved_workdir, tmp_path_factory):
         run_config.check_rerun(saved_workdir, c, allow_change=False)
     msg = str(err.value)
     assert "optim.learning_rate: 1e-05 -> 2e-05" in msg and "--allow_config_change" in msg
-    assert "log_every" not in msg and str(saved_workdir / "config.json") in msg
+    assert "log_every" not in msg and str(saved_workdir / run_config.CONFIG_FILE) in msg
     assert run_config.check_rerun(saved_workdir, c, allow_change=True) == ["optim.learning_rate: 1e-05 -> 2e-05"]
-    (saved_workdir / "config.json").write_text("{not json")
+    (saved_workdir / run_config.CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         run_config.check_rerun(saved_workdir, c, allow_change=False)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import re
 import statistics
 import sys
@@ -32,7 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = Path(os.environ.get("EMBEDJAX_DATA", ROOT.parent / "shared" / "data"))
+from configs.base import DATA  # noqa: E402  ($EMBEDJAX_DATA, else ../shared/data)
+
 DEFAULT_TRAIN = DATA / "stsb" / "sts-train.csv"
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,13 +24,14 @@ import embedjax  # noqa: E402
 from embedjax import cli, hf  # noqa: E402
 from embedjax.data import read_sick, read_stsb  # noqa: E402
 from embedjax.eval import STSEvaluator  # noqa: E402
+from configs.base import DATA  # noqa: E402  ($EMBEDJAX_DATA, else ../shared/data: one rule for configs and CLIs)
 
 READERS = {"stsb": read_stsb, "sick": read_sick}
 
 
 def default_data() -> Path:
-    """STS-B dev under ``$EMBEDJAX_DATA``, else ``../shared/data`` beside the repository (as configs/base.py)."""
-    return Path(os.environ.get("EMBEDJAX_DATA", REPO.parent / "shared" / "data")) / "stsb" / "sts-dev.csv"
+    """STS-B dev under ``$EMBEDJAX_DATA``, else ``../shared/data`` beside the repository (configs/base.py)."""
+    return DATA / "stsb" / "sts-dev.csv"
 
 
 def check_range(flag: str, values, limit: int | None = None, why: str = "") -> None:

@@ -68,7 +68,7 @@ def check_label_range(label_range) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise ValueError(f"label_range must be a pair (lo, hi) of numbers, got {label_range!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        raise ValueError(f"label_range must be (lo, hi) with finite lo < hi (the scale of the labels, e.g. "
+        raise ValueError(f"label_range must be (lo, hi) with finite lo, hi and hi > lo (the scale of the labels, e.g. "
                          f"(0, 5) for STS-B), got {label_range!r}")
     return lo, hi
 

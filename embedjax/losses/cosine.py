@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from embedjax import similarity as sim
+from embedjax.losses.angle import check_label_range
 
 
 def cosine_mse(a, b, labels, *, label_range=(0.0, 1.0)):
@@ -25,9 +26,7 @@ def cosine_mse(a, b, labels, *, label_range=(0.0, 1.0)):
         floats; hi > lo). ``(0, 1)``, the default, is sentence-transformers' convention of
         labels already in [0, 1].
     """
-    lo, hi = (float(x) for x in label_range)
-    if not hi > lo:
-        raise ValueError(f"label_range must be (lo, hi) with hi > lo, got {tuple(label_range)}")
+    lo, hi = check_label_range(label_range)
     a, b = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (a, b))
     y = (jnp.asarray(labels, a.dtype) - lo) / (hi - lo)
     return jnp.mean(jnp.square(sim.cosine_pairwise(a, b) - y))

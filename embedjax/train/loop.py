@@ -271,6 +271,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
             writer.write(step, last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                  ex_s=f"{last['examples_per_s']:.0f}", refresh=False)
+        busy_since = time.perf_counter()
         if due["eval"]:
             dev = evaluate(state.params)
             writer.write(step, dev)
@@ -281,8 +282,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
         for callback in callbacks:
             if step % callback.every == 0:
                 callback.fn(step, state, metrics)
-        if any(due.values()) or callbacks:
-            t_last = time.perf_counter()  # evaluation, saving and hooks are not training throughput
+        t_last += time.perf_counter() - busy_since  # evaluation, saving and hooks are not training throughput
         progress.update(1)
     progress.close()
     ckpt.wait()

@@ -35,7 +35,6 @@ LAYER_MODES = ("", "2dmse", "adaptive", "espresso")
 SCORED_LOSSES = ("angle", "cosent", "cosine_mse")        # regress / rank gold scores: need them
 CONTRASTIVE_LOSSES = ("infonce", "simcse_unsup")         # positives + in-batch negatives: no scores
 NEGATIVE_LOSSES = ("infonce",)                           # the only ones that use hard negatives (text_n)
-LABEL_RANGE_LOSSES = ("angle", "cosine_mse")             # read scores through loss_kwargs.label_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +158,10 @@ def check_objective_data(objective: Objective, fields: Sequence[str], scores: Se
             "Use objective.loss=infonce for (anchor, positive) pairs, or data.kind=sentences.")
     label_range = _label_range(objective)
     if label_range is not None and has_score:
-        lo, hi = (float(x) for x in label_range)
-        if not hi > lo:
-            raise ValueError(f"objective.loss_kwargs.label_range={tuple(label_range)} must be (lo, hi) with hi > lo")
+        try:
+            lo, hi = losses.angle.check_label_range(label_range)
+        except ValueError as err:
+            raise ValueError(f"objective.loss_kwargs.{err}") from None
         if scores is None or len(scores) == 0:
             raise ValueError("check_objective_data needs the records' scores to check the label_range")
         s_min, s_max = float(min(scores)), float(max(scores))

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import hf, tokenize
 from embedjax.embed import embed_jit
@@ -56,6 +57,7 @@ class Encoder:
         prompt: str | None = None,
         prompt_name: str | None = None,
         show_progress: bool | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> np.ndarray:
         """Embeds texts; returns float32 (N, D), or (D,) for a single string.
 
@@ -75,6 +77,9 @@ class Encoder:
             ``config_sentence_transformers.json`` (its ``default_prompt_name``
             applies when neither ``prompt`` nor ``prompt_name`` is given).
           show_progress: a tqdm bar; None shows one for long encodes on a terminal.
+          mesh: split every batch's rows over this mesh's devices (params replicated on
+            it), e.g. ``embedjax.sharding.local_mesh()``; None: the default device.
+            The embeddings are the same either way.
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(_check_texts(texts))
@@ -100,19 +105,27 @@ class Encoder:
         encodings = self.tokenizer.encode(texts)
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
         starts = range(0, len(order), batch_size)
+        params, place = self.params, np.asarray
+        if mesh is not None:
+            params = jax.device_put(self.params, NamedSharding(mesh, P()))
+            rows_sharding = NamedSharding(mesh, P(mesh.axis_names))
+            place = lambda x: jax.device_put(x, rows_sharding)  # noqa: E731
         pending = []
         for start in _progress(starts, len(texts), batch_size, show_progress):
             chunk = order[start : start + batch_size]
-            batch = self.tokenizer.pad([encodings[i] for i in chunk], tokenize.rows_for(len(chunk), batch_size))
+            rows = tokenize.rows_for(len(chunk), batch_size)
+            if mesh is not None:  # every device gets the same number of rows
+                rows = -(-rows // mesh.size) * mesh.size
+            batch = self.tokenizer.pad([encodings[i] for i in chunk], rows)
             pool_mask = batch.attention_mask.copy()
             pool_mask[:, :skip] = 0
             z = embed_jit(
-                self.params,
+                params,
                 self.cfg,
-                batch.input_ids,
-                batch.attention_mask,
-                batch.token_type_ids,
-                pool_mask,
+                place(batch.input_ids),
+                place(batch.attention_mask),
+                place(batch.token_type_ids),
+                place(pool_mask),
                 pooling=self.pooling,
                 normalize=normalize,
                 dim=dim,

@@ -63,6 +63,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, *, devices: Sequence[jax.Device] | 
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def local_mesh() -> Mesh:
+    """A 1-D ``('data',)`` mesh over this process's devices: per-host work such as encoding."""
+    devices = jax.local_devices()
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices)
+
+
 def mesh_from_config(config: Mapping[str, Any]) -> Mesh:
     """``make_mesh`` from a dict / ``ml_collections.ConfigDict`` with optional ``data``, ``fsdp``."""
     return make_mesh(config.get("data", -1), config.get("fsdp", 1))

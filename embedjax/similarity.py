@@ -9,6 +9,8 @@ convention: **higher means more similar**, so distances come back negated
   matmuls/einsums and no device logic, so when ``a`` and ``b`` are sharded over a mesh axis
   (``AxisType.Auto``) GSPMD inserts the all-gather: in-batch negatives span the global batch.
 * ``angle_pairwise``: the AnglE angle similarity (REFERENCE.md, "AnglE").
+* ``hamming_pairwise`` / ``hamming_matrix`` (metric ``"hamming"``): negative Hamming distance of
+  packed sign bits (uint8, 8 dimensions per byte; ``embedjax.eval.quantize.binary``).
 * ``topk``: chunked top-k over a large corpus, never materialising the (Q, N) score matrix.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 METRICS = ("cosine", "dot", "euclidean", "manhattan")
-PAIRWISE_METRICS = METRICS + ("angle",)
+PAIRWISE_METRICS = METRICS + ("angle", "hamming")
 
 
 def _safe_norm(x, axis=-1, keepdims=False, eps=0.0):
@@ -94,12 +96,22 @@ def angle_pairwise(a, b, pooling="sum", eps=1e-12):
     return jnp.abs(score)
 
 
+def _popcount_xor(a, b):
+    return jax.lax.population_count(jnp.bitwise_xor(a, b)).astype(jnp.int32)
+
+
+def hamming_pairwise(a, b):
+    """Negative Hamming distance of packed bits a_i, b_i: ``(..., D/8) uint8 -> (...)`` int32."""
+    return -jnp.sum(_popcount_xor(a, b), axis=-1)
+
+
 _PAIRWISE = {
     "cosine": cosine_pairwise,
     "dot": dot_pairwise,
     "euclidean": euclidean_pairwise,
     "manhattan": manhattan_pairwise,
     "angle": angle_pairwise,
+    "hamming": hamming_pairwise,
 }
 
 
@@ -151,20 +163,28 @@ def manhattan_matrix(a, b):
     return -jnp.sum(jnp.abs(a[:, None, :] - b[None, :, :]), axis=-1)
 
 
+def hamming_matrix(a, b):
+    """All negative Hamming distances of packed bits: ``(N, D/8), (M, D/8) uint8 -> (N, M)`` int32.
+
+    A broadcast xor + popcount that XLA fuses (no (N, M, D/8) buffer)."""
+    return -jnp.sum(_popcount_xor(a[:, None, :], b[None, :, :]), axis=-1)
+
+
 _MATRIX = {
     "cosine": cosine_matrix,
     "dot": dot_matrix,
     "euclidean": euclidean_matrix,
     "manhattan": manhattan_matrix,
+    "hamming": hamming_matrix,
 }
 
 
 def matrix(a, b, metric="cosine"):
-    """All-pairs similarity with ``metric`` in ``METRICS``: ``(N, D), (M, D) -> (N, M)``."""
+    """All-pairs similarity with ``metric`` in ``METRICS`` or ``"hamming"``: ``(N, D), (M, D) -> (N, M)``."""
     try:
         fn = _MATRIX[metric]
     except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; choose from {METRICS}") from None
+        raise ValueError(f"unknown metric {metric!r}; choose from {tuple(_MATRIX)}") from None
     return fn(a, b)
 
 

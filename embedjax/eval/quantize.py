@@ -4,8 +4,7 @@ The conventions of sentence-transformers' ``quantize_embeddings`` (its ``int8`` 
 ``ubinary`` precisions):
 
 * ``int8``: per dimension, the [min, max] range of a calibration set is cut into 256 buckets,
-  ``q = int((x - min) / ((max - min) / 255) - 128)`` (truncated, clipped to int8 where ST would
-  wrap around); scored as floats.
+  ``q = clip(floor((x - min) / ((max - min) / 255)), 0, 255) - 128``; scored as floats.
 * ``binary``: the sign bit of every dimension (``x > 0``), packed 8 per byte (``np.packbits``,
   big-endian bit order) into uint8; scored by negative Hamming distance
   (``embedjax.similarity.hamming_*``).
@@ -34,7 +33,9 @@ def int8(x: np.ndarray, ranges: np.ndarray) -> np.ndarray:
         raise ValueError(f"ranges are for {lo.shape[-1]} dimensions, embeddings have {x.shape[-1]}")
     steps = (hi - lo) / 255
     steps = np.where(steps > 0, steps, 1.0)
-    return np.clip((x - lo) / steps - 128, -128, 127).astype(np.int8)
+    # floor into buckets 0..255, then shift, as sentence-transformers does; truncating after the
+    # shift would round the lower half (negative values) toward zero, one bucket up
+    return (np.clip(np.floor((x - lo) / steps), 0, 255) - 128).astype(np.int8)
 
 
 def binary(x: np.ndarray) -> np.ndarray:

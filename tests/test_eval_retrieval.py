@@ -354,15 +354,15 @@ def test_evaluator_rejects_bad_options_and_embeddings(beir_dir):
 
 @pytest.fixture(scope="module")
 def stsb_retrieval(stsb_dir, tmp_path_factory):
-    """Queries: sentence1 of 80 STS-B dev pairs scored >= 4; corpus: the distinct sentence2s of the
-    first 300 pairs; the relevant document: the query's own sentence2 (one per query)."""
+    """Queries: sentence1 of 60 STS-B dev pairs scored >= 4; corpus: the distinct sentence2s of the
+    first 200 pairs; the relevant document: the query's own sentence2 (one per query)."""
     from embedjax.data import read_stsb
 
-    pairs = read_stsb(stsb_dir / "sts-dev.csv")[:300]
+    pairs = read_stsb(stsb_dir / "sts-dev.csv")[:200]
     doc_ids: dict[str, str] = {}
     for p in pairs:
         doc_ids.setdefault(p.text_b, f"d{len(doc_ids):04d}")  # id order == file order: same tie-breaking as ST
-    good = [p for p in pairs if p.score >= 4][:80]
+    good = [p for p in pairs if p.score >= 4][:60]
     queries = [(f"q{i:04d}", p.text_a) for i, p in enumerate(good)]
     qrels = [(qid, doc_ids[p.text_b], 1) for (qid, _), p in zip(queries, good)]
     corpus = [(i, "", t) for t, i in doc_ids.items()]

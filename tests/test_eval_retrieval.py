@@ -386,3 +386,36 @@ def test_retrieval_equals_sentence_transformers(stsb_retrieval, minilm, st_minil
         for metric in ("accuracy", "precision", "recall", "mrr", "ndcg", "map"):
             assert ours[f"stsb/{metric}@{k}"] == pytest.approx(st[f"st_cosine_{metric}@{k}"], abs=1e-9), (metric, k)
     assert 0.5 < ours["stsb/ndcg@10"] < 1  # a real, non-trivial task
+
+
+class StubEncoder:
+    """Records every encode call; embeds a text as a fixed random vector of (prefix + text)."""
+
+    prompts = {"query": "query: ", "document": "passage: ", "short": "q: "}
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, texts, *, prompt=None, **kw):
+        self.calls.append((prompt, len(texts)))
+        full = [(prompt or "") + t for t in texts]
+        return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in full]).astype(np.float32)
+
+
+def test_embed_prompts_and_corpus_chunks(beir_dir):
+    data = read_beir(beir_dir)
+    enc = StubEncoder()
+    # Defaults: the checkpoint's "query" / "document" prompts (as ST's encode_query / encode_document).
+    one = retrieval.RetrievalEvaluator(data).embed(enc)
+    assert enc.calls == [("query: ", 2), ("passage: ", 3)]
+    enc.calls.clear()
+    chunked = retrieval.RetrievalEvaluator(data, corpus_chunk_size=2).embed(enc)
+    assert enc.calls == [("query: ", 2), ("passage: ", 2), ("passage: ", 1)]  # the corpus in chunks of 2
+    np.testing.assert_array_equal(chunked["corpus"], one["corpus"])
+    enc.calls.clear()
+    retrieval.RetrievalEvaluator(data, query_prompt_name="short", document_prompt="").embed(enc)
+    assert enc.calls == [("q: ", 2), ("", 3)]
+    with pytest.raises(KeyError, match="'nope' not in this checkpoint's prompts"):
+        retrieval.RetrievalEvaluator(data, query_prompt_name="nope").embed(enc)
+    with pytest.raises(ValueError, match="not both"):
+        retrieval.RetrievalEvaluator(data, query_prompt="x", query_prompt_name="short").embed(enc)

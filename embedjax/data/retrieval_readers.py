@@ -55,25 +55,22 @@ def _json_object(path: Path, number: int, text: str) -> dict:
     return value
 
 
-def _id(row: Mapping[str, Any], path: Path, number: int) -> str:
+def _id(row: Mapping[str, Any], path: Path, number: int, keys: list[str]) -> str:
     """The ``_id`` of a row as a string (BEIR ids are strings; integer ids are accepted)."""
     if "_id" not in row:
-        raise DataError(path, number, f"missing key '_id': expected a JSON object with keys {_keys(path)}")
+        raise DataError(path, number, f"missing key '_id': expected a JSON object with keys {keys}")
     value = row["_id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value) == "":
         raise DataError(path, number, f"_id must be a non-empty string, found {type(value).__name__} {value!r}")
     return str(value)
 
 
-def _keys(path: Path) -> list[str]:
-    return ["_id", "title", "text"] if path.name.startswith("corpus") else ["_id", "text"]
-
-
-def _string(row: Mapping[str, Any], key: str, path: Path, number: int, *, required: bool = True) -> str:
+def _string(row: Mapping[str, Any], key: str, path: Path, number: int, keys: list[str], *,
+            required: bool = True) -> str:
     if key not in row:
         if not required:
             return ""
-        raise DataError(path, number, f"missing key {key!r}: expected a JSON object with keys {_keys(path)}")
+        raise DataError(path, number, f"missing key {key!r}: expected a JSON object with keys {keys}")
     value = row[key]
     if value is None and not required:
         return ""
@@ -85,16 +82,17 @@ def _string(row: Mapping[str, Any], key: str, path: Path, number: int, *, requir
 def _read_texts(path: Path, *, titles: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(ids, texts) of a corpus or queries file; duplicate ids raise, naming both lines."""
     seen: dict[str, int] = {}
+    keys = ["_id", "title", "text"] if titles else ["_id", "text"]
 
     def parse(number: int, text: str) -> tuple[str, str]:
         row = _json_object(path, number, text)
-        doc_id = _id(row, path, number)
+        doc_id = _id(row, path, number, keys)
         if doc_id in seen:
             raise DataError(path, number, f"duplicate _id {doc_id!r} (first on line {seen[doc_id]}): "
                                           f"expected every _id once")
         seen[doc_id] = number
-        body = _string(row, "text", path, number)
-        title = _string(row, "title", path, number, required=False) if titles else ""
+        body = _string(row, "text", path, number, keys)
+        title = _string(row, "title", path, number, keys, required=False) if titles else ""
         return doc_id, (f"{title} {body}" if title.strip() else body)
 
     rows = _rows(path, parse, skip_bad=False)
@@ -193,10 +191,10 @@ def read_reranking(path) -> list[RerankingSample]:
 
     def parse(number: int, text: str) -> RerankingSample:
         row = _json_object(path, number, text)
-        query = row.get("query")
         if "query" not in row:
             raise DataError(path, number, "missing key 'query': expected a JSON object with keys "
                                           "['query', 'positive', 'negative']")
+        query = row["query"]
         if not isinstance(query, str):
             raise DataError(path, number, f"query must be a string, found {type(query).__name__} {query!r}")
         positive = _candidates(row, "positive", path, number)

@@ -5,6 +5,8 @@ scikit-learn's AP and a hand-written nDCG@10 on sentence-transformers embeddings
 prompt resolution."""
 
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,6 +93,11 @@ def retrieval_task(queries, corpus, relevant):
             self.data_loaded = True
 
     return LocalRetrieval()
+
+
+def test_mteb_is_imported_lazily():
+    code = "import sys, embedjax.eval.mteb; assert 'mteb' not in sys.modules, 'mteb imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_protocol_and_meta(minilm):

@@ -154,7 +154,7 @@ def run_embedjax(config_path: str, args) -> dict:
         c.optim.learning_rate = args.lr
     c.optim.warmup = 0.1
     c.data.train = str(Path(args.data) / "sts-train.csv")
-    c.data.dev = str(Path(args.data) / "sts-dev.csv")
+    c.evals.dev.path = str(Path(args.data) / "sts-dev.csv")
     for kv in args.embedjax_override:
         key, _, value = kv.partition("=")
         node = c

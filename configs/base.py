@@ -16,7 +16,7 @@ from embedjax import hf
 DATA = Path(os.environ.get("EMBEDJAX_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def _typed(value: str):
+def typed_value(value: str):
     """``"1e-5"`` -> 1e-05, ``"8"`` -> 8, ``"true"`` -> True, ``"(0, 5)"`` -> (0, 5); anything else stays a str."""
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
@@ -36,7 +36,7 @@ def parse_arg(arg: str | None, allowed: tuple[str, ...] | None = None) -> dict[s
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in (arg or "").split(","))):
         key, eq, value = part.partition("=")
-        out[key.strip()] = _typed(value.strip()) if eq else True
+        out[key.strip()] = typed_value(value.strip()) if eq else True
     if allowed is not None:
         for key in out:
             if key not in allowed:
@@ -103,8 +103,6 @@ def base_config() -> ml_collections.ConfigDict:
         "tfds_split": "train",    # kind=tfds: the split to train on
         "tfds_data_dir": "",      # kind=tfds: where TFDS keeps datasets; '' = TFDS's default
         "skip_bad": False,        # skip (and count) malformed rows instead of stopping at the first
-        "dev": str(DATA / "stsb" / "sts-dev.csv"),  # scored dev pairs: evaluation and best-checkpoint selection
-        "dev_format": "stsb",     # the dev file's format: stsb | sick
         "buckets": (16, 32, 64, 128, 256),  # padded lengths, or a packed row's length past pack_length
         # Sequence packing: all texts of a batch share rows of pack_length tokens (0 = pad each
         # side instead). ~2.5x fewer token slots than padding on STS-B; the same embeddings.
@@ -113,10 +111,18 @@ def base_config() -> ml_collections.ConfigDict:
     })
     c.log_every = 10              # train metrics (loss, lr, norms, examples/s) every this many steps
     c.eval_every = 50             # dev evaluation + best-checkpoint candidate every this many steps
-    c.eval_batch_size = 128       # texts per evaluation batch
-    c.eval_layers = ()            # also evaluate these depths (2D Matryoshka grids) ...
-    c.eval_dims = ()              # ... and these widths; the full model is always evaluated
-    c.select_metric = "dev/cosine_spearman"  # best checkpoint by this; "dev/cosine_spearman_mean" = grid mean
+    c.eval_batch_size = 128       # texts per evaluation batch (an entry's own batch_size wins)
+    # Evaluators run every eval_every steps, at the start and on the exported model
+    # (embedjax/eval/suite.py): {name: {"type": sts | retrieval | reranking | pair_classification,
+    # "path": ..., the type's own keys, "layers": (), "dims": (), "quantize": ()}}. Every key
+    # they report is "{name}/{metric}", e.g. "dev/cosine_spearman", "nq_dev/ndcg@10".
+    c.evals = ml_collections.ConfigDict({
+        "dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb",
+                "metrics": ("cosine",), "layers": (), "dims": ()},
+    })
+    # The best checkpoint (the one exported) by this key of the evaluators' metrics; with
+    # "layers"/"dims" in an entry, "{name}/{main_metric}_mean" is the mean over the grid's cells.
+    c.select_metric = "dev/cosine_spearman"
     c.checkpoint = ml_collections.ConfigDict({  # Orbax checkpoints in the workdir
         "every": 50,              # save the train state + data position every this many steps
         "keep": 2,                # latest checkpoints kept (for resuming)

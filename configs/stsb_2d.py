@@ -30,8 +30,8 @@ def get_config(arg: str | None = None):
         c.objective.layer_kwargs = {"compression_size": 128}
     # Select on the whole grid, not the full model alone (which peaks early, before the
     # shallow layers have learned much): the mean dev Spearman over layers 1-6 x the dims.
-    c.eval_layers = [1, 2, 3, 4, 5]
-    c.eval_dims = [256, 128, 64, 32]
+    c.evals.dev.layers = (1, 2, 3, 4, 5)
+    c.evals.dev.dims = (256, 128, 64, 32)
     c.select_metric = "dev/cosine_spearman_mean"
     c.num_epochs = 2.0
     c.eval_every = 40

@@ -98,3 +98,23 @@ def small_dev(tmp_path_factory, stsb_dir) -> Path:
     path = tmp_path_factory.mktemp("dev") / "dev.csv"
     path.write_bytes(b"\n".join((stsb_dir / "sts-dev.csv").read_bytes().split(b"\n")[:200]) + b"\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def small_beir(tmp_path_factory, small_dev) -> Path:
+    """A BEIR retrieval task from ``small_dev``: sentence 1 of each pair scored >= 3 is a query
+    whose one relevant document is its sentence 2; the corpus is every distinct sentence 2."""
+    import json
+
+    from embedjax.data import read_stsb
+
+    pairs = read_stsb(small_dev)
+    docs = list(dict.fromkeys(p.text_b for p in pairs))
+    doc_id = {text: f"d{i}" for i, text in enumerate(docs)}
+    queries = [(f"q{i}", p.text_a, doc_id[p.text_b]) for i, p in enumerate(pairs) if p.score >= 3]
+    d = tmp_path_factory.mktemp("beir")
+    (d / "qrels").mkdir()
+    (d / "corpus.jsonl").write_text("".join(json.dumps({"_id": doc_id[t], "title": "", "text": t}) + "\n" for t in docs))
+    (d / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t, _ in queries))
+    (d / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{r}\t1\n" for q, _, r in queries))
+    return d

@@ -37,7 +37,9 @@ def load(name: str):
 
 
 def declared_paths() -> dict:
-    return run_config._paths(base.base_config().to_dict())
+    """Every declared key; what lies below a free-form section (``evals.dev.path``) is the section's content."""
+    paths = run_config._paths(base.base_config().to_dict())
+    return {p: v for p, v in paths.items() if not any(p.startswith(s + ".") for s in run_config.OPEN_SECTIONS)}
 
 
 def undeclared(paths) -> list[str]:
@@ -193,7 +195,8 @@ def test_scan_finds_reads_through_calls_and_aliases(scan):
     """The scan itself: keys read in the loop, in functions it passes sections to, by every access form."""
     expected = {"model", "batch_size", "optim.learning_rate", "optim.accumulate", "objective.loss",
                 "objective.gradcache_chunk", "data.kind", "data.tfds_name", "data.columns", "data.score_range",
-                "mesh.data", "mesh.fsdp", "checkpoint.keep", "select_metric", "data.pack_length", "eval_layers"}
+                "mesh.data", "mesh.fsdp", "checkpoint.keep", "select_metric", "data.pack_length", "evals",
+                "eval_batch_size"}
     assert expected <= set(scan.reads), sorted(expected - set(scan.reads))
     fake = {"m.py": "def run(config):\n    d = config.data\n    helper(d)\n    x = config['optim']['lr']\n"
                     "def helper(section):\n    return section.get('nope', 0)\n"}

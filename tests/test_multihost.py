@@ -129,7 +129,7 @@ def test_train_cli_refuses_a_bad_process_id(tiny_model, small_dev, tmp_path):
     """A configured coordinator whose initialisation fails ends the run: one line, exit 2."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "stsb_angle.py"),
-         "--workdir", str(tmp_path / "w"), f"--config.model={tiny_model}", f"--config.data.dev={small_dev}",
+         "--workdir", str(tmp_path / "w"), f"--config.model={tiny_model}", f"--config.evals.dev.path={small_dev}",
          "--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=5"],
         env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -188,7 +188,7 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_mode
     overrides = {"model": tiny_model, "num_steps": 8, "batch_size": 16, "log_every": 1, "eval_every": 4,
                  "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3, **extra}
     if layout == "packed":
-        overrides["data.dev"] = small_dev
+        overrides["evals.dev.path"] = small_dev
 
     def ok(results):
         for rc, err in results:

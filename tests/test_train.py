@@ -71,7 +71,7 @@ def final_params(workdir: Path, step: int):
 
 @pytest.fixture(scope="module")
 def tiny_overrides(tiny_model, small_dev):
-    return {"model": tiny_model, "data.dev": small_dev, "num_steps": 8, "batch_size": 16, "log_every": 1,
+    return {"model": tiny_model, "evals.dev.path": small_dev, "num_steps": 8, "batch_size": 16, "log_every": 1,
             "eval_every": 4, "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3}
 
 
@@ -155,16 +155,15 @@ def test_rerun_of_a_finished_or_changed_workdir(straight_run, tiny_overrides, tm
 def test_one_pooling_from_training_to_reload(tiny_overrides, tmp_path):
     """config.pooling is the run's one pooling: the dev evaluation that selected the best step,
     the export and its reload (no pooling argument) all use it."""
+    from embedjax.data import read_stsb
     from embedjax.eval import STSEvaluator
-    from embedjax.train import sources
 
     workdir = tmp_path / "max"
     run_train(workdir, {**tiny_overrides, "pooling": "max", "num_steps": 4, "eval_every": 2})
     summary = json.loads((workdir / "summary.json").read_text())
     reloaded = embedjax.load_pretrained(workdir)
     assert reloaded.pooling == "max"
-    dev = STSEvaluator(sources.dev_pairs({"dev": str(tiny_overrides["data.dev"]), "dev_format": "stsb"}),
-                       name="dev", metrics=("cosine",))
+    dev = STSEvaluator(read_stsb(tiny_overrides["evals.dev.path"]), name="dev", metrics=("cosine",))
     # the selection-time score of the best step is what the reloaded export scores
     assert dev(reloaded)["dev/cosine_spearman"] == pytest.approx(summary["best_at_selection"]["dev/cosine_spearman"],
                                                                   abs=1e-4)
@@ -306,21 +305,60 @@ def test_gradcache_objective_equals_the_uncached_one(layers, dims):
 
 
 def test_dev_grid_evaluation_and_selection_metric(tiny_model, small_dev):
-    """eval_layers x eval_dims adds a cell per (depth, width) and their mean; the selection
-    metric must be one of the reported names, checked before any training."""
-    c = config_with({"model": tiny_model, "data.dev": small_dev})
+    """evals.dev.layers x dims adds a cell per (depth, width) and their mean; the full depth and
+    width are the full model's cell (not evaluated twice); bad depths are refused up front."""
+    from embedjax.eval import suite
+
+    c = config_with({"model": tiny_model, "evals.dev.path": small_dev})
     enc = embedjax.load_pretrained(tiny_model)
-    c.eval_layers, c.eval_dims, c.select_metric = [1, 2], [8, 32], loop.GRID_MEAN
-    metrics = loop.dev_evaluator(c, enc.cfg)(enc)
-    cells = {k: v for k, v in metrics.items() if "spearman" in k and k != loop.GRID_MEAN}
+    c.evals.dev.layers, c.evals.dev.dims = (1, 2), (8, 32)
+    metrics = suite.run_all(loop.evaluators_from_config(c, enc.cfg), enc)
+    mean = "dev/cosine_spearman_mean"
+    cells = {k: v for k, v in metrics.items() if "spearman" in k and k != mean and "subset" not in k}
     # depth 2 and width 32 are the full model (tiny: 2 layers, hidden 32): not evaluated twice
     assert sorted(cells) == sorted(["dev/cosine_spearman", "dev/cosine_spearman@8", "dev/cosine_spearman@L1",
                                     "dev/cosine_spearman@L1@8"])
-    assert metrics[loop.GRID_MEAN] == pytest.approx(np.mean(list(cells.values())))
+    assert metrics[mean] == pytest.approx(np.mean(list(cells.values())))
     assert metrics["dev/cosine_spearman@L1"] != pytest.approx(metrics["dev/cosine_spearman"])
-    c.select_metric = "dev/cosine_spearman@L3"
-    with pytest.raises(ValueError, match="select_metric"):
-        loop.dev_evaluator(c, enc.cfg)
-    c.eval_layers, c.select_metric = [7], loop.HEADLINE
-    with pytest.raises(ValueError, match="eval_layers: 7"):
-        loop.dev_evaluator(c, enc.cfg)
+    loop.check_select_metric(mean, metrics)
+    with pytest.raises(ValueError, match="select_metric 'dev/cosine_spearman@L3' is not among"):
+        loop.check_select_metric("dev/cosine_spearman@L3", metrics)
+    c.evals.dev.layers = (7,)
+    with pytest.raises(ValueError, match="evals.dev.layers: 7"):
+        loop.evaluators_from_config(c, enc.cfg)
+
+
+def test_training_selects_on_a_retrieval_metric(tiny_model, small_dev, small_beir, tmp_path):
+    """config.evals: an STS entry and a retrieval entry; select_metric a retrieval key. The best
+    step is the argmax of that key over the evaluations, and the export scores what it scored."""
+    from embedjax.eval import RetrievalEvaluator
+    from embedjax.data.retrieval_readers import read_beir
+
+    c = config_with({"model": tiny_model, "evals.dev.path": small_dev, "num_steps": 8, "eval_every": 2,
+                     "checkpoint.every": 4, "optim.learning_rate": 1e-3})
+    c.evals.ir = {"type": "retrieval", "path": str(small_beir), "split": "dev", "k_values": (1, 10)}
+    c.select_metric = "ir/ndcg@10"
+    summary = loop.train_and_evaluate(c, tmp_path / "w")
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "ir/ndcg@10" in r}
+    assert sorted(evals) == [0, 2, 4, 6, 8] and all("dev/cosine_spearman" in r for r in evals.values())
+    scores = {s: r["ir/ndcg@10"] for s, r in evals.items()}
+    assert len(set(scores.values())) > 1  # training moves the retrieval metric
+    best = summary["best_step"]
+    assert scores[best] == max(scores.values())
+    assert summary["after"]["ir/ndcg@10"] == pytest.approx(scores[best], abs=1e-4)
+    # an independent evaluator on the exported model agrees
+    exported = embedjax.load_pretrained(tmp_path / "w")
+    got = RetrievalEvaluator(read_beir(small_beir, "dev"), name="ir", k_values=(1, 10))(exported)
+    assert got["ir/ndcg@10"] == pytest.approx(scores[best], abs=1e-4)
+
+
+def test_select_metric_must_be_reported(tiny_model, small_dev, tmp_path):
+    c = config_with({"model": tiny_model, "evals.dev.path": small_dev})
+    c.select_metric = "dev/ndcg@10"
+    with pytest.raises(ValueError, match="select_metric 'dev/ndcg@10' is not among"):
+        loop.train_and_evaluate(c, tmp_path / "w")
+    c.select_metric = "dev/cosine_spearman"
+    c.evals.dev.layers = (7,)
+    with pytest.raises(ValueError, match="evals.dev.layers: 7"):
+        loop.train_and_evaluate(c, tmp_path / "w2")

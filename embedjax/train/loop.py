@@ -31,7 +31,7 @@ from embedjax import distributed, sharding, tokenize
 from embedjax import export as export_lib
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.data import pipeline
-from embedjax.eval import STSEvaluator
+from embedjax.eval import suite
 from embedjax.model import load_pretrained
 from embedjax.train import optim, run_config, sources
 from embedjax.train.objective import Objective, check_objective_data
@@ -97,42 +97,40 @@ class MetricsWriter:
             self.tb.close()
 
 
-HEADLINE = "dev/cosine_spearman"  # full model, full width
-GRID_MEAN = "dev/cosine_spearman_mean"  # mean over every evaluated (layers, dims) cell
+def evaluators_from_config(config, enc_cfg) -> list:
+    """``config.evals`` -> evaluators (``embedjax.eval.suite``); an entry without its own
+    ``batch_size`` takes ``eval_batch_size``. Grid depths and widths are checked against the
+    model now, not after the first evaluation."""
+    evals = {}
+    for name, spec in config.evals.items():
+        spec = dict(spec)
+        layers = [int(k) for k in suite.as_tuple(spec.get("layers", ()))]
+        dims = [int(d) for d in suite.as_tuple(spec.get("dims", ()))]
+        for k in layers:
+            if not 1 <= k <= enc_cfg.num_layers:
+                raise ValueError(f"evals.{name}.layers: {k} is not in 1..{enc_cfg.num_layers}")
+        for d in dims:
+            if not 1 <= d <= enc_cfg.hidden_size:
+                raise ValueError(f"evals.{name}.dims: {d} is not in 1..{enc_cfg.hidden_size}")
+        # The full depth and width are the full model's cell, always evaluated: not twice.
+        spec["layers"] = tuple(k for k in layers if k != enc_cfg.num_layers)
+        spec["dims"] = tuple(d for d in dims if d != enc_cfg.hidden_size)
+        spec.setdefault("batch_size", config.eval_batch_size)
+        evals[name] = spec
+    if not evals:
+        raise ValueError("config.evals is empty: at least one evaluator selects the exported checkpoint")
+    return suite.from_config(evals)
 
 
-def dev_evaluator(config, enc_cfg):
-    """Dev STS evaluation: the full model, plus the ``eval_layers`` x ``eval_dims`` grid if set.
+def check_select_metric(select: str, metrics: dict) -> None:
+    """The selection key must be one the evaluators report (checked on the first evaluation,
+    before any training step of a fresh run)."""
+    if select not in metrics:
+        import difflib
 
-    Returns ``evaluate(encoder) -> metrics``; with a grid the metrics also hold GRID_MEAN,
-    the mean cosine Spearman over every cell (a 2D Matryoshka run selects on it: the
-    full-model score alone would pick a checkpoint before the shallow layers have learned).
-    """
-    layers = [k for k in config.eval_layers if k != enc_cfg.num_layers]
-    dims = [d for d in config.eval_dims if d != enc_cfg.hidden_size]
-    for k in layers:
-        if not 1 <= k < enc_cfg.num_layers:
-            raise ValueError(f"eval_layers: {k} is not in 1..{enc_cfg.num_layers}")
-    for d in dims:
-        if not 1 <= d < enc_cfg.hidden_size:
-            raise ValueError(f"eval_dims: {d} is not in 1..{enc_cfg.hidden_size}")
-    evaluator = STSEvaluator(sources.dev_pairs(config.data), name="dev", metrics=("cosine",),
-                             layers=(None, *layers), dims=(None, *dims), batch_size=config.eval_batch_size)
-    select = config.select_metric
-    cells = [HEADLINE + ("" if k is None else f"@L{k}") + ("" if d is None else f"@{d}")
-             for k in (None, *layers) for d in (None, *dims)]  # STSEvaluator's names
-    names = cells + ([GRID_MEAN] if len(cells) > 1 else [])
-    if select not in names:
-        raise ValueError(f"select_metric {select!r} is not among the dev metrics {names} "
-                         f"(use {HEADLINE!r}, or {GRID_MEAN!r} with eval_layers / eval_dims)")
-
-    def evaluate(encoder) -> dict[str, float]:
-        metrics = evaluator(encoder)
-        if len(cells) > 1:
-            metrics[GRID_MEAN] = sum(metrics[c] for c in cells) / len(cells)
-        return metrics
-
-    return evaluate
+        close = difflib.get_close_matches(select, list(metrics), n=3)
+        raise ValueError(f"select_metric {select!r} is not among the evaluators' metrics"
+                         + (f"; did you mean {close}?" if close else "") + f" (they report {sorted(metrics)})")
 
 
 def packing_from_config(config, objective: Objective) -> pipeline.Packing | None:
@@ -201,8 +199,12 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     total_steps = int(config.num_steps or round(config.num_epochs * steps_per_epoch))
     if not config.num_steps:  # epochs: whole accumulation groups only (an explicit num_steps must divide)
         total_steps -= total_steps % int(config.optim.accumulate)
-    evaluator = dev_evaluator(config, encoder.cfg)
-    evaluate = lambda params: evaluator(dataclasses.replace(encoder, params=_local(params)))
+    evaluators = evaluators_from_config(config, encoder.cfg)
+
+    def evaluate(params) -> dict[str, float]:
+        metrics = suite.run_all(evaluators, dataclasses.replace(encoder, params=_local(params)))
+        check_select_metric(config.select_metric, metrics)
+        return metrics
 
     # ------------------------------------------------------------------ optimizer, shardings
     tx, lr_at = optim.make_optimizer(config.optim, total_steps)
@@ -276,7 +278,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
             dev = evaluate(state.params)
             writer.write(step, dev)
             ckpt.save_best(step, state.params, dev)
-            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in dev.items()))
+            shown = dict.fromkeys([config.select_metric, *map(suite.headline, evaluators)])  # not every key of every evaluator
+            progress.write(f"step {step}: " + ", ".join(f"{k} {dev[k]:.4g}" for k in shown if k in dev))
         if due["save"]:
             ckpt.save(step, state, data_iter.get_state())
         for callback in callbacks:
@@ -296,7 +299,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
         export_lib.save_pretrained(encoder, workdir, params=best_params, normalize=True,
                                    sentence_transformers=not st_problem)
     distributed.barrier("exported")  # every host evaluates the file process 0 wrote
-    after = evaluator(load_pretrained(workdir))
+    after = suite.run_all(evaluators, load_pretrained(workdir))
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
                "best_at_selection": best_metrics}
     if jax.process_index() == 0:

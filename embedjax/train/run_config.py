@@ -11,8 +11,8 @@ What changes the run: every key except ``IGNORED`` (below). That is the model an
 settings (model, pooling, max_length, dtype, hidden_dropout, attention_dropout), seed,
 batch_size, num_steps / num_epochs (the schedule's length), every ``optim.*`` and
 ``objective.*`` key, every ``data.*`` key (the training data and its layout: buckets and
-packing decide dropout masks' shapes; the dev set and its format), and the selection of the
-exported checkpoint (eval_layers, eval_dims, select_metric). ``num_epochs`` is ignored when
+packing decide dropout masks' shapes), and the selection of the exported checkpoint
+(``evals``: the evaluators and their data; ``select_metric``). ``num_epochs`` is ignored when
 both configs set ``num_steps`` > 0 (it is not read then).
 
 ``IGNORED`` = keys that cannot change any parameter or the selection's candidates' scores:
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 IGNORED = ("log_every", "eval_every", "eval_batch_size", "checkpoint", "mesh", "sharding_rules", "testing")
-# Free-form dicts (keyword arguments, column maps): any key may appear below them, but
+# Free-form dicts (keyword arguments, column maps, evaluator entries): any key may appear below them, but
 # ``--config.a.b.key`` only overrides a key the config already has.
-OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "data.columns")
+OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "data.columns", "evals")
 ABSENT = "(absent)"
 
 # The run's config in its workdir; not config.json, which the export writes (the model's HF config).

@@ -1,4 +1,4 @@
-"""Config ``data`` section -> training records and dev pairs.
+"""Config ``data`` section -> training records.
 
 ``data.kind`` says what the training file holds:
 
@@ -14,8 +14,8 @@
 or JSON keys, or 0-based indexes) or to a TFDS dataset's features; ``{}`` = the defaults.
 On the command line: ``--config.data.columns="{'text_a': 'sentence1', 'score': 'label'}"``.
 
-``data.dev`` is an STS-B-format file (``data.dev_format='sick'`` for SICK) used for
-evaluation and best-checkpoint selection.
+Evaluation data is not here: ``config.evals`` names evaluators and their files
+(``embedjax.eval.suite``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any, Mapping
 
 from embedjax.data import pipeline, readers
 
-DEV_FORMATS = ("stsb", "sick")
 KINDS = ("stsb", "stsb_sentences", "sick", "sick_triplets", "sentences", "pairs", "triplets", "scored", "tfds")
 
 
@@ -72,11 +71,3 @@ def scores_of(source) -> list[float] | None:
     if "score" not in pipeline.fields_of(source):
         return None
     return [float(pipeline.as_record(r)["score"]) for r in source]
-
-
-def dev_pairs(data: Mapping[str, Any]) -> list:
-    """Scored dev pairs for evaluation and checkpoint selection."""
-    if data["dev_format"] not in DEV_FORMATS:
-        raise ValueError(f"unknown data.dev_format {data['dev_format']!r}; choose one of {DEV_FORMATS}")
-    reader = readers.read_sick if data["dev_format"] == "sick" else readers.read_stsb
-    return reader(data["dev"])

@@ -1,0 +1,96 @@
+"""Evaluators from config: ``{name: {"type": ..., "path": ..., ...}}`` -> evaluators -> one metrics dict.
+
+The training loop (``config.evals``) and ``scripts/eval.py`` (``--task``) both build their
+evaluators here, so a config entry and a CLI task mean the same thing::
+
+    evals = {
+        "stsb_dev": {"type": "sts", "path": "data/stsb/sts-dev.csv", "format": "stsb"},
+        "nq_dev": {"type": "retrieval", "path": "data/nq", "split": "dev"},
+        "sick_pc": {"type": "pair_classification", "path": "data/sick_pairs.tsv"},
+    }
+    evaluators = from_config(evals)
+    metrics = run_all(evaluators, encoder)          # {"stsb_dev/cosine_spearman": ..., "nq_dev/ndcg@10": ...}
+
+Every entry takes, besides its type's own keys (see each module's ``from_spec``):
+
+* ``layers`` / ``dims``: also evaluate these depths / Matryoshka widths (``GridEvaluator``);
+  the full model is always a cell, and ``{name}/{main_metric}_mean`` is the mean over cells;
+* ``quantize``: also score these precisions (``"int8"``, ``"binary"``; ``QuantizedEvaluator``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Mapping, Sequence
+
+from embedjax.eval.base import Evaluator
+
+TYPES = {
+    "sts": "embedjax.eval.sts",
+    "retrieval": "embedjax.eval.retrieval",
+    "reranking": "embedjax.eval.reranking",
+    "pair_classification": "embedjax.eval.pair_classification",
+}
+WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
+
+
+def as_tuple(value) -> tuple:
+    """A config list (tuple, list, one int, or "a,b" string) as a tuple; empty for None/""."""
+    if value in (None, "", ()):
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value)
+
+
+def build(name: str, spec: Mapping[str, Any]) -> Evaluator:
+    """One evaluator from its config entry (``spec["type"]`` in ``TYPES``), wrapped as asked."""
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in TYPES:
+        raise ValueError(f"evaluator {name!r}: type {kind!r} is not one of {sorted(TYPES)}")
+    layers = tuple(int(k) for k in as_tuple(spec.pop("layers", ())))
+    dims = tuple(int(d) for d in as_tuple(spec.pop("dims", ())))
+    quantize = as_tuple(spec.pop("quantize", ()))
+    try:
+        evaluator = importlib.import_module(TYPES[kind]).from_spec(name, spec)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"evaluator {name!r} ({kind}): {err}") from None
+    if quantize:
+        from embedjax.eval.quantize import PRECISIONS
+        from embedjax.eval.quantized import QuantizedEvaluator
+
+        unknown = [q for q in quantize if q not in PRECISIONS]
+        if unknown:
+            raise ValueError(f"evaluator {name!r}: quantize {unknown} not among {PRECISIONS}")
+        evaluator = QuantizedEvaluator(evaluator, precisions=("float32", *[q for q in quantize if q != "float32"]))
+    if layers or dims:  # outside the quantiser: each (depth, width) slice is quantised on its own
+        from embedjax.eval.grid import GridEvaluator
+
+        evaluator = GridEvaluator(evaluator, layers=(None, *layers), dims=(None, *dims))
+    return evaluator
+
+
+def from_config(evals: Mapping[str, Mapping[str, Any]]) -> list[Evaluator]:
+    """Every evaluator of ``config.evals`` (names must be unique, non-empty, without '/')."""
+    out = []
+    for name, spec in evals.items():
+        if not name or "/" in name:
+            raise ValueError(f"evaluator name {name!r}: expected a non-empty name without '/'")
+        out.append(build(name, spec))
+    return out
+
+
+def run_all(evaluators: Sequence[Evaluator], encoder) -> dict[str, float]:
+    """Every evaluator's ``(name, value)`` pairs in one dict, in order."""
+    metrics: dict[str, float] = {}
+    for evaluator in evaluators:
+        metrics.update(evaluator.run(encoder))
+    return metrics
+
+
+def headline(evaluator: Evaluator) -> str:
+    """The evaluator's main key with its prefix, e.g. ``"stsb_dev/cosine_spearman"``."""
+    return f"{evaluator.name}/{evaluator.main_metric}"

@@ -63,22 +63,25 @@ def main(argv, callbacks=()) -> None:
 
 
 def report(summary: dict, select: str, workdir: Path) -> None:
-    """Prints the dev metric before and after training (process 0 only)."""
+    """Prints the selection metric (and STS dev Spearman, when evaluated) before and after training
+    (process 0 only)."""
     import jax
 
     if jax.process_index() != 0:
         return
     before, after = summary["before"], summary["after"]
-    key = "dev/cosine_spearman"
     print()
     if summary.get("finished_before"):
         print(f"{workdir} already holds a finished run (delete it, or use another --workdir, to train again)")
-    if before is not None:
-        print(f"dev Spearman before training: {before[key]:.2f}")
-    print(f"dev Spearman after training:  {after[key]:.2f}  (best step {summary['best_step']} of {summary['steps']})")
-    if select != key:  # e.g. the 2D grid mean: say what the checkpoint was chosen by
-        start = "" if before is None else f"{before[select]:.2f} before, "
-        print(f"{select} (selection metric): {start}{after[select]:.2f} after")
+    sts = "dev/cosine_spearman"
+    if sts in after:
+        if before is not None:
+            print(f"dev Spearman before training: {before[sts]:.2f}")
+        print(f"dev Spearman after training:  {after[sts]:.2f}  (best step {summary['best_step']} of {summary['steps']})")
+    if select != sts:  # e.g. the 2D grid mean or a retrieval metric: say what the checkpoint was chosen by
+        start = "" if before is None else f"{before[select]:.4g} before, "
+        print(f"{select} (selection metric): {start}{after[select]:.4g} after  "
+              f"(best step {summary['best_step']} of {summary['steps']})")
     print(f"model exported to {workdir.absolute()}")
 
 

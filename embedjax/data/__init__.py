@@ -1,6 +1,8 @@
 """Input data: file readers, TFDS builders and grain pipelines.
 
-Readers are pure Python (``embedjax.data.readers``). The TFDS builders
+Readers are pure Python: training files (``embedjax.data.readers``) and evaluation files
+(``sts_readers``: STS with subsets; ``retrieval_readers``: BEIR and reranking; ``pair_readers``:
+binary-labelled pairs), all with the same file:line errors. The TFDS builders
 (``embedjax.data.tfds_builders``) and grain pipelines (``embedjax.data.pipeline``) are
 imported on first use, so ``import embedjax.data`` stays light.
 """
@@ -24,14 +26,28 @@ from embedjax.data.readers import (
     read_triplets,
     sick_triplets,
 )
+from embedjax.data.pair_readers import LabelledPair, read_labelled_pairs, read_sick_binary
+from embedjax.data.retrieval_readers import BeirData, RerankingSample, read_beir, read_reranking
+from embedjax.data.sts_readers import STSPair, read_senteval_sts, read_sick_sts, read_stsb_sts
 
 __all__ = [
+    "BeirData",
     "DataError",
+    "LabelledPair",
     "NLIPair",
     "Pair",
+    "RerankingSample",
     "Rows",
+    "STSPair",
     "ScoredPair",
     "Triplet",
+    "read_beir",
+    "read_labelled_pairs",
+    "read_reranking",
+    "read_senteval_sts",
+    "read_sick_binary",
+    "read_sick_sts",
+    "read_stsb_sts",
     "read_pairs",
     "read_records",
     "read_scored_pairs",

@@ -1,9 +1,9 @@
 """STS pairs that know which subset they come from.
 
 STS benchmarks are unions of subsets (genres / source files / years), and the protocols
-differ in how they use them (``embedjax.eval.sts``): SentEval's "all" setting as SimCSE
-reports it (arXiv:1803.05449, arXiv:2104.08821) pools every pair of a task into one
-correlation, the per-subset protocol averages one correlation per subset. So every reader
+differ in how they use them (``embedjax.eval.sts``): the "all" setting as SimCSE reports it
+(arXiv:2104.08821) pools every pair of a task into one correlation, the original SentEval
+toolkit (arXiv:1803.05449) averages one correlation per subset. So every reader
 here returns ``STSPair`` records (a ``ScoredPair`` plus ``subset`` and ``year``):
 
 * ``read_stsb_sts``: the STS benchmark's files; subset ``"{file}/{year}"`` (``"MSRvid/2012test"``),

@@ -12,13 +12,15 @@ Similarities (``embedjax.similarity.pairwise``, higher = more similar): ``cosine
 Two protocols, labelled in the keys:
 
 * ``"pooled"``: one correlation over every pair: ``{metric}_spearman``, ``{metric}_pearson``.
-  SentEval's "all" setting as SimCSE and AnglE report STS12-16 (every subset of a year pooled
-  into one set; STS-B test and SICK-R as they are): SentEval arXiv:1803.05449, SimCSE
-  arXiv:2104.08821 (appendix B).
+  The "all" setting as SimCSE (arXiv:2104.08821, appendix B) and AnglE report STS12-16: every
+  subset of a year pooled into one set; STS-B test and SICK-R as they are; the 7-task average.
+  MTEB (arXiv:2210.07316) pools too: its STS12-16 test splits hold every subset of the year
+  (e.g. 3108 pairs for STS12), though its copies of the data differ from SentEval's.
 * ``"subset_mean"``: one correlation per subset, averaged (unweighted):
-  ``{metric}_spearman_subset_mean``, ``{metric}_pearson_subset_mean``; reported only when the
-  pairs carry more than one subset (``embedjax.data.sts_readers``). Not comparable with pooled
-  numbers: per-subset correlations ignore how the subsets' score ranges line up.
+  ``{metric}_spearman_subset_mean``, ``{metric}_pearson_subset_mean``; the "mean" that the
+  original SentEval toolkit (arXiv:1803.05449) reports for STS12-16. Reported only when the pairs
+  carry more than one subset (``embedjax.data.sts_readers``). Not comparable with pooled numbers:
+  per-subset correlations ignore how the subsets' score ranges line up.
 
 With ``per_subset=True`` each subset's own correlations come too: ``{metric}_spearman[{subset}]``.
 ``layers`` / ``dims`` evaluate a (depth x width) grid through ``embedjax.eval.grid.GridEvaluator``

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 
 from embedjax import cli, hf  # noqa: E402
 from embedjax.eval import suite  # noqa: E402
+from embedjax.eval.grid import GridEvaluator  # noqa: E402
 from configs.base import DATA, typed_value  # noqa: E402  (one data-dir rule and one value typing for configs and CLIs)
 
 
@@ -176,9 +177,9 @@ def main(argv=None) -> dict:
         check_range("--layers", args.layers, encoder.cfg.num_layers, f"the model has {encoder.cfg.num_layers} layers")
         layers, dims = default_grid(encoder.cfg.num_layers, encoder.dim)
         layers, dims = args.layers or layers, args.dims or dims
-        from embedjax.eval.grid import GridEvaluator
-
-        evaluators = [GridEvaluator(e, layers=layers, dims=dims) for e in evaluators]
+        # a task with its own layers=/dims= keeps its grid
+        evaluators = [e if isinstance(e, GridEvaluator) else GridEvaluator(e, layers=layers, dims=dims)
+                      for e in evaluators]
 
     results: dict[str, float] = {}
     print(f"{model}")
@@ -187,7 +188,7 @@ def main(argv=None) -> dict:
         metrics = dict(evaluator.run(encoder))
         results.update(metrics)
         print(f"\n{evaluator.name}  (main: {suite.headline(evaluator)} = {metrics[suite.headline(evaluator)]:.4g})")
-        if grid:
+        if isinstance(evaluator, GridEvaluator):
             print(evaluator.table(metrics))
             if plots is not None:
                 stem = args.json.stem if args.json else "grid"

@@ -264,27 +264,27 @@ def test_eval_cli_bad_row_and_default_data_path(tmp_path):
     data.mkdir(parents=True)
     (data / "sts-dev.csv").write_text("main\tf\t2012\t1\t4.0\tA cat.\tA cat sits.\n"
                                       "main\tf\t2012\t2\t7.5\tA dog.\tA dog runs.\n")
-    # no --data: EMBEDJAX_DATA decides, and the bad row (line 2) is reported before any model is loaded
+    # no --task: EMBEDJAX_DATA decides, and the bad row (line 2) is reported before any model is loaded
     assert_one_line(run_script("eval", "--model", tmp_path / "no_model", env={"EMBEDJAX_DATA": str(tmp_path / "data")}),
                     f"{data / 'sts-dev.csv'}:2:", "expected a number in 0.0..5.0")
 
 
 def test_eval_cli_rejects_dims_and_layers_outside_the_model(tiny_model, tmp_path, stsb_dir):
-    dev = stsb_dir / "sts-dev.csv"
-    assert_one_line(run_script("eval", "--model", tiny_model, "--data", dev, "--dims", "32", "64"),
-                    "--dims 64", "1..32")
-    assert_one_line(run_script("eval", "--model", tiny_model, "--data", dev, "--layers", "0"), "--layers 0")
-    assert_one_line(run_script("eval", "--model", tiny_model, "--data", dev, "--layers", "3"),
-                    "--layers 3", "1..2")
+    task = f"sts:{stsb_dir / 'sts-dev.csv'}"
+    assert_one_line(run_script("eval", tiny_model, "--task", task, "--dims", "32", "64"), "--dims 64", "1..32")
+    assert_one_line(run_script("eval", tiny_model, "--task", task, "--layers", "0"), "--layers 0")
+    assert_one_line(run_script("eval", tiny_model, "--task", task, "--layers", "3"), "--layers 3", "1..2")
 
 
 def test_eval_rejects_out_of_range_before_evaluating(tiny_model, stsb_dir, monkeypatch):
+    from embedjax.eval import base
+
     module = load_script("eval")
     called = []
-    monkeypatch.setattr(module, "STSEvaluator", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(base, "encode", lambda *a, **k: called.append(1))  # what every evaluator embeds with
     for flag, value in (("--dims", "33"), ("--layers", "3"), ("--dims", "0")):
         with pytest.raises(ValueError, match=f"{flag} {value}: expected"):
-            module.main(["--model", str(tiny_model), "--data", str(stsb_dir / "sts-dev.csv"), flag, value])
+            module.main([str(tiny_model), "--task", f"sts:{stsb_dir / 'sts-dev.csv'}", flag, value])
     assert not called
 
 

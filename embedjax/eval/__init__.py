@@ -1,6 +1,6 @@
 """Evaluators on one contract (``embedjax.eval.base``): ``run(encoder)`` yields ``(name, value)`` pairs.
 
-* ``STSEvaluator`` (``sts``): Spearman / Pearson x100, pooled (SentEval "all") and per-subset mean (MTEB).
+* ``STSEvaluator`` (``sts``): Spearman / Pearson x100, pooled (SentEval "all") and the per-subset mean.
 * ``RetrievalEvaluator`` (``retrieval``): BEIR layout; nDCG/MRR/recall/precision/MAP/accuracy@k,
   corpus sharded over every device.
 * ``RerankingEvaluator`` (``reranking``): MAP, MRR@10, nDCG@10 (MTEB).

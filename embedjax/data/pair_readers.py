@@ -11,54 +11,11 @@ NEUTRAL and CONTRADICTION = 0.
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
-from embedjax.data.readers import DataError, NLIPair, Rows, _rows, _split, infer_format, read_sick
+from embedjax.data.readers import LabelledPair, NLIPair, Rows, parse_label, read_records, read_sick
 
-FIELDS = ("text_a", "text_b", "label")
-_TRUE, _FALSE = ("1", "true", "1.0"), ("0", "false", "0.0")
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelledPair:
-    """Two texts and a binary label: 1 = the pair belongs together (duplicate, paraphrase,
-    entailment), 0 = it does not."""
-
-    text_a: str
-    text_b: str
-    label: int
-
-
-def parse_label(value: Any, path, line: int, column: str = "label") -> int:
-    """``value`` as 0 or 1: ints/floats 0 and 1, JSON booleans, strings "0", "1", "true", "false"."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in _TRUE:
-            return 1
-        if text in _FALSE:
-            return 0
-    raise DataError(path, line, f"{column} {value!r} is not a binary label (expected 0, 1, true or false)")
-
-
-def _columns(fmt: str, columns: Mapping[str, str | int] | None) -> dict[str, str | int]:
-    if fmt not in ("tsv", "csv", "jsonl"):
-        raise ValueError(f"labelled pairs need a tsv, csv or jsonl file, not {fmt}")
-    if columns is None:
-        return {f: (f if fmt == "jsonl" else i) for i, f in enumerate(FIELDS)}
-    columns = dict(columns)
-    unknown, missing = set(columns) - set(FIELDS), [f for f in FIELDS if f not in columns]
-    if unknown or missing:
-        raise ValueError(f"columns must map exactly {FIELDS}; unknown {sorted(unknown)}, missing {missing}")
-    for field, key in columns.items():
-        if isinstance(key, bool) or not isinstance(key, (str, int)) or (isinstance(key, int) and key < 0):
-            raise ValueError(f"column of {field!r} must be a name or a 0-based index, got {key!r}")
-    return columns
+__all__ = ["LabelledPair", "parse_label", "read_labelled_pairs", "read_sick_binary", "sick_binary"]
 
 
 def read_labelled_pairs(
@@ -69,7 +26,7 @@ def read_labelled_pairs(
     header: bool | None = None,
     skip_bad: bool = False,
 ) -> Rows:
-    """Reads binary-labelled pairs -> ``Rows`` of ``LabelledPair``.
+    """Reads binary-labelled pairs -> ``Rows`` of ``LabelledPair`` (``read_records(path, "labelled")``).
 
     Args:
       path: a tsv, csv or jsonl file.
@@ -82,67 +39,7 @@ def read_labelled_pairs(
     Every tsv/csv row must have as many columns as the header (or, without one, the first row),
     so a stray tab or comma inside a text is caught on its line.
     """
-    path = Path(path)
-    fmt = infer_format(path, format)
-    cols = _columns(fmt, columns)
-    tabular = fmt != "jsonl"
-    named = any(isinstance(k, str) for k in cols.values())
-    if header is None:
-        header = tabular and named
-    if header and not tabular:
-        raise ValueError("header applies to tsv/csv files, not jsonl")
-    if tabular and named and not header:
-        raise ValueError(f"columns {cols} name columns, so the file needs header=True")
-    shown = dict(cols)
-    shape: dict[str, Any] = {"count": None, "why": ""}
-    unit = "tab-separated" if fmt == "tsv" else "comma-separated"
-
-    def take_header(number: int, text: str) -> None:
-        names = [n.strip() for n in _split(fmt, path, number, text)]
-        for field, key in cols.items():
-            if isinstance(key, str):
-                if key not in names:
-                    raise DataError(path, number, f"missing column {key!r} (for {field}): expected it in the "
-                                                  f"header, which has {names}")
-                cols[field] = names.index(key)
-        shape.update(count=len(names), why=f"as in the header on line {number}")
-
-    def get(row, field: str, number: int):
-        key = cols[field]
-        if isinstance(row, dict):
-            if not isinstance(key, str):
-                raise DataError(path, number, f"expected a JSON array (column {key} for {field}), found an object")
-            if key not in row:
-                raise DataError(path, number, f"missing key {key!r} (for {field}): expected a JSON object with "
-                                              f"keys {[shown[f] for f in FIELDS]}")
-            return row[key]
-        if isinstance(key, str):
-            raise DataError(path, number, f"expected a JSON object with key {key!r} (for {field}), found an array")
-        if key >= len(row):
-            raise DataError(path, number, f"missing column {key + 1} (for {field}): expected at least {key + 1} "
-                                          f"columns, found {len(row)}")
-        return row[key]
-
-    def parse(number: int, text: str) -> LabelledPair:
-        row = _split(fmt, path, number, text)
-        if tabular:
-            if shape["count"] is None:
-                shape.update(count=len(row), why=f"as on line {number}, the first row")
-            if len(row) != shape["count"]:
-                raise DataError(path, number, f"expected {shape['count']} {unit} columns ({shape['why']}), "
-                                              f"found {len(row)}")
-        texts = []
-        for field in ("text_a", "text_b"):
-            value = get(row, field, number)
-            if not isinstance(value, str):
-                raise DataError(path, number, f"{field} must be a string, found {type(value).__name__} {value!r}")
-            if not value.strip():
-                raise DataError(path, number, f"{field} (column {shown[field]!r}) is empty (expected non-empty text)")
-            texts.append(value)
-        label = parse_label(get(row, "label", number), path, number, f"label (column {shown['label']!r})")
-        return LabelledPair(texts[0], texts[1], label)
-
-    return _rows(path, parse, skip_bad=skip_bad, header=take_header if header else False)
+    return read_records(path, "labelled", format=format, columns=columns, header=header, skip_bad=skip_bad)
 
 
 def sick_binary(pairs: Iterable[NLIPair]) -> list[LabelledPair]:

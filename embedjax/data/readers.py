@@ -11,7 +11,8 @@ Kinds of examples (the field names are the column-mapping keys everywhere):
 - ``"sentences"``: ``text_a`` -> ``str`` (unsupervised SimCSE);
 - ``"pairs"``: ``text_a, text_b`` -> ``Pair`` (anchor, positive);
 - ``"triplets"``: ``text_a, text_b, text_n`` -> ``Triplet`` (anchor, positive, hard negative);
-- ``"scored"``: ``text_a, text_b, score`` -> ``ScoredPair`` (CoSENT / AnglE).
+- ``"scored"``: ``text_a, text_b, score`` -> ``ScoredPair`` (CoSENT / AnglE);
+- ``"labelled"``: ``text_a, text_b, label`` (0 / 1) -> ``LabelledPair`` (pair classification).
 
 Formats: ``tsv`` (split on tabs, no quoting), ``csv`` (the ``csv`` module, RFC 4180
 quoting, one record per line: a quoted field may not span lines, which makes an
@@ -77,6 +78,16 @@ class NLIPair(ScoredPair):
     label: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelledPair:
+    """Two texts and a binary label: 1 = the pair belongs together (duplicate, paraphrase,
+    entailment), 0 = it does not (pair classification)."""
+
+    text_a: str
+    text_b: str
+    label: int
+
+
 class Rows(list):
     """A list of parsed rows; ``lines``: the 1-based line of each row in its file;
     ``skipped``: how many bad rows were left out (``skip_bad=True``)."""
@@ -93,6 +104,7 @@ KINDS: dict[str, tuple[tuple[str, ...], Callable[[dict], Any]]] = {
     "pairs": (("text_a", "text_b"), lambda f: Pair(**f)),
     "triplets": (("text_a", "text_b", "text_n"), lambda f: Triplet(**f)),
     "scored": (("text_a", "text_b", "score"), lambda f: ScoredPair(**f)),
+    "labelled": (("text_a", "text_b", "label"), lambda f: LabelledPair(**f)),
 }
 FORMATS = ("tsv", "csv", "jsonl", "txt")
 _SUFFIXES = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}
@@ -144,6 +156,24 @@ def _score(value: Any, lo: float | None, hi: float | None, path, line: int, colu
     if not math.isfinite(score) or (lo is not None and not lo <= score <= hi):
         raise DataError(path, line, f"{column} {score} is out of range ({expected})")
     return score
+
+
+_TRUE, _FALSE = ("1", "true", "1.0"), ("0", "false", "0.0")
+
+
+def parse_label(value: Any, path, line: int, column: str = "label") -> int:
+    """``value`` as 0 or 1: ints/floats 0 and 1, JSON booleans, strings "0", "1", "true", "false" (any case)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return 1
+        if text in _FALSE:
+            return 0
+    raise DataError(path, line, f"{column} {value!r} is not a binary label (expected 0, 1, true or false)")
 
 
 def _rows(
@@ -333,7 +363,7 @@ def read_records(
     skip_bad: bool = False,
     keep_blank: bool = False,
 ) -> Rows:
-    """Reads examples of ``kind`` ("sentences", "pairs", "triplets", "scored") from one file.
+    """Reads examples of ``kind`` ("sentences", "pairs", "triplets", "scored", "labelled") from one file.
 
     Args:
       path: the file.
@@ -351,7 +381,7 @@ def read_records(
       keep_blank: (txt only) one row per line, ``""`` for a blank line, so row i is line i + 1.
 
     Returns a ``Rows`` list (``.skipped`` = bad rows left out) of ``str`` / ``Pair`` /
-    ``Triplet`` / ``ScoredPair``.
+    ``Triplet`` / ``ScoredPair`` / ``LabelledPair``.
     """
     path = Path(path)
     fmt = infer_format(path, format, default="txt" if kind == "sentences" else None)
@@ -411,6 +441,8 @@ def read_records(
             value = get(row, field, number)
             if field == "score":
                 values[field] = _score(value, lo, hi, path, number, f"score (column {shown[field]!r})")
+            elif field == "label":
+                values[field] = parse_label(value, path, number, f"label (column {shown[field]!r})")
             elif not isinstance(value, str):
                 raise DataError(path, number, f"{field} must be a string, found {type(value).__name__} {value!r}")
             elif not value.strip() and not keep_blank:

@@ -66,16 +66,16 @@ def _launch(out: Path, model, evals: dict, processes: int):
             for i in range(processes)]
 
 
-def host_evals(small_dev) -> dict:
-    return {"dev": {"type": "sts", "path": str(small_dev), "format": "stsb"}}
-
-
-def test_two_hosts_encode_and_evaluate_like_one(tiny_model, small_dev, tmp_path):
+def test_two_hosts_encode_and_evaluate_like_one(tiny_model, small_dev, small_beir, tmp_path):
     """2 processes x 4 devices: each host encodes its share; every host ends with the full
-    embeddings and the metrics of 1 process x 8 devices."""
-    evals = host_evals(small_dev)
+    embeddings and the metrics of 1 process x 8 devices, retrieval's corpus sharded over both
+    hosts' devices (binary too)."""
+    evals = {"dev": {"type": "sts", "path": str(small_dev), "format": "stsb"},
+             "ir": {"type": "retrieval", "path": str(small_beir), "split": "dev", "k_values": (1, 10),
+                    "quantize": ("binary",)}}
     [(want, one)] = _launch(tmp_path / "one", tiny_model, evals, processes=1)
     assert one["process_count"] == 1 and one["devices"] == 8
+    assert {"dev/cosine_spearman", "ir/ndcg@10", "ir/ndcg@10@binary"} <= one["metrics"].keys()
     two = _launch(tmp_path / "two", tiny_model, evals, processes=2)
     for embeddings, result in two:
         assert result["process_count"] == 2 and result["devices"] == 8

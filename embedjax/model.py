@@ -40,6 +40,8 @@ class Encoder:
     lowercase: bool = False
     path: Path | None = None
     normalize: bool = False
+    # params replicated on each mesh encode() was given: placed once, not on every call
+    _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -107,7 +109,11 @@ class Encoder:
         starts = range(0, len(order), batch_size)
         params, place = self.params, np.asarray
         if mesh is not None:
-            params = jax.device_put(self.params, NamedSharding(mesh, P()))
+            key = (mesh, id(self.params))  # a new params tree (enc.params = ...) is placed anew
+            if key not in self._placed:
+                self._placed.clear()  # one copy at a time
+                self._placed[key] = jax.device_put(self.params, NamedSharding(mesh, P()))
+            params = self._placed[key]
             rows_sharding = NamedSharding(mesh, P(mesh.axis_names))
             place = lambda x: jax.device_put(x, rows_sharding)  # noqa: E731
         pending = []

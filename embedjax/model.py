@@ -112,8 +112,9 @@ class Encoder:
             key = (mesh, id(self.params))  # a new params tree (enc.params = ...) is placed anew
             if key not in self._placed:
                 self._placed.clear()  # one copy at a time
-                self._placed[key] = jax.device_put(self.params, NamedSharding(mesh, P()))
-            params = self._placed[key]
+                # the source tree is kept with its copy, so its id cannot be reused meanwhile
+                self._placed[key] = (self.params, jax.device_put(self.params, NamedSharding(mesh, P())))
+            params = self._placed[key][1]
             rows_sharding = NamedSharding(mesh, P(mesh.axis_names))
             place = lambda x: jax.device_put(x, rows_sharding)  # noqa: E731
         pending = []

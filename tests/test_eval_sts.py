@@ -159,6 +159,13 @@ def test_protocol_choice_and_keys(dev):
         STSEvaluator(dev, "x").score({"queries": emb["a"]})
     with pytest.raises(ValueError, match="1499 embeddings for 1500 pairs"):
         STSEvaluator(dev, "x").score({"a": emb["a"][1:], "b": emb["b"][1:]})
+    # a subset of one pair (a small dev file): the default reports the pooled protocol only;
+    # asking for the per-subset protocol is an error
+    lone = dev[:20] + [dataclasses.replace(dev[20], subset="lonely/2099")]
+    small = {k: v[:21] for k, v in emb.items()}
+    assert sorted(STSEvaluator(lone, "x", metrics=("cosine",)).score(small)) == ["cosine_pearson", "cosine_spearman"]
+    with pytest.raises(ValueError, match=r"subsets \['lonely/2099'\] have fewer than 2 pairs"):
+        STSEvaluator(lone, "x", protocol="subset_mean")
 
 
 def test_correlations_do_not_normalise():

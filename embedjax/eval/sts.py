@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -42,6 +43,7 @@ from embedjax import similarity
 from embedjax.data.readers import ScoredPair
 from embedjax.eval import base
 
+log = logging.getLogger(__name__)
 DEFAULT_METRICS = ("cosine", "dot", "euclidean", "manhattan")
 PROTOCOLS = ("pooled", "subset_mean", "both")
 SPEC_KEYS = ("path", "format", "protocol", "metrics", "batch_size", "per_subset")
@@ -150,9 +152,15 @@ class STSEvaluator:
             raise ValueError(f"STSEvaluator {self.name!r}: protocol 'subset_mean' needs pairs from more than one "
                              f"subset, found {n_subsets} (use 'pooled')")
         small = sorted(s for s in set(self.subsets) if self.subsets.count(s) < 2)
-        if n_subsets > 1 and (self.protocol != "pooled" or self.per_subset) and small:
-            raise ValueError(f"STSEvaluator {self.name!r}: subsets {small} have fewer than 2 pairs "
-                             f"(a per-subset correlation needs 2)")
+        self._subsets_scored = n_subsets > 1 and (self.protocol != "pooled" or self.per_subset)
+        if self._subsets_scored and small:
+            if self.protocol == "subset_mean" or self.per_subset:
+                raise ValueError(f"STSEvaluator {self.name!r}: subsets {small} have fewer than 2 pairs "
+                                 f"(a per-subset correlation needs 2)")
+            # "both" (the default) on a small dev file: the pooled protocol alone, said once
+            log.warning("STSEvaluator %r: subsets %s have fewer than 2 pairs; reporting the pooled protocol only",
+                        self.name, small)
+            self._subsets_scored = False
         self.layers, self.dims = tuple(self.layers), tuple(self.dims)
 
     # ------------------------------------------------------------------ the contract
@@ -198,7 +206,7 @@ class STSEvaluator:
         out = {}
         if self.protocol in ("pooled", "both"):
             out.update(correlations(za, zb, gold, self.metrics))
-        if len(set(self.subsets)) > 1 and (self.protocol != "pooled" or self.per_subset):
+        if self._subsets_scored:
             scores = subset_correlations(za, zb, gold, self.subsets, self.metrics, per_subset=self.per_subset)
             if self.protocol == "pooled":  # only the per-subset values were asked for
                 scores = {k: v for k, v in scores.items() if not k.endswith("_subset_mean")}

@@ -202,7 +202,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     evaluators = evaluators_from_config(config, encoder.cfg)
 
     def evaluate(params) -> dict[str, float]:
-        metrics = suite.run_all(evaluators, dataclasses.replace(encoder, params=_local(params)))
+        # normalize=True: scored as the export (save_pretrained(normalize=True)) will embed
+        metrics = suite.run_all(evaluators, dataclasses.replace(encoder, params=_local(params), normalize=True))
         check_select_metric(config.select_metric, metrics)
         return metrics
 

@@ -17,18 +17,9 @@ from embedjax.eval.quantized import QuantizedEvaluator
 from embedjax.eval.retrieval import RetrievalEvaluator
 from embedjax.eval.sts import STSEvaluator
 
+from test_eval_sts import naive_scores  # noqa: E402  (tests/ is on sys.path; one NumPy reference)
+
 N_PAIRS = 150
-
-
-def naive_scores(a, b, metric):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if metric == "cosine":
-        return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    if metric == "dot":
-        return (a * b).sum(1)
-    if metric == "euclidean":
-        return -np.linalg.norm(a - b, axis=1)
-    return -np.abs(a - b).sum(1)
 
 
 def spearman(scores, gold):

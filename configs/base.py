@@ -64,7 +64,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_steps = 0               # > 0: train steps (micro-batches), overrides num_epochs
     c.mesh = ml_collections.ConfigDict({  # the device mesh (embedjax/sharding.py)
         "data": -1,               # data-parallel axis size; -1 = all devices not used by fsdp
-        "fsdp": 1,                # parameter-sharding axis size
+        "fsdp": 1,                # parameter-sharding axis size (data parallel too)
+        "model": 1,               # tensor-parallel axis size (splits each big matrix; same examples)
     })
     c.sharding_rules = "replicated"  # or "fsdp" (shard big matrices over the fsdp axis)
 

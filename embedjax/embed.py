@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from embedjax import pooling as pooling_lib
-from embedjax.encoders import bert
+from embedjax.encoders import registry
 
 
 def truncate(z, dim: int | None, normalize: bool):
@@ -29,7 +29,7 @@ def truncate(z, dim: int | None, normalize: bool):
 
 def embed(
     params,
-    cfg: bert.BertConfig,
+    cfg,
     input_ids,
     attention_mask,
     *,
@@ -46,7 +46,7 @@ def embed(
     """Token ids -> text embeddings.
 
     Args:
-      params, cfg: encoder params and config.
+      params, cfg: encoder params and config (any backbone of ``embedjax.encoders.registry``).
       input_ids, attention_mask: (B, T) int arrays.
       pooling: one of ``pooling.MODES``.
       normalize: L2-normalise the output (after ``dim`` truncation).
@@ -64,7 +64,7 @@ def embed(
     Returns:
       (B, D) float array, or (k + 1, B, D) when ``per_layer``.
     """
-    hidden = bert.apply(
+    hidden = registry.of(cfg).apply(
         params,
         cfg,
         input_ids,
@@ -82,7 +82,7 @@ def embed(
 
 def embed_packed(
     params,
-    cfg: bert.BertConfig,
+    cfg,
     input_ids,
     segment_ids,
     positions,
@@ -109,7 +109,7 @@ def embed_packed(
       (num_texts, D), or (k + 1, num_texts, D) when ``per_layer``: for every text what
       ``embed`` gives it alone, with far less padding to compute on.
     """
-    hidden = bert.apply(
+    hidden = registry.of(cfg).apply(
         params,
         cfg,
         input_ids,

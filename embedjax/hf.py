@@ -20,35 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from embedjax.encoders.bert import BertConfig
+from embedjax.encoders import registry, statedict
 
 # Files a hub download needs; weights other than safetensors are not read.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "tokenizer*", "*.md"]
 
-# Per-layer tensors: (our path inside params['layers'], torch name inside encoder.layer.{i}).
-_LAYER_MAP = [
-    (("attention", "query"), "attention.self.query"),
-    (("attention", "key"), "attention.self.key"),
-    (("attention", "value"), "attention.self.value"),
-    (("attention", "output"), "attention.output.dense"),
-    (("attention", "norm"), "attention.output.LayerNorm"),
-    (("mlp", "up"), "intermediate.dense"),
-    (("mlp", "down"), "output.dense"),
-    (("mlp", "norm"), "output.LayerNorm"),
-]
-_EMBEDDING_MAP = [
-    ("word", "embeddings.word_embeddings"),
-    ("position", "embeddings.position_embeddings"),
-    ("token_type", "embeddings.token_type_embeddings"),
-    ("norm", "embeddings.LayerNorm"),
-]
-# Tensors a base-model checkpoint may carry that an encoder does not use.
-_IGNORED = re.compile(r"^(pooler\.|cls\.|lm_head\.|embeddings\.position_ids$|qa_outputs\.|classifier\.)")
-_PREFIXES = ("bert.", "roberta.", "xlm_roberta.", "model.", "encoder_model.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be mapped onto an embedjax encoder."""
+CheckpointError = statedict.CheckpointError  # re-exported: the public name users catch
 
 
 # --------------------------------------------------------------------------- files
@@ -114,115 +91,17 @@ def load_state_dict(directory: Path) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------- names
 
 
-def _strip_prefix(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "embeddings.") for k in state):
-            return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    return state
-
-
-def _norm_names(torch_name: str) -> tuple[str, str]:
-    return f"{torch_name}.weight", f"{torch_name}.bias"
-
-
-def _legacy(name: str) -> str:
-    # Old TF-converted checkpoints call layer-norm params gamma/beta.
-    return name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
-
-
-def params_from_state_dict(state: dict[str, np.ndarray], cfg: BertConfig) -> dict:
-    """Maps a PyTorch-named state dict onto the embedjax param tree.
+def params_from_state_dict(state: dict[str, np.ndarray], cfg) -> dict:
+    """Maps a PyTorch-named state dict onto the param tree of ``cfg``'s backbone (its own name map).
 
     Raises ``CheckpointError`` listing every missing and unexpected tensor.
     """
-    state = _strip_prefix(state)
-    used: set[str] = set()
-    missing: list[str] = []
-
-    def take(name: str, transpose: bool = False):
-        for candidate in (name, _legacy(name)):
-            if candidate in state:
-                used.add(candidate)
-                arr = np.asarray(state[candidate], dtype=np.float32)
-                return arr.T if transpose else arr
-        missing.append(name)
-        return None
-
-    def linear(torch_name: str, transpose: bool):
-        w, b = _norm_names(torch_name)
-        return {"kernel": take(w, transpose), "bias": take(b)}
-
-    def norm(torch_name: str):
-        w, b = _norm_names(torch_name)
-        return {"scale": take(w), "bias": take(b)}
-
-    emb = {}
-    for ours, theirs in _EMBEDDING_MAP:
-        emb[ours] = norm(theirs) if ours == "norm" else take(f"{theirs}.weight")
-
-    per_layer = []
-    for i in range(cfg.num_layers):
-        layer: dict[str, Any] = {"attention": {}, "mlp": {}}
-        for (group, ours), theirs in _LAYER_MAP:
-            full = f"encoder.layer.{i}.{theirs}"
-            layer[group][ours] = norm(full) if ours == "norm" else linear(full, transpose=True)
-        per_layer.append(layer)
-
-    unexpected = sorted(k for k in state if k not in used and not _IGNORED.match(k))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint does not match a {cfg.model_type} encoder with {cfg.num_layers} layers:\n"
-            f"  missing ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
-            f"  unexpected ({len(unexpected)}): {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
-        )
-
-    import jax
-
-    layers = jax.tree.map(lambda *xs: np.stack(xs), *per_layer)
-    params = {"embeddings": emb, "layers": layers}
-    _check_shapes(params, cfg)
-    return params
+    return registry.of(cfg).params_from_state_dict(state, cfg)
 
 
-def _check_shapes(params: dict, cfg: BertConfig) -> None:
-    import jax
-
-    from embedjax.encoders import bert
-
-    expected = jax.eval_shape(lambda: bert.init(cfg, jax.random.key(0)))
-    flat_exp = dict(jax.tree_util.tree_leaves_with_path(expected))
-    bad = [
-        f"{jax.tree_util.keystr(path)}: checkpoint {np.shape(leaf)} vs config {flat_exp[path].shape}"
-        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-        if path in flat_exp and tuple(np.shape(leaf)) != tuple(flat_exp[path].shape)
-    ]
-    if bad:
-        raise CheckpointError("tensor shapes do not match config.json:\n  " + "\n  ".join(bad))
-
-
-def state_dict_from_params(params: dict, cfg: BertConfig) -> dict[str, np.ndarray]:
-    """The inverse of ``params_from_state_dict``: PyTorch names, (out, in) linear weights.
-
-    Names carry no model prefix, as ``BertModel.save_pretrained`` writes them.
-    """
-    params = __import__("jax").device_get(params)
-    out: dict[str, np.ndarray] = {}
-    emb = params["embeddings"]
-    for ours, theirs in _EMBEDDING_MAP:
-        if ours == "norm":
-            w, b = _norm_names(theirs)
-            out[w], out[b] = emb["norm"]["scale"], emb["norm"]["bias"]
-        else:
-            out[f"{theirs}.weight"] = emb[ours]
-    for i in range(cfg.num_layers):
-        for (group, ours), theirs in _LAYER_MAP:
-            p = params["layers"][group][ours]
-            w, b = _norm_names(f"encoder.layer.{i}.{theirs}")
-            if ours == "norm":
-                out[w], out[b] = p["scale"][i], p["bias"][i]
-            else:
-                out[w], out[b] = p["kernel"][i].T, p["bias"][i]
-    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
+def state_dict_from_params(params: dict, cfg) -> dict[str, np.ndarray]:
+    """The inverse of ``params_from_state_dict``: the PyTorch names ``save_pretrained`` writes."""
+    return registry.of(cfg).state_dict_from_params(params, cfg)
 
 
 # --------------------------------------------------------------------------- sentence-transformers
@@ -358,13 +237,14 @@ def read_embedjax_config(directory: Path) -> dict:
 # --------------------------------------------------------------------------- entry point
 
 
-def load_checkpoint(name_or_path: str | os.PathLike, **config_overrides) -> tuple[dict, BertConfig, Path]:
-    """Loads ``(params, cfg, directory)`` from a checkpoint directory or hub id."""
+def load_checkpoint(name_or_path: str | os.PathLike, **config_overrides) -> tuple[dict, Any, Path]:
+    """Loads ``(params, cfg, directory)`` from a checkpoint directory or hub id; the backbone is
+    chosen by ``config.json``'s ``model_type`` (``embedjax.encoders.registry``)."""
     directory = resolve(name_or_path)
     hf_config = read_json(directory / "config.json")
     if hf_config is None:
         raise CheckpointError(f"{directory}: no config.json")
-    cfg = BertConfig.from_hf(hf_config, **config_overrides)
+    cfg = registry.config_from_hf(hf_config, **config_overrides)
     params = params_from_state_dict(load_state_dict(directory), cfg)
     return params, cfg, directory
 

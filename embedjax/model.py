@@ -14,7 +14,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import hf, tokenize
 from embedjax.embed import embed_jit
-from embedjax.encoders.bert import BertConfig
 from embedjax import pooling as pooling_lib
 
 
@@ -23,14 +22,14 @@ class Encoder:
     """A loaded text encoder: params, architecture, tokenizer and how to pool.
 
     ``params`` is a plain pytree and ``cfg`` a static config: pass them to
-    ``embedjax.embed`` (or ``encoders.bert.apply``) to use the pure functions directly.
+    ``embedjax.embed`` (or the backbone's ``apply``) to use the pure functions directly.
     ``normalize`` is the checkpoint's own setting (a sentence-transformers ``Normalize``
     module, or an embedjax export's record): ``encode`` L2-normalises by default exactly
     when it is True, as ``SentenceTransformer.encode`` does.
     """
 
     params: Any
-    cfg: BertConfig
+    cfg: Any  # the backbone's static config (embedjax.encoders.registry)
     tokenizer: tokenize.Tokenizer
     pooling: str = "mean"
     max_length: int = 512

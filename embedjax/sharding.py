@@ -1,12 +1,14 @@
 """Device mesh, parameter sharding rules and batch sharding.
 
-The mesh has two axes: ``data`` (data parallel) and ``fsdp`` (data parallel whose members
-also split the parameters). The batch is split over BOTH axes (every device gets distinct
-examples); parameters are split over ``fsdp`` only, by rules written as data:
+The mesh has three axes: ``data`` (data parallel), ``fsdp`` (data parallel whose members
+also split the parameters) and ``model`` (tensor parallel: the members split each big matrix
+and see the same examples). The batch is split over ``data`` and ``fsdp`` (every one of
+those devices gets distinct examples); parameters are split over ``fsdp`` and ``model`` by
+rules written as data, which each backbone owns (``Backbone.sharding_rules``):
 
     rules = [(regex over the '/'-joined param path, PartitionSpec), ...]   first match wins
 
-Axis type: both axes are ``AxisType.Auto``. ``jax.make_mesh`` defaults to ``Explicit``,
+Axis type: every axis is ``AxisType.Auto``. ``jax.make_mesh`` defaults to ``Explicit``,
 under which a contrastive ``za @ zb.T`` with both sides sharded on the batch raises a
 ``ShardingTypeError`` (the result would be sharded twice over the same axis). With ``Auto``
 the losses stay plain global-batch jnp code and GSPMD inserts the all-gather of the
@@ -23,34 +25,34 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp")
-BATCH_AXES = AXES  # the batch is split over every device
+AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over the data-parallel axes; 'model' members share it
 
-# FSDP for the BERT encoder family. Big matrices shard one non-layer axis over 'fsdp' (the
-# leading stacked layer axis of `layers/` stays None: lax.scan slices it); biases, norms and
-# the 2-row token-type table are replicated. Embedding tables shard the HIDDEN axis, not the
-# vocabulary: vocabularies (30522, 250002) rarely divide the mesh, hidden sizes always do.
-# No catch-all: a new parameter must get a rule (or the `.*` of REPLICATED_RULES) on purpose.
-FSDP_RULES: list[tuple[str, P]] = [
-    (r"^embeddings/(word|position)$", P(None, "fsdp")),
-    (r"^embeddings/token_type$", P()),
-    (r"/(bias|scale)$", P()),
-    (r"^layers/attention/(query|key|value|output)/kernel$", P(None, "fsdp", None)),  # (L, H, H)
-    (r"^layers/mlp/up/kernel$", P(None, None, "fsdp")),  # (L, H, I): I is the larger axis
-    (r"^layers/mlp/down/kernel$", P(None, "fsdp", None)),  # (L, I, H)
-]
 REPLICATED_RULES: list[tuple[str, P]] = [(r".*", P())]
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``('data', 'fsdp')`` mesh with ``Auto`` axes (see the module docstring for why).
+def rules_for(cfg, name: str) -> tuple:
+    """The sharding rules called ``name`` for a backbone config: ``"fsdp"`` (the backbone's own
+    FSDP x tensor-parallel rules) or ``"replicated"``."""
+    if name == "replicated":
+        return tuple(REPLICATED_RULES)
+    if name == "fsdp":
+        from embedjax.encoders import registry
 
-    ``-1`` for one axis means "all remaining devices"; ``data * fsdp`` must equal the number
-    of devices used (``devices``, default all of ``jax.devices()``).
+        return tuple(registry.of(cfg).sharding_rules)
+    raise ValueError(f"unknown sharding_rules {name!r}; choose 'fsdp' or 'replicated'")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, model: int = 1, *,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``('data', 'fsdp', 'model')`` mesh with ``Auto`` axes (see the module docstring for why).
+
+    ``-1`` for one axis means "all remaining devices"; ``data * fsdp * model`` must equal the
+    number of devices used (``devices``, default all of ``jax.devices()``).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    sizes = [data, fsdp]
+    sizes = [data, fsdp, model]
     if sizes.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
     if -1 in sizes:
@@ -58,9 +60,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, *, devices: Sequence[jax.Device] | 
         if n % known:
             raise ValueError(f"{n} devices cannot be split into mesh axes {dict(zip(AXES, sizes))}")
         sizes[sizes.index(-1)] = n // known
-    if sizes[0] * sizes[1] != n:
-        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {sizes[0] * sizes[1]} devices, got {n}")
-    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+    if int(np.prod(sizes)) != n:
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, got {n}")
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def local_mesh() -> Mesh:
@@ -70,8 +72,8 @@ def local_mesh() -> Mesh:
 
 
 def mesh_from_config(config: Mapping[str, Any]) -> Mesh:
-    """``make_mesh`` from a dict / ``ml_collections.ConfigDict`` with optional ``data``, ``fsdp``."""
-    return make_mesh(config.get("data", -1), config.get("fsdp", 1))
+    """``make_mesh`` from a dict / ``ml_collections.ConfigDict`` with optional ``data``, ``fsdp``, ``model``."""
+    return make_mesh(config.get("data", -1), config.get("fsdp", 1), config.get("model", 1))
 
 
 def param_path(path) -> str:
@@ -82,7 +84,9 @@ def param_path(path) -> str:
 def param_specs(params_or_shapes, mesh: Mesh, rules, *, strict: bool = True):
     """Pytree of PartitionSpecs for a param pytree (arrays or ``jax.ShapeDtypeStruct``).
 
-    Each leaf takes the spec of the first rule whose regex ``re.search``-es its path.
+    Each leaf takes the spec of the first rule whose regex ``re.search``-es its path; mesh
+    axes of size 1 are dropped from it (``P(None, 'fsdp', 'model')`` on a mesh without
+    tensor parallelism is ``P(None, 'fsdp')``).
     Raises ValueError naming the parameter when no rule matches, when the spec has more
     axes than the array, or when a sharded axis is not divisible by the mesh axis size.
     With ``strict=False`` an indivisible axis is replicated instead, with a warning (a
@@ -99,7 +103,12 @@ def param_specs(params_or_shapes, mesh: Mesh, rules, *, strict: bool = True):
             raise ValueError(f"spec {spec} has more axes than parameter {name!r} {tuple(leaf.shape)}")
         out = []
         for dim, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-            size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+            # Mesh axes of size 1 (or absent from this mesh) split nothing: dropped, so one rule set
+            # serves a ('data', 'fsdp', 'model') mesh of any shape.
+            named = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            named = tuple(a for a in named if mesh.shape.get(a, 1) > 1)
+            axes = None if not named else named[0] if len(named) == 1 else named
+            size = int(np.prod([mesh.shape[a] for a in named]))
             if dim % size:
                 msg = f"parameter {name!r} {tuple(leaf.shape)}: axis of size {dim} not divisible by mesh axes {axes} ({size})"
                 if strict:
@@ -116,13 +125,13 @@ def param_specs(params_or_shapes, mesh: Mesh, rules, *, strict: bool = True):
 
 def param_shardings(params_or_shapes, mesh: Mesh, rules, *, strict: bool = True):
     """Pytree of ``NamedSharding`` for the params (see ``param_specs``); use as
-    ``jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init, ...), mesh, FSDP_RULES))``."""
+    ``jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init, ...), mesh, rules_for(cfg, "fsdp")))``."""
     specs = param_specs(params_or_shapes, mesh, rules, strict=strict)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over every device: ``P(('data', 'fsdp'))``."""
+    """Leading (batch) axis split over the data-parallel axes: ``P(('data', 'fsdp'))``."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 

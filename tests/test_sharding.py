@@ -27,12 +27,14 @@ def test_eight_fake_devices():
 
 def test_make_mesh_sizes_and_axis_types():
     mesh = sharding.make_mesh()
-    assert dict(mesh.shape) == {"data": 8, "fsdp": 1}
-    assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
-    assert dict(sharding.make_mesh(data=2, fsdp=4).shape) == {"data": 2, "fsdp": 4}
-    assert dict(sharding.make_mesh(data=-1, fsdp=2).shape) == {"data": 4, "fsdp": 2}
-    assert dict(sharding.mesh_from_config({"fsdp": 8}).shape) == {"data": 1, "fsdp": 8}
-    assert dict(sharding.make_mesh(devices=jax.devices()[:4]).shape) == {"data": 4, "fsdp": 1}
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "model": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert dict(sharding.make_mesh(data=2, fsdp=4).shape) == {"data": 2, "fsdp": 4, "model": 1}
+    assert dict(sharding.make_mesh(data=-1, fsdp=2).shape) == {"data": 4, "fsdp": 2, "model": 1}
+    assert dict(sharding.make_mesh(fsdp=2, model=2).shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert dict(sharding.mesh_from_config({"fsdp": 8}).shape) == {"data": 1, "fsdp": 8, "model": 1}
+    assert dict(sharding.mesh_from_config({"fsdp": 4, "model": 2}).shape) == {"data": 1, "fsdp": 4, "model": 2}
+    assert dict(sharding.make_mesh(devices=jax.devices()[:4]).shape) == {"data": 4, "fsdp": 1, "model": 1}
     with pytest.raises(ValueError):
         sharding.make_mesh(data=3, fsdp=2)
     with pytest.raises(ValueError):
@@ -47,7 +49,7 @@ def test_explicit_axes_reject_in_batch_similarity_auto_axes_gather():
     za, zb = rng.normal(size=(2, B, 4)).astype(np.float32)
     sim = jax.jit(lambda a, b: a @ b.T)
 
-    explicit = jax.make_mesh((8, 1), sharding.AXES, axis_types=(AxisType.Explicit,) * 2)
+    explicit = jax.make_mesh((8, 1, 1), sharding.AXES, axis_types=(AxisType.Explicit,) * 3)
     s = NamedSharding(explicit, P(sharding.BATCH_AXES))
     with pytest.raises(Exception, match="illegally sharded|ShardingTypeError"):
         sim(jax.device_put(za, s), jax.device_put(zb, s))
@@ -59,7 +61,7 @@ def test_explicit_axes_reject_in_batch_similarity_auto_axes_gather():
 
 # ---------------------------------------------------------------- parameter rules
 
-# Golden PartitionSpecs of every BERT parameter under FSDP_RULES (written out by hand).
+# Golden PartitionSpecs of every BERT parameter under bert.SHARDING_RULES (mesh without 'model') (written out by hand).
 GOLDEN_FSDP = {
     "embeddings/word": P(None, "fsdp"),
     "embeddings/position": P(None, "fsdp"),
@@ -72,13 +74,13 @@ GOLDEN_FSDP = {
     "layers/attention/key/bias": P(),
     "layers/attention/value/kernel": P(None, "fsdp"),
     "layers/attention/value/bias": P(),
-    "layers/attention/output/kernel": P(None, "fsdp"),
+    "layers/attention/output/kernel": P(None, None, "fsdp"),
     "layers/attention/output/bias": P(),
     "layers/attention/norm/scale": P(),
     "layers/attention/norm/bias": P(),
-    "layers/mlp/up/kernel": P(None, None, "fsdp"),
+    "layers/mlp/up/kernel": P(None, "fsdp"),
     "layers/mlp/up/bias": P(),
-    "layers/mlp/down/kernel": P(None, "fsdp"),
+    "layers/mlp/down/kernel": P(None, None, "fsdp"),
     "layers/mlp/down/bias": P(),
     "layers/mlp/norm/scale": P(),
     "layers/mlp/norm/bias": P(),
@@ -88,8 +90,8 @@ GOLDEN_SHARD_SHAPES = {
     "embeddings/word": (64, 8),
     "embeddings/position": (16, 8),
     "layers/attention/query/kernel": (2, 8, 32),
-    "layers/mlp/up/kernel": (2, 32, 16),
-    "layers/mlp/down/kernel": (2, 16, 32),
+    "layers/mlp/up/kernel": (2, 8, 64),
+    "layers/mlp/down/kernel": (2, 64, 8),
     "layers/mlp/up/bias": (2, 64),
 }
 
@@ -102,7 +104,7 @@ def _flat(tree):
 def test_fsdp_rules_golden_specs():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     shapes = jax.eval_shape(functools.partial(bert.init, CFG), jax.random.key(0))
-    specs = _flat(sharding.param_specs(shapes, mesh, sharding.FSDP_RULES))
+    specs = _flat(sharding.param_specs(shapes, mesh, bert.SHARDING_RULES))
     assert specs == GOLDEN_FSDP
 
 
@@ -110,7 +112,7 @@ def test_init_comes_out_sharded_by_fsdp_rules():
     mesh = sharding.make_mesh(data=2, fsdp=4)
     key = jax.random.key(0)
     shapes = jax.eval_shape(functools.partial(bert.init, CFG), key)
-    out_shardings = sharding.param_shardings(shapes, mesh, sharding.FSDP_RULES)
+    out_shardings = sharding.param_shardings(shapes, mesh, bert.SHARDING_RULES)
     params = jax.jit(bert.init, static_argnums=0, out_shardings=out_shardings)(CFG, key)
     reference = _flat(bert.init(CFG, key))
     for name, x in _flat(params).items():
@@ -121,6 +123,18 @@ def test_init_comes_out_sharded_by_fsdp_rules():
         if expected is not None:
             assert shard == expected, name
         np.testing.assert_allclose(np.asarray(x), np.asarray(reference[name]), rtol=1e-6)  # same values, 1-ulp fusion noise
+
+
+def test_model_axis_splits_heads_and_mlp_megatron_style():
+    """With a 'model' axis, q/k/v/up split their outputs and output/down their inputs."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
+    specs = _flat(sharding.param_specs(jax.eval_shape(functools.partial(bert.init, CFG), jax.random.key(0)), mesh,
+                                       sharding.rules_for(CFG, "fsdp")))
+    assert specs["layers/attention/query/kernel"] == P(None, "fsdp", "model")
+    assert specs["layers/attention/output/kernel"] == P(None, "model", "fsdp")
+    assert specs["layers/mlp/up/kernel"] == P(None, "fsdp", "model")
+    assert specs["layers/mlp/down/kernel"] == P(None, "model", "fsdp")
+    assert specs["embeddings/word"] == P(None, "fsdp")
 
 
 def test_replicated_rules():
@@ -218,7 +232,7 @@ def test_sharded_infonce_with_hard_negatives_equals_single_device(data, fsdp):
 
     # Sharded: batch over every device, params by FSDP_RULES (replicated when fsdp == 1).
     mesh = sharding.make_mesh(data=data, fsdp=fsdp)
-    p_shard = sharding.param_shardings(params, mesh, sharding.FSDP_RULES)
+    p_shard = sharding.param_shardings(params, mesh, bert.SHARDING_RULES)
     step = jax.jit(value_and_grad, out_shardings=(NamedSharding(mesh, P()), p_shard))
     sharded_params = jax.device_put(params, p_shard)
     sharded_batch = sharding.to_global(batch, mesh)

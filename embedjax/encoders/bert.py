@@ -17,12 +17,16 @@ Param tree (kernels are ``(in, out)``; ``L`` = number of layers)::
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from embedjax.encoders import layers as L
+from embedjax.encoders import registry, statedict
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 
@@ -51,6 +55,7 @@ class BertConfig:
     model_type: str = "bert"
     position_style: str = "absolute"
     dtype: str = "float32"
+    lora: Any = None  # embedjax.lora.LoraSpec when the params carry adapters
 
     @property
     def max_length(self) -> int:
@@ -64,7 +69,7 @@ class BertConfig:
         """Builds the config from a Hugging Face ``config.json`` dict."""
         model_type = hf.get("model_type", "bert")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise statedict.CheckpointError(
                 f"unsupported architecture model_type={model_type!r} "
                 f"(architectures={hf.get('architectures')}); embedjax supports {SUPPORTED_MODEL_TYPES}"
             )
@@ -174,14 +179,17 @@ def embed_tokens(params, cfg: BertConfig, input_ids, token_type_ids=None, dropou
 
 def layer(p, cfg: BertConfig, x, bias, dropout_key=None):
     """One post-LN transformer layer: attention + residual + norm, MLP + residual + norm."""
-    keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+    keys = [None] * 9 if dropout_key is None else list(jax.random.split(dropout_key, 9))
     a = p["attention"]
     ctx = L.self_attention(
-        a, x, bias, num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout, dropout_key=keys[0]
+        a, x, bias, num_heads=cfg.num_heads, dropout_rate=cfg.attention_dropout, dropout_key=keys[0],
+        lora=cfg.lora, lora_keys=keys[3:6],
     )
-    x = L.layer_norm(a["norm"], x + L.dropout(L.dense(a["output"], ctx), cfg.hidden_dropout, keys[1]), cfg.layer_norm_eps)
+    out = L.dense(a["output"], ctx, cfg.lora, keys[6])
+    x = L.layer_norm(a["norm"], x + L.dropout(out, cfg.hidden_dropout, keys[1]), cfg.layer_norm_eps)
     m = p["mlp"]
-    y = L.dense(m["down"], L.activation(cfg.hidden_act)(L.dense(m["up"], x)))
+    up = L.activation(cfg.hidden_act)(L.dense(m["up"], x, cfg.lora, keys[7]))
+    y = L.dense(m["down"], up, cfg.lora, keys[8])
     return L.layer_norm(m["norm"], x + L.dropout(y, cfg.hidden_dropout, keys[2]), cfg.layer_norm_eps)
 
 
@@ -253,3 +261,111 @@ def apply(
     if all_layers:
         return jnp.concatenate([x[None], hidden], axis=0)
     return last
+
+
+# --------------------------------------------------------------------------- Hugging Face names
+
+# Per-layer tensors: (our path inside params['layers'], torch name inside encoder.layer.{i}).
+_LAYER_MAP = [
+    (("attention", "query"), "attention.self.query"),
+    (("attention", "key"), "attention.self.key"),
+    (("attention", "value"), "attention.self.value"),
+    (("attention", "output"), "attention.output.dense"),
+    (("attention", "norm"), "attention.output.LayerNorm"),
+    (("mlp", "up"), "intermediate.dense"),
+    (("mlp", "down"), "output.dense"),
+    (("mlp", "norm"), "output.LayerNorm"),
+]
+_EMBEDDING_MAP = [
+    ("word", "embeddings.word_embeddings"),
+    ("position", "embeddings.position_embeddings"),
+    ("token_type", "embeddings.token_type_embeddings"),
+    ("norm", "embeddings.LayerNorm"),
+]
+# Tensors a base-model checkpoint may carry that an encoder does not use.
+_IGNORED = re.compile(r"^(pooler\.|cls\.|lm_head\.|embeddings\.position_ids$|qa_outputs\.|classifier\.)")
+_PREFIXES = ("bert.", "roberta.", "xlm_roberta.", "model.", "encoder_model.")
+
+
+def _legacy(name: str):
+    # Old TF-converted checkpoints call layer-norm params gamma/beta.
+    return (name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"),)
+
+
+def params_from_state_dict(state: dict, cfg: BertConfig) -> dict:
+    """Maps a PyTorch-named state dict (``BertModel``, ``bert.``-prefixed task models, RoBERTa,
+    XLM-R) onto the param tree; ``CheckpointError`` lists every missing and unexpected tensor."""
+    state = statedict.strip_prefix(state, _PREFIXES, "embeddings.")
+    reader = statedict.Reader(state, _legacy)
+
+    def linear(name: str):
+        return {"kernel": reader.take(f"{name}.weight", transpose=True), "bias": reader.take(f"{name}.bias")}
+
+    def norm(name: str):
+        return {"scale": reader.take(f"{name}.weight"), "bias": reader.take(f"{name}.bias")}
+
+    emb = {ours: norm(theirs) if ours == "norm" else reader.take(f"{theirs}.weight") for ours, theirs in _EMBEDDING_MAP}
+    per_layer = []
+    for i in range(cfg.num_layers):
+        layer: dict[str, Any] = {"attention": {}, "mlp": {}}
+        for (group, ours), theirs in _LAYER_MAP:
+            full = f"encoder.layer.{i}.{theirs}"
+            layer[group][ours] = norm(full) if ours == "norm" else linear(full)
+        per_layer.append(layer)
+    reader.check(f"a {cfg.model_type} encoder with {cfg.num_layers} layers", _IGNORED)
+    params = {"embeddings": emb, "layers": statedict.stack_layers(per_layer)}
+    statedict.check_shapes(params, jax.eval_shape(lambda: init(cfg, jax.random.key(0))))
+    return params
+
+
+def state_dict_from_params(params: dict, cfg: BertConfig) -> dict:
+    """The inverse of ``params_from_state_dict``: PyTorch names, (out, in) linear weights, no model
+    prefix (as ``BertModel.save_pretrained`` writes them)."""
+    params = jax.device_get(params)
+    out: dict[str, Any] = {}
+    emb = params["embeddings"]
+    for ours, theirs in _EMBEDDING_MAP:
+        if ours == "norm":
+            out[f"{theirs}.weight"], out[f"{theirs}.bias"] = emb["norm"]["scale"], emb["norm"]["bias"]
+        else:
+            out[f"{theirs}.weight"] = emb[ours]
+    for i in range(cfg.num_layers):
+        for (group, ours), theirs in _LAYER_MAP:
+            p = params["layers"][group][ours]
+            name = f"encoder.layer.{i}.{theirs}"
+            if ours == "norm":
+                out[f"{name}.weight"], out[f"{name}.bias"] = p["scale"][i], p["bias"][i]
+            else:
+                out[f"{name}.weight"], out[f"{name}.bias"] = p["kernel"][i].T, p["bias"][i]
+    return {k: np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- sharding, weight decay
+
+# FSDP x tensor parallelism. Big matrices shard one non-layer axis over 'fsdp' and the other over
+# 'model' (Megatron: q/k/v/up split their outputs, output/down their inputs, so each attention head
+# and MLP slice stays on one 'model' device); the leading stacked layer axis stays None (lax.scan
+# slices it). Embedding tables shard the HIDDEN axis: vocabularies (30522, 250002) rarely divide the
+# mesh, hidden sizes always do. LoRA adapters follow their kernel's in / out axes. No catch-all: a new
+# parameter must get a rule (or the `.*` of sharding.REPLICATED_RULES) on purpose.
+SHARDING_RULES = (
+    (r"^embeddings/(word|position)$", P(None, "fsdp")),
+    (r"^embeddings/token_type$", P()),
+    (r"/(bias|scale)$", P()),
+    (r"^layers/(attention/output|mlp/down)/lora_a$", P(None, "model", None)),
+    (r"/lora_a$", P(None, "fsdp", None)),
+    (r"^layers/(attention/(query|key|value)|mlp/up)/lora_b$", P(None, None, "model")),
+    (r"/lora_b$", P(None, None, "fsdp")),
+    (r"^layers/attention/(query|key|value)/kernel$", P(None, "fsdp", "model")),  # (L, H, H)
+    (r"^layers/attention/output/kernel$", P(None, "model", "fsdp")),
+    (r"^layers/mlp/up/kernel$", P(None, "fsdp", "model")),  # (L, H, I)
+    (r"^layers/mlp/down/kernel$", P(None, "model", "fsdp")),  # (L, I, H)
+)
+# Biases, layer norms and embedding tables get no weight decay (BERT's convention).
+NO_DECAY = r"(bias|scale)$|^embeddings/"
+
+BACKBONE = registry.register(registry.Backbone(
+    name="bert", model_types=SUPPORTED_MODEL_TYPES, config_from_hf=BertConfig.from_hf, init=init, apply=apply,
+    params_from_state_dict=params_from_state_dict, state_dict_from_params=state_dict_from_params,
+    sharding_rules=SHARDING_RULES, no_decay=NO_DECAY,
+))

@@ -158,20 +158,37 @@ def _einsum_f32_acc(spec, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def dense(p, x):
-    """x @ kernel + bias, in the dtype of x; the product accumulates in float32.
+def dense(p, x, lora=None, key=None):
+    """x @ kernel (+ bias when ``p`` has one) (+ a LoRA update when ``p`` has adapters), in the
+    dtype of x; the products accumulate in float32.
 
     Asking for a float32 result also selects the fast bf16 kernels on CPUs with AMX
     (a bf16-out matmul takes a ~6x slower path there) and is what TPUs/GPUs do anyway.
     In bf16 the product is ``mixed_einsum`` so that the backward matmuls are bf16 too
     (the kernel stays float32 outside, its gradient comes back float32).
+
+    LoRA (``embedjax.lora``): when ``p`` also holds ``lora_a`` (in, r) and ``lora_b`` (r, out),
+    the result adds ``lora.scale * dropout(x) @ lora_a @ lora_b`` -- computed unmerged, so no
+    (in, out) gradient is ever formed for the frozen kernel. ``lora`` is the config's
+    ``LoraSpec`` (its ``scale`` and ``dropout``); ``key`` drives the adapter dropout.
     """
-    if _is_low_precision(x.dtype):
-        lead, d_in = x.shape[:-1], x.shape[-1]
-        y = mixed_einsum("mi,io->mo", x.reshape(-1, d_in), p["kernel"]).reshape(*lead, p["kernel"].shape[-1])
-    else:
-        y = jnp.dot(x, p["kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
-    return (y + p["bias"]).astype(x.dtype)
+    low = _is_low_precision(x.dtype)
+
+    def matmul(a, w):
+        if low:
+            return mixed_einsum("mi,io->mo", a.reshape(-1, a.shape[-1]), w).reshape(*a.shape[:-1], w.shape[-1])
+        return jnp.dot(a, w.astype(a.dtype), preferred_element_type=jnp.float32)
+
+    y = matmul(x, p["kernel"])
+    if "lora_a" in p:
+        if lora is None:
+            raise ValueError("these params carry LoRA adapters (lora_a/lora_b) but the config has no LoRA spec "
+                             "(cfg.lora): set it with embedjax.lora.attach, or merge the adapters first")
+        xa = dropout(x, lora.dropout, key)
+        y = y + lora.scale * matmul(matmul(xa, p["lora_a"]).astype(x.dtype), p["lora_b"])
+    if "bias" in p:
+        y = y + p["bias"]
+    return y.astype(x.dtype)
 
 
 def layer_norm(p, x, eps: float):
@@ -204,18 +221,20 @@ def segment_attention_bias(segment_ids, dtype=jnp.float32):
     return jnp.where(allowed[:, None], 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
-def self_attention(p, x, bias, *, num_heads: int, dropout_rate: float = 0.0, dropout_key=None):
+def self_attention(p, x, bias, *, num_heads: int, dropout_rate: float = 0.0, dropout_key=None, lora=None,
+                   lora_keys=(None, None, None)):
     """Bidirectional multi-head self-attention (no output projection).
 
     x: (B, T, H); bias: (B, 1, 1, T) or (B, 1, T, T) additive. Scores and softmax run in float32.
+    ``lora`` / ``lora_keys``: the LoRA spec and the adapter-dropout keys of query, key, value (see ``dense``).
     """
     b, t, h = x.shape
     head_dim = h // num_heads
 
-    def heads(name):
-        return dense(p[name], x).reshape(b, t, num_heads, head_dim)
+    def heads(name, key):
+        return dense(p[name], x, lora, key).reshape(b, t, num_heads, head_dim)
 
-    q, k, v = heads("query"), heads("key"), heads("value")
+    q, k, v = (heads(name, key) for name, key in zip(("query", "key", "value"), lora_keys))
     # In bf16 both products go through mixed_einsum: the softmax backward gives a float32
     # cotangent, and JAX's plain transpose would run the four backward products as f32 x bf16.
     einsum = mixed_einsum if _is_low_precision(x.dtype) else _einsum_f32_acc

@@ -31,6 +31,7 @@ from embedjax import distributed, sharding, tokenize
 from embedjax import export as export_lib
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.data import pipeline
+from embedjax.encoders import registry
 from embedjax.eval import suite
 from embedjax.model import load_pretrained
 from embedjax.train import optim, run_config, sources
@@ -208,8 +209,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
         return metrics
 
     # ------------------------------------------------------------------ optimizer, shardings
-    tx, lr_at = optim.make_optimizer(config.optim, total_steps)
-    rules = sharding.FSDP_RULES if config.sharding_rules == "fsdp" else sharding.REPLICATED_RULES
+    tx, lr_at = optim.make_optimizer(config.optim, total_steps, no_decay=registry.of(enc_cfg).no_decay)
+    rules = sharding.rules_for(enc_cfg, config.sharding_rules)
     create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
     abstract = jax.eval_shape(create, encoder.params)
     param_shards = sharding.param_shardings(abstract.params, mesh, rules)

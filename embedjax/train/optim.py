@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
-# Biases, layer norms and embedding tables get no weight decay (BERT's convention).
+# Biases and norms get no weight decay; each backbone adds its own (Backbone.no_decay, e.g. BERT's
+# embedding tables), which the loop passes to make_optimizer.
 NO_DECAY = r"(bias|scale)$|^embeddings/"
 
 
@@ -43,13 +44,14 @@ def decay_mask(params, pattern: str = NO_DECAY):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: Mapping[str, Any], total_steps: int):
+def make_optimizer(cfg: Mapping[str, Any], total_steps: int, no_decay: str = NO_DECAY):
     """``(tx, lr_at_step)`` from the ``optim`` section of a config.
 
     Keys (all required; configs/base.py declares them): learning_rate, warmup (a fraction of
     the updates when < 1, else a number of updates), decay ("linear", "cosine", "constant"),
     weight_decay, b1, b2, eps, clip_norm (0 = off), accumulate (micro-batches per update,
-    1 = off).
+    1 = off). ``no_decay``: a regex over param paths that get no weight decay (the backbone's
+    ``Backbone.no_decay``).
 
     ``total_steps`` counts train steps (micro-batches: one ``train_step`` call each). With
     ``accumulate = k > 1`` the transformation is ``optax.MultiSteps``: it averages the
@@ -87,7 +89,7 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int):
         chain.append(optax.clip_by_global_norm(cfg["clip_norm"]))
     chain.append(
         optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=cfg["weight_decay"],
-                    mask=decay_mask)
+                    mask=lambda params: decay_mask(params, no_decay))
     )
     tx = optax.chain(*chain)
     if accumulate > 1:

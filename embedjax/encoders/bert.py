@@ -368,4 +368,6 @@ BACKBONE = registry.register(registry.Backbone(
     name="bert", model_types=SUPPORTED_MODEL_TYPES, config_from_hf=BertConfig.from_hf, init=init, apply=apply,
     params_from_state_dict=params_from_state_dict, state_dict_from_params=state_dict_from_params,
     sharding_rules=SHARDING_RULES, no_decay=NO_DECAY,
+    dense_modules=tuple(("layers/" + "/".join(ours), f"encoder.layer.{{i}}.{theirs}")
+                        for ours, theirs in _LAYER_MAP if ours[1] != "norm"),
 ))

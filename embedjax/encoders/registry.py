@@ -39,6 +39,9 @@ class Backbone:
     state_dict_from_params: Callable[..., Any]  # (params, cfg) -> PyTorch-named state dict
     sharding_rules: tuple = ()                  # ((regex over the param path, PartitionSpec), ...)
     no_decay: str = r"(bias|scale)$"            # params whose path matches get no weight decay
+    # (our dense path, its PyTorch module name with {i} for the layer index), e.g.
+    # ("layers/attention/q", "layers.{i}.self_attn.q_proj"): what LoRA / PEFT files name
+    dense_modules: tuple = ()
 
 
 _BACKBONES: dict[str, Backbone] = {}

@@ -244,3 +244,165 @@ def self_attention(p, x, bias, *, num_heads: int, dropout_rate: float = 0.0, dro
     probs = dropout(probs, dropout_rate, dropout_key)
     ctx = einsum("bnqk,bknd->bqnd", probs, v)
     return ctx.astype(x.dtype).reshape(b, t, h)
+
+
+# --------------------------------------------------------------------------- decoder-LLM pieces
+
+
+def rms_norm(p, x, eps: float, *, plus_one: bool = False):
+    """RMS norm over the last axis (Zhang & Sennrich, arXiv:1910.07467), computed in float32,
+    returned in x's dtype. ``plus_one``: the weight is stored as an offset from 1 and the
+    norm multiplies by ``1 + scale`` (Gemma's convention)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    scale = p["scale"].astype(jnp.float32)
+    return (y * (1.0 + scale if plus_one else scale)).astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling=None, max_position_embeddings: int | None = None):
+    """Rotary-embedding inverse frequencies (Su et al., arXiv:2104.09864) and the attention
+    factor that scales cos / sin, for a Hugging Face ``rope_type``.
+
+    ``scaling`` is a mapping with ``rope_type`` (``default``, ``linear``, ``dynamic``, ``llama3``
+    or ``yarn``) and that type's parameters (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+    ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``, ``attention_factor``,
+    ``mscale``, ``mscale_all_dim``, ``truncate``), as in a ``config.json``'s ``rope_parameters``.
+    ``dynamic`` equals ``default`` up to ``max_position_embeddings`` (the longest input allowed).
+    Returns ``(inv_freq (head_dim // 2,) float32 numpy, attention_factor float)``.
+    """
+    import math
+
+    import numpy as np
+
+    scaling = dict(scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    dim = int(head_dim * scaling.get("partial_rotary_factor", 1.0))
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    factor = float(scaling["factor"]) if scaling.get("factor") is not None else None
+    if kind == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+    old_context = scaling.get("original_max_position_embeddings") or max_position_embeddings
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    if kind == "yarn":
+        if factor is None:
+            factor = max_position_embeddings / old_context
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = scaling.get("attention_factor")
+        if attention_factor is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1)
+        extrapolation = 1 - ramp
+        pos_freqs = np.power(np.float32(theta), exponents)
+        inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+        return inv.astype(np.float32), float(attention_factor)
+    raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, dynamic, llama3, yarn")
+
+
+def rope_cos_sin(positions, inv_freq, attention_factor: float = 1.0):
+    """(B, T) integer positions -> cos, sin (B, T, D) float32 for ``rotate`` (the two halves of
+    the head repeat the D / 2 frequencies, Hugging Face's ``rotate_half`` layout)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * attention_factor, jnp.sin(emb) * attention_factor
+
+
+def rotate(x, cos, sin):
+    """Applies rotary embeddings to x (B, T, N, D) given ``rope_cos_sin``'s (B, T, D); float32
+    inside, x's dtype out. Rotates the first / second half of each head as pairs
+    (``x * cos + rotate_half(x) * sin``, the Hugging Face convention)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def apply_rope(x, positions, inv_freq, attention_factor: float = 1.0):
+    """Rotary embeddings on x (B, T, N, D) at (B, T) ``positions`` (see ``rope_cos_sin``, ``rotate``)."""
+    return rotate(x, *rope_cos_sin(positions, inv_freq, attention_factor))
+
+
+def attention(q, k, v, *, lengths=None, segment_ids=None, causal: bool = False, window=None,
+              softcap: float | None = None, scale: float | None = None, dropout_rate: float = 0.0,
+              dropout_key=None):
+    """Multi-head self-attention over already projected heads, with grouped K / V heads (GQA).
+
+    q: (B, T, N, D); k, v: (B, T, K, D) with N a multiple of K. Returns (B, T, N, D) in q's dtype.
+
+    Which keys a query sees (all combined):
+      lengths: (B,) number of real tokens per row (right padding): keys at or past it are masked.
+      segment_ids: (B, T) packed rows (0 = padding): a query sees only keys of its own segment.
+      causal: a query sees only keys at or before it.
+      window: ``(left, right)``: a query at i sees keys in ``[i - left, i + right]``.
+    softcap: ``c * tanh(scores / c)`` on the scaled scores before masking (Gemma 2).
+    scale: multiplies the scores (default ``D ** -0.5``).
+
+    The plain cases go through ``jax.nn.dot_product_attention`` (no additive (B, 1, T, T) bias is
+    built here: padding, causality and windows are its ``key_value_seq_lengths``, ``is_causal`` and
+    ``local_window_size``; only packed rows pass a boolean segment mask). Soft-capping and
+    attention dropout, which it cannot do, take an explicit einsum path; scores and softmax run in
+    float32 either way.
+    """
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    scale = d ** -0.5 if scale is None else float(scale)
+    seg_mask = None
+    if segment_ids is not None:
+        seg_mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+        seg_mask = seg_mask[:, None]  # (B, 1, T, T)
+    if lengths is not None:
+        lengths = lengths.astype(jnp.int32)
+    use_dropout = dropout_key is not None and dropout_rate > 0.0
+    if softcap is None and not use_dropout:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=seg_mask, scale=scale, is_causal=causal, key_value_seq_lengths=lengths,
+            local_window_size=None if window is None else tuple(int(w) for w in window),
+        ).astype(q.dtype)
+
+    g = n // kv
+    einsum = mixed_einsum if _is_low_precision(q.dtype) else _einsum_f32_acc
+    qg = q.reshape(b, t, kv, g, d)
+    scores = einsum("btkgd,bskd->bkgts", qg, k) * jnp.float32(scale)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    qi = jnp.arange(t)[:, None]
+    ki = jnp.arange(t)[None, :]
+    allowed = jnp.ones((1, 1, t, t), bool)  # (B, 1, T, S) after broadcasting
+    if lengths is not None:
+        allowed = allowed & (ki < lengths[:, None, None])[:, None]
+    if seg_mask is not None:
+        allowed = allowed & seg_mask
+    if causal:
+        allowed = allowed & (ki <= qi)
+    if window is not None:
+        allowed = allowed & (ki >= qi - window[0]) & (ki <= qi + window[1])
+    big_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
+    scores = jnp.where(allowed[:, :, None], scores, big_negative)  # (B, 1, 1, T, S) over (B, K, G, T, S)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = dropout(probs, dropout_rate, dropout_key)
+    ctx = einsum("bkgts,bskd->btkgd", probs, v)
+    return ctx.astype(q.dtype).reshape(b, t, n, d)

@@ -97,4 +97,4 @@ def _load_builtin() -> None:
             importlib.import_module(module)
 
 
-_BUILTIN = ("embedjax.encoders.bert",)
+_BUILTIN = ("embedjax.encoders.bert", "embedjax.encoders.decoder")

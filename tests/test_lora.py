@@ -334,3 +334,63 @@ def test_load_peft_errors_name_the_file_and_key(bert, tmp_path):
         lora.load_peft(tmp_path / "nowhere", *bert)
     with pytest.raises(ValueError, match="nothing to save"):
         lora.save_peft(tmp_path / "x", *bert)
+
+
+# --------------------------------------------------------------------------- a decoder (Qwen2: q/k/v biases, GQA)
+
+TINY_QWEN2 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory):
+    """A tiny Qwen2 *causal LM* (PEFT users adapt those): its checkpoint has ``model.``-prefixed
+    names and an lm_head, which hf.load_checkpoint strips / ignores."""
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY_QWEN2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("qwen2")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen2(qwen2_dir):
+    params, cfg, _ = hf.load_checkpoint(qwen2_dir)
+    assert cfg.model_type == "qwen2" and cfg.attention == "causal"
+    return jax.tree.map(jnp.asarray, params), cfg
+
+
+def test_decoder_peft_causal_lm_adapters_load_and_match(qwen2_dir, qwen2, tmp_path):
+    """PEFT on the causal LM ('all-linear': every projection, not lm_head) writes
+    ``base_model.model.model.layers...``: the ``model.`` wrapper prefix is recognised."""
+    base = transformers.Qwen2ForCausalLM.from_pretrained(qwen2_dir)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_lora_torch(model, 2)
+    model.save_pretrained(tmp_path)
+    params, cfg = lora.load_peft(tmp_path, *qwen2)
+    assert lora.adapted_paths(params) == sorted(p for p, _ in registry.of(cfg).dense_modules)
+    ids, mask = batch(seed=9)
+    want = hidden_torch(model.base_model.model.model, ids, mask)
+    assert not np.allclose(want, hidden_jax(*qwen2, ids, mask), atol=1e-3)
+    assert_close_on_tokens(hidden_jax(params, cfg, ids, mask), want, mask)
+    merged, mcfg = lora.merge(params, cfg)
+    assert_close_on_tokens(hidden_jax(merged, mcfg, ids, mask), want, mask)
+
+
+def test_decoder_save_peft_loads_on_the_base_model(qwen2_dir, qwen2, tmp_path):
+    params, cfg = lora.attach(*qwen2, lora.LoraSpec(rank=4, alpha=16, rslora=True), jax.random.key(7))
+    params = randomize_lora_jax(params, 8)
+    lora.save_peft(tmp_path, params, cfg)
+    conf = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert conf["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = peft.PeftModel.from_pretrained(transformers.AutoModel.from_pretrained(qwen2_dir), tmp_path)
+    assert not [w for w in caught if "adapter" in str(w.message).lower() or "missing" in str(w.message).lower()]
+    assert sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A")) == 7 * cfg.num_layers
+    ids, mask = batch(seed=10)
+    assert_close_on_tokens(hidden_jax(params, cfg, ids, mask), hidden_torch(model, ids, mask), mask)

@@ -15,6 +15,16 @@ from embedjax import pooling as pooling_lib
 from embedjax.encoders import registry
 
 
+def pooler_params(params, pooling: str):
+    """The pooler's params (``params["pooler"]``) when ``pooling`` has trainable ones, else None."""
+    if pooling not in pooling_lib.PARAMETRIC:
+        return None
+    if "pooler" not in params:
+        raise ValueError(f"pooling {pooling!r} needs params['pooler'] (pooling.init_latent_attention; "
+                         "load_pretrained(..., pooling=...) adds it)")
+    return params["pooler"]
+
+
 def truncate(z, dim: int | None, normalize: bool):
     """Keeps the first ``dim`` components (Matryoshka), then L2-normalises if asked."""
     if dim is not None:
@@ -46,7 +56,8 @@ def embed(
     """Token ids -> text embeddings.
 
     Args:
-      params, cfg: encoder params and config (any backbone of ``embedjax.encoders.registry``).
+      params, cfg: encoder params and config (any backbone of ``embedjax.encoders.registry``);
+        with ``latent_attention`` pooling, ``params["pooler"]`` holds the pooler's params.
       input_ids, attention_mask: (B, T) int arrays.
       pooling: one of ``pooling.MODES``.
       normalize: L2-normalise the output (after ``dim`` truncation).
@@ -76,7 +87,7 @@ def embed(
         remat=remat,
     )
     mask = attention_mask if pool_mask is None else pool_mask
-    pooled = pooling_lib.pool(hidden, mask, pooling)
+    pooled = pooling_lib.pool(hidden, mask, pooling, params=pooler_params(params, pooling))
     return truncate(pooled, dim, normalize)
 
 
@@ -89,6 +100,7 @@ def embed_packed(
     *,
     num_texts: int,
     token_type_ids=None,
+    pool_flags=None,
     pooling: str = "mean",
     normalize: bool = True,
     dim: int | None = None,
@@ -103,6 +115,8 @@ def embed_packed(
       input_ids, segment_ids, positions: (R, T) int arrays; ``segment_ids`` is 0 on padding
         and ``i + 1`` on the tokens of text i, ``positions`` each token's index in its text.
       num_texts: how many texts the rows hold (static): the output has this many rows.
+      pool_flags: optional (R, T) 0/1, the tokens pooling reads (``embed``'s ``pool_mask``
+        packed: 0 on an instruction prefix excluded from pooling); default every text token.
       the rest: as ``embed``.
 
     Returns:
@@ -122,7 +136,8 @@ def embed_packed(
         all_layers=per_layer,
         remat=remat,
     )
-    pooled = pooling_lib.pool_segments(hidden, segment_ids, positions, num_texts, pooling)
+    pooled = pooling_lib.pool_segments(hidden, segment_ids, positions, num_texts, pooling,
+                                       params=pooler_params(params, pooling), pool_flags=pool_flags)
     return truncate(pooled, dim, normalize)
 
 

@@ -2,7 +2,8 @@
 
 The directory holds ``config.json`` + ``model.safetensors`` (loadable by transformers'
 ``AutoModel``), the tokenizer files, embedjax's record of how the encoder embeds
-(``embedjax_config.json``: pooling, normalize, include_prompt) and the
+(``embedjax_config.json``: pooling, normalize, include_prompt, the EOS the tokenizer appends,
+a trainable pooler's shape, with its params in ``pooler.safetensors``) and the
 sentence-transformers modules (Transformer, Pooling, [Dense], Normalize), so
 ``SentenceTransformer(dir)`` and ``embedjax.load_pretrained(dir)`` both give the
 encoder's embeddings, with no pooling argument needed on either side.
@@ -15,9 +16,11 @@ import logging
 import shutil
 from pathlib import Path
 
+import jax
 from safetensors.numpy import save_file
 
 from embedjax import hf
+from embedjax import pooling as pooling_lib
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +46,24 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def sentence_transformers_problem(pooling: str, include_prompt: bool = True) -> str | None:
+def sentence_transformers_problem(pooling: str, include_prompt: bool = True, appends_eos: bool = False) -> str | None:
     """Why ``SentenceTransformer`` cannot reproduce this pooling, or None when it can.
 
     Every mode of ``pooling.MODES`` is expressible (``cls_avg`` as Pooling(cls, mean) +
     an averaging Dense) except ``weighted_mean`` with ``include_prompt=False``:
     sentence-transformers keeps a text token's position weight counted from the start
-    of the prompt, embedjax's pooling sees only the pooled tokens and counts from 1.
+    of the prompt, embedjax's pooling sees only the pooled tokens and counts from 1;
+    and ``latent_attention`` (NV-Embed's trainable cross-attention + MLP before the mean,
+    arXiv:2405.17428), which no sentence-transformers module computes. ``appends_eos``
+    (``Tokenizer.appends_eos``: embedjax appends an EOS the exported tokenizer files do not
+    add) is a problem too: SentenceTransformer would tokenize without it.
     """
+    if appends_eos:
+        return ("the tokenizer appends an EOS that the checkpoint's tokenizer files do not add "
+                "(append_eos_token_id in embedjax_config.json); SentenceTransformer would tokenize without it")
+    if pooling == "latent_attention":
+        return ("latent_attention pooling (a trainable latent cross-attention and MLP before the mean) has no "
+                "sentence-transformers module; its params are in pooler.safetensors, read by embedjax only")
     if pooling not in ST_POOLING:
         return f"pooling {pooling!r} has no sentence-transformers equivalent"
     if pooling == "weighted_mean" and not include_prompt:
@@ -64,7 +77,9 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
     """Writes ``encoder`` (with ``params`` if given, e.g. trained ones) to ``directory``.
 
     ``embedjax.load_pretrained(directory)`` (no arguments) then gives the encoder's
-    embeddings: the pooling, ``normalize`` and ``include_prompt`` are recorded in
+    embeddings: the pooling, ``normalize``, ``include_prompt``, the EOS id the tokenizer
+    appends (``append_eos_token_id``, null when none) and a trainable pooler's shape
+    (``pooler``, with its params in ``pooler.safetensors``) are recorded in
     ``embedjax_config.json``, which it reads before any sentence-transformers file.
 
     Args:
@@ -96,7 +111,8 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
     """
     directory = Path(directory)
     normalize = bool(encoder.normalize if normalize is None else normalize)
-    problem = sentence_transformers_problem(encoder.pooling, encoder.include_prompt)
+    problem = sentence_transformers_problem(encoder.pooling, encoder.include_prompt,
+                                            getattr(encoder.tokenizer, "appends_eos", False))
     if sentence_transformers and problem:
         raise ValueError(f"cannot export for sentence-transformers: {problem}. SentenceTransformer would load "
                          "different embeddings; pass sentence_transformers=False to write only the Hugging Face "
@@ -105,8 +121,20 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
     params = encoder.params if params is None else params
     cfg = encoder.cfg
     tmp = directory / "model.safetensors.tmp"
-    save_file(hf.state_dict_from_params(params, cfg), str(tmp), metadata={"format": "pt"})
+    pooler = params.get("pooler") if encoder.pooling in pooling_lib.PARAMETRIC else None
+    backbone = {k: v for k, v in params.items() if k != "pooler"}
+    save_file(hf.state_dict_from_params(backbone, cfg), str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / "model.safetensors")  # atomic: never a half-written model file
+    pooler_record = {}
+    if pooler is not None:
+        tmp = directory / (hf.POOLER_FILE + ".tmp")
+        save_file(hf.flatten_params(jax.device_get(pooler)), str(tmp), metadata={"format": "embedjax"})
+        tmp.replace(directory / hf.POOLER_FILE)
+        pooler_record = {"pooler": pooling_lib.latent_attention_shape(pooler)}
+    elif (directory / hf.POOLER_FILE).is_file():
+        (directory / hf.POOLER_FILE).unlink()  # left by an earlier export of another pooling
+    tokenizer = encoder.tokenizer
+    eos = tokenizer.eos_token_id if getattr(tokenizer, "appends_eos", False) else None
     _write_json(directory / "config.json", {**cfg.to_hf(), "torch_dtype": "float32"})
     if encoder.path is not None and Path(encoder.path).resolve() != directory.resolve():
         for name in TOKENIZER_FILES:
@@ -117,6 +145,7 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
     version = __import__("embedjax").__version__
     _write_json(directory / hf.EMBEDJAX_CONFIG,
                 {"pooling": encoder.pooling, "normalize": normalize, "include_prompt": encoder.include_prompt,
+                 "append_eos_token_id": eos, **pooler_record,
                  "sentence_transformers": bool(sentence_transformers), "embedjax_version": version})
     _write_json(directory / "sentence_bert_config.json",
                 {"max_seq_length": encoder.max_length, "do_lower_case": encoder.lowercase})

@@ -6,7 +6,8 @@ with ``huggingface_hub`` when online, or found in its cache when offline), and
 the sentence-transformers files that say how the checkpoint was meant to be used
 (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``,
 ``config_sentence_transformers.json``), and embedjax's own record of an export
-(``embedjax_config.json``: pooling, normalize, include_prompt).
+(``embedjax_config.json``: pooling, normalize, include_prompt, the appended EOS, the pooler's
+shape) and a trainable pooler's params (``pooler.safetensors``).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def load_state_dict(directory: Path) -> dict[str, np.ndarray]:
         files = sorted(set(index["weight_map"].values()))
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    else:  # an exported pooler's params are not the backbone's
+        files = sorted(p.name for p in directory.glob("*.safetensors") if p.name != POOLER_FILE)
     if not files:
         found = sorted(p.name for p in directory.iterdir())
         raise CheckpointError(
@@ -131,6 +132,7 @@ _ST_LEGACY_FLAGS = {
     "pooling_mode_lasttoken": "lasttoken",
 }
 EMBEDJAX_CONFIG = "embedjax_config.json"
+POOLER_FILE = "pooler.safetensors"  # a trainable pooler's params (latent attention), '/'-joined param paths
 
 
 def _st_pooling_modes(cfg: dict) -> tuple:
@@ -231,7 +233,81 @@ def read_embedjax_config(directory: Path) -> dict:
     for key in ("normalize", "include_prompt"):
         if key in record and not isinstance(record[key], bool):
             raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: {key} must be true or false, got {record[key]!r}")
+    eos = record.get("append_eos_token_id")
+    if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: append_eos_token_id must be a token id or null, "
+                              f"got {eos!r}")
+    if record.get("pooling") in pooling_lib.PARAMETRIC and not isinstance(record.get("pooler"), dict):
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: pooling {record['pooling']!r} needs the pooler's "
+                              "shape ('pooler': {...}) and its params in " + POOLER_FILE)
     return record
+
+
+def flatten_params(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    """A nested param dict as ``{'/'-joined path: numpy array}`` (how ``pooler.safetensors`` names them)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_params(value, path + "/"))
+        else:
+            out[path] = np.asarray(value, np.float32)
+    return out
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
+    """The inverse of ``flatten_params``."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return tree
+
+
+def read_pooler(directory: Path, record: dict) -> dict | None:
+    """The trainable pooler's params an export saved (``pooler.safetensors``), checked against the
+    shape its ``embedjax_config.json`` records; None when the record names no trainable pooler."""
+    from embedjax import pooling as pooling_lib
+
+    shape = record.get("pooler")
+    if record.get("pooling") not in pooling_lib.PARAMETRIC or shape is None:
+        return None
+    path = directory / POOLER_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: pooling {record['pooling']!r} is recorded but {POOLER_FILE} is missing")
+    from safetensors.numpy import load_file
+
+    params = unflatten_params(load_file(str(path)))
+    kw = {k: shape[k] for k in ("num_latents", "num_heads", "mlp_dim", "head_dim", "gated") if k in shape}
+    try:
+        want = _pooler_shapes(shape["hidden"], kw)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: bad pooler record {shape!r} ({err})") from err
+    got = {k: tuple(v.shape) for k, v in flatten_params(params).items()}
+    if got != want:
+        raise CheckpointError(f"{path}: tensors {got} do not match the recorded pooler {shape} ({want})")
+    return params
+
+
+def _pooler_shapes(hidden: int, kw: dict) -> dict[str, tuple]:
+    import jax
+
+    from embedjax import pooling as pooling_lib
+
+    abstract = jax.eval_shape(lambda: pooling_lib.init_latent_attention(jax.random.key(0), hidden, **kw))
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}/")
+            else:
+                flat[f"{prefix}{key}"] = tuple(value.shape)
+    walk(abstract, "")
+    return flat
 
 
 # --------------------------------------------------------------------------- entry point

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Sequence
+import logging
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,8 @@ from embedjax import hf, tokenize
 from embedjax.embed import embed_jit
 from embedjax import pooling as pooling_lib
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass
 class Encoder:
@@ -23,6 +26,11 @@ class Encoder:
 
     ``params`` is a plain pytree and ``cfg`` a static config: pass them to
     ``embedjax.embed`` (or the backbone's ``apply``) to use the pure functions directly.
+    With a trainable pooling (``latent_attention``) the pooler's params are
+    ``params["pooler"]``, leaves of the same tree (they train and export with the model).
+    ``prompts`` / ``include_prompt``: the checkpoint's instructions ({"query": ...,
+    "document": ...}) and whether pooling reads their tokens (False: the instruction's
+    ``tokenizer.prompt_length`` leading tokens are skipped, as in training).
     ``normalize`` is the checkpoint's own setting (a sentence-transformers ``Normalize``
     module, or an embedjax export's record): ``encode`` L2-normalises by default exactly
     when it is True, as ``SentenceTransformer.encode`` does.
@@ -100,8 +108,10 @@ class Encoder:
             texts = [prefix + t for t in texts]
         if self.lowercase:
             texts = [t.lower() for t in texts]
-        # Tokens of the instruction that pooling skips when the checkpoint says so.
-        skip = self.tokenizer.num_tokens(prefix) - 1 if prefix and not self.include_prompt else 0
+            prefix = prefix.lower()
+        # Tokens of the instruction that pooling skips when the checkpoint says so (the same count
+        # as the training pipeline's: Tokenizer.prompt_length).
+        skip = self.tokenizer.prompt_length(prefix) if not self.include_prompt else 0
 
         encodings = self.tokenizer.encode(texts)
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
@@ -181,6 +191,9 @@ def load_pretrained(
     max_length: int | None = None,
     dtype: str | None = None,
     buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS,
+    append_eos: bool | None = None,
+    pooler_init: Mapping[str, Any] | None = None,
+    seed: int = 0,
 ) -> Encoder:
     """Loads a Hugging Face / sentence-transformers checkpoint as an ``Encoder``.
 
@@ -194,6 +207,14 @@ def load_pretrained(
         ``max_seq_length``, else the model's position limit.
       dtype: compute dtype (``"float32"`` or ``"bfloat16"``); params stay float32.
       buckets: candidate padded lengths (capped at ``max_length``).
+      append_eos: end every encoding with the model's EOS id (``Tokenizer(eos_token_id=)``; a
+        no-op when the tokenizer already does). None (default): what an embedjax export
+        recorded, else on exactly when pooling is ``last_token`` and the checkpoint's tokenizer
+        does not add the EOS itself (decoders pool the EOS state). The id: ``config.json``'s
+        ``eos_token_id`` (the first of a list), else ``tokenizer_config.json``'s ``eos_token``.
+      pooler_init: with ``latent_attention`` pooling and no exported pooler in the checkpoint,
+        ``pooling.init_latent_attention``'s keyword arguments for a fresh one (default: 512
+        latents, 8 heads), initialised from ``seed``; an export's pooler is loaded instead.
 
     ``Encoder.normalize`` (what ``encode`` does by default) and ``include_prompt``
     come from the same places: the embedjax record, else the sentence-transformers
@@ -210,6 +231,11 @@ def load_pretrained(
     if not 1 <= max_length <= cfg.max_length:
         raise ValueError(f"max_length must be in 1..{cfg.max_length} for this model, got {max_length}")
     tokenizer = tokenize.Tokenizer.from_directory(directory, max_length, cfg.pad_token_id, buckets=buckets)
+    eos = _eos_to_append(directory, tokenizer, record, pooling, append_eos)
+    if eos is not None:
+        tokenizer = tokenizer.replace(eos_token_id=eos)
+    if pooling in pooling_lib.PARAMETRIC:
+        params = {**params, "pooler": _pooler(directory, record, pooling, cfg.hidden_size, pooler_init, seed)}
     return Encoder(
         params=jax.device_put(params),
         cfg=cfg,
@@ -223,3 +249,46 @@ def load_pretrained(
         path=directory,
         normalize=record.get("normalize", st.normalize),
     )
+
+
+def eos_token_id(directory: Path, backend=None) -> int | None:
+    """The checkpoint's EOS id: ``config.json``'s ``eos_token_id`` (the first of a list), else
+    ``tokenizer_config.json``'s ``eos_token`` looked up in ``backend`` (a ``tokenizers`` object)."""
+    config = hf.read_json(Path(directory) / "config.json") or {}
+    eos = config.get("eos_token_id")
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return eos
+    token = (hf.read_json(Path(directory) / "tokenizer_config.json") or {}).get("eos_token")
+    if isinstance(token, dict):
+        token = token.get("content")
+    if isinstance(token, str) and backend is not None:
+        return backend.token_to_id(token)
+    return None
+
+
+def _eos_to_append(directory: Path, tokenizer: tokenize.Tokenizer, record: dict, pooling: str,
+                   append_eos: bool | None) -> int | None:
+    if append_eos is None and "append_eos_token_id" in record:
+        return record["append_eos_token_id"]
+    if append_eos is False or (append_eos is None and pooling != "last_token"):
+        return None
+    eos = eos_token_id(directory, tokenizer.backend)
+    if eos is None:
+        if append_eos:
+            raise ValueError(f"{directory}: append_eos=True but the checkpoint names no EOS token "
+                             "(config.json eos_token_id, tokenizer_config.json eos_token)")
+        return None
+    return eos
+
+
+def _pooler(directory: Path, record: dict, pooling: str, hidden: int, pooler_init, seed: int) -> dict:
+    params = hf.read_pooler(directory, record) if record.get("pooling") == pooling else None
+    if params is not None:
+        if pooler_init:
+            log.warning("%s: the exported %s pooler is loaded; pooler_init %s is not used", directory, pooling,
+                        dict(pooler_init))
+        return jax.tree.map(jnp.asarray, params)
+    log.info("%s: a fresh %s pooler (seed %d, %s)", directory, pooling, seed, dict(pooler_init or {}))
+    return pooling_lib.init_latent_attention(jax.random.key(seed), hidden, **dict(pooler_init or {}))

@@ -69,6 +69,16 @@ class PackedBatch:
     num_texts: int
 
 
+@dataclasses.dataclass
+class Encoded:
+    """One text's tokens when ``Tokenizer`` appended the EOS itself (what ``pad`` / ``pack`` read of
+    a ``tokenizers.Encoding``: ``ids``, ``type_ids``; ``special_tokens_mask`` 1 on added tokens)."""
+
+    ids: list
+    type_ids: list
+    special_tokens_mask: list
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """A padded batch: (rows, length) int32 arrays; rows past ``size`` are padding."""
@@ -80,15 +90,52 @@ class Batch:
 
 
 class Tokenizer:
-    """A Hugging Face fast tokenizer with truncation to ``max_length`` and bucketed padding."""
+    """A Hugging Face fast tokenizer with truncation to ``max_length`` and bucketed padding.
 
-    def __init__(self, backend, max_length: int, pad_token_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS):
+    ``eos_token_id``: every encoding ends with this id. Decoder tokenizers (Qwen, Llama) often
+    add no EOS, while last-token pooling (Qwen3-Embedding, gte-Qwen, e5-mistral) must pool the
+    EOS state: when the backend's post-processor does not already end a text with it (checked
+    once, on a probe string: ``appends_eos``), the id is appended to every encoding, and
+    truncation stops at ``max_length - 1`` to leave room for it. None: encodings as the backend
+    makes them.
+
+    The backend's truncation is set here (it is state of the shared ``tokenizers`` object): build
+    another tokenizer over the same backend with ``replace``, which keeps these options.
+    """
+
+    def __init__(self, backend, max_length: int, pad_token_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                 eos_token_id: int | None = None):
         self.backend = backend
         self.max_length = int(max_length)
         self.pad_token_id = int(pad_token_id)
         self.buckets = buckets_up_to(self.max_length, buckets)
+        self._bucket_choices = tuple(buckets)
+        self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
         backend.no_padding()
         backend.enable_truncation(self.max_length)
+        self.appends_eos = False
+        if self.eos_token_id is not None:
+            probe = backend.encode("a").ids
+            self.appends_eos = not probe or probe[-1] != self.eos_token_id
+        if self.appends_eos:
+            if self.max_length < 2:
+                raise ValueError(f"max_length {self.max_length} leaves no room for the appended EOS")
+            backend.enable_truncation(self.max_length - 1)
+        self._special_ids = frozenset(
+            int(i) for i, tok in backend.get_added_tokens_decoder().items() if getattr(tok, "special", False))
+        self._prompt_lengths: dict[str, int] = {}
+
+    def replace(self, **changes) -> "Tokenizer":
+        """A tokenizer over the same backend with these constructor arguments changed (``max_length``,
+        ``pad_token_id``, ``buckets``, ``eos_token_id``), the others kept; e.g. the training
+        tokenizer ``encoder.tokenizer.replace(buckets=config.data.buckets)``."""
+        kw = dict(max_length=self.max_length, pad_token_id=self.pad_token_id, buckets=self._bucket_choices,
+                  eos_token_id=self.eos_token_id)
+        unknown = sorted(set(changes) - set(kw))
+        if unknown:
+            raise TypeError(f"Tokenizer.replace: unknown arguments {unknown}; it takes {sorted(kw)}")
+        kw.update(changes)
+        return Tokenizer(self.backend, **kw)
 
     @classmethod
     def from_directory(cls, directory: Path, max_length: int, pad_token_id: int, **kw) -> "Tokenizer":
@@ -105,12 +152,38 @@ class Tokenizer:
         return cls(backend, max_length, pad_token_id, **kw)
 
     def encode(self, texts: Sequence[str]) -> list:
-        """Token encodings (ids, type ids), truncated to max_length, unpadded."""
-        return self.backend.encode_batch(list(texts))
+        """Token encodings (ids, type ids), truncated to max_length, unpadded (ending with the EOS
+        when ``appends_eos``: then ``Encoded`` records)."""
+        encodings = self.backend.encode_batch(list(texts))
+        if not self.appends_eos:
+            return encodings
+        eos = self.eos_token_id
+        return [Encoded([*e.ids, eos], [*e.type_ids, e.type_ids[-1] if e.type_ids else 0],
+                        [*e.special_tokens_mask, 1]) for e in encodings]
 
     def num_tokens(self, text: str) -> int:
-        """Length of ``text`` in tokens, special tokens included."""
-        return len(self.backend.encode(text).ids)
+        """Length of ``text`` in tokens, special tokens included (the appended EOS too)."""
+        return len(self.encode([text])[0].ids)
+
+    def prompt_length(self, prompt: str) -> int:
+        """How many leading tokens of ``prompt + text`` belong to the prompt: what pooling skips
+        with ``include_prompt=False`` (``Encoder.encode`` and the training pipeline both call this).
+
+        As sentence-transformers (its Transformer module's ``_get_prompt_length``): the tokens of
+        the prompt encoded alone, special ones included (a leading [CLS] / BOS is the prompt's),
+        minus the last one when it is a special token (the [SEP] / EOS that closes any text,
+        which ``prompt + text`` has after the text instead). Tokens merging across the prompt /
+        text boundary are counted as the prompt alone tokenizes them, there as here. 0 for "".
+        """
+        if not prompt:
+            return 0
+        if prompt not in self._prompt_lengths:
+            e = self.encode([prompt])[0]
+            n = len(e.ids)
+            if n and (e.special_tokens_mask[-1] or e.ids[-1] in self._special_ids):
+                n -= 1
+            self._prompt_lengths[prompt] = n
+        return self._prompt_lengths[prompt]
 
     def pad(self, encodings: Sequence, rows: int | None = None, min_length: int = 1) -> Batch:
         """Pads encodings to ``rows`` rows and to the bucket of the longest one

@@ -25,9 +25,16 @@ A batch is a dict of numpy arrays, rows = the per-host batch size:
     a_ids, a_mask, a_types   (rows, La) int32, La = tokenize.bucket_for(longest text_a)
     a_hash                   (rows,) int32 hash of the raw text_a (0 on padding rows)
     b_*, n_*                 the same for text_b / text_n when the records have them
+    a_pool, b_pool, n_pool   (rows, L) int32 pooling masks, only with ``include_prompt=False`` and a
+                             prompt on that side: the side's mask with the prompt's
+                             ``Tokenizer.prompt_length`` leading tokens set to 0
     labels                   (rows,) float32 score, when the records have one
     valid                    (rows,) bool, False on padding rows (eval only pads)
     index                    (rows,) int32 index of the example in the source (-1: padding)
+
+Instructions (``prompts``): ``{"a": query prompt, "b": document prompt, "n": ...}`` prefixed
+to that side's texts before tokenization (e.g. ``{"a": "Instruct: {task}\nQuery: "}`` with
+``task`` filled in; a side absent or "" gets none); hashes are of the texts without them.
 
 Equal hashes mean equal texts (up to 2^-32 collisions), so a loss can mask duplicate
 texts in the global batch instead of treating them as negatives.
@@ -93,6 +100,24 @@ def fields_of(source) -> tuple[str, ...]:
     return tuple(f for f in FIELDS if f in first)
 
 
+def side_prompts(prompts: Mapping[str, str] | None, task: str | None = None) -> dict[str, str]:
+    """``{"a": ..., "b": ..., "n": ...}`` with every side present ("" = no prompt) and ``{task}``
+    replaced by ``task`` (plain replacement: other braces stay as they are)."""
+    prompts = dict(prompts or {})
+    unknown = sorted(set(prompts) - set(SIDES.values()))
+    if unknown:
+        raise ValueError(f"prompts has unknown sides {unknown}; sides are 'a' (text_a), 'b' (text_b), 'n' (text_n)")
+    out = {}
+    for side in SIDES.values():
+        prompt = prompts.get(side) or ""
+        if "{task}" in prompt:
+            if task is None:
+                raise ValueError(f"the {side!r} prompt {prompt!r} has a {{task}} placeholder but no task was given")
+            prompt = prompt.replace("{task}", task)
+        out[side] = prompt
+    return out
+
+
 def collate(
     items: Sequence[tuple[int, Any]],
     tokenizer: Tokenizer,
@@ -101,6 +126,8 @@ def collate(
     preprocess: Callable[[str], str] | None = None,
     common_length: bool = False,
     packing: Packing | None = None,
+    prompts: Mapping[str, str] | None = None,
+    include_prompt: bool = True,
 ) -> dict[str, np.ndarray]:
     """(index, record) pairs -> one padded batch of ``rows`` rows (see the module docstring).
 
@@ -108,9 +135,20 @@ def collate(
     ``common_length`` every side to the bucket of the longest text of the batch (one
     shape per bucket instead of one per combination of buckets: fewer compilations).
     With ``packing`` every text of the batch goes into shared packed rows instead (see
-    ``Packing``). ``preprocess`` (e.g. lower-casing or a prompt prefix) applies before
-    tokenization, not to the hash.
+    ``Packing``). ``prompts`` (``side_prompts``' form, already filled in) prefix each side's
+    texts; ``preprocess`` (e.g. lower-casing) then applies to prompt + text before
+    tokenization, not to the hash. With ``include_prompt=False`` a side with a prompt gets
+    ``{side}_pool`` (padded) or, packed, the batch ``p_pool``: 0 on the prompt's
+    ``tokenizer.prompt_length(preprocess(prompt))`` leading tokens, which pooling then skips
+    (``Encoder.encode`` skips the same count).
     """
+    prompts = dict(prompts or {})
+    skips = {}  # side -> leading tokens pooling skips
+    if not include_prompt:
+        for side, prompt in prompts.items():
+            n = tokenizer.prompt_length(prompt if preprocess is None else preprocess(prompt))
+            if n:
+                skips[side] = n
     n = len(items)
     if n > rows:
         raise ValueError(f"{n} records do not fit in a batch of {rows} rows")
@@ -128,10 +166,12 @@ def collate(
             labels[:n] = values
             out["labels"] = labels
             continue
-        texts = values if preprocess is None else [preprocess(t) for t in values]
+        prompt = prompts.get(SIDES[field], "")
+        texts = [prompt + t for t in values] if prompt else values
+        texts = texts if preprocess is None else [preprocess(t) for t in texts]
         encoded[field] = (values, tokenizer.encode(texts))
     if packing is not None:
-        out.update(_packed(encoded, tokenizer, rows, packing))
+        out.update(_packed(encoded, tokenizer, rows, packing, skips))
         encoded = {field: (values, None) for field, (values, _) in encoded.items()}
     longest = max((len(e.ids) for _, encs in encoded.values() for e in encs or ()), default=1) if common_length else 1
     for field, (values, encodings) in encoded.items():
@@ -140,6 +180,10 @@ def collate(
             batch = tokenizer.pad(encodings, rows, min_length=longest)
             out[f"{side}_ids"], out[f"{side}_mask"], out[f"{side}_types"] = (
                 batch.input_ids, batch.attention_mask, batch.token_type_ids)
+            if side in skips:
+                pool = batch.attention_mask.copy()
+                pool[:, :skips[side]] = 0
+                out[f"{side}_pool"] = pool
         hashes = np.zeros(rows, np.int32)
         hashes[:n] = [text_hash(t) for t in values]
         out[f"{side}_hash"] = hashes
@@ -174,8 +218,9 @@ class Packing:
 
 
 def _packed(encoded: dict[str, tuple[list[str], list]], tokenizer: Tokenizer, rows: int,
-            packing: Packing) -> dict[str, np.ndarray]:
-    texts, index = [], {}
+            packing: Packing, skips: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    texts, index, text_skip = [], {}, []
+    skips = dict(skips or {})
     sides = [(SIDES[f], f) for f in encoded]
     if packing.views == 2 and "text_b" not in encoded:
         sides.insert(1, ("b", "text_a"))
@@ -185,9 +230,14 @@ def _packed(encoded: dict[str, tuple[list[str], list]], tokenizer: Tokenizer, ro
         ids[:len(encodings)] = np.arange(len(texts), len(texts) + len(encodings))
         index[f"{side}_text"] = ids
         texts.extend(encodings)
+        text_skip.extend([skips.get(SIDES[field], 0)] * len(encodings))  # a view of text_a: text_a's prompt
     packed = tokenizer.pack(texts, packing.length, packing.rows_multiple)
-    return {"p_ids": packed.input_ids, "p_types": packed.token_type_ids, "p_segments": packed.segment_ids,
-            "p_positions": packed.positions, **index}
+    out = {"p_ids": packed.input_ids, "p_types": packed.token_type_ids, "p_segments": packed.segment_ids,
+           "p_positions": packed.positions, **index}
+    if skips:  # per token: 1 where pooling reads it (a text token past its prompt), 0 elsewhere
+        skip = np.asarray([0, *text_skip], np.int32)[packed.segment_ids]
+        out["p_pool"] = ((packed.segment_ids > 0) & (packed.positions >= skip)).astype(np.int32)
+    return out
 
 
 # ---------------------------------------------------------------------------- iterator
@@ -273,6 +323,9 @@ def train_pipeline(
     read_options: grain.ReadOptions | None = None,
     common_length: bool = False,
     packing: Packing | None = None,
+    prompts: Mapping[str, str] | None = None,
+    task: str | None = None,
+    include_prompt: bool = True,
 ) -> DataIterator:
     """Shuffled, sharded, repeated training batches of ``global_batch_size / host count`` rows.
 
@@ -290,10 +343,17 @@ def train_pipeline(
       read_options: grain prefetch threads / buffer (default 2 threads, 4 batches).
       common_length: pad every side of a batch to one length bucket (see ``collate``).
       packing: pack all texts of a batch into shared rows instead of padding (``Packing``).
+      prompts: instructions per side, ``{"a": query prompt, "b": document prompt, "n": ...}``
+        (absent / "": none), e.g. ``{"a": "Instruct: {task}\nQuery: "}``; ``{task}`` is
+        replaced by ``task``.
+      include_prompt: False: pooling skips each prompt's tokens (``{side}_pool`` / ``p_pool``
+        batch fields; ``embedjax.train.objective`` reads them), as ``Encoder.encode`` does
+        with the encoder's own ``include_prompt=False``.
     """
     index, count = _shard(shard_options)
     rows = _host_batch(global_batch_size, count)
     fields = fields_of(source)
+    prompts = side_prompts(prompts, task)
     n = len(source)
     batches = n // global_batch_size
     if batches == 0:
@@ -305,7 +365,8 @@ def train_pipeline(
     # host-sized blocks). So 1 host and c hosts see the same global batches, step by step.
     ds = ds.seed(seed).shuffle()[:batches * global_batch_size]
     ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess,
-                                                                     common_length, packing))
+                                                                     common_length, packing, prompts,
+                                                                     include_prompt))
     ds = ds[index::count].repeat(num_epochs)
     fingerprint = (f"train n={n} seed={seed} shard={index}/{count} host_batch={rows} "
                    f"epochs={num_epochs} fields={','.join(fields)}")
@@ -321,8 +382,12 @@ def eval_pipeline(
     shard_options: grain.sharding.ShardOptions | None = None,
     preprocess: Callable[[str], str] | None = None,
     read_options: grain.ReadOptions | None = None,
+    prompts: Mapping[str, str] | None = None,
+    task: str | None = None,
+    include_prompt: bool = True,
 ) -> DataIterator:
     """One pass over ``source`` in order, nothing dropped, the last batches padded (``valid``).
+    ``prompts`` / ``task`` / ``include_prompt``: as ``train_pipeline``'s.
 
     Host h of c reads examples ``[h * ceil(n / c), (h + 1) * ceil(n / c))``; every host
     yields ``ceil(ceil(n / c) / rows)`` batches so multi-host evaluation stays in step.
@@ -330,6 +395,7 @@ def eval_pipeline(
     index, count = _shard(shard_options)
     rows = _host_batch(global_batch_size, count)
     fields = fields_of(source)
+    prompts = side_prompts(prompts, task)
     n = len(source)
     per_host = -(-n // count)
     start, stop = min(n, index * per_host), min(n, (index + 1) * per_host)
@@ -337,7 +403,8 @@ def eval_pipeline(
 
     def make(k: int) -> dict[str, np.ndarray]:
         ids = range(start + k * rows, min(stop, start + (k + 1) * rows))
-        return collate([(i, source[i]) for i in ids], tokenizer, rows, fields, preprocess)
+        return collate([(i, source[i]) for i in ids], tokenizer, rows, fields, preprocess, prompts=prompts,
+                       include_prompt=include_prompt)
 
     ds = grain.MapDataset.range(batches).map(make)
     fingerprint = f"eval n={n} shard={index}/{count} host_batch={rows} fields={','.join(fields)}"
@@ -351,5 +418,5 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, host_count: int =
     return num_examples // global_batch_size
 
 
-__all__ = ["DataIterator", "Packing", "as_record", "collate", "eval_pipeline", "fields_of", "steps_per_epoch",
-           "text_hash", "train_pipeline"]
+__all__ = ["DataIterator", "Packing", "as_record", "collate", "eval_pipeline", "fields_of", "side_prompts",
+           "steps_per_epoch", "text_hash", "train_pipeline"]

@@ -7,6 +7,8 @@ shared ``embed`` and applies the loss. Batches are dicts of arrays:
     a_ids, a_mask, a_types      first texts        (B, T)
     b_ids, b_mask, b_types      second texts       (B, T)   (absent: unsupervised SimCSE)
     n_ids, n_mask, n_types      hard negatives     (B, T) or (B, k, T)   (optional)
+    a_pool, b_pool, n_pool      pooling masks      like the side's mask   (optional: 0 on an instruction
+                                                   prefix that pooling skips, include_prompt=False)
     labels                      gold scores        (B,)     (scored pairs)
     a_hash, b_hash, n_hash      int32 text hashes: equal texts are not each other's negatives
 
@@ -14,6 +16,7 @@ or, packed (``embedjax.data.Packing``: every text of the batch in shared rows, m
 padding), instead of the ``*_ids / *_mask / *_types``:
 
     p_ids, p_types, p_segments, p_positions     (R, L)
+    p_pool                      (R, L) optional: 1 on the tokens pooling reads (prompts skipped)
     a_text, b_text, n_text      index of each example's text among the packed ones (B,) / (B, k)
 """
 
@@ -210,7 +213,7 @@ def loss_function(objective: Objective):
 
 def _embed_side(params, enc_cfg, objective, batch, side, key):
     ids, mask = batch[f"{side}_ids"], batch[f"{side}_mask"]
-    types = batch.get(f"{side}_types")
+    types, pool_mask = batch.get(f"{side}_types"), batch.get(f"{side}_pool")
     lead = ids.shape[:-1]  # (B,) or (B, k) for several negatives per anchor
     flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])
     z = embed(
@@ -219,6 +222,7 @@ def _embed_side(params, enc_cfg, objective, batch, side, key):
         flat(ids),
         flat(mask),
         token_type_ids=flat(types),
+        pool_mask=flat(pool_mask),
         pooling=objective.pooling,
         normalize=False,  # the losses normalise (AnglE's angle term needs the raw vectors)
         dropout_key=key if objective.dropout else None,
@@ -240,6 +244,7 @@ def _embed_packed_batch(params, enc_cfg, objective: Objective, batch, key):
         batch["p_positions"],
         num_texts=sum(i.size for i in index.values()),  # static; an upper bound if texts are shared
         token_type_ids=batch.get("p_types"),
+        pool_flags=batch.get("p_pool"),
         pooling=objective.pooling,
         normalize=False,
         dropout_key=key if objective.dropout else None,
@@ -279,7 +284,7 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Ar
         raise ValueError("GradCache chunks the batch by examples; it cannot take a packed batch "
                          "(set data.pack_length=0 with objective.gradcache_chunk)")
     if objective.gradcache_chunk:
-        inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask", "_types"))}
+        inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask", "_types", "_pool"))}
         embed_all = gradcache.chunked_embed(
             lambda p, chunk, k: embed_batch(p, enc_cfg, objective, chunk, k),
             objective.gradcache_chunk,

@@ -28,6 +28,7 @@ directory)`` and one PEFT wrote loads here (``tests/test_lora.py`` checks both w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -156,16 +157,23 @@ def attach(params, cfg, spec: LoraSpec, key) -> tuple[dict, Any]:
     chosen = [p for p in available if re.search(spec.targets, p)]
     if not chosen:
         raise ValueError(f"LoRA targets {spec.targets!r} match no dense layer; the dense paths are {available}")
-    for path, k in zip(chosen, jax.random.split(key, len(chosen))):
-        def add(dense, k=k):
-            w = dense["kernel"]
-            *lead, d_in, d_out = w.shape
-            bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(k, (*lead, d_in, spec.rank), jnp.float32, -bound, bound)
-            return {**dense, "lora_a": a, "lora_b": jnp.zeros((*lead, spec.rank, d_out), jnp.float32)}
-
-        params = _replace(params, path, add)
+    shapes = tuple(tuple(_get(params, p)["kernel"].shape) for p in chosen)
+    for path, (a, b) in zip(chosen, _init_adapters(key, shapes, spec.rank)):
+        params = _replace(params, path, lambda dense, a=a, b=b: {**dense, "lora_a": a, "lora_b": b})
     return params, dataclasses.replace(cfg, lora=spec)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_adapters(key, shapes: tuple, rank: int) -> list:
+    """(A, B) for kernels of the given shapes: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's
+    ``kaiming_uniform_(a=sqrt(5))``), B = 0. One compiled program for all of them (eager
+    draws would compile one per shape)."""
+    out = []
+    for k, (*lead, d_in, d_out) in zip(jax.random.split(key, len(shapes)), shapes):
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(k, (*lead, d_in, rank), jnp.float32, -bound, bound)
+        out.append((a, jnp.zeros((*lead, rank, d_out), jnp.float32)))
+    return out
 
 
 def strip(params, cfg=None):
@@ -258,14 +266,19 @@ def _target_modules(targeted: list[str], templates: dict[str, str]) -> list[str]
     return "(" + "|".join(alts) + ")"
 
 
-def _peft_selects(target_modules, name: str) -> bool:
-    """Whether PEFT's ``target_modules`` selects the module ``name`` (PEFT's own rule: a string is
-    ``re.fullmatch``-ed, a list entry matches the whole name or a '.'-separated suffix)."""
-    if target_modules is None:
+def _peft_matches(patterns, name: str) -> bool:
+    """PEFT's module-name rule: a string is ``re.fullmatch``-ed, a list entry matches the whole
+    name or a '.'-separated suffix of it."""
+    if not patterns:
         return False
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+    if isinstance(patterns, str):
+        return patterns == "all-linear" or re.fullmatch(patterns, name) is not None
+    return any(name == t or name.endswith("." + t) for t in patterns)
+
+
+def _peft_selects(conf: dict, name: str) -> bool:
+    """Whether a PEFT config's ``target_modules`` (less its ``exclude_modules``) selects module ``name``."""
+    return _peft_matches(conf.get("target_modules"), name) and not _peft_matches(conf.get("exclude_modules"), name)
 
 
 def save_peft(directory, params, cfg, *, base_model_name_or_path: str = "") -> Path:
@@ -404,7 +417,9 @@ def load_peft(directory, params, cfg, *, strict: bool = True) -> tuple[dict, Any
     if not found:
         raise ValueError(f"{weights_file}: no LoRA weights for any dense module of backbone {cfg.model_type!r}")
     prefix = next(iter(prefixes))
-    target_modules = conf.get("target_modules")
+    selection = f"target_modules={conf.get('target_modules')!r}"
+    if conf.get("exclude_modules"):
+        selection += f" less exclude_modules={conf['exclude_modules']!r}"
 
     loaded = []
     for path in dense_paths(params):
@@ -414,14 +429,14 @@ def load_peft(directory, params, cfg, *, strict: bool = True) -> tuple[dict, Any
         *lead, d_in, d_out = kernel.shape
         names = _module_names(templates[path], tuple(lead))
         have = [(i, n) for i, n in names if (path, i) in found]
-        selected = [(i, n) for i, n in names if _peft_selects(target_modules, prefix + n)]
+        selected = [(i, n) for i, n in names if _peft_selects(conf, prefix + n)]
         if not have and not selected:
             continue
         for i, name in names if have else selected:
             for ab in "AB":
                 if ab not in found.get((path, i), {}):
                     raise ValueError(f"{weights_file}: missing tensor '{_PEFT_PREFIX}{prefix}{name}.lora_{ab}.weight' "
-                                     f"({config_file.name} target_modules={target_modules!r} selects {prefix}{name})")
+                                     f"({config_file.name} {selection} selects {prefix}{name})")
         a = [found[(path, i)]["A"] for i, _ in names]
         b = [found[(path, i)]["B"] for i, _ in names]
         for (i, name), ai, bi in zip(names, a, b):

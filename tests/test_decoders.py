@@ -249,6 +249,21 @@ def test_gemma3_use_bidirectional_attention_matches_transformers(tmp_path):
     assert ecfg.to_hf()["use_bidirectional_attention"] is True
 
 
+def test_multimodal_gemma3_checkpoint_loads_its_text_model(tmp_path):
+    text = FAMILIES["gemma3"]().to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    mm = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+    _randomize(mm, True)
+    mm.save_pretrained(tmp_path, safe_serialization=True)
+    params, cfg, _ = hf.load_checkpoint(tmp_path)  # model_type gemma3: text_config, vision tensors ignored
+    assert cfg.model_type == "gemma3_text" and cfg.local_rope_theta == 100.0
+    ids, mask = _batch()
+    want = _torch_hidden(mm.model.language_model, ids, torch.tensor(mask))
+    _assert_close_on_real(_apply(params, cfg, ids, mask), want, mask)
+
+
 def test_remat_scan_lora_and_bf16(tmp_path):
     model = _torch_model("gemma3")
     model.save_pretrained(tmp_path, safe_serialization=True)

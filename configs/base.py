@@ -58,6 +58,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"           # compute dtype ("bfloat16" on TPU/GPU); params stay float32
     c.hidden_dropout = -1.0       # encoder hidden dropout rate; < 0 = the checkpoint's (config.json)
     c.attention_dropout = -1.0    # encoder attention dropout rate; < 0 = the checkpoint's
+    c.pooler_init = {}            # latent_attention pooling: init_latent_attention kwargs (num_latents, num_heads, ...)
+    c.attention = ""              # decoder LLMs: "causal" (as pretrained) | "bidirectional" (LLM2Vec, NV-Embed); '' = checkpoint's
+    # Instructions (e.g. "Instruct: {task}\nQuery: "): prefixed to the first text of each training record
+    # (query) and to its positive / hard negatives (document); saved with the model as its prompts.
+    c.prompts = ml_collections.ConfigDict({"query": "", "document": ""})
+    c.include_prompt = True       # False: instruction tokens are attended to but not pooled (only when prompts are set)
+    c.lora = ml_collections.ConfigDict({  # LoRA adapters (embedjax/lora.py); rank 0 = full fine-tuning
+        "rank": 0,                # adapter rank r; > 0 trains only the adapters (and a pooler's own params)
+        "alpha": 32.0,            # scale = alpha / r (alpha / sqrt(r) with rslora)
+        "dropout": 0.0,           # dropout on the adapters' input
+        "targets": "",            # regex over dense param paths; '' = every attention and MLP projection
+        "rslora": False,          # rank-stabilised scaling (arXiv:2312.03732)
+        "save_peft": True,        # also write workdir/adapter, a PEFT adapter directory (the export merges them)
+    })
     c.seed = 0                    # params' dropout keys and the data order
     c.batch_size = 32             # global, over all devices and hosts (per micro-batch with optim.accumulate)
     c.num_epochs = 1.0            # passes over the training data (ignored when num_steps > 0)
@@ -67,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
         "fsdp": 1,                # parameter-sharding axis size (data parallel too)
         "model": 1,               # tensor-parallel axis size (splits each big matrix; same examples)
     })
-    c.sharding_rules = "replicated"  # or "fsdp" (shard big matrices over the fsdp axis)
+    c.sharding_rules = "replicated"  # or "fsdp" (the backbone's rules: big matrices over fsdp and model)
+    c.memory_limit_gib = 0.0      # refuse a step needing more per device; 0 = the device's limit (unknown on CPU)
 
     c.optim = ml_collections.ConfigDict({  # AdamW + schedule (embedjax/train/optim.py)
         "learning_rate": 2e-5,    # peak learning rate (AdamW)
@@ -90,7 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
         "matryoshka_n_per_step": 0,  # sample this many dims each step; 0 = all
         "layers": "",             # 2D Matryoshka / ESE over layers: '' | adaptive | 2dmse | espresso
         "layer_kwargs": {},       # keyword arguments of the layer wrapper (free-form)
-        "remat": False,           # rematerialise each layer in the backward pass (memory for compute)
+        "remat": False,           # rematerialise each layer in the backward pass (memory for compute); or a
+                                  # jax.checkpoint_policies name, e.g. "dots_with_no_batch_dims_saveable"
+        "unroll": True,           # unroll the layer scan (fast steps); False = one compiled layer (deep LLMs)
         "dropout": True,          # the encoder's dropout during training (SimCSE needs it)
         "gradcache_chunk": 0,     # > 0: GradCache (exact large-batch contrastive loss, bounded memory)
     })

@@ -51,7 +51,8 @@ def embed(
     pool_mask=None,
     dropout_key=None,
     per_layer: bool = False,
-    remat: bool = False,
+    remat: bool | str = False,
+    unroll: bool | int = True,
 ):
     """Token ids -> text embeddings.
 
@@ -70,7 +71,10 @@ def embed(
       per_layer: return the pooled embedding of every hidden state,
         shape (k + 1, B, D) with index 0 the embedding-layer output, from one
         forward pass (what layer-wise / 2D Matryoshka losses need).
-      remat: rematerialise layers in the backward pass.
+      remat: rematerialise layers in the backward pass (True, or a ``jax.checkpoint_policies``
+        name such as ``"dots_with_no_batch_dims_saveable"`` where the backbone takes one).
+      unroll: the layer scan's unroll (True: fully unrolled, fastest steps for small models;
+        False: one compiled layer, fast compiles for deep LLMs).
 
     Returns:
       (B, D) float array, or (k + 1, B, D) when ``per_layer``.
@@ -85,6 +89,7 @@ def embed(
         num_layers=num_layers,
         all_layers=per_layer,
         remat=remat,
+        unroll=unroll,
     )
     mask = attention_mask if pool_mask is None else pool_mask
     pooled = pooling_lib.pool(hidden, mask, pooling, params=pooler_params(params, pooling))
@@ -107,7 +112,8 @@ def embed_packed(
     num_layers: int | None = None,
     dropout_key=None,
     per_layer: bool = False,
-    remat: bool = False,
+    remat: bool | str = False,
+    unroll: bool | int = True,
 ):
     """``embed`` for packed rows (``embedjax.tokenize.Tokenizer.pack``): several texts per row.
 
@@ -135,6 +141,7 @@ def embed_packed(
         num_layers=num_layers,
         all_layers=per_layer,
         remat=remat,
+        unroll=unroll,
     )
     pooled = pooling_lib.pool_segments(hidden, segment_ids, positions, num_texts, pooling,
                                        params=pooler_params(params, pooling), pool_flags=pool_flags)

@@ -146,6 +146,7 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
     _write_json(directory / hf.EMBEDJAX_CONFIG,
                 {"pooling": encoder.pooling, "normalize": normalize, "include_prompt": encoder.include_prompt,
                  "append_eos_token_id": eos, **pooler_record,
+                 **({"attention": cfg.attention} if hasattr(cfg, "attention") else {}),
                  "sentence_transformers": bool(sentence_transformers), "embedjax_version": version})
     _write_json(directory / "sentence_bert_config.json",
                 {"max_seq_length": encoder.max_length, "do_lower_case": encoder.lowercase})

@@ -233,6 +233,9 @@ def read_embedjax_config(directory: Path) -> dict:
     for key in ("normalize", "include_prompt"):
         if key in record and not isinstance(record[key], bool):
             raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: {key} must be true or false, got {record[key]!r}")
+    if record.get("attention", "causal") not in ("causal", "bidirectional"):
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: attention must be 'causal' or 'bidirectional', "
+                              f"got {record['attention']!r}")
     eos = record.get("append_eos_token_id")
     if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool) or eos < 0):
         raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: append_eos_token_id must be a token id or null, "

@@ -193,6 +193,7 @@ def load_pretrained(
     buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS,
     append_eos: bool | None = None,
     pooler_init: Mapping[str, Any] | None = None,
+    attention: str | None = None,
     seed: int = 0,
 ) -> Encoder:
     """Loads a Hugging Face / sentence-transformers checkpoint as an ``Encoder``.
@@ -212,6 +213,8 @@ def load_pretrained(
         recorded, else on exactly when pooling is ``last_token`` and the checkpoint's tokenizer
         does not add the EOS itself (decoders pool the EOS state). The id: ``config.json``'s
         ``eos_token_id`` (the first of a list), else ``tokenizer_config.json``'s ``eos_token``.
+      attention: decoder LLMs: ``"causal"`` (as pretrained) or ``"bidirectional"``; default: the
+        mode an embedjax export recorded, else the checkpoint's own.
       pooler_init: with ``latent_attention`` pooling and no exported pooler in the checkpoint,
         ``pooling.init_latent_attention``'s keyword arguments for a fresh one (default: 512
         latents, 8 heads), initialised from ``seed``; an export's pooler is loaded instead.
@@ -224,6 +227,11 @@ def load_pretrained(
     params, cfg, directory = hf.load_checkpoint(name_or_path, **overrides)
     st = hf.read_sentence_transformers(directory)
     record = hf.read_embedjax_config(directory)
+    attention = attention or record.get("attention")
+    if attention:
+        if not hasattr(cfg, "attention"):
+            raise ValueError(f"attention={attention!r}: the {cfg.model_type} backbone has no attention mode to choose")
+        cfg = dataclasses.replace(cfg, attention=attention)
     pooling = pooling or record.get("pooling") or st.pooling or "mean"
     if pooling not in pooling_lib.MODES:
         raise ValueError(f"unknown pooling {pooling!r}; choose one of {pooling_lib.MODES}")

@@ -29,6 +29,9 @@ AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over the data-parallel axes; 'model' members share it
 
 REPLICATED_RULES: list[tuple[str, P]] = [(r".*", P())]
+# A trainable pooler (``params["pooler"]``, e.g. latent attention: a few million params at 7B) is
+# small next to the backbone: replicated whatever the backbone's rules.
+POOLER_RULES: list[tuple[str, P]] = [(r"^pooler/", P())]
 
 
 def rules_for(cfg, name: str) -> tuple:
@@ -39,7 +42,7 @@ def rules_for(cfg, name: str) -> tuple:
     if name == "fsdp":
         from embedjax.encoders import registry
 
-        return tuple(registry.of(cfg).sharding_rules)
+        return (*POOLER_RULES, *registry.of(cfg).sharding_rules)
     raise ValueError(f"unknown sharding_rules {name!r}; choose 'fsdp' or 'replicated'")
 
 

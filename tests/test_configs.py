@@ -28,6 +28,7 @@ VARIANTS = [
     "unsup_simcse", "unsup_simcse:smoke", "unsup_simcse:file=/tmp/corpus.txt,smoke",
     "stsb_matryoshka", "stsb_matryoshka:smoke",
     "stsb_2d", "stsb_2d:smoke", "stsb_2d:mode=adaptive", "stsb_2d:mode=2dmse", "stsb_2d:mode=espresso,smoke",
+    "llm_lora", "llm_lora:smoke", "llm_lora:smoke,model_type=llama",
 ]
 
 

@@ -27,14 +27,14 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from embedjax import distributed, sharding, tokenize
+from embedjax import distributed, lora, sharding, tokenize
 from embedjax import export as export_lib
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.data import pipeline
 from embedjax.encoders import registry
 from embedjax.eval import suite
 from embedjax.model import load_pretrained
-from embedjax.train import optim, run_config, sources
+from embedjax.train import memory, optim, run_config, sources
 from embedjax.train.objective import Objective, check_objective_data
 from embedjax.train.state import TrainState
 from embedjax.train.step import train_step
@@ -177,7 +177,13 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
 
     # ------------------------------------------------------------------ mesh, model, data
     mesh = sharding.mesh_from_config(config.mesh)
-    encoder = load_pretrained(config.model, pooling=config.pooling or None, max_length=config.max_length or None)
+    encoder = load_pretrained(config.model, pooling=config.pooling or None, max_length=config.max_length or None,
+                              attention=config.attention or None, pooler_init=dict(config.pooler_init) or None,
+                              seed=config.seed)
+    if config.prompts.query or config.prompts.document:  # the run's instructions: trained, evaluated, exported
+        encoder = dataclasses.replace(encoder, prompts={k: v for k, v in config.prompts.items() if v},
+                                      include_prompt=bool(config.include_prompt))
+    params, frozen, encoder = trainable_params(config, encoder)
     enc_cfg = dataclasses.replace(encoder.cfg, dtype=config.dtype,
                                   hidden_dropout=_or_default(config.hidden_dropout, encoder.cfg.hidden_dropout),
                                   attention_dropout=_or_default(config.attention_dropout,
@@ -190,21 +196,24 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     train_source = sources.train_source(config.data)
     check_objective_data(objective, pipeline.fields_of(train_source), sources.scores_of(train_source))
     train_tokenizer = tokenize.Tokenizer(encoder.tokenizer.backend, encoder.max_length, encoder.cfg.pad_token_id,
-                                         buckets=tuple(config.data.buckets))
+                                         buckets=tuple(config.data.buckets),
+                                         eos_token_id=encoder.tokenizer.eos_token_id)
     preprocess = str.lower if encoder.lowercase else None
     packing = packing_from_config(config, objective)
     data_iter = pipeline.train_pipeline(train_source, train_tokenizer, global_batch_size=config.batch_size,
                                         seed=config.seed, preprocess=preprocess, common_length=True,
-                                        packing=packing)
+                                        packing=packing, prompts=side_prompts(config.prompts),
+                                        include_prompt=encoder.include_prompt)
     steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size, jax.process_count())
     total_steps = int(config.num_steps or round(config.num_epochs * steps_per_epoch))
     if not config.num_steps:  # epochs: whole accumulation groups only (an explicit num_steps must divide)
         total_steps -= total_steps % int(config.optim.accumulate)
     evaluators = evaluators_from_config(config, encoder.cfg)
 
-    def evaluate(params) -> dict[str, float]:
+    def evaluate(trained) -> dict[str, float]:
         # normalize=True: scored as the export (save_pretrained(normalize=True)) will embed
-        metrics = suite.run_all(evaluators, dataclasses.replace(encoder, params=_local(params), normalize=True))
+        full = lora.combine(_local(trained), frozen_local)
+        metrics = suite.run_all(evaluators, dataclasses.replace(encoder, params=full, normalize=True))
         check_select_metric(config.select_metric, metrics)
         return metrics
 
@@ -212,8 +221,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     tx, lr_at = optim.make_optimizer(config.optim, total_steps, no_decay=registry.of(enc_cfg).no_decay)
     rules = sharding.rules_for(enc_cfg, config.sharding_rules)
     create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
-    abstract = jax.eval_shape(create, encoder.params)
+    abstract = jax.eval_shape(create, params)
     param_shards = sharding.param_shardings(abstract.params, mesh, rules)
+    frozen_shards = sharding.param_shardings(frozen, mesh, rules)
+    frozen = jax.device_put(frozen, frozen_shards)
+    frozen_local = _local(frozen)  # what the evaluators combine the trained params with
     replicated = NamedSharding(mesh, P())
     state_shards = TrainState(step=replicated, params=param_shards,
                               opt_state=opt_state_shardings(abstract.opt_state, param_shards, mesh), rng=replicated)
@@ -229,18 +241,20 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
         log.info("resumed from %s step %d", workdir / "checkpoints", start)
         before = None
     else:
-        state = jax.jit(create, out_shardings=state_shards)(encoder.params)
+        state = jax.jit(create, out_shardings=state_shards)(params)
         start = 0
         before = evaluate(state.params)
         writer.write(0, before)
         ckpt.save_best(0, state.params, before)  # the start competes for "best" too
 
-    step_fn = jax.jit(
+    del params  # the state holds them now (donated to every step)
+    step_fn = CompiledSteps(jax.jit(
         functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx),
-        in_shardings=(state_shards, batch_shards),
+        in_shardings=(state_shards, batch_shards, frozen_shards),
         out_shardings=(state_shards, replicated),
         donate_argnums=0,
-    )
+    ), limit=_memory_limit(config), knobs=dict(batch_size=config.batch_size, gradcache_chunk=objective.gradcache_chunk,
+                                               mesh_shape=dict(mesh.shape), remat=objective.remat))
 
     # ------------------------------------------------------------------ loop
     log_every, eval_every, save_every = config.log_every, config.eval_every, config.checkpoint.every
@@ -250,7 +264,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     for step in range(start + 1, total_steps + 1):
         host_batch = distributed.global_batch(_model_batch(next(data_iter)), pad_token_id=enc_cfg.pad_token_id)
         batch = sharding.to_global(host_batch, mesh)
-        state, metrics = step_fn(state, batch)
+        state, metrics = step_fn(state, batch, frozen)
         pending.append((step, metrics))
         examples += config.batch_size
         is_last = step == total_steps
@@ -294,12 +308,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
 
     # ------------------------------------------------------------------ export the best, evaluate it
     best_params, best_metrics, best_step = ckpt.restore_best(abstract_like(abstract.params, param_shards))
-    best_params = distributed.to_host(best_params)
+    best_params = lora.combine(distributed.to_host(best_params), distributed.to_host(frozen))
     ckpt.close()
     writer.close()
     if jax.process_index() == 0:
-        export_lib.save_pretrained(encoder, workdir, params=best_params, normalize=True,
-                                   sentence_transformers=not st_problem)
+        export_model(config, encoder, best_params, workdir, sentence_transformers=not st_problem)
     distributed.barrier("exported")  # every host evaluates the file process 0 wrote
     after = suite.run_all(evaluators, load_pretrained(workdir))
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
@@ -307,6 +320,77 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     if jax.process_index() == 0:
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def side_prompts(prompts) -> dict[str, str]:
+    """``config.prompts`` ({"query", "document"}) as the pipeline's per-side prompts: the first
+    text of a record is the query, its positive and hard negatives are documents."""
+    return {"a": prompts.query, "b": prompts.document, "n": prompts.document}
+
+
+def lora_spec(config) -> lora.LoraSpec | None:
+    """``config.lora`` as a ``LoraSpec``; None when ``lora.rank`` is 0 (full fine-tuning)."""
+    c = config.lora
+    if not c.rank:
+        return None
+    return lora.LoraSpec(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout), targets=c.targets or "^layers/",
+                         rslora=bool(c.rslora))
+
+
+def trainable_params(config, encoder):
+    """``(trainable, frozen, encoder)``: with LoRA, adapters are attached (the encoder's cfg gets the
+    spec) and only they and the pooler's own params (latent attention) train; without, every
+    param trains and ``frozen`` is empty (None holes)."""
+    params = encoder.params
+    spec = lora_spec(config)
+    if spec is None:
+        return lora.partition(params, jax.tree.map(lambda _: True, params))
+    params, cfg = lora.attach(params, encoder.cfg, spec, jax.random.key(config.seed + 1))
+    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith("pooler/")  # noqa: E731
+    trainable, frozen = lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
+    return trainable, frozen, dataclasses.replace(encoder, params=params, cfg=cfg)
+
+
+def export_model(config, encoder, params, workdir: Path, *, sentence_transformers: bool) -> None:
+    """The best params as a model directory: LoRA adapters merged into the weights (a plain
+    Hugging Face / sentence-transformers model), and with ``lora.save_peft`` also a PEFT adapter
+    directory ``workdir/adapter`` that ``peft.PeftModel.from_pretrained`` loads over the base model."""
+    if encoder.cfg.lora is not None and config.lora.save_peft:
+        lora.save_peft(workdir / "adapter", params, encoder.cfg, base_model_name_or_path=str(config.model))
+    merged, cfg = lora.merge(params, encoder.cfg) if encoder.cfg.lora is not None else (params, encoder.cfg)
+    export_lib.save_pretrained(dataclasses.replace(encoder, cfg=cfg), workdir, params=merged, normalize=True,
+                               sentence_transformers=sentence_transformers)
+
+
+class CompiledSteps:
+    """The jitted step compiled ahead of time once per batch shape, its per-device memory logged
+    and checked against the device (``embedjax.train.memory``) BEFORE the shape first runs; a
+    config that will not fit is refused with what to change."""
+
+    def __init__(self, jitted, *, limit: int | None, knobs: dict):
+        self.jitted, self.limit, self.knobs = jitted, limit, knobs
+        self.compiled: dict = {}
+
+    def __call__(self, state, batch, frozen):
+        shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
+        if shapes not in self.compiled:
+            compiled = self.jitted.lower(state, batch, frozen).compile()
+            try:
+                mem = memory.step_memory(compiled)
+            except RuntimeError as err:
+                log.info("train step for batch %s: %s", dict((k, s) for k, s, _ in shapes), err)
+            else:
+                log.info("train step for batch %s: %s", dict((k, s) for k, s, _ in shapes), mem.describe())
+                memory.check_fits(mem, self.limit, **self.knobs)
+            self.compiled[shapes] = compiled
+        return self.compiled[shapes](state, batch, frozen)
+
+
+def _memory_limit(config) -> int | None:
+    """Bytes per device the step may use: ``memory_limit_gib`` when set, else the device's own limit."""
+    if config.memory_limit_gib:
+        return int(config.memory_limit_gib * memory.GiB)
+    return memory.device_memory_limit()
 
 
 def _or_default(value: float, default: float) -> float:

@@ -52,7 +52,8 @@ class Objective:
     matryoshka_n_per_step: int = 0   # 0 = every dim every step
     layers: str = ""                 # '' = last layer only; else one of LAYER_MODES
     layer_kwargs: tuple = ()
-    remat: bool = False
+    remat: bool | str = False        # True, or a jax.checkpoint_policies name (decoder backbones)
+    unroll: bool = True              # unroll the layer scan (False: one compiled layer; deep LLMs compile fast)
     dropout: bool = True             # the encoder's dropout during training (SimCSE needs it)
     gradcache_chunk: int = 0         # > 0: GradCache, embedding this many rows at a time
 
@@ -92,7 +93,8 @@ class Objective:
             matryoshka_n_per_step=int(cfg["matryoshka_n_per_step"] or 0),
             layers=layers,
             layer_kwargs=items(cfg["layer_kwargs"]),
-            remat=bool(cfg["remat"]),
+            remat=cfg["remat"] if isinstance(cfg["remat"], str) else bool(cfg["remat"]),
+            unroll=bool(cfg["unroll"]),
             dropout=bool(cfg["dropout"]),
             gradcache_chunk=int(cfg["gradcache_chunk"] or 0),
         )
@@ -100,7 +102,7 @@ class Objective:
 
 # The keys of a config's ``objective`` section (configs/base.py).
 OBJECTIVE_KEYS = frozenset({"loss", "loss_kwargs", "matryoshka_dims", "matryoshka_weights", "matryoshka_n_per_step",
-                            "layers", "layer_kwargs", "remat", "dropout", "gradcache_chunk"})
+                            "layers", "layer_kwargs", "remat", "unroll", "dropout", "gradcache_chunk"})
 
 
 def _label_range(objective: Objective) -> tuple[float, float] | None:
@@ -228,6 +230,7 @@ def _embed_side(params, enc_cfg, objective, batch, side, key):
         dropout_key=key if objective.dropout else None,
         per_layer=bool(objective.layers),
         remat=objective.remat,
+        unroll=objective.unroll,
     )
     if objective.layers and not dict(objective.layer_kwargs).get("embedding_layer", False):
         z = z[1:]  # drop the embedding-layer output: stack entry p is layer p + 1
@@ -250,6 +253,7 @@ def _embed_packed_batch(params, enc_cfg, objective: Objective, batch, key):
         dropout_key=key if objective.dropout else None,
         per_layer=bool(objective.layers),
         remat=objective.remat,
+        unroll=objective.unroll,
     )
     if objective.layers and not dict(objective.layer_kwargs).get("embedding_layer", False):
         z = z[1:]

@@ -18,7 +18,7 @@ both configs set ``num_steps`` > 0 (it is not read then).
 ``IGNORED`` = keys that cannot change any parameter or the selection's candidates' scores:
 log_every, eval_every (when the dev set is scored: which steps compete for "best", never
 what training does), eval_batch_size, checkpoint.* (how often / how many are kept), mesh.*
-and sharding_rules (the hardware layout: the same computation up to float round-off, and a
+sharding_rules and memory_limit_gib (the hardware layout: the same computation up to float round-off, and a
 run must be able to resume on another machine), and the retired ``testing`` section.
 """
 
@@ -30,10 +30,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-IGNORED = ("log_every", "eval_every", "eval_batch_size", "checkpoint", "mesh", "sharding_rules", "testing")
+IGNORED = ("log_every", "eval_every", "eval_batch_size", "checkpoint", "mesh", "sharding_rules", "memory_limit_gib",
+           "testing")
 # Free-form dicts (keyword arguments, column maps, evaluator entries): any key may appear below them, but
 # ``--config.a.b.key`` only overrides a key the config already has.
-OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "data.columns", "evals")
+OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "data.columns", "evals", "pooler_init")
 ABSENT = "(absent)"
 
 # The run's config in its workdir; not config.json, which the export writes (the model's HF config).

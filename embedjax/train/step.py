@@ -5,17 +5,28 @@ from __future__ import annotations
 import jax
 import optax
 
+from embedjax import lora
 from embedjax.train.objective import Objective, batch_loss
 from embedjax.train.state import TrainState
 
 
-def train_step(state: TrainState, batch, *, enc_cfg, objective: Objective, tx):
+def train_step(state: TrainState, batch, frozen=None, *, enc_cfg, objective: Objective, tx):
     """Returns ``(new_state, metrics)``; dropout/sampling key = fold_in(state.rng, step).
 
-    Metrics: loss, grad_norm and param_norm (global L2 norms; the loop's NaN guard reads them).
+    ``state.params`` are the params that train; ``frozen`` (``embedjax.lora.partition``) the
+    rest of the tree, e.g. the base model under LoRA: no gradient and no optimizer state is
+    ever formed for them. None: everything trains.
+
+    Metrics: loss, grad_norm and param_norm (global L2 norms of the trained params; the loop's
+    NaN guard reads them).
     """
     key = jax.random.fold_in(state.rng, state.step)
-    loss, grads = jax.value_and_grad(batch_loss)(state.params, enc_cfg, objective, batch, key)
+
+    def loss_of(trainable):
+        params = trainable if frozen is None else lora.combine(trainable, frozen)
+        return batch_loss(params, enc_cfg, objective, batch, key)
+
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

@@ -202,7 +202,23 @@ def test_attach_init_is_peft_and_changes_nothing(bert):
         lora.attach(params, cfg, lora.LoraSpec(targets="nothing_here"), jax.random.key(0))
     with pytest.raises(ValueError, match="already carry"):
         lora.attach(new, ncfg, lora.LoraSpec(), jax.random.key(0))
-    assert lora.strip(new, ncfg) == (params, cfg) or jax.tree.structure(lora.strip(new)) == jax.tree.structure(params)
+    stripped, scfg = lora.strip(new, ncfg)
+    assert scfg == cfg and jax.tree.structure(stripped) == jax.tree.structure(params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(stripped), jax.tree.leaves(params)))
+
+
+def test_partition_and_combine():
+    p = {"a": {"kernel": jnp.ones((2, 3)), "lora_a": jnp.zeros((2, 1)), "lora_b": jnp.zeros((1, 3))}, "b": jnp.ones(3)}
+    t, f = lora.partition(p)
+    assert t == {"a": {"kernel": None, "lora_a": p["a"]["lora_a"], "lora_b": p["a"]["lora_b"]}, "b": None}
+    assert f == {"a": {"kernel": p["a"]["kernel"], "lora_a": None, "lora_b": None}, "b": p["b"]}
+    for mask in (None, jax.tree.map(lambda _: True, p), jax.tree.map(lambda _: False, p)):  # also all / nothing trainable
+        t, f = lora.partition(p, mask)
+        back = lora.combine(t, f)
+        assert jax.tree.structure(back) == jax.tree.structure(p)
+        assert all(x is y for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(p)))
+    assert lora.trainable_mask(p) == {"a": {"kernel": False, "lora_a": True, "lora_b": True}, "b": False}
+    assert lora.is_adapter("layers/mlp/up/lora_b") and not lora.is_adapter("layers/mlp/up/kernel")
 
 
 def test_merge_equals_unmerged_and_rslora_scale(bert):

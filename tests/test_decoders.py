@@ -177,16 +177,6 @@ def test_packed_rows_equal_separate_texts(family):
                                        err_msg=f"{attention} text {i}")
 
 
-def test_num_layers_and_last_layer_only(family):
-    _, _, params, cfg, _ = family
-    ids, mask = _batch()
-    full = _apply(params, cfg, ids, mask)  # compiled by test_causal_matches_transformers already
-    # hidden_states[1]: layer 1's output without the final norm (that one only ends a full run)
-    np.testing.assert_allclose(_apply(params, cfg, ids, mask, num_layers=1, all_layers=False), full[1], atol=1e-5)
-    with pytest.raises(ValueError, match="num_layers"):
-        decoder.apply(params, cfg, ids, mask, num_layers=3)
-
-
 def test_export_round_trip_loads_in_transformers(family, tmp_path):
     name, model, params, cfg, _ = family
     state = decoder.state_dict_from_params(params, cfg)
@@ -264,7 +254,7 @@ def test_multimodal_gemma3_checkpoint_loads_its_text_model(tmp_path):
     _assert_close_on_real(_apply(params, cfg, ids, mask), want, mask)
 
 
-def test_remat_scan_lora_and_bf16(tmp_path):
+def test_num_layers_remat_grads_lora_and_bf16(tmp_path):
     model = _torch_model("gemma3")
     model.save_pretrained(tmp_path, safe_serialization=True)
     params, cfg, _ = hf.load_checkpoint(tmp_path)
@@ -288,8 +278,13 @@ def test_remat_scan_lora_and_bf16(tmp_path):
                                  jax.tree_util.tree_leaves_with_path(want_grads)):
         scale = np.abs(b).max() + 1e-6
         np.testing.assert_allclose(np.asarray(a) / scale, b / scale, atol=1e-4, err_msg=jax.tree_util.keystr(path))
-    one = _apply(params, cfg, ids, mask, num_layers=1)
-    np.testing.assert_allclose(one, want[:2], atol=1e-5)
+    # num_layers=k: HF's hidden_states[:k + 1] (layer k's output without the final norm, which only
+    # ends a full run); the layers above k are not computed.
+    np.testing.assert_allclose(_apply(params, cfg, ids, mask, num_layers=1), want[:2], atol=1e-5)
+    np.testing.assert_allclose(_apply(params, cfg, ids, mask, num_layers=1, all_layers=False), want[1], atol=1e-5)
+    np.testing.assert_allclose(_apply(params, cfg, ids, mask, all_layers=False), want[-1], atol=1e-5)
+    with pytest.raises(ValueError, match="num_layers"):
+        decoder.apply(params, cfg, ids, mask, num_layers=3)
 
     # LoRA: adapters next to q and down; a zero lora_b leaves the output unchanged.
     spec = type("Spec", (), {"scale": 2.0, "dropout": 0.0})()

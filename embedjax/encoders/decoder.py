@@ -504,7 +504,11 @@ def apply(
         return h, (h if all_layers else None)
 
     if remat:
-        policy = None if remat is True else getattr(jax.checkpoint_policies, remat)
+        policy = None
+        if remat is not True:
+            policy = getattr(jax.checkpoint_policies, str(remat), None)
+            if policy is None:
+                raise ValueError(f"remat must be True or a jax.checkpoint_policies name, got {remat!r}")
         body = jax.checkpoint(body, policy=policy)
     last, hidden = jax.lax.scan(body, x, (stack, layer_keys, which), unroll=unroll)
     if k == cfg.num_layers:

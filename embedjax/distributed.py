@@ -136,13 +136,13 @@ def agree_batch(batch: Mapping[str, np.ndarray], target: np.ndarray, *, pad_toke
     """
     out = dict(batch)
     for s, length in zip("abn", target[:3]):
-        for field, value in (("ids", pad_token_id), ("mask", 0), ("types", 0)):
+        for field, value in (("ids", pad_token_id), ("mask", 0), ("types", 0), ("pool", 0)):
             key = f"{s}_{field}"
             if key in out:
                 out[key] = _pad_to(out[key], (*out[key].shape[:-1], int(length)), value)
     if "p_ids" in out:
         rows, length = int(target[3]), int(target[4])
-        for key in ("p_ids", "p_types", "p_segments", "p_positions"):
+        for key in ("p_ids", "p_types", "p_segments", "p_positions", "p_pool"):
             if key in out:
                 out[key] = _pad_to(out[key], (rows, length), pad_token_id if key == "p_ids" else 0)
         per_host = sum(out[k].size for k in TEXT_INDEX_KEYS if k in out)

@@ -29,9 +29,17 @@ AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over the data-parallel axes; 'model' members share it
 
 REPLICATED_RULES: list[tuple[str, P]] = [(r".*", P())]
-# A trainable pooler (``params["pooler"]``, e.g. latent attention: a few million params at 7B) is
-# small next to the backbone: replicated whatever the backbone's rules.
-POOLER_RULES: list[tuple[str, P]] = [(r"^pooler/", P())]
+# A trainable pooler (``params["pooler"]``: NV-Embed's latent attention, ~270M params at hidden 4096,
+# mostly its GeGLU MLP) is FSDP x tensor-parallel sharded like a transformer block, whatever the backbone.
+POOLER_RULES: list[tuple[str, P]] = [
+    (r"^pooler/.*/(bias|scale)$", P()),
+    (r"^pooler/latents$", P(None, "fsdp")),                # (r, H)
+    (r"^pooler/(q|k|v)/kernel$", P("fsdp", "model")),      # (H, heads, head_dim)
+    (r"^pooler/o/kernel$", P("model", None, "fsdp")),      # (heads, head_dim, H)
+    (r"^pooler/mlp_in/kernel$", P("fsdp", "model")),       # (H, 2 x mlp)
+    (r"^pooler/mlp_out/kernel$", P("model", "fsdp")),      # (mlp, H)
+    (r"^pooler/", P()),
+]
 
 
 def rules_for(cfg, name: str) -> tuple:

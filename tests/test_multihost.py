@@ -32,8 +32,10 @@ def first_batches_with_unequal_hosts(source, tok, packing, batch_size=16, limit=
     """The one-host global batch and the two hosts' batches of the first step at which the
     hosts' own shapes differ (what agreement must fix)."""
     shard = lambda h, n: grain.sharding.ShardOptions(shard_index=h, shard_count=n)
+    # An instruction excluded from pooling: its per-side pool masks must be agreed like the ids.
     make = lambda h, n: pipeline.train_pipeline(source, tok, global_batch_size=batch_size, seed=0, common_length=True,
-                                                packing=packing, shard_options=shard(h, n))
+                                                packing=packing, shard_options=shard(h, n),
+                                                prompts={"a": "query: "}, include_prompt=False)
     keep = lambda b: {k: v for k, v in b.items() if k.startswith(("a_", "b_", "n_", "p_", "labels"))}
     one, hosts = make(0, 1), [make(0, 2), make(1, 2)]
     for _ in range(limit):

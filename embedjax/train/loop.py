@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from embedjax import distributed, lora, sharding, tokenize
+from embedjax import distributed, lora, sharding
 from embedjax import export as export_lib
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.data import pipeline
@@ -67,6 +67,28 @@ def opt_state_shardings(opt_state_shapes, param_shards, mesh):
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, opt_state_shapes)
+
+
+def state_shardings(abstract_state: TrainState, frozen, mesh, rules) -> tuple[TrainState, Any]:
+    """``(state shardings, frozen-param shardings)`` by ``rules``: params (trained and frozen) by
+    their rules, Adam's moments like their param, step and key replicated."""
+    param_shards = sharding.param_shardings(abstract_state.params, mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    state = TrainState(step=replicated, params=param_shards, rng=replicated,
+                       opt_state=opt_state_shardings(abstract_state.opt_state, param_shards, mesh))
+    return state, sharding.param_shardings(frozen, mesh, rules)
+
+
+def jit_train_step(enc_cfg, objective: Objective, tx, state_shards, frozen_shards, mesh):
+    """``train_step`` jitted with the run's shardings, the state donated: ``step(state, batch, frozen)``.
+    Lower it with abstract arguments (``jax.ShapeDtypeStruct``) to learn a configuration's
+    per-device memory without allocating it (``embedjax.train.memory``)."""
+    return jax.jit(
+        functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx),
+        in_shardings=(state_shards, sharding.batch_sharding(mesh), frozen_shards),
+        out_shardings=(state_shards, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
 
 
 class MetricsWriter:
@@ -189,15 +211,14 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
                                   attention_dropout=_or_default(config.attention_dropout,
                                                                 encoder.cfg.attention_dropout))
     objective = Objective.from_config(config.objective, encoder.pooling)  # the run's one pooling
-    st_problem = export_lib.sentence_transformers_problem(encoder.pooling, encoder.include_prompt)
+    st_problem = export_lib.sentence_transformers_problem(encoder.pooling, encoder.include_prompt,
+                                                          encoder.tokenizer.appends_eos)
     if st_problem:  # said now, not after hours of training
         log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
                     st_problem)
     train_source = sources.train_source(config.data)
     check_objective_data(objective, pipeline.fields_of(train_source), sources.scores_of(train_source))
-    train_tokenizer = tokenize.Tokenizer(encoder.tokenizer.backend, encoder.max_length, encoder.cfg.pad_token_id,
-                                         buckets=tuple(config.data.buckets),
-                                         eos_token_id=encoder.tokenizer.eos_token_id)
+    train_tokenizer = encoder.tokenizer.replace(buckets=tuple(config.data.buckets))  # keeps an appended EOS
     preprocess = str.lower if encoder.lowercase else None
     packing = packing_from_config(config, objective)
     data_iter = pipeline.train_pipeline(train_source, train_tokenizer, global_batch_size=config.batch_size,
@@ -222,14 +243,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     rules = sharding.rules_for(enc_cfg, config.sharding_rules)
     create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
     abstract = jax.eval_shape(create, params)
-    param_shards = sharding.param_shardings(abstract.params, mesh, rules)
-    frozen_shards = sharding.param_shardings(frozen, mesh, rules)
+    state_shards, frozen_shards = state_shardings(abstract, frozen, mesh, rules)
+    param_shards = state_shards.params
     frozen = jax.device_put(frozen, frozen_shards)
     frozen_local = _local(frozen)  # what the evaluators combine the trained params with
-    replicated = NamedSharding(mesh, P())
-    state_shards = TrainState(step=replicated, params=param_shards,
-                              opt_state=opt_state_shardings(abstract.opt_state, param_shards, mesh), rng=replicated)
-    batch_shards = sharding.batch_sharding(mesh)
 
     # ------------------------------------------------------------------ state: resume or create
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
@@ -248,12 +265,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
         ckpt.save_best(0, state.params, before)  # the start competes for "best" too
 
     del params  # the state holds them now (donated to every step)
-    step_fn = CompiledSteps(jax.jit(
-        functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx),
-        in_shardings=(state_shards, batch_shards, frozen_shards),
-        out_shardings=(state_shards, replicated),
-        donate_argnums=0,
-    ), limit=_memory_limit(config), knobs=dict(batch_size=config.batch_size, gradcache_chunk=objective.gradcache_chunk,
+    step_fn = CompiledSteps(jit_train_step(enc_cfg, objective, tx, state_shards, frozen_shards, mesh),
+                            limit=_memory_limit(config), knobs=dict(batch_size=config.batch_size, gradcache_chunk=objective.gradcache_chunk,
                                                mesh_shape=dict(mesh.shape), remat=objective.remat))
 
     # ------------------------------------------------------------------ loop

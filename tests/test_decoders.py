@@ -317,15 +317,24 @@ def test_attention_helper_paths_agree():
         np.testing.assert_allclose(np.asarray(fast), np.asarray(explicit), atol=1e-4)
 
 
-def test_sharding_rules_cover_every_param():
-    cfg = decoder.DecoderConfig(vocab_size=V, hidden_size=H, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                                intermediate_size=96, qkv_bias=True, o_bias=True, mlp_bias=True, qk_norm=True,
-                                norm_plus_one=True, sandwich_norm=True)
-    import re
+def test_sharded_fsdp_x_tensor_parallel_with_lora_equals_unsharded():
+    """The backbone's SHARDING_RULES place every param (LoRA adapters included) on a
+    data x fsdp x model mesh of the 8 test devices, and the sharded forward equals the plain one."""
+    from embedjax import lora, sharding
 
-    params = jax.eval_shape(lambda: decoder.init(cfg, jax.random.key(0)))
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        spec = next((s for rule, s in decoder.SHARDING_RULES if re.search(rule, name)), None)
-        assert spec is not None and len(spec) <= leaf.ndim, name
+    cfg = decoder.DecoderConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                                intermediate_size=48, qkv_bias=True, o_bias=True, mlp_bias=True, qk_norm=True,
+                                norm_plus_one=True, sandwich_norm=True)
+    params, cfg = lora.attach(decoder.init(cfg, jax.random.key(0)), cfg, lora.LoraSpec(rank=4), jax.random.key(1))
+    params = jax.tree.map(lambda x: x + 0.05, params)  # nonzero lora_b
+    mesh = sharding.make_mesh(data=2, fsdp=2, model=2)
+    specs = sharding.param_specs(params, mesh, sharding.rules_for(cfg, "fsdp"))
+    assert specs["layers"]["attention"]["q"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "model")
+    assert specs["layers"]["mlp"]["down"]["lora_a"] == jax.sharding.PartitionSpec(None, "model")
+    assert specs["final_norm"]["scale"] == jax.sharding.PartitionSpec()
+    placed = jax.device_put(params, sharding.param_shardings(params, mesh, sharding.rules_for(cfg, "fsdp")))
+    ids, mask = _batch((6, 3, 6, 1), t=6)
+    np.testing.assert_allclose(_apply(placed, cfg, ids, mask), np.asarray(decoder.apply(params, cfg, ids, mask)),
+                               atol=1e-5)
     assert decoder.BACKBONE.dense_modules[0] == ("layers/attention/q", "layers.{i}.self_attn.q_proj")
+    assert registry.of(cfg).no_decay == decoder.NO_DECAY

@@ -38,7 +38,7 @@ def config_with(overrides: dict):
 
 
 def run_train(workdir: Path, config_overrides: dict, devices: int = 8, check: bool = True, kill_at: int = 0,
-              extra_args=()):
+              extra_args=(), config: str = "stsb_angle.py:smoke"):
     """scripts/train.py in a fresh process with ``devices`` fake CPU devices (with ``kill_at``:
     tests/train_with_kill.py, the same script killing itself after that step)."""
     args = [f"--config.{k}={v}" for k, v in config_overrides.items()]
@@ -46,7 +46,7 @@ def run_train(workdir: Path, config_overrides: dict, devices: int = 8, check: bo
            "EMBEDJAX_KILL_AT_STEP": str(kill_at)}
     script = REPO / "tests" / "train_with_kill.py" if kill_at else REPO / "scripts" / "train.py"
     proc = subprocess.run([sys.executable, str(script), "--config",
-                           str(REPO / "configs" / "stsb_angle.py") + ":smoke", "--workdir", str(workdir), *args,
+                           str(REPO / "configs" / config), "--workdir", str(workdir), *args,
                            *extra_args], env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -454,12 +454,7 @@ def apply(
       final norm -- or only the last of them (B, T, H) with ``all_layers=False``.
     """
     del token_type_ids
-    k = cfg.num_layers if num_layers is None else int(num_layers)
-    if not 1 <= k <= cfg.num_layers:
-        raise ValueError(f"num_layers must be in 1..{cfg.num_layers}, got {num_layers}")
-    stack = params["layers"]
-    if k < cfg.num_layers:
-        stack = jax.tree.map(lambda w: w[:k], stack)
+    stack, k = L.first_layers(params["layers"], cfg.num_layers, num_layers)
     b, t = input_ids.shape
 
     layer_keys = None
@@ -503,14 +498,7 @@ def apply(
             h = jax.lax.switch(idx, branches, p, h, key)
         return h, (h if all_layers else None)
 
-    if remat:
-        policy = None
-        if remat is not True:
-            policy = getattr(jax.checkpoint_policies, str(remat), None)
-            if policy is None:
-                raise ValueError(f"remat must be True or a jax.checkpoint_policies name, got {remat!r}")
-        body = jax.checkpoint(body, policy=policy)
-    last, hidden = jax.lax.scan(body, x, (stack, layer_keys, which), unroll=unroll)
+    last, hidden = jax.lax.scan(L.rematerialized(body, remat), x, (stack, layer_keys, which), unroll=unroll)
     if k == cfg.num_layers:
         last = L.rms_norm(params["final_norm"], last, cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     if all_layers:

@@ -406,3 +406,26 @@ def attention(q, k, v, *, lengths=None, segment_ids=None, causal: bool = False, 
     probs = dropout(probs, dropout_rate, dropout_key)
     ctx = einsum("bkgts,bskd->btkgd", probs, v)
     return ctx.astype(q.dtype).reshape(b, t, n, d)
+
+
+def first_layers(stack, total: int, num_layers: int | None):
+    """``(the first k layers of a stacked layer tree, k)``: the layers above k are sliced away
+    before the scan, so they are never computed. ``num_layers`` None = all ``total``."""
+    k = total if num_layers is None else int(num_layers)
+    if not 1 <= k <= total:
+        raise ValueError(f"num_layers must be in 1..{total}, got {num_layers}")
+    return (stack if k == total else jax.tree.map(lambda w: w[:k], stack)), k
+
+
+def rematerialized(body, remat: bool | str):
+    """``body`` under ``jax.checkpoint`` when ``remat`` asks: True saves nothing (recomputes the
+    layer in the backward pass), a ``jax.checkpoint_policies`` name (e.g.
+    ``"dots_with_no_batch_dims_saveable"``) saves what it names; False returns ``body``."""
+    if not remat:
+        return body
+    policy = None
+    if remat is not True:
+        policy = getattr(jax.checkpoint_policies, str(remat), None)
+        if policy is None:
+            raise ValueError(f"remat must be True or a jax.checkpoint_policies name, got {remat!r}")
+    return jax.checkpoint(body, policy=policy)

@@ -71,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
         "targets": "",            # regex over dense param paths; '' = every attention and MLP projection
         "rslora": False,          # rank-stabilised scaling (arXiv:2312.03732)
         "save_peft": True,        # also write workdir/adapter, a PEFT adapter directory (the export merges them)
+        "init_from": "",          # a PEFT adapter directory to start from (its rank/alpha/targets; rank is then unused)
     })
     c.seed = 0                    # params' dropout keys and the data order
     c.batch_size = 32             # global, over all devices and hosts (per micro-batch with optim.accumulate)

@@ -133,3 +133,19 @@ def test_mistral_7b_lora_step_fits_a_16_gib_chip_on_8_devices():
     print(mem.describe())
     # 7.2B frozen float32 params alone are 3.4 GiB per device at 8-way sharding: the plan must see them.
     assert 3.4 * memory.GiB < mem.arguments and mem.peak < 16 * memory.GiB
+
+
+def test_a_run_can_start_from_an_existing_peft_adapter(straight):
+    """lora.init_from: the adapters of a PEFT directory are the run's starting trainable params."""
+    from embedjax.train import loop
+
+    workdir, _ = straight
+    c = llm_lora.get_config("smoke")
+    c.lora.init_from = str(workdir / "adapter")
+    enc = embedjax.load_pretrained(c.model, pooling=c.pooling, pooler_init=dict(c.pooler_init))
+    trainable, frozen, enc = loop.trainable_params(c, enc)
+    assert enc.cfg.lora.rank == c.lora.rank and enc.cfg.lora.alpha == c.lora.alpha
+    saved = load_file(str(workdir / "adapter" / "adapter_model.safetensors"))
+    a = np.asarray(trainable["layers"]["attention"]["q"]["lora_a"][1])  # layer 1's (in, r)
+    np.testing.assert_array_equal(a, saved["base_model.model.layers.1.self_attn.q_proj.lora_A.weight"].T)
+    assert frozen["layers"]["attention"]["q"]["lora_a"] is None and trainable["embed"] is None

@@ -350,17 +350,25 @@ def lora_spec(config) -> lora.LoraSpec | None:
                          rslora=bool(c.rslora))
 
 
-def trainable_params(config, encoder):
-    """``(trainable, frozen, encoder)``: with LoRA, adapters are attached (the encoder's cfg gets the
-    spec) and only they and the pooler's own params (latent attention) train; without, every
-    param trains and ``frozen`` is empty (None holes)."""
-    params = encoder.params
-    spec = lora_spec(config)
-    if spec is None:
+def split_trainable(params, adapters_only: bool):
+    """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters and the pooler's own
+    params (latent attention) train and the base is frozen; without, everything trains."""
+    if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
-    params, cfg = lora.attach(params, encoder.cfg, spec, jax.random.key(config.seed + 1))
     trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith("pooler/")  # noqa: E731
-    trainable, frozen = lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
+    return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
+
+
+def trainable_params(config, encoder):
+    """``(trainable, frozen, encoder)``: with LoRA (``lora.rank`` > 0, or ``lora.init_from`` a PEFT
+    adapter directory to start from) adapters are attached and the encoder's cfg gets their
+    spec; see ``split_trainable`` for what trains."""
+    params, cfg = encoder.params, encoder.cfg
+    if config.lora.init_from:
+        params, cfg = lora.load_peft(config.lora.init_from, params, cfg)
+    elif lora_spec(config) is not None:
+        params, cfg = lora.attach(params, cfg, lora_spec(config), jax.random.key(config.seed + 1))
+    trainable, frozen = split_trainable(params, cfg.lora is not None)
     return trainable, frozen, dataclasses.replace(encoder, params=params, cfg=cfg)
 
 

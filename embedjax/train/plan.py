@@ -75,10 +75,7 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     if spec is not None:
         params = jax.eval_shape(lambda p: lora.attach(p, cfg, spec, jax.random.key(0))[0], params)
         cfg = dataclasses.replace(cfg, lora=spec)
-        trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith("pooler/")  # noqa: E731
-        trainable, frozen = lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
-    else:
-        trainable, frozen = lora.partition(params, jax.tree.map(lambda _: True, params))
+    trainable, frozen = loop.split_trainable(params, spec is not None)
     objective = Objective.from_config(config.objective, config.pooling or "mean")
     tx, _ = optim.make_optimizer(config.optim, total_steps - total_steps % int(config.optim.accumulate),
                                  no_decay=registry.of(cfg).no_decay)

@@ -15,6 +15,20 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Each test module starts without the compiled programs of the ones before: one pytest process
+    compiles thousands of programs (every module's models and shapes), and XLA:CPU crashed compiling
+    in a run that had kept them all."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 SHARED_DATA = Path(os.environ.get("EMBEDJAX_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -29,7 +29,7 @@ CONFIG = "llm_lora.py:smoke=4"
 
 @pytest.fixture(scope="module")
 def overrides():
-    return {"log_every": 1, "eval_every": 2, "checkpoint.every": 2, "optim.warmup": 0}
+    return {"log_every": 1, "eval_every": 4, "checkpoint.every": 2, "optim.warmup": 0}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_only_adapters_and_pooler_train_and_the_export_scores_the_selection(stra
     trained = {sharding.param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(_trained_params(workdir, 4))}
     assert trained and all(lora.is_adapter(p) or p.startswith("pooler/") for p in trained), sorted(trained)[:5]
     assert any(p.startswith("pooler/") for p in trained) and any(p.endswith("lora_b") for p in trained)
-    assert "GiB per device" in log  # the step's memory is logged before it runs
+    assert "MiB per device" in log  # the step's memory is logged before it runs (small: in MiB)
 
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["best_step"] > 0  # a trained step is exported (SICK trial improves on this seed)
@@ -83,16 +83,24 @@ def test_peft_adapter_directory_reproduces_the_merged_export(straight):
         np.testing.assert_allclose(a, b, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
-def test_one_device_eight_devices_and_fsdp_x_model_give_the_same_loss_curve(straight, overrides, tmp_path):
+def test_one_device_eight_devices_and_two_hosts_with_fsdp_x_model_give_the_same_run(straight, overrides, tmp_path):
+    """1 device, 8 devices (data parallel) and 2 processes x 4 devices with data x fsdp x model =
+    2 x 2 x 2 (the frozen base, adapters and pooler span both hosts): one loss curve, one model."""
+    from test_multihost import TEXTS, launch
+
     one = tmp_path / "one"
     run_train(one, overrides, devices=1, config=CONFIG)
-    tp = tmp_path / "tp"
-    run_train(tp, {**overrides, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2}, config=CONFIG)
+    hosts = tmp_path / "hosts"
+    for rc, err in launch(hosts, CONFIG, {**overrides, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2},
+                          processes=2):
+        assert rc == 0, err[-4000:]
     ref = loss_curve(one)
     assert sorted(ref) == [1, 2, 3, 4] and len(set(ref.values())) == 4  # the curve moves
-    for other in (straight[0], tp):
+    want = embedjax.load_pretrained(one).encode(TEXTS)
+    for other in (straight[0], hosts):
         curve = loss_curve(other)
         np.testing.assert_allclose([curve[s] for s in sorted(curve)], [ref[s] for s in sorted(ref)], rtol=1e-4)
+        np.testing.assert_allclose(embedjax.load_pretrained(other).encode(TEXTS), want, atol=1e-4)
 
 
 def test_a_step_that_does_not_fit_is_refused_naming_what_to_change():
@@ -107,11 +115,20 @@ def test_a_step_that_does_not_fit_is_refused_naming_what_to_change():
                           remat=False)
 
 
-def test_the_loop_refuses_a_config_over_its_memory_limit(overrides, tmp_path):
-    proc = run_train(tmp_path / "oom", {**overrides, "memory_limit_gib": 0.001}, config=CONFIG, check=False)
-    assert proc.returncode != 0
-    assert "MemoryError" in proc.stderr and "objective.gradcache_chunk" in proc.stderr
-    assert not (tmp_path / "oom" / "checkpoints" / "1").exists()  # refused before the first step ran
+def test_the_loop_refuses_a_step_over_its_memory_limit_before_running_it():
+    """loop.CompiledSteps compiles each batch shape ahead of time and checks it before the first call."""
+    from embedjax.train import loop
+
+    calls = []
+    jitted = jax.jit(lambda state, batch, frozen: (calls.append(1), state + batch["x"].sum())[1])
+    batch = {"x": np.ones((256, 256), np.float32)}
+    knobs = dict(batch_size=256, gradcache_chunk=0, mesh_shape={"fsdp": 1}, remat=False)
+    steps = loop.CompiledSteps(jitted, limit=1024, knobs=knobs)
+    with pytest.raises(MemoryError, match=r"MiB per device.*batch_size \(now 256;.*objective.gradcache_chunk"):
+        steps(np.float32(0), batch, None)
+    assert calls == [1]  # traced once to compile; never run
+    fits = loop.CompiledSteps(jitted, limit=None, knobs=knobs)
+    assert float(fits(np.float32(0), batch, None)) == 256 * 256
 
 
 MISTRAL_7B = {  # mistralai/Mistral-7B-v0.1 config.json (architecture fields)

@@ -217,3 +217,4 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_mode
         assert summary["steps"] == 8
         got = embedjax.load_pretrained(tmp_path / run).encode(TEXTS)
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=run)
+

@@ -245,7 +245,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     abstract = jax.eval_shape(create, params)
     state_shards, frozen_shards = state_shardings(abstract, frozen, mesh, rules)
     param_shards = state_shards.params
-    frozen = jax.device_put(frozen, frozen_shards)
+    # Placed like the state is created: one jit, whose outputs span every host's devices.
+    frozen = jax.jit(lambda tree: tree, out_shardings=frozen_shards)(frozen)
     frozen_local = _local(frozen)  # what the evaluators combine the trained params with
 
     # ------------------------------------------------------------------ state: resume or create
@@ -265,9 +266,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
         ckpt.save_best(0, state.params, before)  # the start competes for "best" too
 
     del params  # the state holds them now (donated to every step)
+    knobs = dict(batch_size=config.batch_size, gradcache_chunk=objective.gradcache_chunk,
+                 mesh_shape=dict(mesh.shape), remat=objective.remat)  # what a refusal names
     step_fn = CompiledSteps(jit_train_step(enc_cfg, objective, tx, state_shards, frozen_shards, mesh),
-                            limit=_memory_limit(config), knobs=dict(batch_size=config.batch_size, gradcache_chunk=objective.gradcache_chunk,
-                                               mesh_shape=dict(mesh.shape), remat=objective.remat))
+                            limit=_memory_limit(config), knobs=knobs)
 
     # ------------------------------------------------------------------ loop
     log_every, eval_every, save_every = config.log_every, config.eval_every, config.checkpoint.every

@@ -32,9 +32,13 @@ class StepMemory:
         return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
 
     def describe(self) -> str:
-        gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+        gib = _size
         return (f"{gib(self.peak)} per device (arguments {gib(self.arguments)}, outputs {gib(self.outputs)} of which "
                 f"{gib(self.aliased)} donated in place, temporaries {gib(self.temporaries)})")
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB // 10 else f"{n / 2**20:.2f} MiB"
 
 
 def step_memory(compiled) -> StepMemory:
@@ -66,7 +70,7 @@ def check_fits(memory: StepMemory, limit_bytes: int | None, *, batch_size: int, 
         return
     fsdp = mesh_shape.get("fsdp", 1)
     raise MemoryError(
-        f"the train step needs {memory.describe()}, but a device holds {limit_bytes / GiB:.2f} GiB. "
+        f"the train step needs {memory.describe()}, but a device holds {_size(limit_bytes)}. "
         f"Change one of: batch_size (now {batch_size}; activations grow with it), "
         f"objective.gradcache_chunk (now {gradcache_chunk or 'off'}; > 0 embeds that many rows at a time, so "
         f"activation memory follows the chunk, not the batch), mesh.fsdp (now {fsdp}; splits params, "

@@ -406,7 +406,7 @@ def load_candidates(paths: Sequence[str], *, checkpoints: bool = False) -> list[
         found = workdir_checkpoints(path) if checkpoints else []
         out.extend(found)
         if not exported and not found:
-            hint = "" if checkpoints else " (checkpoints=True, --checkpoints in scripts/merge.py, merges its checkpoints)"
+            hint = "" if checkpoints else " (checkpoints=True, --checkpoints in scripts/merge.py, merges its steps)"
             raise FileNotFoundError(f"{path}: a training workdir with no exported model{hint}"
                                     + (" and no checkpoint" if checkpoints else ""))
     return out

@@ -15,7 +15,15 @@ from embedjax.losses.angle import (
     in_batch_pair_loss,
 )
 from embedjax.losses.cosent import cosent, ranking_loss
+from embedjax.losses.correlation import pearson_loss, rank_consistency_loss
 from embedjax.losses.cosine import cosine_mse
+from embedjax.losses.distill import (
+    embedding_cosine,
+    embedding_mse,
+    listwise_kl,
+    margin_mse,
+    similarity_mse,
+)
 from embedjax.losses.infonce import infonce, simcse_supervised, simcse_unsupervised
 from embedjax.losses.matryoshka import matryoshka, sample_dims
 from embedjax.losses.matryoshka2d import (
@@ -41,20 +49,27 @@ __all__ = [
     "angle_triplet_loss",
     "cosent",
     "cosine_mse",
+    "embedding_cosine",
+    "embedding_mse",
     "espresso",
     "ibn_pair_weights",
     "in_batch_pair_loss",
     "infonce",
     "kl_divergence",
     "layer_weights",
+    "listwise_kl",
+    "margin_mse",
     "matryoshka",
     "matryoshka_2d",
     "pca_target",
+    "pearson_loss",
     "prefix_dims",
+    "rank_consistency_loss",
     "ranking_loss",
     "sample_2dmse",
     "sample_dims",
     "sample_layers",
     "simcse_supervised",
     "simcse_unsupervised",
+    "similarity_mse",
 ]

@@ -1,9 +1,11 @@
 """grain pipelines: records -> tokenized, length-bucketed host batches, with a checkpointable iterator.
 
 A *source* is anything with ``len`` and random access: a list from ``embedjax.data.readers``
-(``str`` / ``Pair`` / ``Triplet`` / ``ScoredPair`` / ``NLIPair``), a list of dicts, a TFDS
-data source of an embedjax builder (dicts of UTF-8 bytes) or ``tfds_builders.tfds_source``.
-Each record is normalised by ``as_record`` to ``{text_a[, text_b][, text_n][, score]}``.
+(``str`` / ``Pair`` / ``Triplet`` / ``ScoredPair`` / ``NLIPair`` / ``DistillRecord``), a list of
+dicts, a TFDS data source of an embedjax builder (dicts of UTF-8 bytes) or
+``tfds_builders.tfds_source``. Each record is normalised by ``as_record`` to
+``{text_a[, text_b][, text_n][, score][, teacher]}``; ``text_n`` is one text or a tuple of k
+texts (several hard negatives, the same k in every record).
 
 Training (``train_pipeline``), one epoch = one pass over the data:
 
@@ -24,11 +26,15 @@ A batch is a dict of numpy arrays, rows = the per-host batch size:
 
     a_ids, a_mask, a_types   (rows, La) int32, La = tokenize.bucket_for(longest text_a)
     a_hash                   (rows,) int32 hash of the raw text_a (0 on padding rows)
-    b_*, n_*                 the same for text_b / text_n when the records have them
+    b_*, n_*                 the same for text_b / text_n when the records have them; with k
+                             negatives per record (text_n a tuple): n_ids, n_mask, n_types,
+                             n_pool (rows, k, Ln) and n_hash (rows, k)
     a_pool, b_pool, n_pool   (rows, L) int32 pooling masks, only with ``include_prompt=False`` and a
                              prompt on that side: the side's mask with the prompt's
                              ``Tokenizer.prompt_length`` leading tokens set to 0
     labels                   (rows,) float32 score, when the records have one
+    teacher                  (rows, 1 + k) float32 teacher scores (positive first, then each
+                             negative), when the records have them; 0 on padding rows
     valid                    (rows,) bool, False on padding rows (eval only pads)
     index                    (rows,) int32 index of the example in the source (-1: padding)
 
@@ -56,7 +62,7 @@ import numpy as np
 from embedjax.tokenize import Tokenizer
 
 TEXT_FIELDS = ("text_a", "text_b", "text_n")
-FIELDS = (*TEXT_FIELDS, "score")
+FIELDS = (*TEXT_FIELDS, "score", "teacher")
 SIDES = {"text_a": "a", "text_b": "b", "text_n": "n"}
 DEFAULT_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=4)
 
@@ -64,8 +70,17 @@ DEFAULT_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=4)
 # ---------------------------------------------------------------------------- records
 
 
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def as_record(x: Any) -> dict[str, Any]:
-    """A reader row, dict (str or bytes values) or string as ``{text_a[, text_b][, text_n][, score]}``."""
+    """A reader row, dict (str or bytes values) or string as
+    ``{text_a[, text_b][, text_n][, score][, teacher]}``.
+
+    ``text_n`` stays one ``str``, or becomes a tuple of str when it is a list / tuple / array of
+    texts (several hard negatives); ``teacher`` becomes a tuple of float; ``score`` a float.
+    """
     if isinstance(x, str):
         return {"text_a": x}
     if isinstance(x, bytes):
@@ -80,8 +95,14 @@ def as_record(x: Any) -> dict[str, Any]:
             value = x[field]
             if field == "score":
                 out[field] = float(value)
+            elif field == "teacher":
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+                    raise TypeError(f"teacher must be a list of 1 + k numbers, got {type(value).__name__} {value!r}")
+                out[field] = tuple(float(v) for v in value)
+            elif field == "text_n" and isinstance(value, (list, tuple, np.ndarray)):
+                out[field] = tuple(_text(v) for v in value)
             else:
-                out[field] = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+                out[field] = _text(value)
     if "text_a" not in out:
         raise KeyError(f"record has no text_a (keys: {sorted(x)})")
     return out
@@ -118,6 +139,35 @@ def side_prompts(prompts: Mapping[str, str] | None, task: str | None = None) -> 
     return out
 
 
+def _negatives_per_record(values: Sequence, items: Sequence[tuple[int, Any]]) -> int | None:
+    """k when every text_n is a tuple of k texts, None when every one is a single text; mixed
+    forms or counts raise ValueError naming the first record that differs."""
+    def count(v):
+        return len(v) if isinstance(v, tuple) else None
+
+    k = count(values[0])
+    for (index, _), v in zip(items, values):
+        if count(v) != k:
+            form = lambda c: "a single text" if c is None else f"{c} negative(s)"
+            raise ValueError(f"record {index} has {form(count(v))} in text_n, expected {form(k)} as record "
+                             f"{items[0][0]} (every record of a batch needs the same number of hard negatives)")
+    if k == 0:
+        raise ValueError(f"record {items[0][0]} has an empty list of negatives (text_n); expected at least one text")
+    return k
+
+
+def _teacher_scores(values: Sequence[tuple[float, ...]], k: int, items: Sequence[tuple[int, Any]],
+                    rows: int) -> np.ndarray:
+    """(rows, 1 + k) float32 teacher scores, 0 on padding rows; ``k`` negatives per record."""
+    out = np.zeros((rows, 1 + k), np.float32)
+    for row, ((index, _), v) in enumerate(zip(items, values)):
+        if len(v) != 1 + k:
+            raise ValueError(f"record {index} has {len(v)} teacher score(s), expected 1 + {k} (the positive's, then "
+                             f"one per hard negative)")
+        out[row] = v
+    return out
+
+
 def collate(
     items: Sequence[tuple[int, Any]],
     tokenizer: Tokenizer,
@@ -141,6 +191,11 @@ def collate(
     ``{side}_pool`` (padded) or, packed, the batch ``p_pool``: 0 on the prompt's
     ``tokenizer.prompt_length(preprocess(prompt))`` leading tokens, which pooling then skips
     (``Encoder.encode`` skips the same count).
+
+    Records whose ``text_n`` is a tuple of k texts give the negative side a k axis:
+    ``n_ids / n_mask / n_types / n_pool`` (rows, k, Ln), ``n_hash`` and, packed, ``n_text``
+    (rows, k); row i holds record i's negatives in order. ``teacher`` scores (1 + k per
+    record, k = 1 for a single-text ``text_n``, 0 without one) become ``teacher`` (rows, 1 + k).
     """
     prompts = dict(prompts or {})
     skips = {}  # side -> leading tokens pooling skips
@@ -154,7 +209,9 @@ def collate(
         raise ValueError(f"{n} records do not fit in a batch of {rows} rows")
     records = [as_record(r) for _, r in items]
     out: dict[str, np.ndarray] = {}
-    encoded: dict[str, tuple[list[str], list]] = {}
+    encoded: dict[str, tuple[list[str], list]] = {}  # field -> (texts, encodings), flat over a k axis
+    groups: dict[str, int] = {}  # field -> k, for a side with k texts per record
+    teacher = None
     for field in fields:
         try:
             values = [r[field] for r in records]
@@ -166,27 +223,41 @@ def collate(
             labels[:n] = values
             out["labels"] = labels
             continue
+        if field == "teacher":
+            teacher = values  # needs k, known once text_n is read
+            continue
+        if field == "text_n" and values:
+            k = _negatives_per_record(values, items)
+            if k is not None:
+                groups[field] = k
+                values = [t for v in values for t in v]  # record-major: row i's k texts are adjacent
         prompt = prompts.get(SIDES[field], "")
         texts = [prompt + t for t in values] if prompt else values
         texts = texts if preprocess is None else [preprocess(t) for t in texts]
         encoded[field] = (values, tokenizer.encode(texts))
+    if teacher is not None:
+        k = groups.get("text_n", 1 if "text_n" in encoded else 0)
+        out["teacher"] = _teacher_scores(teacher, k, items, rows)
     if packing is not None:
-        out.update(_packed(encoded, tokenizer, rows, packing, skips))
+        out.update(_packed(encoded, tokenizer, rows, packing, skips, groups))
         encoded = {field: (values, None) for field, (values, _) in encoded.items()}
     longest = max((len(e.ids) for _, encs in encoded.values() for e in encs or ()), default=1) if common_length else 1
     for field, (values, encodings) in encoded.items():
         side = SIDES[field]
+        k = groups.get(field)
+        lead = (rows,) if k is None else (rows, k)
         if encodings is not None:
-            batch = tokenizer.pad(encodings, rows, min_length=longest)
+            batch = tokenizer.pad(encodings, int(np.prod(lead)), min_length=longest)
+            shaped = lambda x: x.reshape(*lead, x.shape[-1])
             out[f"{side}_ids"], out[f"{side}_mask"], out[f"{side}_types"] = (
-                batch.input_ids, batch.attention_mask, batch.token_type_ids)
+                shaped(batch.input_ids), shaped(batch.attention_mask), shaped(batch.token_type_ids))
             if side in skips:
-                pool = batch.attention_mask.copy()
-                pool[:, :skips[side]] = 0
+                pool = out[f"{side}_mask"].copy()
+                pool[..., :skips[side]] = 0
                 out[f"{side}_pool"] = pool
-        hashes = np.zeros(rows, np.int32)
-        hashes[:n] = [text_hash(t) for t in values]
-        out[f"{side}_hash"] = hashes
+        hashes = np.zeros(int(np.prod(lead)), np.int32)
+        hashes[:len(values)] = [text_hash(t) for t in values]
+        out[f"{side}_hash"] = hashes.reshape(lead)
     if packing is not None and packing.views == 2 and "b_text" in out and "text_b" not in encoded:
         out["b_hash"] = out["a_hash"]  # the second view is the same text
     out["valid"] = np.arange(rows) < n
@@ -218,17 +289,22 @@ class Packing:
 
 
 def _packed(encoded: dict[str, tuple[list[str], list]], tokenizer: Tokenizer, rows: int,
-            packing: Packing, skips: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+            packing: Packing, skips: Mapping[str, int] | None = None,
+            groups: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The packed batch fields of ``encoded`` ({field: (texts, encodings)}, flat over a side's
+    k axis when ``groups[field] = k``): ``p_*`` (R, L) and each side's ``{side}_text``, (rows,)
+    or (rows, k)."""
     texts, index, text_skip = [], {}, []
-    skips = dict(skips or {})
+    skips, groups = dict(skips or {}), dict(groups or {})
     sides = [(SIDES[f], f) for f in encoded]
     if packing.views == 2 and "text_b" not in encoded:
         sides.insert(1, ("b", "text_a"))
     for side, field in sides:
         encodings = encoded[field][1]
-        ids = np.zeros(rows, np.int32)
+        lead = (rows,) if field not in groups else (rows, groups[field])
+        ids = np.zeros(int(np.prod(lead)), np.int32)  # padding examples point at text 0
         ids[:len(encodings)] = np.arange(len(texts), len(texts) + len(encodings))
-        index[f"{side}_text"] = ids
+        index[f"{side}_text"] = ids.reshape(lead)
         texts.extend(encodings)
         text_skip.extend([skips.get(SIDES[field], 0)] * len(encodings))  # a view of text_a: text_a's prompt
     packed = tokenizer.pack(texts, packing.length, packing.rows_multiple)

@@ -10,9 +10,21 @@ Kinds of examples (the field names are the column-mapping keys everywhere):
 
 - ``"sentences"``: ``text_a`` -> ``str`` (unsupervised SimCSE);
 - ``"pairs"``: ``text_a, text_b`` -> ``Pair`` (anchor, positive);
-- ``"triplets"``: ``text_a, text_b, text_n`` -> ``Triplet`` (anchor, positive, hard negative);
+- ``"triplets"``: ``text_a, text_b, text_n`` -> ``Triplet`` (anchor, positive, hard negative(s));
 - ``"scored"``: ``text_a, text_b, score`` -> ``ScoredPair`` (CoSENT / AnglE);
-- ``"labelled"``: ``text_a, text_b, label`` (0 / 1) -> ``LabelledPair`` (pair classification).
+- ``"labelled"``: ``text_a, text_b, label`` (0 / 1) -> ``LabelledPair`` (pair classification);
+- ``"distill"``: ``text_a, text_b, text_n, teacher`` -> ``DistillRecord`` (mined negatives with a
+  teacher's scores, for listwise-KL / MarginMSE distillation).
+
+Several hard negatives per record: in jsonl, ``text_n`` may be a non-empty list of texts
+(``Triplet.text_n`` is then a tuple of str). A ``"distill"`` row holds
+``{"text_a": q, "text_b": p, "text_n": [n_1, ..., n_k], "teacher": [s(q,p), s(q,n_1), ..., s(q,n_k)]}``:
+``teacher`` is always a list of 1 + k finite numbers, the positive's score first; ``text_n``
+may be one string (k = 1). In tsv/csv, a distill ``text_n`` cell that starts with ``[`` is read as
+a JSON list of texts (any other cell is one text), and the ``teacher`` cell must be a JSON list
+(``[0.9, 0.1]``); a triplets tsv/csv cell is always one text. Every row of a file must have the
+same number k of negatives (and a triplets file either single texts or lists throughout):
+batches stack them as (rows, k, tokens).
 
 Formats: ``tsv`` (split on tabs, no quoting), ``csv`` (the ``csv`` module, RFC 4180
 quoting, one record per line: a quoted field may not span lines, which makes an
@@ -55,11 +67,23 @@ class Pair:
 
 @dataclasses.dataclass(frozen=True)
 class Triplet:
-    """Anchor ``text_a``, positive ``text_b`` and hard negative ``text_n``."""
+    """Anchor ``text_a``, positive ``text_b`` and hard negative ``text_n``: one text, or a tuple
+    of k texts (several mined negatives; the same k for every record of a dataset)."""
 
     text_a: str
     text_b: str
-    text_n: str
+    text_n: str | tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillRecord:
+    """Query ``text_a``, positive ``text_b``, k mined negatives ``text_n`` and the teacher's scores
+    ``teacher`` = (s(a, b), s(a, n_1), ..., s(a, n_k)): 1 + k floats, the positive's first."""
+
+    text_a: str
+    text_b: str
+    text_n: tuple[str, ...]
+    teacher: tuple[float, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +129,7 @@ KINDS: dict[str, tuple[tuple[str, ...], Callable[[dict], Any]]] = {
     "triplets": (("text_a", "text_b", "text_n"), lambda f: Triplet(**f)),
     "scored": (("text_a", "text_b", "score"), lambda f: ScoredPair(**f)),
     "labelled": (("text_a", "text_b", "label"), lambda f: LabelledPair(**f)),
+    "distill": (("text_a", "text_b", "text_n", "teacher"), lambda f: DistillRecord(**f)),
 }
 FORMATS = ("tsv", "csv", "jsonl", "txt")
 _SUFFIXES = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}
@@ -156,6 +181,51 @@ def _score(value: Any, lo: float | None, hi: float | None, path, line: int, colu
     if not math.isfinite(score) or (lo is not None and not lo <= score <= hi):
         raise DataError(path, line, f"{column} {score} is out of range ({expected})")
     return score
+
+
+def _text_list(value: Any, path, line: int, column: str) -> tuple[str, ...]:
+    """``value`` (a JSON array) as a non-empty tuple of non-empty strings."""
+    if not isinstance(value, list) or not value:
+        raise DataError(path, line, f"{column} must be a non-empty list of texts, found {value!r}")
+    for j, text in enumerate(value):
+        if not isinstance(text, str):
+            raise DataError(path, line, f"{column} item {j} must be a string, found {type(text).__name__} {text!r}")
+        if not text.strip():
+            raise DataError(path, line, f"{column} item {j} is empty (expected non-empty text)")
+    return tuple(value)
+
+
+def _number_list(value: Any, length: int, what: str, path, line: int, column: str) -> tuple[float, ...]:
+    """``value`` (a JSON array) as a tuple of ``length`` finite floats; ``what`` describes them."""
+    expected = f"expected a list of {length} finite numbers: {what}"
+    if not isinstance(value, list):
+        raise DataError(path, line, f"{column} is {type(value).__name__} {value!r} ({expected})")
+    if len(value) != length:
+        raise DataError(path, line, f"{column} has {len(value)} number(s) ({expected})")
+    out = []
+    for j, x in enumerate(value):
+        # JSON strings and booleans are not scores, even when float() would take them.
+        try:
+            ok = not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(float(x))
+        except OverflowError:  # an integer beyond float range
+            ok = False
+        if not ok:
+            raise DataError(path, line, f"{column} item {j} {x!r} is not a finite number ({expected})")
+        out.append(float(x))
+    return tuple(out)
+
+
+def _json_cell(text: str, what: str, path, line: int, column: str) -> Any:
+    """A tsv/csv cell that holds JSON (a distill record's list of negatives or of teacher scores)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(path, line, f"{column} {text!r} is not valid JSON ({err.msg} at column {err.colno}): "
+                                    f"expected {what}") from None
+
+
+def _negatives_form(count: int | None) -> str:
+    return "a single text, not a list" if count is None else f"{count} negative(s)"
 
 
 _TRUE, _FALSE = ("1", "true", "1.0"), ("0", "false", "0.0")
@@ -363,7 +433,7 @@ def read_records(
     skip_bad: bool = False,
     keep_blank: bool = False,
 ) -> Rows:
-    """Reads examples of ``kind`` ("sentences", "pairs", "triplets", "scored", "labelled") from one file.
+    """Reads examples of ``kind`` ("sentences", "pairs", "triplets", "scored", "labelled", "distill") from one file.
 
     Args:
       path: the file.
@@ -381,7 +451,8 @@ def read_records(
       keep_blank: (txt only) one row per line, ``""`` for a blank line, so row i is line i + 1.
 
     Returns a ``Rows`` list (``.skipped`` = bad rows left out) of ``str`` / ``Pair`` /
-    ``Triplet`` / ``ScoredPair`` / ``LabelledPair``.
+    ``Triplet`` / ``ScoredPair`` / ``LabelledPair`` / ``DistillRecord``. Lists of negatives and
+    teacher scores: see the module docstring (the same k on every row, else ``DataError``).
     """
     path = Path(path)
     fmt = infer_format(path, format, default="txt" if kind == "sentences" else None)
@@ -428,6 +499,33 @@ def read_records(
                                           f"columns, found {len(row)}")
         return row[key]
 
+    def negatives(value, number: int, column: str) -> str | tuple[str, ...]:
+        """A text or a tuple of texts (always a tuple for distill), with the file's k."""
+        if tabular and kind == "distill" and isinstance(value, str) and value.lstrip().startswith("["):
+            value = _json_cell(value, "a JSON list of texts", path, number, column)
+        if isinstance(value, list):
+            value = _text_list(value, path, number, column)
+        elif not isinstance(value, str):
+            raise DataError(path, number, f"{column} must be a text or a non-empty list of texts, found "
+                                          f"{type(value).__name__} {value!r}")
+        elif not value.strip():
+            raise DataError(path, number, f"{column} is empty (expected non-empty text)")
+        elif kind == "distill":
+            value = (value,)
+        count = len(value) if isinstance(value, tuple) else None
+        first = shape.get("negatives")
+        if first is not None and first[0] != count:
+            raise DataError(path, number, f"{column} holds {_negatives_form(count)}, expected "
+                                          f"{_negatives_form(first[0])} as on line {first[1]}, the first good row "
+                                          f"(every row of a file needs the same number of hard negatives)")
+        return value
+
+    def teacher(value, k: int, number: int, column: str) -> tuple[float, ...]:
+        if tabular and isinstance(value, str):
+            value = _json_cell(value, f"a JSON list of {1 + k} numbers", path, number, column)
+        what = f"the teacher's score of text_b, then of each of the {k} negative(s)"
+        return _number_list(value, 1 + k, what, path, number, column)
+
     def parse(number: int, text: str):
         row = _split(fmt, path, number, text)
         if tabular:
@@ -439,7 +537,11 @@ def read_records(
         values = {}
         for field in fields:
             value = get(row, field, number)
-            if field == "score":
+            if field == "text_n" and kind in ("triplets", "distill"):
+                values[field] = negatives(value, number, f"text_n (column {shown[field]!r})")
+            elif field == "teacher":
+                values[field] = teacher(value, len(values["text_n"]), number, f"teacher (column {shown[field]!r})")
+            elif field == "score":
                 values[field] = _score(value, lo, hi, path, number, f"score (column {shown[field]!r})")
             elif field == "label":
                 values[field] = parse_label(value, path, number, f"label (column {shown[field]!r})")
@@ -449,6 +551,9 @@ def read_records(
                 raise DataError(path, number, f"{field} (column {shown[field]!r}) is empty (expected non-empty text)")
             else:
                 values[field] = value
+        if "text_n" in values and "negatives" not in shape:  # the first good row sets k for the file
+            n = values["text_n"]
+            shape["negatives"] = (len(n) if isinstance(n, tuple) else None, number)
         return make(values)
 
     return _rows(path, parse, skip_bad=skip_bad, header=take_header if header else False, keep_blank=keep_blank)
@@ -477,3 +582,8 @@ def read_triplets(path, **kw) -> Rows:
 def read_scored_pairs(path, **kw) -> Rows:
     """Pairs with a similarity score -> ``list[ScoredPair]``; keywords as ``read_records``."""
     return read_records(path, "scored", **kw)
+
+
+def read_distill(path, **kw) -> Rows:
+    """Mined negatives with teacher scores -> ``list[DistillRecord]``; keywords as ``read_records``."""
+    return read_records(path, "distill", **kw)

@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
         "b1": 0.9,                # Adam beta1
         "b2": 0.999,              # Adam beta2
         "eps": 1e-6,              # Adam epsilon
+        # Exponential moving average of the params (0 = off; e.g. 0.99 ~ the last 100 steps), kept in
+        # the train state, evaluated beside the raw params at every evaluation (metrics "ema/...").
+        "ema": 0.0,
+        "ema_select": "best",     # what competes for export: "best" (raw or EMA, whichever scores higher) | "ema" | "raw"
     })
     c.objective = ml_collections.ConfigDict({  # the loss and its wrappers (embedjax/train/objective.py)
         "loss": "angle",          # angle | cosent | cosine_mse | infonce | simcse_unsup
@@ -111,6 +115,14 @@ def base_config() -> ml_collections.ConfigDict:
         "unroll": True,           # unroll the layer scan (fast steps); False = one compiled layer (deep LLMs)
         "dropout": True,          # the encoder's dropout during training (SimCSE needs it)
         "gradcache_chunk": 0,     # > 0: GradCache (exact large-batch contrastive loss, bounded memory)
+        # Scored-pair losses added to the main one on the same embeddings (inside Matryoshka / 2D):
+        # {name: weight} or {name: {"weight": w, **kwargs}}, e.g. {"pearson": 1.0}; names in objective.AUX_LOSSES.
+        "aux_losses": {},
+        "distill": ml_collections.ConfigDict({  # embedding distillation from a teacher encoder
+            "teacher": "",        # a checkpoint dir / hub id ('' = off); it must share the student's tokenizer
+            "loss": "cosine",     # mse (of unit vectors) | cosine | similarity_mse (in-batch cosine matrices: any width)
+            "weight": 1.0,        # added as weight * mean over both sides (and over layers with objective.layers)
+        }),
     })
     c.data = ml_collections.ConfigDict({  # training and dev data (embedjax/train/sources.py)
         "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: KINDS)
@@ -127,6 +139,11 @@ def base_config() -> ml_collections.ConfigDict:
         # side instead). ~2.5x fewer token slots than padding on STS-B; the same embeddings.
         "pack_length": 64,
         "pack_rows_multiple": 2,  # rows round up to a multiple of this (and of the local device count)
+        # Multi-task training: {name: {"weight": w, "objective": {objective keys it overrides}, any data
+        # key it overrides (kind, train, format, columns, ...)}}; every batch comes from ONE source,
+        # trained with that source's loss. {} = one source (the keys above).
+        "mixture": {},
+        "mixture_mode": "sampled",  # "sampled" (by weight, seeded per step) | "round_robin" (weighted, in turn)
     })
     c.log_every = 10              # train metrics (loss, lr, norms, examples/s) every this many steps
     c.eval_every = 50             # dev evaluation + best-checkpoint candidate every this many steps
@@ -140,7 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
                 "metrics": ("cosine",), "layers": (), "dims": ()},
     })
     # The best checkpoint (the one exported) by this key of the evaluators' metrics; with
-    # "layers"/"dims" in an entry, "{name}/{main_metric}_mean" is the mean over the grid's cells.
+    # "layers"/"dims" in an entry, "{name}/{main_metric}_mean" is the mean over the grid's cells;
+    # "key1+key2" selects on the mean of several keys (e.g. two dev sets).
     c.select_metric = "dev/cosine_spearman"
     c.checkpoint = ml_collections.ConfigDict({  # Orbax checkpoints in the workdir
         "every": 50,              # save the train state + data position every this many steps

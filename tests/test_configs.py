@@ -29,6 +29,8 @@ VARIANTS = [
     "stsb_matryoshka", "stsb_matryoshka:smoke",
     "stsb_2d", "stsb_2d:smoke", "stsb_2d:mode=adaptive", "stsb_2d:mode=2dmse", "stsb_2d:mode=espresso,smoke",
     "llm_lora", "llm_lora:smoke", "llm_lora:smoke,model_type=llama",
+    "stsb_sick", "stsb_sick:smoke", "stsb_sick:pearson=1.0,rank=0.5,ema=0.99,mode=round_robin,lr=2e-5",
+    "mined_distill", "mined_distill:smoke", "mined_distill:kl", "mined_distill:infonce",
 ]
 
 
@@ -399,12 +401,28 @@ def test_refuses_infonce_on_sentences_and_simcse_unsup_on_pairs():
     check_objective_data(objective("simcse_unsup"), ("text_a",), None)
 
 
+@pytest.fixture(scope="module")
+def mined_file(tmp_path_factory) -> Path:
+    """A small file as scripts/mine.py writes it (k = 2 negatives and the teacher's 3 scores)."""
+    path = tmp_path_factory.mktemp("mined") / "train.jsonl"
+    rows = [{"text_a": f"query {i}", "text_b": f"positive {i}", "text_n": [f"neg {i}a", f"neg {i}b"],
+             "teacher": [0.9, 0.5, 0.4]} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.mark.parametrize("name", [v for v in VARIANTS if "file=" not in v])
-def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir):
+def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined_file):
+    """Every source of every shipped config (each mixture entry too) reads and suits its objective."""
+    from embedjax.train import loop
+
     c = load(name)
-    source = sources.train_source(c.data)
-    fields, scores = pipeline.fields_of(source), sources.scores_of(source)
-    assert (scores is None) == ("score" not in fields)
-    if scores is not None:
-        assert len(scores) == len(source) and np.isfinite(scores).all()
-    check_objective_data(Objective.from_config(c.objective, "mean"), fields, scores)
+    if name.startswith("mined_distill"):
+        c.data.train = str(mined_file)  # the config's default path is what scripts/mine.py writes first
+    for data, objective_cfg, _ in loop.task_specs(c).values():
+        source = sources.train_source(data)
+        fields, scores = pipeline.fields_of(source), sources.scores_of(source)
+        assert (scores is None) == ("score" not in fields)
+        if scores is not None:
+            assert len(scores) == len(source) and np.isfinite(scores).all()
+        check_objective_data(Objective.from_config(objective_cfg, "mean"), fields, scores)

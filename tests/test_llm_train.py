@@ -120,7 +120,7 @@ def test_the_loop_refuses_a_step_over_its_memory_limit_before_running_it():
     from embedjax.train import loop
 
     calls = []
-    jitted = jax.jit(lambda state, batch, frozen: (calls.append(1), state + batch["x"].sum())[1])
+    jitted = jax.jit(lambda state, batch, frozen, teacher: (calls.append(1), state + batch["x"].sum())[1])
     batch = {"x": np.ones((256, 256), np.float32)}
     knobs = dict(batch_size=256, gradcache_chunk=0, mesh_shape={"fsdp": 1}, remat=False)
     steps = loop.CompiledSteps(jitted, limit=1024, knobs=knobs)

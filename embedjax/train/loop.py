@@ -40,7 +40,7 @@ from embedjax.train.state import TrainState
 from embedjax.train.step import train_step
 
 log = logging.getLogger(__name__)
-MODEL_FIELDS = ("a_", "b_", "n_", "p_", "labels")  # batch keys the step reads (not 'valid', 'index')
+MODEL_FIELDS = ("a_", "b_", "n_", "p_", "labels", "teacher")  # batch keys the step reads (not 'valid', 'index')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,22 +70,25 @@ def opt_state_shardings(opt_state_shapes, param_shards, mesh):
 
 
 def state_shardings(abstract_state: TrainState, frozen, mesh, rules) -> tuple[TrainState, Any]:
-    """``(state shardings, frozen-param shardings)`` by ``rules``: params (trained and frozen) by
-    their rules, Adam's moments like their param, step and key replicated."""
+    """``(state shardings, frozen-param shardings)`` by ``rules``: params (trained and frozen) and
+    their EMA by their rules, Adam's moments like their param, step and key replicated."""
     param_shards = sharding.param_shardings(abstract_state.params, mesh, rules)
     replicated = NamedSharding(mesh, P())
     state = TrainState(step=replicated, params=param_shards, rng=replicated,
-                       opt_state=opt_state_shardings(abstract_state.opt_state, param_shards, mesh))
+                       opt_state=opt_state_shardings(abstract_state.opt_state, param_shards, mesh),
+                       ema=None if abstract_state.ema is None else param_shards)  # the average lives like its params
     return state, sharding.param_shardings(frozen, mesh, rules)
 
 
-def jit_train_step(enc_cfg, objective: Objective, tx, state_shards, frozen_shards, mesh):
-    """``train_step`` jitted with the run's shardings, the state donated: ``step(state, batch, frozen)``.
+def jit_train_step(enc_cfg, objective: Objective, tx, state_shards, frozen_shards, mesh, *, teacher_shards=None,
+                   ema_decay: float = 0.0):
+    """``train_step`` jitted with the run's shardings, the state donated:
+    ``step(state, batch, frozen, teacher)`` (``teacher``: a distillation teacher's params, or None).
     Lower it with abstract arguments (``jax.ShapeDtypeStruct``) to learn a configuration's
     per-device memory without allocating it (``embedjax.train.memory``)."""
     return jax.jit(
-        functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx),
-        in_shardings=(state_shards, sharding.batch_sharding(mesh), frozen_shards),
+        functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx, ema_decay=ema_decay),
+        in_shardings=(state_shards, sharding.batch_sharding(mesh), frozen_shards, teacher_shards),
         out_shardings=(state_shards, NamedSharding(mesh, P())),
         donate_argnums=0,
     )
@@ -145,6 +148,18 @@ def evaluators_from_config(config, enc_cfg) -> list:
     return suite.from_config(evals)
 
 
+def add_select_metric(select: str, metrics: dict) -> dict:
+    """``metrics`` plus the selection key when it is a mean: ``"a+b"`` (e.g.
+    ``"dev/cosine_spearman+sick/cosine_spearman"``) selects on the mean of the evaluators' keys
+    ``a`` and ``b``, so one checkpoint can be chosen for several dev sets at once."""
+    parts = select.split("+")
+    if len(parts) == 1:
+        return metrics
+    for part in parts:
+        check_select_metric(part, metrics)
+    return {**metrics, select: sum(metrics[p] for p in parts) / len(parts)}
+
+
 def check_select_metric(select: str, metrics: dict) -> None:
     """The selection key must be one the evaluators report (checked on the first evaluation,
     before any training step of a fresh run)."""
@@ -156,18 +171,173 @@ def check_select_metric(select: str, metrics: dict) -> None:
                          + (f"; did you mean {close}?" if close else "") + f" (they report {sorted(metrics)})")
 
 
-def packing_from_config(config, objective: Objective) -> pipeline.Packing | None:
+def packing_from_config(config, objective: Objective, data=None) -> pipeline.Packing | None:
     """``data.pack_length`` > 0: pack the texts of each batch (``pipeline.Packing``); rows
     are a multiple of ``data.pack_rows_multiple`` and of the local device count. GradCache
-    needs the padded layout, so it turns packing off."""
-    length = int(config.data.pack_length)
+    needs the padded layout, so it turns packing off. ``data``: a source's data section
+    (a mixture entry over ``config.data``); default ``config.data``."""
+    data = config.data if data is None else data
+    length = int(data["pack_length"])
     if not length:
         return None
     if objective.gradcache_chunk:
         log.info("objective.gradcache_chunk is set: padded batches (GradCache chunks by example, not by packed row)")
         return None
-    multiple = math.lcm(int(config.data.pack_rows_multiple), jax.local_device_count())
+    multiple = math.lcm(int(data["pack_rows_multiple"]), jax.local_device_count())
     return pipeline.Packing(length=length, rows_multiple=multiple, views=2 if objective.loss == "simcse_unsup" else 1)
+
+
+# ---------------------------------------------------------------------------- training sources (tasks)
+
+MIXTURE_KEYS = ("mixture", "mixture_mode")  # config.data keys that describe the mixture itself
+
+
+@dataclasses.dataclass
+class Task:
+    """One training source: its records, its loss and its batches. A run has one (``config.data``)
+    or, with ``data.mixture``, one per named source; every step trains on one task's batch."""
+
+    name: str
+    data: dict           # the source's data section (config.data with the entry's overrides)
+    objective: Objective
+    source: Any          # the records (random access)
+    iterator: Any        # pipeline.DataIterator of host batches (repeats)
+    weight: float = 1.0
+
+
+def task_specs(config) -> dict[str, tuple[dict, dict, float]]:
+    """``name -> (data section, objective section, weight)``: ``{"train": config.data}`` alone, or
+    each ``data.mixture`` entry over ``config.data`` / ``config.objective`` (an entry overrides data
+    keys at its top level and objective keys under ``"objective"``; unknown keys are refused)."""
+    base_data = {k: v for k, v in config.data.items() if k not in MIXTURE_KEYS}
+    base_objective = config.objective.to_dict()
+    mixture = dict(config.data.mixture or {})
+    if not mixture:
+        return {"train": (base_data, base_objective, 1.0)}
+    if config.data.mixture_mode not in ("sampled", "round_robin"):
+        raise ValueError(f"data.mixture_mode must be 'sampled' or 'round_robin', got {config.data.mixture_mode!r}")
+    specs = {}
+    for name, entry in mixture.items():
+        entry = dict(entry)
+        weight = float(entry.pop("weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"data.mixture.{name}.weight must be > 0, got {weight}")
+        objective = dict(entry.pop("objective", {}) or {})
+        unknown = sorted(set(entry) - set(base_data))
+        if unknown:
+            raise ValueError(f"data.mixture.{name}: unknown keys {unknown}; an entry takes 'weight', 'objective' "
+                             f"and data keys {sorted(base_data)}")
+        bad = sorted(set(objective) - set(base_objective))
+        if bad:
+            raise ValueError(f"data.mixture.{name}.objective: unknown keys {bad}; objective keys are "
+                             f"{sorted(base_objective)}")
+        merged_objective = {**base_objective, **objective}
+        if "distill" in objective:  # a partial distill section keeps the other defaults
+            merged_objective["distill"] = {**base_objective["distill"], **dict(objective["distill"])}
+        specs[name] = ({**base_data, **entry}, merged_objective, weight)
+    return specs
+
+
+def load_teacher(config, encoder):
+    """The distillation teacher (``objective.distill.teacher``, of any source), or None. It reads
+    the student's token ids, so it must tokenize exactly like the student."""
+    names = {spec[1]["distill"]["teacher"] for spec in task_specs(config).values()
+             if spec[1]["distill"]["teacher"] and float(spec[1]["distill"]["weight"]) > 0}
+    if not names:
+        return None
+    if len(names) > 1:
+        raise ValueError(f"one distillation teacher per run; the sources name {sorted(names)}")
+    (name,) = names
+    teacher = load_pretrained(name, max_length=encoder.max_length)
+    probe = ["A man is playing a guitar on stage.", "Zwei Hunde spielen im Schnee; 42 km/h!", "tokenizer check"]
+    same = [e.ids for e in teacher.tokenizer.encode(probe)] == [e.ids for e in encoder.tokenizer.encode(probe)]
+    if not same or teacher.lowercase != encoder.lowercase:
+        raise ValueError(f"objective.distill.teacher={name!r} tokenizes differently from the student "
+                         f"{config.model!r}: the teacher reads the student's token ids, so both need one tokenizer")
+    return teacher
+
+
+def build_tasks(config, encoder, teacher=None) -> dict[str, Task]:
+    """Every training source as a ``Task``: records read and checked against its objective, and
+    its batch iterator (seeded by ``config.seed`` and the source's position)."""
+    if not config.data.mixture:
+        return {"train": make_task(config, encoder, teacher, "train", config.data, config.objective)}
+    return {name: make_task(config, encoder, teacher, name, data, objective, weight=weight, index=i)
+            for i, (name, (data, objective, weight)) in enumerate(task_specs(config).items())}
+
+
+def make_task(config, encoder, teacher, name: str, data, objective_cfg, *, weight: float = 1.0, index: int = 0) -> Task:
+    """One ``Task`` from its data and objective sections (a mixture entry's, or the config's own)."""
+    objective = Objective.from_config(objective_cfg, encoder.pooling, teacher=teacher)  # the run's one pooling
+    try:
+        source = sources.train_source(data)
+        check_objective_data(objective, pipeline.fields_of(source), sources.scores_of(source))
+    except ValueError as err:
+        if not config.data.mixture:
+            raise
+        raise ValueError(f"data.mixture.{name}: {err}") from None
+    tokenizer = encoder.tokenizer.replace(buckets=tuple(data["buckets"]))  # keeps an appended EOS
+    iterator = pipeline.train_pipeline(source, tokenizer, global_batch_size=config.batch_size, seed=config.seed + index,
+                                       preprocess=str.lower if encoder.lowercase else None, common_length=True,
+                                       packing=packing_from_config(config, objective, data),
+                                       prompts=side_prompts(config.prompts), include_prompt=encoder.include_prompt)
+    return Task(name, dict(data), objective, source, iterator, weight)
+
+
+def tasks_iterator(config, tasks: dict[str, Task]):
+    """The run's data iterator: the one task's ``DataIterator``, or a ``MixtureIterator`` choosing
+    one source per step (``embedjax.data.mixture``). Both checkpoint their position."""
+    if len(tasks) == 1 and not config.data.mixture:
+        return next(iter(tasks.values())).iterator
+    from embedjax.data.mixture import MixtureIterator
+
+    return MixtureIterator({n: t.iterator for n, t in tasks.items()}, {n: t.weight for n, t in tasks.items()},
+                           mode=config.data.mixture_mode, seed=config.seed)
+
+
+def next_task_batch(data_iter, tasks: dict[str, Task]) -> tuple[str, dict]:
+    """``(task name, host batch)`` of the next step."""
+    if isinstance(data_iter, pipeline.DataIterator):
+        return next(iter(tasks)), next(data_iter)
+    return next(data_iter)
+
+
+def total_train_steps(config, tasks: dict[str, Task]) -> int:
+    """``num_steps``, else ``num_epochs`` epochs; a mixture's epoch is as many steps as one pass
+    over every source. Whole accumulation groups only with epochs (an explicit num_steps must divide)."""
+    if config.num_steps:
+        return int(config.num_steps)
+    per_epoch = sum(pipeline.steps_per_epoch(len(t.source), config.batch_size, jax.process_count())
+                    for t in tasks.values())
+    total = int(round(config.num_epochs * per_epoch))
+    return total - total % int(config.optim.accumulate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which params compete for export at an evaluation: the raw params, or with an EMA
+    (``optim.ema``) the EMA or whichever of the two scores higher (``optim.ema_select``).
+    The EMA's metrics are logged as ``ema/<key>``; ``selected_ema`` says which one competed."""
+
+    metric: str
+    mode: str = "best"
+    ema: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ("best", "ema", "raw"):
+            raise ValueError(f"optim.ema_select must be 'best', 'ema' or 'raw', got {self.mode!r}")
+
+    def at_start(self, metrics: dict) -> dict:
+        return {**metrics, "selected_ema": 0.0} if self.ema else metrics
+
+    def choose(self, raw: dict, ema: dict | None, params, ema_params) -> tuple[dict, Any, dict]:
+        """``(metrics to log, candidate params, the candidate's metrics)``."""
+        if ema is None:
+            return raw, params, raw
+        logged = {**raw, **{f"ema/{k}": v for k, v in ema.items()}}
+        use_ema = self.mode == "ema" or (self.mode == "best" and ema[self.metric] > raw[self.metric])
+        ranked = {**(ema if use_ema else raw), "selected_ema": float(use_ema)}
+        return {**logged, "selected_ema": float(use_ema)}, (ema_params if use_ema else params), ranked
 
 
 def _model_batch(batch: dict) -> dict:
@@ -210,44 +380,48 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
                                   hidden_dropout=_or_default(config.hidden_dropout, encoder.cfg.hidden_dropout),
                                   attention_dropout=_or_default(config.attention_dropout,
                                                                 encoder.cfg.attention_dropout))
-    objective = Objective.from_config(config.objective, encoder.pooling)  # the run's one pooling
+    teacher = load_teacher(config, encoder)
     st_problem = export_lib.sentence_transformers_problem(encoder.pooling, encoder.include_prompt,
                                                           encoder.tokenizer.appends_eos)
     if st_problem:  # said now, not after hours of training
         log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
                     st_problem)
-    train_source = sources.train_source(config.data)
-    check_objective_data(objective, pipeline.fields_of(train_source), sources.scores_of(train_source))
-    train_tokenizer = encoder.tokenizer.replace(buckets=tuple(config.data.buckets))  # keeps an appended EOS
-    preprocess = str.lower if encoder.lowercase else None
-    packing = packing_from_config(config, objective)
-    data_iter = pipeline.train_pipeline(train_source, train_tokenizer, global_batch_size=config.batch_size,
-                                        seed=config.seed, preprocess=preprocess, common_length=True,
-                                        packing=packing, prompts=side_prompts(config.prompts),
-                                        include_prompt=encoder.include_prompt)
-    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), config.batch_size, jax.process_count())
-    total_steps = int(config.num_steps or round(config.num_epochs * steps_per_epoch))
-    if not config.num_steps:  # epochs: whole accumulation groups only (an explicit num_steps must divide)
-        total_steps -= total_steps % int(config.optim.accumulate)
+    tasks = build_tasks(config, encoder, teacher)
+    data_iter = tasks_iterator(config, tasks)
+    total_steps = total_train_steps(config, tasks)
     evaluators = evaluators_from_config(config, encoder.cfg)
 
     def evaluate(trained) -> dict[str, float]:
         # normalize=True: scored as the export (save_pretrained(normalize=True)) will embed
         full = lora.combine(_local(trained), frozen_local)
         metrics = suite.run_all(evaluators, dataclasses.replace(encoder, params=full, normalize=True))
+        metrics = add_select_metric(config.select_metric, metrics)
         check_select_metric(config.select_metric, metrics)
         return metrics
 
     # ------------------------------------------------------------------ optimizer, shardings
     tx, lr_at = optim.make_optimizer(config.optim, total_steps, no_decay=registry.of(enc_cfg).no_decay)
+    ema_decay = float(config.optim.ema)
     rules = sharding.rules_for(enc_cfg, config.sharding_rules)
-    create = functools.partial(TrainState.create, tx=tx, seed=config.seed)
+    create = functools.partial(TrainState.create, tx=tx, seed=config.seed, ema=ema_decay > 0)
     abstract = jax.eval_shape(create, params)
     state_shards, frozen_shards = state_shardings(abstract, frozen, mesh, rules)
     param_shards = state_shards.params
     # Placed like the state is created: one jit, whose outputs span every host's devices.
     frozen = jax.jit(lambda tree: tree, out_shardings=frozen_shards)(frozen)
     frozen_local = _local(frozen)  # what the evaluators combine the trained params with
+    teacher_params, teacher_shards = None, None
+    if teacher is not None:
+        teacher_shards = sharding.param_shardings(teacher.params, mesh, sharding.rules_for(teacher.cfg,
+                                                                                          config.sharding_rules))
+        teacher_params = jax.jit(lambda tree: tree, out_shardings=teacher_shards)(teacher.params)
+    select = Selection(config.select_metric, str(config.optim.ema_select), ema=ema_decay > 0)
+
+    def evaluate_state(state) -> tuple[dict[str, float], Any, dict[str, float]]:
+        """(metrics to log, the params that compete for export, their metrics for the ranking)."""
+        raw = evaluate(state.params)
+        ema = None if state.ema is None else evaluate(state.ema)
+        return select.choose(raw, ema, state.params, state.ema)
 
     # ------------------------------------------------------------------ state: resume or create
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
@@ -261,15 +435,18 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     else:
         state = jax.jit(create, out_shardings=state_shards)(params)
         start = 0
-        before = evaluate(state.params)
+        before = evaluate(state.params)  # the EMA starts equal to the params: one evaluation
         writer.write(0, before)
-        ckpt.save_best(0, state.params, before)  # the start competes for "best" too
+        ckpt.save_best(0, state.params, select.at_start(before))  # the start competes for "best" too
 
     del params  # the state holds them now (donated to every step)
-    knobs = dict(batch_size=config.batch_size, gradcache_chunk=objective.gradcache_chunk,
-                 mesh_shape=dict(mesh.shape), remat=objective.remat)  # what a refusal names
-    step_fn = CompiledSteps(jit_train_step(enc_cfg, objective, tx, state_shards, frozen_shards, mesh),
-                            limit=_memory_limit(config), knobs=knobs)
+    step_fns = {}
+    for name, task in tasks.items():
+        knobs = dict(batch_size=config.batch_size, gradcache_chunk=task.objective.gradcache_chunk,
+                     mesh_shape=dict(mesh.shape), remat=task.objective.remat)  # what a refusal names
+        jitted = jit_train_step(enc_cfg, task.objective, tx, state_shards, frozen_shards, mesh,
+                                teacher_shards=teacher_shards, ema_decay=ema_decay)
+        step_fns[name] = CompiledSteps(jitted, limit=_memory_limit(config), knobs=knobs)
 
     # ------------------------------------------------------------------ loop
     log_every, eval_every, save_every = config.log_every, config.eval_every, config.checkpoint.every
@@ -277,10 +454,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     progress = _progress(total_steps, start)
     t_last, examples = time.perf_counter(), 0
     for step in range(start + 1, total_steps + 1):
-        host_batch = distributed.global_batch(_model_batch(next(data_iter)), pad_token_id=enc_cfg.pad_token_id)
+        task_name, host_batch = next_task_batch(data_iter, tasks)
+        host_batch = distributed.global_batch(_model_batch(host_batch), pad_token_id=enc_cfg.pad_token_id)
         batch = sharding.to_global(host_batch, mesh)
-        state, metrics = step_fn(state, batch, frozen)
-        pending.append((step, metrics))
+        state, metrics = step_fns[task_name](state, batch, frozen, teacher_params)
+        pending.append((step, metrics if len(tasks) == 1 else {**metrics, f"loss/{task_name}": metrics["loss"]}))
         examples += config.batch_size
         is_last = step == total_steps
         due = {name: is_last or step % every == 0
@@ -299,16 +477,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
                         f"(step {ckpt.latest_step()}) in {workdir / 'checkpoints'} is untouched and a rerun "
                         "resumes from it (lower the learning rate or check the data first).")
             now = time.perf_counter()
-            last = fetched[-1][1] | {"lr": float(lr_at(step - 1)), "examples_per_s": examples / (now - t_last)}
+            per_task = {k: v for _, m in fetched for k, v in m.items() if k.startswith("loss/")}  # each source's latest
+            last = fetched[-1][1] | per_task | {"lr": float(lr_at(step - 1)), "examples_per_s": examples / (now - t_last)}
             t_last, examples = now, 0
             writer.write(step, last)
             progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                  ex_s=f"{last['examples_per_s']:.0f}", refresh=False)
         busy_since = time.perf_counter()
         if due["eval"]:
-            dev = evaluate(state.params)
+            dev, candidate, ranked = evaluate_state(state)
             writer.write(step, dev)
-            ckpt.save_best(step, state.params, dev)
+            ckpt.save_best(step, candidate, ranked)
             shown = dict.fromkeys([config.select_metric, *map(suite.headline, evaluators)])  # not every key of every evaluator
             progress.write(f"step {step}: " + ", ".join(f"{k} {dev[k]:.4g}" for k in shown if k in dev))
         if due["save"]:
@@ -329,7 +508,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     if jax.process_index() == 0:
         export_model(config, encoder, best_params, workdir, sentence_transformers=not st_problem)
     distributed.barrier("exported")  # every host evaluates the file process 0 wrote
-    after = suite.run_all(evaluators, load_pretrained(workdir))
+    after = add_select_metric(config.select_metric, suite.run_all(evaluators, load_pretrained(workdir)))
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
                "best_at_selection": best_metrics}
     if jax.process_index() == 0:
@@ -394,10 +573,10 @@ class CompiledSteps:
         self.jitted, self.limit, self.knobs = jitted, limit, knobs
         self.compiled: dict = {}
 
-    def __call__(self, state, batch, frozen):
+    def __call__(self, state, batch, frozen, teacher=None):
         shapes = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in batch.items()))
         if shapes not in self.compiled:
-            compiled = self.jitted.lower(state, batch, frozen).compile()
+            compiled = self.jitted.lower(state, batch, frozen, teacher).compile()
             try:
                 mem = memory.step_memory(compiled)
             except RuntimeError as err:
@@ -406,7 +585,7 @@ class CompiledSteps:
                 log.info("train step for batch %s: %s", dict((k, s) for k, s, _ in shapes), mem.describe())
                 memory.check_fits(mem, self.limit, **self.knobs)
             self.compiled[shapes] = compiled
-        return self.compiled[shapes](state, batch, frozen)
+        return self.compiled[shapes](state, batch, frozen, teacher)
 
 
 def _memory_limit(config) -> int | None:

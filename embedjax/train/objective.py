@@ -10,6 +10,7 @@ shared ``embed`` and applies the loss. Batches are dicts of arrays:
     a_pool, b_pool, n_pool      pooling masks      like the side's mask   (optional: 0 on an instruction
                                                    prefix that pooling skips, include_prompt=False)
     labels                      gold scores        (B,)     (scored pairs)
+    teacher                     teacher scores     (B, 1 + k)  [s(a, b), s(a, n_1), ...] (distillation data)
     a_hash, b_hash, n_hash      int32 text hashes: equal texts are not each other's negatives
 
 or, packed (``embedjax.data.Packing``: every text of the batch in shared rows, much less
@@ -32,12 +33,18 @@ import jax.numpy as jnp
 from embedjax import gradcache, losses
 from embedjax.embed import embed, embed_packed
 
-LOSSES = ("angle", "cosent", "cosine_mse", "infonce", "simcse_unsup")
+LOSSES = ("angle", "cosent", "cosine_mse", "pearson", "rank_consistency", "infonce", "simcse_unsup",
+          "margin_mse", "listwise_kl")
 LAYER_MODES = ("", "2dmse", "adaptive", "espresso")
 # What each loss reads from the data (check_objective_data):
-SCORED_LOSSES = ("angle", "cosent", "cosine_mse")        # regress / rank gold scores: need them
+SCORED_LOSSES = ("angle", "cosent", "cosine_mse", "pearson", "rank_consistency")  # regress / rank gold scores
 CONTRASTIVE_LOSSES = ("infonce", "simcse_unsup")         # positives + in-batch negatives: no scores
-NEGATIVE_LOSSES = ("infonce",)                           # the only ones that use hard negatives (text_n)
+TEACHER_LOSSES = ("margin_mse", "listwise_kl")           # teacher scores of (a, b) and (a, n_j) stored with the data
+NEGATIVE_LOSSES = ("infonce", *TEACHER_LOSSES)           # the ones that use hard negatives (text_n)
+# Scored-pair losses that may be added to the main one (objective.aux_losses), on the same embeddings.
+AUX_LOSSES = SCORED_LOSSES
+# Embedding distillation from a teacher encoder (objective.distill.loss).
+DISTILL_LOSSES = ("mse", "cosine", "similarity_mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,15 +63,26 @@ class Objective:
     unroll: bool = True              # unroll the layer scan (False: one compiled layer; deep LLMs compile fast)
     dropout: bool = True             # the encoder's dropout during training (SimCSE needs it)
     gradcache_chunk: int = 0         # > 0: GradCache, embedding this many rows at a time
+    aux_losses: tuple = ()           # ((name, weight, kwargs items), ...) added to the main loss
+    distill_loss: str = ""           # '' = no teacher; else one of DISTILL_LOSSES
+    distill_weight: float = 1.0
+    teacher_cfg: Any = None          # the teacher encoder's (static) config, with distill_loss
+    teacher_pooling: str = ""
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether the loss reads a teacher encoder's embeddings (``batch_loss(..., teacher=)``)."""
+        return bool(self.distill_loss)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], pooling: str) -> "Objective":
+    def from_config(cls, cfg: Mapping[str, Any], pooling: str, teacher=None) -> "Objective":
         """From the ``objective`` section of a config (configs/base.py declares every key; a
         missing key raises KeyError, an unknown one ValueError).
 
         ``pooling`` is the run's resolved pooling mode (the encoder's, after ``config.pooling``
         overrode the checkpoint's): a run has one pooling setting, used by training,
-        evaluation and export alike.
+        evaluation and export alike. ``teacher``: the ``Encoder`` named by ``distill.teacher``
+        (loaded by the caller), when ``distill.weight`` > 0.
         """
         unknown = sorted(set(cfg) - OBJECTIVE_KEYS)
         if unknown:
@@ -84,6 +102,12 @@ class Objective:
             raise ValueError("matryoshka_n_per_step cannot be combined with objective.layers (the layer "
                              "wrappers own the step's key); use every dim inside 2D losses")
         items = lambda d: tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in dict(d or {}).items()))
+        distill = cfg["distill"]
+        distill_on = bool(distill["teacher"]) and float(distill["weight"]) > 0
+        if distill_on and distill["loss"] not in DISTILL_LOSSES:
+            raise ValueError(f"unknown objective.distill.loss {distill['loss']!r}; choose one of {DISTILL_LOSSES}")
+        if distill_on and teacher is None:
+            raise ValueError(f"objective.distill.teacher={distill['teacher']!r}: pass the loaded teacher encoder")
         return cls(
             loss=loss,
             loss_kwargs=items(cfg["loss_kwargs"]),
@@ -97,12 +121,38 @@ class Objective:
             unroll=bool(cfg["unroll"]),
             dropout=bool(cfg["dropout"]),
             gradcache_chunk=int(cfg["gradcache_chunk"] or 0),
+            aux_losses=aux_losses_from_config(cfg["aux_losses"]),
+            distill_loss=distill["loss"] if distill_on else "",
+            distill_weight=float(distill["weight"]) if distill_on else 1.0,
+            teacher_cfg=teacher.cfg if distill_on else None,
+            teacher_pooling=teacher.pooling if distill_on else "",
         )
 
 
 # The keys of a config's ``objective`` section (configs/base.py).
 OBJECTIVE_KEYS = frozenset({"loss", "loss_kwargs", "matryoshka_dims", "matryoshka_weights", "matryoshka_n_per_step",
-                            "layers", "layer_kwargs", "remat", "unroll", "dropout", "gradcache_chunk"})
+                            "layers", "layer_kwargs", "remat", "unroll", "dropout", "gradcache_chunk", "aux_losses",
+                            "distill"})
+
+
+def aux_losses_from_config(aux: Mapping[str, Any] | None) -> tuple:
+    """``objective.aux_losses`` -> ``((name, weight, kwargs items), ...)`` sorted by name.
+
+    Each entry is ``name: weight`` or ``name: {"weight": w, **the loss's keyword arguments}``,
+    e.g. ``{"pearson": 1.0}`` or ``{"rank_consistency": {"weight": 0.5, "scale": 20.0}}``.
+    """
+    out = []
+    for name, value in sorted(dict(aux or {}).items()):
+        if name not in AUX_LOSSES:
+            raise ValueError(f"unknown objective.aux_losses entry {name!r}; choose among {AUX_LOSSES}")
+        kwargs = dict(value) if isinstance(value, Mapping) else {"weight": value}
+        try:
+            weight = float(kwargs.pop("weight"))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"objective.aux_losses.{name} must be a weight or a dict with a 'weight', got {value!r}") from None
+        if weight:
+            out.append((name, weight, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()))))
+    return tuple(out)
 
 
 def _label_range(objective: Objective) -> tuple[float, float] | None:
@@ -134,10 +184,25 @@ def check_objective_data(objective: Objective, fields: Sequence[str], scores: Se
       observed scores: they would be mis-scaled (AnglE's positives, cosine_mse's targets).
     * hard negatives (text_n) with a loss that ignores them (every loss but infonce).
     * infonce without a second text (use simcse_unsup), simcse_unsup on pairs (use infonce).
+    * margin_mse / listwise_kl without teacher scores and hard negatives; teacher scores with a
+      loss that ignores them; scored auxiliary losses on unscored records.
     """
     fields = tuple(fields)
     loss = objective.loss
     has_score = "score" in fields
+    if loss in TEACHER_LOSSES and not {"text_b", "text_n", "teacher"} <= set(fields):
+        raise ValueError(
+            f"objective.loss={loss!r} distils teacher scores of (query, positive, negatives), but the training "
+            f"records have only {fields}. Use data.kind=distill (jsonl with text_a, text_b, text_n and teacher "
+            "scores, e.g. written by scripts/mine.py).")
+    if "teacher" in fields and loss not in TEACHER_LOSSES:
+        raise ValueError(
+            f"the training records carry teacher scores but objective.loss={loss!r} ignores them. Use "
+            "objective.loss=margin_mse or listwise_kl, or data.kind=triplets to train on the texts alone.")
+    if objective.aux_losses and not has_score:
+        names = [name for name, _, _ in objective.aux_losses]
+        raise ValueError(f"objective.aux_losses {names} rank or regress gold scores, but the training records "
+                         f"have none {fields}")
     if loss in CONTRASTIVE_LOSSES and has_score:
         raise ValueError(
             f"objective.loss={loss!r} ignores scores, but the training records are scored pairs {fields}: every "
@@ -179,21 +244,41 @@ def check_objective_data(objective: Objective, fields: Sequence[str], scores: Se
                 "(the dataset's documented range, not just the observed one).")
 
 
-def _pair_loss(objective: Objective):
-    """``fn(za, zb, zn, labels, *, a_hash, b_hash, n_hash)`` for the configured loss."""
-    kw = dict(objective.loss_kwargs)
-    if objective.loss == "angle":
-        def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None):
+def _named_loss(name: str, kw: Mapping[str, Any]):
+    """``fn(za, zb, zn, labels, *, a_hash, b_hash, n_hash, teacher_scores)`` for the loss called ``name``."""
+    def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None, teacher_scores=None):
+        if name == "angle":
             return losses.angle_loss(za, zb, labels, a_ids=a_hash, b_ids=b_hash, **kw)
-    elif objective.loss == "cosent":
-        def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None):
+        if name == "cosent":
             return losses.cosent(za, zb, labels, **kw)
-    elif objective.loss == "cosine_mse":  # no in-batch interaction: accumulation is exactly the large batch
-        def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None):
+        if name == "cosine_mse":  # no in-batch interaction: accumulation is exactly the large batch
             return losses.cosine_mse(za, zb, labels, **kw)
-    else:  # infonce, and unsupervised SimCSE (two dropout views of the same texts)
-        def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None):
-            return losses.infonce(za, zb, zn, anchor_ids=a_hash, positive_ids=b_hash, negative_ids=n_hash, **kw)
+        if name == "pearson":
+            return losses.pearson_loss(za, zb, labels, **kw)
+        if name == "rank_consistency":
+            return losses.rank_consistency_loss(za, zb, labels, **kw)
+        if name == "margin_mse":
+            return losses.margin_mse(za, zb, zn, teacher_scores, **kw)
+        if name == "listwise_kl":
+            return losses.listwise_kl(za, zb, zn, teacher_scores, **kw)
+        # infonce, and unsupervised SimCSE (two dropout views of the same texts)
+        return losses.infonce(za, zb, zn, anchor_ids=a_hash, positive_ids=b_hash, negative_ids=n_hash, **kw)
+
+    return fn
+
+
+def _pair_loss(objective: Objective):
+    """The main loss plus the weighted auxiliary losses, all on the same embeddings: one
+    ``fn(za, zb, zn, labels, *, a_hash, b_hash, n_hash, teacher_scores)`` that the Matryoshka and
+    layer wrappers then apply at every width / depth."""
+    terms = [(_named_loss(objective.loss, dict(objective.loss_kwargs)), 1.0)]
+    terms += [(_named_loss(name, dict(kw)), weight) for name, weight, kw in objective.aux_losses]
+    if len(terms) == 1:
+        return terms[0][0]
+
+    def fn(*args, **kwargs):
+        return sum(weight * term(*args, **kwargs) for term, weight in terms)
+
     return fn
 
 
@@ -276,17 +361,51 @@ def embed_batch(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.A
     return za, zb, zn
 
 
-def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Array], key):
+def distill_function(objective: Objective):
+    """``fn(student, teacher) -> scalar`` for ``objective.distill_loss``: student (B, D), or a
+    per-layer stack (L, B, D) whose every layer is taught (the mean over layers); teacher (B, D).
+    ``mse`` compares L2-normalised embeddings (what the exported, normalising model outputs)."""
+    base = {"mse": lambda s, t: losses.embedding_mse(_unit(s), _unit(t)),
+            "cosine": losses.embedding_cosine,
+            "similarity_mse": losses.similarity_mse}[objective.distill_loss]
+
+    def fn(student, teacher):
+        if student.ndim == teacher.ndim + 1:  # (L, B, D): every layer learns from the teacher
+            return jnp.mean(jax.vmap(lambda z: base(z, teacher))(student))
+        return base(student, teacher)
+
+    return fn
+
+
+def _unit(x):
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def teacher_embeddings(teacher_params, objective: Objective, batch: Mapping[str, jax.Array]):
+    """The teacher's ``(za, zb)`` of a batch (last layer, no dropout, no gradient). The teacher
+    reads the student's token ids, so the two must share a tokenizer (the loop checks)."""
+    view = dataclasses.replace(objective, pooling=objective.teacher_pooling, layers="", dropout=False,
+                               gradcache_chunk=0, remat=False, unroll=True, distill_loss="")
+    za, zb, _ = embed_batch(teacher_params, objective.teacher_cfg, view, batch, jax.random.key(0))
+    return jax.lax.stop_gradient(za), jax.lax.stop_gradient(zb)
+
+
+def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Array], key, teacher=None):
     """Loss of one batch; ``key`` drives dropout and any sampling (dims, layers).
 
     With ``objective.gradcache_chunk`` the encoder runs chunk by chunk under
     ``jax.checkpoint`` (GradCache): the same loss and gradient, activation memory bounded
-    by the chunk instead of the batch.
+    by the chunk instead of the batch. With ``objective.distill_loss``, ``teacher`` holds the
+    teacher encoder's params: ``distill_weight`` x the distillation loss of both sides' student
+    embeddings towards the teacher's is added.
     """
     k_embed, k_loss = jax.random.split(key)
     if objective.gradcache_chunk and "p_ids" in batch:
         raise ValueError("GradCache chunks the batch by examples; it cannot take a packed batch "
                          "(set data.pack_length=0 with objective.gradcache_chunk)")
+    if objective.uses_teacher and teacher is None:
+        raise ValueError("objective.distill_loss is set: batch_loss needs the teacher's params (teacher=)")
     if objective.gradcache_chunk:
         inputs = {k: v for k, v in batch.items() if k.endswith(("_ids", "_mask", "_types", "_pool"))}
         embed_all = gradcache.chunked_embed(
@@ -300,6 +419,13 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Mapping[str, jax.Ar
     fn = loss_function(objective)
     b_hash = batch.get("b_hash") if ("b_ids" in batch or "b_text" in batch) else batch.get("a_hash")
     kwargs = dict(a_hash=batch.get("a_hash"), b_hash=b_hash, n_hash=batch.get("n_hash"))
+    if "teacher" in batch:
+        kwargs["teacher_scores"] = batch["teacher"]
     if objective.layers in ("2dmse", "adaptive") or objective.matryoshka_n_per_step:
         kwargs["key"] = k_loss
-    return fn(za, zb, zn, batch.get("labels"), **kwargs)
+    loss = fn(za, zb, zn, batch.get("labels"), **kwargs)
+    if objective.uses_teacher:
+        ta, tb = teacher_embeddings(teacher, objective, batch)
+        distill = distill_function(objective)
+        loss = loss + objective.distill_weight * (distill(za, ta) + distill(zb, tb)) / 2
+    return loss

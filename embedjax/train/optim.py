@@ -100,3 +100,17 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int, no_decay: str = NO_
         return schedule(step // accumulate)
 
     return tx, lr_at_step
+
+
+def ema_update(ema, params, decay: float):
+    """One step of the exponential moving average of params (Polyak averaging):
+    ``ema <- decay * ema + (1 - decay) * params``, leaf by leaf, in the params' dtype.
+
+    The loop keeps the average in ``TrainState.ema`` (config ``optim.ema`` = the decay; it starts
+    at the initial params, e.g. the pretrained model, so no bias correction is needed), evaluates
+    it next to the raw params and may select it for export (``optim.ema_select``). A decay of
+    0.99 averages roughly the last 100 steps.
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)

@@ -91,5 +91,5 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
                          batch)
     step = loop.jit_train_step(cfg, objective, tx, state_shards, frozen_shards, mesh)
-    compiled = step.lower(place(abstract_state, state_shards), batch, place(frozen, frozen_shards)).compile()
+    compiled = step.lower(place(abstract_state, state_shards), batch, place(frozen, frozen_shards), None).compile()
     return memory.step_memory(compiled)

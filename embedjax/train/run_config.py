@@ -34,7 +34,8 @@ IGNORED = ("log_every", "eval_every", "eval_batch_size", "checkpoint", "mesh", "
            "testing")
 # Free-form dicts (keyword arguments, column maps, evaluator entries): any key may appear below them, but
 # ``--config.a.b.key`` only overrides a key the config already has.
-OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "data.columns", "evals", "pooler_init")
+OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "objective.aux_losses", "data.columns", "data.mixture",
+                 "evals", "pooler_init")
 ABSENT = "(absent)"
 
 # The run's config in its workdir; not config.json, which the export writes (the model's HF config).

@@ -8,6 +8,8 @@
     sentences      one text per line (unsupervised SimCSE)    -> str
     stsb_sentences both sentences of an STS-B file, as a corpus  -> str
     pairs | triplets | scored   generic tsv/csv/jsonl files (data.format, data.columns, data.score_range)
+    distill        jsonl (or tsv/csv) of text_a, text_b, text_n (one or a list of k negatives) and teacher
+                   scores [s(a, b), s(a, n_1), ...], e.g. written by scripts/mine.py -> DistillRecord
     tfds           any TFDS dataset by name (data.tfds_name, data.tfds_split, data.columns, data.tfds_data_dir)
 
 ``data.columns`` maps fields (text_a, text_b, text_n, score) to a file's columns (header names
@@ -24,7 +26,8 @@ from typing import Any, Mapping
 
 from embedjax.data import pipeline, readers
 
-KINDS = ("stsb", "stsb_sentences", "sick", "sick_triplets", "sentences", "pairs", "triplets", "scored", "tfds")
+KINDS = ("stsb", "stsb_sentences", "sick", "sick_triplets", "sentences", "pairs", "triplets", "scored", "distill",
+         "tfds")
 
 
 def _columns(data: Mapping[str, Any]) -> dict[str, str | int] | None:
@@ -48,7 +51,7 @@ def train_source(data: Mapping[str, Any]):
         return readers.read_sick(data["train"], skip_bad=skip_bad)
     if kind == "sick_triplets":
         return readers.read_sick_triplets(data["train"], skip_bad=skip_bad)
-    if kind in ("sentences", "pairs", "triplets", "scored"):
+    if kind in ("sentences", "pairs", "triplets", "scored", "distill"):
         score_range = tuple(data["score_range"] or ())
         if score_range and len(score_range) != 2:
             raise ValueError(f"data.score_range must be () or (lo, hi), got {score_range}")

@@ -41,9 +41,9 @@ def get_config(arg: str | None = None):
     c.evals = {
         "dev": {"type": "sts", "path": str(base.DATA / "stsb" / "sts-dev.csv"), "format": "stsb",
                 "metrics": ("cosine",), "layers": (), "dims": ()},
-        "sick": {"type": "sts", "path": str(base.DATA / "sick" / "SICK_trial.txt"), "format": "sick",
+        "sick_trial": {"type": "sts", "path": str(base.DATA / "sick" / "SICK_trial.txt"), "format": "sick",
                  "metrics": ("cosine",), "layers": (), "dims": ()},
     }
-    c.select_metric = "dev/cosine_spearman+sick/cosine_spearman"
+    c.select_metric = "dev/cosine_spearman+sick_trial/cosine_spearman"
     c.eval_every = 20
     return base.maybe_smoke(c, args)

@@ -63,8 +63,8 @@ def main(argv, callbacks=()) -> None:
 
 
 def report(summary: dict, select: str, workdir: Path) -> None:
-    """Prints the selection metric (and STS dev Spearman, when evaluated) before and after training
-    (process 0 only)."""
+    """Prints each STS evaluator's Spearman (``<name>/cosine_spearman``) and the selection metric
+    before and after training (process 0 only)."""
     import jax
 
     if jax.process_index() != 0:
@@ -73,15 +73,17 @@ def report(summary: dict, select: str, workdir: Path) -> None:
     print()
     if summary.get("finished_before"):
         print(f"{workdir} already holds a finished run (delete it, or use another --workdir, to train again)")
-    sts = "dev/cosine_spearman"
-    if sts in after:
+    best = f"(best step {summary['best_step']} of {summary['steps']})"
+    stsb = [k for k in after if k.endswith("/cosine_spearman") and "+" not in k]
+    width = max((len(k.split("/")[0]) for k in stsb), default=0)
+    for key in stsb:
+        name = key.split("/")[0].ljust(width)
         if before is not None:
-            print(f"dev Spearman before training: {before[sts]:.2f}")
-        print(f"dev Spearman after training:  {after[sts]:.2f}  (best step {summary['best_step']} of {summary['steps']})")
-    if select != sts:  # e.g. the 2D grid mean or a retrieval metric: say what the checkpoint was chosen by
+            print(f"{name} Spearman before training: {before[key]:.2f}")
+        print(f"{name} Spearman after training:  {after[key]:.2f}  {best}")
+    if select not in stsb:  # e.g. a mean of dev sets, the 2D grid mean or a retrieval metric
         start = "" if before is None else f"{before[select]:.4g} before, "
-        print(f"{select} (selection metric): {start}{after[select]:.4g} after  "
-              f"(best step {summary['best_step']} of {summary['steps']})")
+        print(f"{select} (selection metric): {start}{after[select]:.4g} after  {best}")
     print(f"model exported to {workdir.absolute()}")
 
 

@@ -145,7 +145,7 @@ def test_mean_selection_key_and_ema_choice():
 def mixture_overrides(tiny_model, small_dev, sick_dir, tmp_path_factory):
     small_sick = tmp_path_factory.mktemp("sick") / "trial.txt"
     small_sick.write_text("\n".join((sick_dir / "SICK_trial.txt").read_text().splitlines()[:150]) + "\n")
-    return {"model": tiny_model, "evals.dev.path": small_dev, "evals.sick.path": small_sick, "num_steps": 8,
+    return {"model": tiny_model, "evals.dev.path": small_dev, "evals.sick_trial.path": small_sick, "num_steps": 8,
             "batch_size": 16, "log_every": 1, "eval_every": 4, "checkpoint.every": 2, "checkpoint.keep": 10,
             "optim.learning_rate": 1e-3, "optim.warmup": 0, "optim.ema": 0.5, "optim.ema_select": "ema",
             "objective.distill.teacher": tiny_model, "objective.distill.weight": 0.5}
@@ -184,7 +184,7 @@ def test_mixture_trains_one_scheduled_source_per_step(mixture_run):
     key = "ema/dev/cosine_spearman" if summary["best_step"] else "dev/cosine_spearman"
     # the exported model is the selected EMA: it scores what the EMA scored at that step
     np.testing.assert_allclose(summary["after"]["dev/cosine_spearman"], best[key], atol=1e-3)
-    assert "dev/cosine_spearman+sick/cosine_spearman" in summary["after"]
+    assert "dev/cosine_spearman+sick_trial/cosine_spearman" in summary["after"]
 
 
 def test_mixture_resumes_exactly_after_sigkill(mixture_run, mixture_overrides, tmp_path):

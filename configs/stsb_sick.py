@@ -45,5 +45,5 @@ def get_config(arg: str | None = None):
                  "metrics": ("cosine",), "layers": (), "dims": ()},
     }
     c.select_metric = "dev/cosine_spearman+sick_trial/cosine_spearman"
-    c.eval_every = 20
+    c.eval_every = 40  # 8 selections an epoch; each evaluates two dev sets (four with EMA)
     return base.maybe_smoke(c, args)

@@ -231,3 +231,21 @@ def test_mined_negatives_train_with_distillation_losses(variant, tiny_model, sma
     state = TrainState.create(enc.params, tx, 0)
     new_state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+
+
+def test_mixture_on_two_hosts_trains_like_one(mixture_run, mixture_overrides, tmp_path):
+    """2 processes x 4 devices: the same source every step, the same loss curve (teacher and EMA
+    included) and the same exported model as the 1-process, 8-device run."""
+    import embedjax
+    from test_multihost import launch
+
+    results = launch(tmp_path / "two", "stsb_sick.py:smoke,pearson=1.0", mixture_overrides, processes=2)
+    for rc, err in results:
+        assert rc == 0, err[-4000:]
+    assert per_step_sources(tmp_path / "two") == per_step_sources(mixture_run)
+    ref, got = loss_curve(mixture_run), loss_curve(tmp_path / "two")
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-5)
+    texts = ["A man is playing a flute.", "Two dogs run on the beach."]
+    np.testing.assert_allclose(embedjax.load_pretrained(tmp_path / "two").encode(texts),
+                               embedjax.load_pretrained(mixture_run).encode(texts), atol=1e-5)

@@ -8,7 +8,9 @@ Each source keeps its own loss: AnglE on its own score scale (STS-B 0-5, SICK 1-
 variants' correlation term. Variants (``:name=value,...``): ``pearson=W`` adds W x the
 differentiable Pearson loss (arXiv:2508.11442) to both sources, ``rank=W`` the ranking-
 consistency loss, ``ema=D`` keeps an EMA of the params with decay D (selected when it scores
-higher), ``mode=round_robin`` alternates sources instead of sampling them by size, ``lr=X``.
+higher), ``mode=round_robin`` alternates sources instead of sampling them by size, ``lr=X``,
+``sick_ibn=W`` the weight of AnglE's in-batch term on SICK (0: CoSENT + angle only), ``sick_weight=W``
+SICK's sampling weight (STS-B's is 5749, its size).
 """
 
 from configs import base
@@ -17,7 +19,7 @@ ANGLE = {"cosine_w": 1.0, "ibn_w": 1.0, "angle_w": 0.02}
 
 
 def get_config(arg: str | None = None):
-    args = base.parse_arg(arg, allowed=("smoke", "pearson", "rank", "ema", "mode", "lr"))
+    args = base.parse_arg(arg, allowed=("smoke", "pearson", "rank", "ema", "mode", "lr", "sick_ibn", "sick_weight"))
     c = base.base_config()
     c.objective.loss = "angle"
     c.objective.loss_kwargs = {**ANGLE, "label_range": (0.0, 5.0)}
@@ -34,8 +36,10 @@ def get_config(arg: str | None = None):
     # Weights = the sources' sizes: sampling visits every record about once an epoch.
     c.data.mixture = {
         "stsb": {"kind": "stsb", "train": str(base.DATA / "stsb" / "sts-train.csv"), "weight": 5749.0},
-        "sick": {"kind": "sick", "train": str(base.DATA / "sick" / "SICK_train.txt"), "weight": 4500.0,
-                 "objective": {"loss_kwargs": {**ANGLE, "label_range": (1.0, 5.0)}}},
+        "sick": {"kind": "sick", "train": str(base.DATA / "sick" / "SICK_train.txt"),
+                 "weight": float(args.get("sick_weight", 4500.0)),
+                 "objective": {"loss_kwargs": {**ANGLE, "ibn_w": float(args.get("sick_ibn", 1.0)),
+                                               "label_range": (1.0, 5.0)}}},
     }
     c.data.mixture_mode = args.get("mode", "sampled")
     c.evals = {

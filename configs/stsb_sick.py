@@ -10,7 +10,7 @@ differentiable Pearson loss (arXiv:2508.11442) to both sources, ``rank=W`` the r
 consistency loss, ``ema=D`` keeps an EMA of the params with decay D (selected when it scores
 higher), ``mode=round_robin`` alternates sources instead of sampling them by size, ``lr=X``,
 ``sick_ibn=W`` the weight of AnglE's in-batch term on SICK (0: CoSENT + angle only), ``sick_weight=W``
-SICK's sampling weight (STS-B's is 5749, its size).
+SICK's sampling weight (STS-B's is 5749, its size; 0 = train on STS-B alone).
 """
 
 from configs import base
@@ -41,6 +41,8 @@ def get_config(arg: str | None = None):
                  "objective": {"loss_kwargs": {**ANGLE, "ibn_w": float(args.get("sick_ibn", 1.0)),
                                                "label_range": (1.0, 5.0)}}},
     }
+    if not c.data.mixture.sick.weight:  # sick_weight=0: STS-B alone, still evaluated and selected on both
+        c.data.mixture = {"stsb": c.data.mixture.stsb.to_dict()}
     c.data.mixture_mode = args.get("mode", "sampled")
     c.evals = {
         "dev": {"type": "sts", "path": str(base.DATA / "stsb" / "sts-dev.csv"), "format": "stsb",

@@ -31,6 +31,7 @@ VARIANTS = [
     "llm_lora", "llm_lora:smoke", "llm_lora:smoke,model_type=llama",
     "stsb_sick", "stsb_sick:smoke", "stsb_sick:pearson=1.0,rank=0.5,ema=0.99,mode=round_robin,lr=2e-5",
     "mined_distill", "mined_distill:smoke", "mined_distill:kl", "mined_distill:infonce",
+    "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
 ]
 
 

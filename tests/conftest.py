@@ -132,3 +132,23 @@ def small_beir(tmp_path_factory, small_dev) -> Path:
     (d / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t, _ in queries))
     (d / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{r}\t1\n" for q, _, r in queries))
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_train_overrides(tiny_model, small_dev) -> dict:
+    """configs/stsb_angle.py:smoke on ``tiny_model``: 8 steps of 16, a loss every step, dev
+    (``small_dev``) every 4 steps, a checkpoint every 2 (all kept)."""
+    return {"model": tiny_model, "evals.dev.path": small_dev, "num_steps": 8, "batch_size": 16, "log_every": 1,
+            "eval_every": 4, "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3}
+
+
+@pytest.fixture(scope="session")
+def tiny_straight_run(tmp_path_factory, tiny_train_overrides) -> Path:
+    """The workdir of one uninterrupted scripts/train.py run of ``tiny_train_overrides`` on 8
+    devices in one process. Read-only: test_train's reference run and test_multihost's
+    single-process run of its packed layout (the same command), trained once per session."""
+    from test_train import run_train
+
+    workdir = tmp_path_factory.mktemp("straight")
+    run_train(workdir, tiny_train_overrides)
+    return workdir

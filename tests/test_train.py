@@ -70,16 +70,14 @@ def final_params(workdir: Path, step: int):
 
 
 @pytest.fixture(scope="module")
-def tiny_overrides(tiny_model, small_dev):
-    return {"model": tiny_model, "evals.dev.path": small_dev, "num_steps": 8, "batch_size": 16, "log_every": 1,
-            "eval_every": 4, "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3}
+def tiny_overrides(tiny_train_overrides):
+    return dict(tiny_train_overrides)
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, tiny_overrides) -> Path:
-    workdir = tmp_path_factory.mktemp("straight")
-    run_train(workdir, tiny_overrides)
-    return workdir
+def straight_run(tiny_straight_run) -> Path:
+    """8 devices, uninterrupted (conftest: shared with test_multihost, which runs the same command)."""
+    return tiny_straight_run
 
 
 def test_resume_after_sigkill_is_bitwise_exact(straight_run, tiny_overrides, tmp_path):

@@ -185,7 +185,7 @@ TEXTS = ["A man is playing a flute.", "Two dogs run on the beach.", "A woman sli
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_model, small_dev, tmp_path):
+def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_model, small_dev, tmp_path, request):
     config, extra = LAYOUTS[layout]
     overrides = {"model": tiny_model, "num_steps": 8, "batch_size": 16, "log_every": 1, "eval_every": 4,
                  "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3, **extra}
@@ -196,7 +196,13 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_mode
         for rc, err in results:
             assert rc == 0, err[-4000:]
 
-    ok(launch(tmp_path / "one", config, overrides, processes=1))
+    if layout == "packed":
+        # The 1 process x 8 devices run of exactly these overrides is conftest's shared tiny_straight_run.
+        one = request.getfixturevalue("tiny_straight_run")
+        assert overrides == request.getfixturevalue("tiny_train_overrides") and config == "stsb_angle.py:smoke"
+    else:
+        one = tmp_path / "one"
+        ok(launch(one, config, overrides, processes=1))
     ok(launch(tmp_path / "two", config, overrides, processes=2))
     killed = launch(tmp_path / "killed", config, overrides, processes=2, kill_at=5)
     assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 2, [err[-3000:] for _, err in killed]
@@ -204,14 +210,14 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_mode
     assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files  # each host's position
     ok(launch(tmp_path / "killed", config, overrides, processes=2))  # the same command resumes
 
-    ref = loss_curve(tmp_path / "one")
+    ref = loss_curve(one)
     assert sorted(ref) == list(range(1, 9)) and len(set(ref.values())) > 4  # a moving curve
     for run in ("two", "killed"):
         curve = loss_curve(tmp_path / run)
         assert sorted(curve) == sorted(ref), run
         np.testing.assert_allclose([curve[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5,
                                    err_msg=run)
-    want = embedjax.load_pretrained(tmp_path / "one").encode(TEXTS)
+    want = embedjax.load_pretrained(one).encode(TEXTS)
     for run in ("two", "killed"):
         summary = json.loads((tmp_path / run / "summary.json").read_text())
         assert summary["steps"] == 8

@@ -41,6 +41,11 @@ METRICS = ("stsb_dev", "sick_trial")
 # name -> (config, overrides, what it is). "default" is the default before issue 11.
 RECIPES: dict[str, tuple[str, list[str], str]] = {
     "default": ("configs/stsb_angle.py", [], "AnglE on STS-B, lr 1e-5, 1 epoch, best by STS-B dev (the old default)"),
+    "stsb_pearson": ("configs/stsb_sick.py:sick_weight=0,pearson=1.0", ["eval_every=20"],
+                     "STS-B alone, AnglE + Pearson loss (weight 1), best by the mean of STS-B dev and SICK trial"),
+    "stsb_lr2e-5_ema": ("configs/stsb_sick.py:sick_weight=0,lr=2e-5,ema=0.99", ["eval_every=20"],
+                        "STS-B alone, AnglE at lr 2e-5 with an EMA (0.99) of the params, raw or EMA selected "
+                        "by the mean of both dev sets"),
     "stsb_sick": ("configs/stsb_sick.py", [], "multi-task STS-B + SICK (AnglE each), sampled by size, 1 epoch of "
                   "both (319 steps), best by the mean of STS-B dev and SICK trial"),
     "stsb_sick_pearson_ema": ("configs/stsb_sick.py:pearson=1.0,ema=0.99", [],

@@ -172,8 +172,8 @@ def test_one_pooling_from_training_to_reload(tiny_overrides, tmp_path):
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_overrides, tmp_path, monkeypatch):
     bad_from = 5
 
-    def poisoned(state, batch, frozen=None, **kw):
-        new_state, metrics = loop_train_step(state, batch, frozen, **kw)
+    def poisoned(state, batch, frozen=None, teacher=None, **kw):
+        new_state, metrics = loop_train_step(state, batch, frozen, teacher, **kw)
         nan = jax.numpy.where(state.step + 1 >= bad_from, jax.numpy.nan, 0.0)
         return new_state, {**metrics, "loss": metrics["loss"] + nan}
 

@@ -73,12 +73,16 @@ __all__ = [
     "build_text_files",
     "prepare",
     "tfds_source",
+    # embedjax.data.download (local copies of STS-B / SICK, else the original archives)
+    "sick_files",
+    "stsb_files",
 ]
 
 _LAZY = {
     **dict.fromkeys(("DataIterator", "as_record", "eval_pipeline", "steps_per_epoch", "text_hash",
                      "train_pipeline"), "pipeline"),
     **dict.fromkeys(("TextFilesConfig", "build_text_files", "prepare", "tfds_source"), "tfds_builders"),
+    **dict.fromkeys(("sick_files", "stsb_files"), "download"),
 }
 
 

@@ -8,7 +8,7 @@ convention: **higher means more similar**, so distances come back negated
 * ``matrix(a, b, metric)``: every a vs every b, ``(N, D), (M, D) -> (N, M)``. Written with plain
   matmuls/einsums and no device logic, so when ``a`` and ``b`` are sharded over a mesh axis
   (``AxisType.Auto``) GSPMD inserts the all-gather: in-batch negatives span the global batch.
-* ``angle_pairwise``: the AnglE angle similarity (REFERENCE.md, "AnglE").
+* ``angle_pairwise``: the AnglE angle similarity (docs/losses.md, "AnglE").
 * ``hamming_pairwise`` / ``hamming_matrix`` (metric ``"hamming"``): negative Hamming distance of
   packed sign bits (uint8, 8 dimensions per byte; ``embedjax.eval.quantize.binary``).
 * ``topk``: chunked top-k over a large corpus, never materialising the (Q, N) score matrix.
@@ -66,7 +66,7 @@ def manhattan_pairwise(a, b):
 
 
 def angle_pairwise(a, b, pooling="sum", eps=1e-12):
-    """AnglE angle similarity of a_i and b_i (REFERENCE.md, "AnglE"), in [0, 1] for 'sum'.
+    """AnglE angle similarity of a_i and b_i (docs/losses.md, "AnglE"), in [0, 1] for 'sum'.
 
     Each (un-normalised) embedding of even size D is read as a complex vector of size D/2:
     real part = first D/2 dims, imaginary part = last D/2. For z = x + i y (text 1) and

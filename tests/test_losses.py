@@ -85,7 +85,7 @@ def np_cosent(a, b, y, scale=20.0):
 
 
 def np_cosent_angle_emb_style(a, b, y, tau=20.0):
-    """angle-emb's / sentence-transformers' vectorised formula (REFERENCE.md), in NumPy."""
+    """angle-emb's / sentence-transformers' vectorised formula (docs/losses.md, "CoSENT"), in NumPy."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
     s = np.sum(a * b, axis=1) * tau

@@ -30,7 +30,7 @@ def _np_sim(x, y, metric):
 
 
 def _np_angle(x, y, pooling="sum"):
-    """AnglE angle score from REFERENCE.md, with Python complex numbers."""
+    """AnglE angle score from docs/losses.md, "AnglE", with Python complex numbers."""
     d = len(x)
     h = d // 2
     z = [complex(x[k], x[h + k]) for k in range(h)]

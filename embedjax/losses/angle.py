@@ -1,4 +1,4 @@
-"""AnglE: cosine (CoSENT) + in-batch negatives + angle terms (REFERENCE.md, "AnglE").
+"""AnglE: cosine (CoSENT) + in-batch negatives + angle terms (docs/losses.md, "AnglE").
 
 total = cosine_w * L_cos + ibn_w * L_ibn + angle_w * L_angle
 

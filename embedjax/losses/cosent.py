@@ -2,7 +2,7 @@
 
 L = log(1 + sum_{(i, j): y_i < y_j} exp(s_i - s_j)),   s_i = scale * cos(a_i, b_i)
 
-(REFERENCE.md, "CoSENT"; identical to angle-emb's ``cosine_loss`` and sentence-transformers'
+(docs/losses.md, "CoSENT"; identical to angle-emb's ``cosine_loss`` and sentence-transformers'
 ``CoSENTLoss``.) Only the ORDER of the labels matters, so any label scale works.
 """
 from __future__ import annotations

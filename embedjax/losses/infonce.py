@@ -1,6 +1,6 @@
 """InfoNCE / multiple-negatives ranking, with hard negatives, symmetry and duplicate masking.
 
-L = CE(scale * s(a_i, [b_1..b_B, n_1..n_{Bk}]), target i)   (REFERENCE.md, "InfoNCE")
+L = CE(scale * s(a_i, [b_1..b_B, n_1..n_{Bk}]), target i)   (docs/losses.md, "InfoNCE")
 
 Works on the GLOBAL batch: with the batch sharded over a mesh axis of type ``Auto`` the
 similarity matrix is one jnp matmul and GSPMD gathers the candidates, so every anchor sees

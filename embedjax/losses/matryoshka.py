@@ -1,6 +1,6 @@
 """Matryoshka representation learning (MRL): one loss over nested prefixes of the embedding.
 
-L = sum_d w_d * loss_fn(e[..., :d], ...)   (REFERENCE.md, "Matryoshka")
+L = sum_d w_d * loss_fn(e[..., :d], ...)   (docs/losses.md, "Matryoshka")
 
 The encoder runs once; each dim only slices. The inner losses normalise (cosine) as they
 always do, so slicing then normalising is exactly "normalise(e[:, :d])".

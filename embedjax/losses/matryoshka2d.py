@@ -137,7 +137,7 @@ def sample_2dmse(key, n_stack, size, *, embedding_layer=False):
 
 
 def matryoshka_2d(loss_fn, *, kl_temperature=1.0, detach_teacher=False, embedding_layer=False):
-    """2DMSE v1 (angle-emb 0.3.x) as in REFERENCE.md.
+    """2DMSE v1 (angle-emb 0.3.x) as in docs/losses.md, "2DMSE v1".
 
     With T = last layer, S = the sampled layer at depth l, d the sampled dim
     (``sample_2dmse``):

@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
         "ema_select": "best",     # what competes for export: "best" (raw or EMA, whichever scores higher) | "ema" | "raw"
     })
     c.objective = ml_collections.ConfigDict({  # the loss and its wrappers (embedjax/train/objective.py)
-        "loss": "angle",          # angle | cosent | cosine_mse | infonce | simcse_unsup
+        "loss": "angle",          # a name in embedjax/train/objective.py: LOSSES (angle, cosent, infonce, ...; docs/losses.md)
         "loss_kwargs": {},        # keyword arguments of the loss (free-form: set the whole dict on the CLI)
         "matryoshka_dims": (),    # Matryoshka: also train these leading widths; () = off
         "matryoshka_weights": (),  # one weight per dim; () = all 1

@@ -11,7 +11,8 @@ Two managers under the workdir:
 
 Saving is asynchronous; Orbax writes each step into a temporary directory and renames
 it only once complete, so a process killed mid-save (even by SIGKILL) leaves the previous
-steps intact and the next run resumes from the newest complete one.
+steps intact and the next run resumes from the newest complete one. The workdir may be
+remote (``gs://bucket/run``): Orbax reads and writes it through ``etils.epath`` and tensorstore.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from embedjax import paths
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,9 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Latest-N resumable checkpoints plus best-k params of one workdir."""
 
-    def __init__(self, workdir: str | Path, *, keep: int = 2, keep_best: int = 1, best_metric: str | None = None,
+    def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, keep_best: int = 1, best_metric: str | None = None,
                  best_mode: str = "max", async_save: bool = True):
-        workdir = Path(workdir).absolute()
+        workdir = paths.path(workdir)  # absolute; or gs://...: Orbax writes either
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.skipped_best: list[tuple[int, float]] = []  # (step, value) offered with a non-finite metric

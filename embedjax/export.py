@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import jax
+from etils import epath
 from safetensors.numpy import save_file
 
-from embedjax import hf
+from embedjax import hf, paths
 from embedjax import pooling as pooling_lib
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ ST_POOLING = {
 }
 _LEGACY_FLAG = {name: flag for flag, name in hf._ST_LEGACY_FLAGS.items()}
 _ST_MODULES = "sentence_transformers.models."
+# Files an earlier export to the same directory may have left that describe another model.
+STALE_FILES = (hf.POOLER_FILE, "modules.json")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -72,8 +76,8 @@ def sentence_transformers_problem(pooling: str, include_prompt: bool = True, app
     return None
 
 
-def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: bool | None = None,
-                    sentence_transformers: bool = True) -> Path:
+def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, normalize: bool | None = None,
+                    sentence_transformers: bool = True) -> Path | epath.Path:
     """Writes ``encoder`` (with ``params`` if given, e.g. trained ones) to ``directory``.
 
     ``embedjax.load_pretrained(directory)`` (no arguments) then gives the encoder's
@@ -85,7 +89,9 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
     Args:
       encoder: an ``Encoder`` (its pooling, prompts, max_length and tokenizer files are exported).
       directory: created if needed; files are written next to whatever else is there
-        (a training workdir keeps its checkpoints and metrics beside the export).
+        (a training workdir keeps its checkpoints and metrics beside the export). A remote
+        one (``gs://bucket/model``) is written to a local temporary directory first, then
+        copied there with ``etils.epath``.
       params: parameters to write instead of ``encoder.params``.
       normalize: whether embeddings are L2-normalised by default (a sentence-transformers
         ``Normalize`` module, and ``Encoder.normalize`` on reload); None: ``encoder.normalize``.
@@ -107,8 +113,17 @@ def save_pretrained(encoder, directory: str | Path, *, params=None, normalize: b
     ``include_prompt=False``) is exact in sentence-transformers, so the raise only asks
     for a decision where there is really nothing faithful to write.
 
-    Returns the directory.
+    Returns the directory (an ``epath.Path`` when remote).
     """
+    if paths.is_remote(directory):
+        kwargs = dict(params=params, normalize=normalize, sentence_transformers=sentence_transformers)
+        with paths.staged(directory) as local:
+            save_pretrained(encoder, local, **kwargs)
+            stale = [name for name in STALE_FILES if not (local / name).exists()]
+        target = epath.Path(directory)
+        for name in stale:  # as a local export removes them
+            (target / name).unlink(missing_ok=True)
+        return target
     directory = Path(directory)
     normalize = bool(encoder.normalize if normalize is None else normalize)
     problem = sentence_transformers_problem(encoder.pooling, encoder.include_prompt,

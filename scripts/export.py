@@ -2,6 +2,7 @@
 sentence-transformers / Hugging Face directory that PyTorch users load directly.
 
     python scripts/export.py --model workdirs/stsb_angle --output exported/
+    python scripts/export.py --model gs://bucket/run --output gs://bucket/model   # etils.epath (gcsfs)
     # then, in PyTorch:  SentenceTransformer("exported/")  or  AutoModel.from_pretrained("exported/")
 
 A bad checkpoint or option is one line on stderr and exit status 2 (--debug: the traceback).
@@ -16,19 +17,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import embedjax  # noqa: E402
-from embedjax import cli  # noqa: E402
+from embedjax import cli, paths  # noqa: E402
 
 
-def main(argv=None) -> Path:
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory, training workdir or hub id")
-    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--model", required=True, help="checkpoint directory (local or gs://), training workdir or hub id")
+    ap.add_argument("--output", required=True, help="directory to write: local, or gs://bucket/path")
     ap.add_argument("--pooling", default=None, help="override the pooling written to 1_Pooling/config.json")
     ap.add_argument("--no-normalize", action="store_true", help="omit the Normalize module")
     cli.add_debug_flag(ap)
     args = ap.parse_args(argv)
-    encoder = embedjax.load_pretrained(args.model, pooling=args.pooling)
-    out = embedjax.save_pretrained(encoder, args.output, normalize=not args.no_normalize)
+    with paths.local_copy(args.model) as model:  # a gs:// model is downloaded first
+        encoder = embedjax.load_pretrained(model, pooling=args.pooling)
+        out = embedjax.save_pretrained(encoder, args.output, normalize=not args.no_normalize)
     print(f"exported {args.model} -> {out}")
     return out
 

@@ -9,6 +9,10 @@ detected automatically):
     python scripts/train.py --config ... --workdir ... \
         --coordinator_address=10.0.0.1:1234 --num_processes=4 --process_id=$RANK
 
+Every host reads and writes the workdir, so on several hosts it is shared storage, e.g.
+``--workdir gs://bucket/run`` (``etils.epath``; needs ``gcsfs``). ``scripts/run_tpu.sh``
+creates a TPU VM slice and launches this on all its workers.
+
 At the end the best checkpoint by the selection metric is exported to the workdir
 (``embedjax.load_pretrained(workdir)`` and ``SentenceTransformer(workdir)`` load it) and the
 dev evaluation before and after training is printed. Rerunning a finished workdir reports
@@ -36,7 +40,8 @@ from embedjax.train import run_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stsb_angle.py[:variant]",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, exported model")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, exported model; local or "
+                                "gs://bucket/path (a multi-host run's must be one every host reads)")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for a multi-process run (default: $JAX_COORDINATOR_"
                                    "ADDRESS, or auto-detected on TPU pods / SLURM / Open MPI; else one process)")
@@ -59,13 +64,15 @@ def main(argv, callbacks=()) -> None:
 
     summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value, callbacks=callbacks,
                                  allow_config_change=_ALLOW_CHANGE.value)
-    report(summary, _CONFIG.value.select_metric, Path(_WORKDIR.value))
+    report(summary, _CONFIG.value.select_metric, _WORKDIR.value)
 
 
-def report(summary: dict, select: str, workdir: Path) -> None:
+def report(summary: dict, select: str, workdir: str) -> None:
     """Prints each STS evaluator's Spearman (``<name>/cosine_spearman``) and the selection metric
     before and after training (process 0 only)."""
     import jax
+
+    from embedjax import paths
 
     if jax.process_index() != 0:
         return
@@ -84,7 +91,7 @@ def report(summary: dict, select: str, workdir: Path) -> None:
     if select not in stsb:  # e.g. a mean of dev sets, the 2D grid mean or a retrieval metric
         start = "" if before is None else f"{before[select]:.4g} before, "
         print(f"{select} (selection metric): {start}{after[select]:.4g} after  {best}")
-    print(f"model exported to {workdir.absolute()}")
+    print(f"model exported to {paths.path(workdir)}")  # local: absolute; or gs://...
 
 
 def check_config_overrides(argv: list[str]) -> None:

@@ -21,13 +21,13 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from embedjax import distributed, lora, sharding
+from embedjax import distributed, lora, paths, sharding
 from embedjax import export as export_lib
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.data import pipeline
@@ -95,25 +95,35 @@ def jit_train_step(enc_cfg, objective: Objective, tx, state_shards, frozen_shard
 
 
 class MetricsWriter:
-    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard (process 0)."""
+    """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard (process 0).
+    Object stores (a ``gs://`` workdir) have no append: there the file is rewritten whole."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: epath.Path):
         self.enabled = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.remote = paths.is_remote(workdir)
+        self.text: str | None = None  # remote: the file's text (a resumed run's earlier lines first)
         self.tb = None
         if self.enabled:
             try:
                 from tensorboardX import SummaryWriter
 
                 self.tb = SummaryWriter(str(workdir / "tensorboard"))
-            except ImportError:
-                log.warning("tensorboardX not installed: metrics go to metrics.jsonl only")
+            except ImportError as err:  # tensorboardX, or its gs:// writer's google-cloud-storage
+                log.warning("no TensorBoard (%s): metrics go to metrics.jsonl only", err)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote:
+            if self.text is None:
+                self.text = self.path.read_text() if self.path.exists() else ""
+            self.text += line
+            self.path.write_text(self.text)
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
@@ -354,9 +364,10 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     training again. A workdir whose ``train_config.json`` differs from ``config`` in something that
     changes the run (loss, optimizer, batch size, model, data, ...) is refused unless
     ``allow_config_change``. Every process of a multi-host run calls this with the same
-    arguments.
+    arguments. ``workdir`` may be remote (``gs://bucket/run``, through ``etils.epath``), as a
+    multi-host run's must be: every host reads and writes it.
     """
-    workdir = Path(workdir)
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     changes = run_config.check_rerun(workdir, config, allow_config_change)
     summary_path = workdir / "summary.json"
@@ -508,7 +519,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     if jax.process_index() == 0:
         export_model(config, encoder, best_params, workdir, sentence_transformers=not st_problem)
     distributed.barrier("exported")  # every host evaluates the file process 0 wrote
-    after = add_select_metric(config.select_metric, suite.run_all(evaluators, load_pretrained(workdir)))
+    with paths.local_copy(workdir) as exported:  # a gs:// workdir's export, downloaded
+        after = add_select_metric(config.select_metric, suite.run_all(evaluators, load_pretrained(exported)))
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
                "best_at_selection": best_metrics}
     if jax.process_index() == 0:
@@ -553,12 +565,13 @@ def trainable_params(config, encoder):
     return trainable, frozen, dataclasses.replace(encoder, params=params, cfg=cfg)
 
 
-def export_model(config, encoder, params, workdir: Path, *, sentence_transformers: bool) -> None:
+def export_model(config, encoder, params, workdir: epath.Path, *, sentence_transformers: bool) -> None:
     """The best params as a model directory: LoRA adapters merged into the weights (a plain
     Hugging Face / sentence-transformers model), and with ``lora.save_peft`` also a PEFT adapter
     directory ``workdir/adapter`` that ``peft.PeftModel.from_pretrained`` loads over the base model."""
     if encoder.cfg.lora is not None and config.lora.save_peft:
-        lora.save_peft(workdir / "adapter", params, encoder.cfg, base_model_name_or_path=str(config.model))
+        with paths.staged(workdir / "adapter") as adapter:  # gs://: written locally, then copied
+            lora.save_peft(adapter, params, encoder.cfg, base_model_name_or_path=str(config.model))
     merged, cfg = lora.merge(params, encoder.cfg) if encoder.cfg.lora is not None else (params, encoder.cfg)
     export_lib.save_pretrained(dataclasses.replace(encoder, cfg=cfg), workdir, params=merged, normalize=True,
                                sentence_transformers=sentence_transformers)

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from etils import epath
 
 IGNORED = ("log_every", "eval_every", "eval_batch_size", "checkpoint", "mesh", "sharding_rules", "memory_limit_gib",
            "testing")
@@ -182,7 +184,7 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def check_rerun(workdir: str | Path, config: Any, allow_change: bool) -> list[str]:
+def check_rerun(workdir: str | os.PathLike, config: Any, allow_change: bool) -> list[str]:
     """Refuses to resume ``workdir`` with a config that changes its run.
 
     If ``workdir/train_config.json`` exists (the loop writes it at the start of every run: call this
@@ -191,7 +193,7 @@ def check_rerun(workdir: str | Path, config: Any, allow_change: bool) -> list[st
     (empty when there is no saved config or nothing run-changing differs) so the caller can
     log what ``allow_change`` let through.
     """
-    path = Path(workdir) / CONFIG_FILE
+    path = epath.Path(workdir) / CONFIG_FILE  # local or gs://
     if not path.is_file():
         return []
     try:

@@ -213,7 +213,7 @@ fi
 busy="if [ -f $PIDFILE ] && kill -0 \$(cat $PIDFILE) 2>/dev/null;"
 busy+=" then echo \"\$(hostname): a run is still going (see $LOG; $PROG --logs)\" >&2; exit 1; fi"
 install="set -e; $busy; $fetch"
-install+="; python3 -m pip install -q --user -U uv"
+install+="; python3 -m pip install -q --user -U uv || python3 -m pip install -q --user --break-system-packages -U uv"
 install+="; [ -x $VENV/bin/python ] || python3 -m uv venv -q --python 3.11 $VENV"
 install+="; python3 -m uv pip install -q --python $VENV/bin/python -U \"jax[tpu]\" gcsfs -e ~/embedjax\"[train]\""
 env="PYTHONUNBUFFERED=1 "

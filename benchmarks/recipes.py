@@ -41,6 +41,9 @@ METRICS = ("stsb_dev", "sick_trial")
 # name -> (config, overrides, what it is). "default" is the default before issue 11.
 RECIPES: dict[str, tuple[str, list[str], str]] = {
     "default": ("configs/stsb_angle.py", [], "AnglE on STS-B, lr 1e-5, 1 epoch, best by STS-B dev (the old default)"),
+    "anchored": ("configs/stsb_anchored.py", [],
+                 "AnglE on STS-B, lr 2e-5, anchored to the frozen starting model (cosine distillation, weight 10), "
+                 "best by STS-B dev (the new default)"),
     "stsb_pearson": ("configs/stsb_sick.py:sick_weight=0,pearson=1.0", ["eval_every=20"],
                      "STS-B alone, AnglE + Pearson loss (weight 1), best by the mean of STS-B dev and SICK trial"),
     "stsb_lr2e-5_ema": ("configs/stsb_sick.py:sick_weight=0,lr=2e-5,ema=0.99", ["eval_every=20"],

@@ -119,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
         # {name: weight} or {name: {"weight": w, **kwargs}}, e.g. {"pearson": 1.0}; names in objective.AUX_LOSSES.
         "aux_losses": {},
         "distill": ml_collections.ConfigDict({  # embedding distillation from a teacher encoder
-            "teacher": "",        # a checkpoint dir / hub id ('' = off); it must share the student's tokenizer
+            "teacher": "",        # a checkpoint dir / hub id ('' = off); it must share the student's tokenizer;
+                                  # "initial": the run's own starting model, frozen (an anchor against forgetting)
             "loss": "cosine",     # mse (of unit vectors) | cosine | similarity_mse (in-batch cosine matrices: any width)
             "weight": 1.0,        # added as weight * mean over both sides (and over layers with objective.layers)
         }),

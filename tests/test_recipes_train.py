@@ -187,6 +187,17 @@ def test_mixture_trains_one_scheduled_source_per_step(mixture_run):
     assert "dev/cosine_spearman+sick_trial/cosine_spearman" in summary["after"]
 
 
+def test_initial_teacher_is_the_runs_own_starting_model(mixture_run, mixture_overrides, tmp_path):
+    """objective.distill.teacher="initial" (configs/stsb_anchored.py's anchor) distils towards the
+    run's own starting model: loss for loss the run that names that checkpoint as its teacher."""
+    workdir = tmp_path / "initial"
+    run_train(workdir, {**mixture_overrides, "objective.distill.teacher": "initial"},
+              config="stsb_sick.py:smoke,pearson=1.0")
+    initial, named = loss_curve(workdir), loss_curve(mixture_run)
+    assert sorted(initial) == list(range(1, 9))
+    np.testing.assert_allclose([initial[s] for s in sorted(initial)], [named[s] for s in sorted(initial)], rtol=1e-6)
+
+
 @pytest.mark.parametrize("variant", ["", "kl", "infonce"])
 def test_mined_negatives_train_with_distillation_losses(variant, tiny_model, small_dev, tmp_path):
     """scripts/mine.py's records (k negatives + teacher scores) -> configs/mined_distill.py's data

@@ -248,9 +248,25 @@ def task_specs(config) -> dict[str, tuple[dict, dict, float]]:
     return specs
 
 
+INITIAL_TEACHER = "initial"  # objective.distill.teacher: the run's own starting model, frozen
+
+
+def load_model(config):
+    """The run's starting encoder: ``config.model`` with the run's pooling, length, attention and
+    pooler initialisation (seeded by ``config.seed``)."""
+    return load_pretrained(config.model, pooling=config.pooling or None, max_length=config.max_length or None,
+                           attention=config.attention or None, pooler_init=dict(config.pooler_init) or None,
+                           seed=config.seed)
+
+
 def load_teacher(config, encoder):
     """The distillation teacher (``objective.distill.teacher``, of any source), or None. It reads
-    the student's token ids, so it must tokenize exactly like the student."""
+    the student's token ids, so it must tokenize exactly like the student.
+
+    ``"initial"`` is the student's own starting model (``load_model(config)``), frozen: distilling
+    towards it anchors the fine-tune to what the pretrained model knew (Learning without
+    Forgetting, arXiv:1606.09282), which lets a higher learning rate help instead of overfit.
+    """
     names = {spec[1]["distill"]["teacher"] for spec in task_specs(config).values()
              if spec[1]["distill"]["teacher"] and float(spec[1]["distill"]["weight"]) > 0}
     if not names:
@@ -258,6 +274,8 @@ def load_teacher(config, encoder):
     if len(names) > 1:
         raise ValueError(f"one distillation teacher per run; the sources name {sorted(names)}")
     (name,) = names
+    if name == INITIAL_TEACHER:
+        return load_model(config)
     teacher = load_pretrained(name, max_length=encoder.max_length)
     probe = ["A man is playing a guitar on stage.", "Zwei Hunde spielen im Schnee; 42 km/h!", "tokenizer check"]
     same = [e.ids for e in teacher.tokenizer.encode(probe)] == [e.ids for e in encoder.tokenizer.encode(probe)]
@@ -380,9 +398,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
 
     # ------------------------------------------------------------------ mesh, model, data
     mesh = sharding.mesh_from_config(config.mesh)
-    encoder = load_pretrained(config.model, pooling=config.pooling or None, max_length=config.max_length or None,
-                              attention=config.attention or None, pooler_init=dict(config.pooler_init) or None,
-                              seed=config.seed)
+    encoder = load_model(config)
     if config.prompts.query or config.prompts.document:  # the run's instructions: trained, evaluated, exported
         encoder = dataclasses.replace(encoder, prompts={k: v for k, v in config.prompts.items() if v},
                                       include_prompt=bool(config.include_prompt))

@@ -7,8 +7,8 @@ install:  ## torch's CPU build first (a parity oracle for tests only), then embe
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 
-main: install  ## fine-tune all-MiniLM-L6-v2 on STS-B with AnglE; dev Spearman before and after
-	$(PY) scripts/train.py --config configs/stsb_angle.py --workdir workdirs/stsb_angle
+main: install  ## fine-tune all-MiniLM-L6-v2 on STS-B (AnglE + anchor); STS-B dev and SICK trial before and after
+	$(PY) scripts/train.py --config configs/stsb_anchored.py --workdir workdirs/stsb_anchored
 
 test: install  ## the whole suite on 8 simulated CPU devices
 	$(PY) -m pytest -q

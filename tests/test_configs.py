@@ -275,6 +275,7 @@ def test_override_keys_from_argv():
 def saved_workdir(tmp_path):
     c = load("stsb_angle:smoke")
     (tmp_path / run_config.CONFIG_FILE).write_text(c.to_json_best_effort(indent=2) + "\n")  # as the loop writes it
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)  # and a saved step: something to resume
     return tmp_path
 
 
@@ -327,6 +328,28 @@ def test_check_rerun(saved_workdir, tmp_path_factory):
     (saved_workdir / run_config.CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         run_config.check_rerun(saved_workdir, c, allow_change=False)
+
+
+def test_a_run_that_saved_nothing_does_not_block_a_corrected_rerun(saved_workdir, tmp_path):
+    """A first run that stopped on bad input (its config written, no step saved) is replaced by the
+    corrected command; once a checkpoint or a summary exists, the same change is refused."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / run_config.CONFIG_FILE).write_text((saved_workdir / run_config.CONFIG_FILE).read_text())
+    c = load("stsb_angle:smoke")
+    c.data.train = "/data/sts-train-fixed.csv"
+    assert not run_config.has_progress(workdir)
+    assert run_config.check_rerun(workdir, c, allow_change=False) == []
+    (workdir / "checkpoints" / "tmp").mkdir(parents=True)  # an unfinished save is not progress
+    assert run_config.check_rerun(workdir, c, allow_change=False) == []
+    (workdir / "checkpoints" / "4").mkdir()
+    assert run_config.has_progress(workdir)
+    with pytest.raises(ValueError, match="data.train"):
+        run_config.check_rerun(workdir, c, allow_change=False)
+    (workdir / "checkpoints" / "4").rmdir()
+    (workdir / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="data.train"):
+        run_config.check_rerun(workdir, c, allow_change=False)
 
 
 # ---------------------------------------------------------------------------- objective vs data

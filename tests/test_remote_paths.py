@@ -142,6 +142,7 @@ def test_metrics_and_rerun_check_on_gs(fake_gcs, monkeypatch):
 
     config = config_with({"num_steps": 3})
     (epath.Path("gs://bucket/run") / run_config.CONFIG_FILE).write_text(config.to_json_best_effort())
+    (epath.Path("gs://bucket/run") / "summary.json").write_text("{}")  # a finished run: something to rerun
     assert run_config.check_rerun("gs://bucket/run", config, allow_change=False) == []
     with pytest.raises(ValueError, match="num_steps: 3 -> 4"):
         run_config.check_rerun("gs://bucket/run", config_with({"num_steps": 4}), allow_change=False)

@@ -184,18 +184,29 @@ def _num(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
+def has_progress(workdir: str | os.PathLike) -> bool:
+    """Whether ``workdir`` holds anything a rerun would continue from: a saved step (latest or
+    best checkpoint) or a finished run's ``summary.json``."""
+    root = epath.Path(workdir)
+    if (root / "summary.json").is_file():
+        return True
+    return any(d.is_dir() and any(c.name.isdigit() for c in d.iterdir()) for d in (root / "checkpoints", root / "best"))
+
+
 def check_rerun(workdir: str | os.PathLike, config: Any, allow_change: bool) -> list[str]:
     """Refuses to resume ``workdir`` with a config that changes its run.
 
     If ``workdir/train_config.json`` exists (the loop writes it at the start of every run: call this
-    before it does) and ``config_changes(saved, config)`` is not empty, raises ValueError
+    before it does), the workdir has progress to resume (``has_progress``: a checkpoint or a
+    summary; a run that stopped before its first save leaves none, and its config is simply
+    replaced) and ``config_changes(saved, config)`` is not empty, raises ValueError
     listing the differences and the ways out, unless ``allow_change``. Returns the changes
     (empty when there is no saved config or nothing run-changing differs) so the caller can
     log what ``allow_change`` let through.
     """
     path = epath.Path(workdir) / CONFIG_FILE  # local or gs://
-    if not path.is_file():
-        return []
+    if not path.is_file() or not has_progress(workdir):
+        return []  # nothing saved to resume (e.g. a first run that stopped on bad input): start afresh
     try:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:

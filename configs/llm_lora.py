@@ -3,7 +3,8 @@ latent-attention pooling, an instruction on the query side, InfoNCE with in-batc
 negatives, GradCache, LoRA on every attention and MLP projection. Trained on SICK triplets
 (entailment = positive, contradiction = hard negative); selected on SICK trial relatedness.
 
-A real 7B model on a TPU VM (v5e-8 / v4-8: 8 chips; the step's per-device memory is checked
+A real 7B model on an 8-device TPU VM (v5e-8: 8 chips; a v4-8 has 4 chips: use
+``--config.mesh.fsdp=4 --config.mesh.model=1`` there; the step's per-device memory is checked
 before step 1 and recorded in benchmarks/README.md, "Decoder LLMs")::
 
     python scripts/train.py --config configs/llm_lora.py --workdir gs://BUCKET/runs/mistral7b_lora \\

@@ -186,8 +186,9 @@ elif state=$("${describe[@]}" 2>"$errors"); then
   create=""
 elif ! grep -q -E "NOT_FOUND|not found" "$errors"; then
   cat "$errors" >&2
-  echo "$PROG: gcloud could not describe $name (above)" >&2
-  exit 1
+  # A dry run still shows every command (e.g. on a machine where gcloud has no project set yet).
+  [[ -n $dry_run ]] || { echo "$PROG: gcloud could not describe $name (above)" >&2; exit 1; }
+  echo "$PROG: gcloud could not describe $name (above); dry run: assuming it does not exist" >&2
 fi
 if [[ $state == PREEMPTED || $state == TERMINATED ]]; then
   echo "$PROG: $name is $state: deleting and creating it again (the run resumes from $workdir)" >&2

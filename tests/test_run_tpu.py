@@ -31,6 +31,8 @@ with open(os.environ["FAKE_GCLOUD_CALLS"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
 if sys.argv[1:5] == ["compute", "tpus", "tpu-vm", "describe"]:
     state = os.environ.get("FAKE_TPU_STATE", "")
+    if state == "NO_PROJECT":
+        sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) Failed to find attribute [project].")
     if not state:
         sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'projects/p/locations/"
                  "us-central2-b/nodes/emb' was not found")
@@ -108,6 +110,19 @@ def test_dry_run_reuses_an_existing_vm(launcher):
     assert "git clone -q https://example.com/fork.git ~/embedjax" in remote(commands[1])
     assert "fetch -q origin v0.1.0" in remote(commands[1])
     assert calls == [commands[0][1:]]
+
+
+def test_a_describe_error_stops_a_real_run_but_not_a_dry_run(launcher):
+    """gcloud without a project: describe fails with another error than NOT_FOUND. A real run stops
+    there (nothing created); a dry run says so and still prints every command, assuming a new VM."""
+    proc, calls = launcher(*V4_32, state="NO_PROJECT")
+    assert proc.returncode == 1 and "Failed to find attribute [project]" in proc.stderr
+    assert calls == [describe()[1:]]
+    proc, calls = launcher(*V4_32, "--dry-run", state="NO_PROJECT")
+    assert proc.returncode == 0, proc.stderr
+    assert "assuming it does not exist" in proc.stderr
+    assert [c[4] for c in printed(proc)] == ["describe", "create", "ssh", "ssh"]
+    assert calls == [describe()[1:]]
 
 
 def test_a_preempted_spot_vm_is_deleted_and_created_again(launcher):

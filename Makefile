@@ -10,8 +10,8 @@ install:  ## torch's CPU build first (a parity oracle for tests only), then embe
 main: install  ## fine-tune all-MiniLM-L6-v2 on STS-B (AnglE + anchor); STS-B dev and SICK trial before and after
 	$(PY) scripts/train.py --config configs/stsb_anchored.py --workdir workdirs/stsb_anchored
 
-test: install  ## the whole suite on 8 simulated CPU devices
-	$(PY) -m pytest -q
+test: install  ## the whole suite on 8 simulated CPU devices, two workers (the slowest 25 tests listed)
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: install  ## side-by-side benchmarks against the PyTorch peers
 	$(PY) -m pip install -q -e ".[bench]"

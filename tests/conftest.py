@@ -1,32 +1,97 @@
-"""Test setup: 8 fake CPU devices, set before jax is imported anywhere."""
-import os
+"""Test setup: 8 fake CPU devices and a persistent compilation cache, both set before jax is
+imported anywhere (test subprocesses inherit them through the environment); per module, how
+hard XLA optimises; fixtures computed once per session, even across pytest-xdist workers.
 
+The suite is compile-bound: XLA:CPU compiles on one thread. Three things keep it fast:
+
+* the persistent compilation cache (``.jax_cache/`` in the checkout): a program compiled once
+  (by any module, worker or ``scripts/train.py`` subprocess) is read back instead of recompiled;
+* ``pytestmark = pytest.mark.fast_compile`` on modules that check logic (loops, resumes,
+  sharding, GradCache), not speed or PyTorch parity: XLA skips most optimisations there
+  (``jax_disable_most_optimizations``, about 2x faster compiles, the same semantics);
+* ``shared(...)``: a session fixture's result computed by the first worker that needs it and
+  read by the others (the tiny checkpoint, the straight training run, MiniLM's STS-B dev
+  embeddings, ours and sentence-transformers').
+"""
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
+FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from pathlib import Path  # noqa: E402
-
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+# The longest modules first, so that two xdist workers finish together (--dist loadfile hands
+# out whole modules in collection order).
+LONGEST_FIRST = ("test_gradcache", "test_train", "test_multihost", "test_recipes_train", "test_notebooks",
+                 "test_llm_train", "test_model", "test_packing", "test_bf16", "test_scripts", "test_remote_paths")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))
+
+
+@contextlib.contextmanager
+def compile_optimised(fast: bool):
+    """Within: XLA compiles with (``fast=False``) or without most optimisations, here and in
+    subprocesses started meanwhile. Compiled programs are cleared on the way in and out, so no
+    program compiled one way runs where the other was asked for."""
+    before = os.environ.get(FAST_COMPILE_ENV)
+    jax.clear_caches()
+    jax.config.update("jax_disable_most_optimizations", fast)
+    os.environ[FAST_COMPILE_ENV] = "1" if fast else "0"
+    try:
+        yield
+    finally:
+        jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", before == "1")
+        if before is None:
+            os.environ.pop(FAST_COMPILE_ENV, None)
+        else:
+            os.environ[FAST_COMPILE_ENV] = before
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fresh_compilation_caches():
-    """Each test module starts without the compiled programs of the ones before: one pytest process
-    compiles thousands of programs (every module's models and shapes), and XLA:CPU crashed compiling
-    in a run that had kept them all."""
-    yield
+def _per_module_compilation(request):
+    """Each module starts without the compiled programs of the ones before (one pytest process
+    compiles thousands of programs, and XLA:CPU crashed compiling in a run that had kept them
+    all), optimised as its ``fast_compile`` mark says."""
     import gc
 
-    jax.clear_caches()
+    with compile_optimised(request.node.get_closest_marker("fast_compile") is not None):
+        yield
     gc.collect()
+
+
+def shared(tmp_path_factory, name: str, make):
+    """``make(directory)``'s result, computed once per test session: by the first pytest-xdist
+    worker that asks, under a file lock, and read back (pickled) by the others. ``directory`` is
+    a fresh folder the result may point into; a session without xdist just calls it."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, shared by its workers
+    directory, result = root / f"shared-{name}", root / f"shared-{name}.pkl"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if result.is_file():
+            return pickle.loads(result.read_bytes())
+        directory.mkdir()
+        value = make(directory)
+        result.write_bytes(pickle.dumps(value))
+        return value
 
 
 SHARED_DATA = Path(os.environ.get("EMBEDJAX_DATA", REPO.parent / "shared" / "data"))
@@ -81,10 +146,7 @@ def st_minilm(minilm_path):
 TINY_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, minilm_path) -> Path:
-    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer and sentence-transformers files."""
-    import json
+def _write_tiny_model(d: Path, minilm_path: Path) -> Path:
     import shutil
 
     from safetensors.numpy import save_file
@@ -92,7 +154,6 @@ def tiny_model(tmp_path_factory, minilm_path) -> Path:
     from embedjax import hf
     from embedjax.encoders import bert
 
-    d = tmp_path_factory.mktemp("tiny")
     cfg = bert.BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                           max_position_embeddings=128)
     params = bert.init(cfg, jax.random.key(0))
@@ -108,18 +169,26 @@ def tiny_model(tmp_path_factory, minilm_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_path) -> Path:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer and sentence-transformers files."""
+    return shared(tmp_path_factory, "tiny", lambda d: _write_tiny_model(d, minilm_path))
+
+
+@pytest.fixture(scope="session")
 def small_dev(tmp_path_factory, stsb_dir) -> Path:
-    path = tmp_path_factory.mktemp("dev") / "dev.csv"
-    path.write_bytes(b"\n".join((stsb_dir / "sts-dev.csv").read_bytes().split(b"\n")[:200]) + b"\n")
-    return path
+    """The first 199 pairs of STS-B dev."""
+    def write(d: Path) -> Path:
+        path = d / "dev.csv"
+        path.write_bytes(b"\n".join((stsb_dir / "sts-dev.csv").read_bytes().split(b"\n")[:200]) + b"\n")
+        return path
+
+    return shared(tmp_path_factory, "dev", write)
 
 
 @pytest.fixture(scope="session")
 def small_beir(tmp_path_factory, small_dev) -> Path:
     """A BEIR retrieval task from ``small_dev``: sentence 1 of each pair scored >= 3 is a query
     whose one relevant document is its sentence 2; the corpus is every distinct sentence 2."""
-    import json
-
     from embedjax.data import read_stsb
 
     pairs = read_stsb(small_dev)
@@ -146,9 +215,51 @@ def tiny_train_overrides(tiny_model, small_dev) -> dict:
 def tiny_straight_run(tmp_path_factory, tiny_train_overrides) -> Path:
     """The workdir of one uninterrupted scripts/train.py run of ``tiny_train_overrides`` on 8
     devices in one process. Read-only: test_train's reference run and test_multihost's
-    single-process run of its packed layout (the same command), trained once per session."""
+    single-process run of its packed layout (the same command), trained once per session, with
+    the fast compilation both modules use."""
     from test_train import run_train
 
-    workdir = tmp_path_factory.mktemp("straight")
-    run_train(workdir, tiny_train_overrides)
-    return workdir
+    def train(d: Path) -> Path:
+        with compile_optimised(fast=True):
+            run_train(d / "straight", tiny_train_overrides)
+        return d / "straight"
+
+    return shared(tmp_path_factory, "straight", train)
+
+
+# ---------------------------------------------------------------------------- MiniLM on STS-B dev
+
+
+@pytest.fixture(scope="session")
+def stsb_dev_pairs(stsb_dir):
+    from embedjax.data import read_stsb
+
+    return read_stsb(stsb_dir / "sts-dev.csv")
+
+
+@pytest.fixture(scope="session")
+def minilm_stsb_dev(tmp_path_factory, minilm, stsb_dev_pairs) -> dict:
+    """embedjax's all-MiniLM-L6-v2 embeddings of STS-B dev, ``{"a": (1500, 384), "b": ...}``
+    (unit norm, as ``Encoder.encode`` by default; batch 64; fully optimised): every comparison of
+    those texts against sentence-transformers reads these instead of encoding them again."""
+    def encode(_):
+        with compile_optimised(fast=False):
+            return {side: minilm.encode([getattr(p, f"text_{side}") for p in stsb_dev_pairs], batch_size=64)
+                    for side in "ab"}
+
+    return shared(tmp_path_factory, "minilm-stsb-dev", encode)
+
+
+@pytest.fixture(scope="session")
+def st_stsb_dev(tmp_path_factory, minilm_path, stsb_dev_pairs) -> dict:
+    """sentence-transformers' embeddings of the same texts (``normalize_embeddings=True``, batch 64)."""
+    def encode(_):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(2)
+        model = SentenceTransformer(str(minilm_path), device="cpu")
+        return {side: model.encode([getattr(p, f"text_{side}") for p in stsb_dev_pairs], batch_size=64,
+                                   normalize_embeddings=True) for side in "ab"}
+
+    return shared(tmp_path_factory, "st-stsb-dev", encode)

@@ -14,6 +14,8 @@ import pytest
 from embedjax import distributed, sharding
 from embedjax.eval import base
 
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["A man is playing a flute.", "", "Two dogs run on the beach while the sun sets behind the hills.",
          "x", "A woman slices an onion."] * 7

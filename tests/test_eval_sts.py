@@ -61,11 +61,11 @@ def ours(dev, minilm):
 
 
 @pytest.fixture(scope="module")
-def st_embeddings(dev, st_minilm):
-    """sentence-transformers' embeddings as the checkpoint gives them (its Normalize module included)."""
-    a = st_minilm.encode([p.text_a for p in dev], batch_size=64)
-    b = st_minilm.encode([p.text_b for p in dev], batch_size=64)
-    return a, b
+def st_embeddings(dev, st_stsb_dev):
+    """sentence-transformers' embeddings as the checkpoint gives them (its Normalize module included:
+    ``st_minilm.encode(texts, batch_size=64)``, encoded once a session by conftest)."""
+    assert len(dev) == len(st_stsb_dev["a"])  # the same file, in the same order
+    return st_stsb_dev["a"], st_stsb_dev["b"]
 
 
 def test_stsb_reader_keeps_the_subset_and_year(stsb_dir, dev):

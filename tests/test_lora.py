@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft  # the `test` extra installs it: a broken install fails, never skips
 import pytest
 import torch
 import transformers
@@ -20,8 +21,6 @@ from embedjax.embed import embed
 from embedjax.encoders import registry
 from embedjax.gradcache import gradcache_value_and_grad
 from embedjax.losses import infonce
-
-peft = pytest.importorskip("peft")  # the `test` extra installs it; skip only on a bare install
 
 T = 8
 TINY_BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import sentence_transformers.sentence_transformer.losses as stl  # the `test` extra: imported, never skipped
 import torch
 
 from embedjax import hf
@@ -27,7 +28,6 @@ from embedjax import losses as L
 from embedjax.data import read_stsb
 from embedjax.embed import embed
 
-stl = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 ST_MATRYOSHKA = sys.modules[stl.MatryoshkaLoss.__module__]
 ST_ADAPTIVE = sys.modules[stl.AdaptiveLayerLoss.__module__]
 

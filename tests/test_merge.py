@@ -15,6 +15,8 @@ import pytest
 
 from embedjax import merge
 
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "merge.py"
 TEXTS = ["a man is playing a guitar", "a woman is slicing an onion", "the cat sits on the mat",
          "two dogs run in a field", "a child is riding a bike", "someone is cooking dinner"]

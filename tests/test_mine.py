@@ -14,6 +14,8 @@ import pytest
 from embedjax import mine
 from embedjax.data.readers import Triplet, read_records
 
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "mine.py"
 
 

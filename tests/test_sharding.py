@@ -12,6 +12,8 @@ from embedjax.embed import embed
 from embedjax.encoders import bert
 from embedjax.losses import infonce
 
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
+
 CFG = bert.BertConfig(
     vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_position_embeddings=16
 )

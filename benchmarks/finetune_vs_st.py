@@ -138,7 +138,8 @@ def run_embedjax(config_path: str, args) -> dict:
 
     import jax
 
-    from embedjax.train.loop import Callback, train_and_evaluate
+    from embedjax.train.callbacks import Callback
+    from embedjax.train.loop import train_and_evaluate
 
 
     path, _, variant = config_path.partition(":")

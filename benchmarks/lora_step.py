@@ -73,23 +73,25 @@ def read_texts_and_pairs(seed: int, min_score: float):
 
 
 def make_batches(tokenizer, pairs, batch: int, n_batches: int, seq_len: int, pad_id: int):
-    """``n_batches`` dicts of int32 arrays a_ids, a_mask, b_ids, b_mask, each (batch, seq_len),
-    right-padded; the tokenizer truncates to ``seq_len`` (keeping the appended EOS)."""
+    """``n_batches`` ``embedjax.data.batch.Batch``es of sides a and b with int32 ids and masks, each
+    (batch, seq_len), right-padded; the tokenizer truncates to ``seq_len`` (keeping the appended EOS)."""
     import numpy as np
+
+    from embedjax.data.batch import Batch, Side
 
     out, real = [], []
     for k in range(n_batches):
         chunk = [pairs[(k * batch + i) % len(pairs)] for i in range(batch)]
-        b = {}
+        sides = {}
         for side, texts in (("a", [p[0] for p in chunk]), ("b", [p[1] for p in chunk])):
             ids = np.full((batch, seq_len), pad_id, np.int32)
             mask = np.zeros((batch, seq_len), np.int32)
             for row, enc in enumerate(tokenizer.encode(texts)):
                 n = min(len(enc.ids), seq_len)
                 ids[row, :n], mask[row, :n] = enc.ids[:n], 1
-            b[f"{side}_ids"], b[f"{side}_mask"] = ids, mask
-        out.append(b)
-        real.append(int(b["a_mask"].sum() + b["b_mask"].sum()))
+            sides[side] = Side(ids=ids, mask=mask)
+        out.append(Batch(**sides))
+        real.append(int(sides["a"].mask.sum() + sides["b"].mask.sum()))
     return out, statistics.mean(real)
 
 
@@ -246,17 +248,16 @@ def main() -> None:
         copy_adapters(model, tensors)
         return model.train()
 
-    torch_batches = [{k: torch.from_numpy(v).long() for k, v in b.items()} for b in batches]
+    torch_batches = [{name: {"input_ids": torch.from_numpy(side.ids).long(),
+                             "attention_mask": torch.from_numpy(side.mask).long()} for name, side in b.sides.items()}
+                     for b in batches]
 
     def peft_forward(model, tb):
-        za = torch_pool(model(input_ids=tb["a_ids"], attention_mask=tb["a_mask"]).last_hidden_state, tb["a_mask"],
-                        args.pooling)
-        zb = torch_pool(model(input_ids=tb["b_ids"], attention_mask=tb["b_mask"]).last_hidden_state, tb["b_mask"],
-                        args.pooling)
+        za, zb = (torch_pool(model(**tb[s]).last_hidden_state, tb[s]["attention_mask"], args.pooling) for s in "ab")
         return za, zb, torch_infonce(za, zb)
 
     def st_features(tb):
-        return [{"input_ids": tb[f"{s}_ids"], "attention_mask": tb[f"{s}_mask"]} for s in "ab"]
+        return [tb[s] for s in "ab"]
 
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -276,8 +277,8 @@ def main() -> None:
     # ---- the forwards agree (float32)?
     b0, tb0 = batches[0], torch_batches[0]
     key = jax.random.key(0)
-    za = np.asarray(embed(params, cfg, b0["a_ids"], b0["a_mask"], pooling=args.pooling, normalize=False))
-    zb = np.asarray(embed(params, cfg, b0["b_ids"], b0["b_mask"], pooling=args.pooling, normalize=False))
+    za = np.asarray(embed(params, cfg, b0.a.ids, b0.a.mask, pooling=args.pooling, normalize=False))
+    zb = np.asarray(embed(params, cfg, b0.b.ids, b0.b.mask, pooling=args.pooling, normalize=False))
     loss = float(batch_loss(params, cfg, objective, b0, key))
     ok = True
     with torch.no_grad():

@@ -69,7 +69,6 @@ def main() -> None:
     from embedjax import load_pretrained, tokenize
     from embedjax.data import pipeline, read_stsb
     from embedjax.train import optim
-    from embedjax.train.loop import MODEL_FIELDS
     from embedjax.train.objective import Objective
     from embedjax.train.state import TrainState
     from embedjax.train.step import train_step
@@ -93,9 +92,11 @@ def main() -> None:
         packing = pipeline.Packing(c.data.pack_length, c.data.pack_rows_multiple) if layout == "packed" else None
         batches = [pipeline.collate(g, tok, c.batch_size, ("text_a", "text_b", "score"), None, True, packing)
                    for g in groups]
-        batches = [{k: v for k, v in b.items() if k.startswith(MODEL_FIELDS)} for b in batches]
-        slots = statistics.mean(sum(v.size for k, v in b.items() if k.endswith("_ids")) for b in batches)
-        shapes = {tuple(v.shape for k, v in sorted(b.items()) if k.endswith("_ids")) for b in batches}
+        batches = [b.model_inputs() for b in batches]
+        token_ids = lambda b: [s.ids for s in b.sides.values() if s.ids is not None] + (  # noqa: E731
+            [b.packed.ids] if b.packed is not None else [])
+        slots = statistics.mean(sum(ids.size for ids in token_ids(b)) for b in batches)
+        shapes = {tuple(ids.shape for ids in token_ids(b)) for b in batches}
         medians = {}
         for dtype in args.dtypes:
             cfg = dataclasses.replace(enc.cfg, dtype=dtype)

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Mapping
 
 import jax
 import numpy as np
 
+from embedjax.data.batch import Batch
+
 log = logging.getLogger(__name__)
 
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
-TEXT_INDEX_KEYS = ("a_text", "b_text", "n_text")
 _NO_CLUSTER = "coordinator_address should be defined"  # jax's message when nothing is configured or detected
 
 
@@ -85,6 +85,11 @@ def allgather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
 
 
+def all_processes(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (each passes its own; one small allgather)."""
+    return bool(allgather(np.asarray(bool(ok), np.int32)).all())
+
+
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier of this ``name``."""
     if is_multiprocess():
@@ -105,64 +110,26 @@ def to_host(tree):
 # ---------------------------------------------------------------------------- batches
 
 
-def _padded_sides(batch: Mapping[str, np.ndarray]) -> list[str]:
-    return [s for s in "abn" if f"{s}_ids" in batch]
-
-
-def batch_shape_signature(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The per-host sizes the hosts must agree on: the token length of each padded side
-    (a, b, n) and the packed (rows, length); 0 where the batch has no such field."""
-    sig = [batch[f"{s}_ids"].shape[-1] if f"{s}_ids" in batch else 0 for s in "abn"]
-    sig += list(batch["p_ids"].shape) if "p_ids" in batch else [0, 0]
-    return np.asarray(sig, np.int64)
-
-
-def _pad_to(x: np.ndarray, shape: tuple[int, ...], value) -> np.ndarray:
-    if x.shape == tuple(shape):
-        return x
-    out = np.full(shape, value, x.dtype)
-    out[tuple(slice(0, n) for n in x.shape)] = x
-    return out
-
-
-def agree_batch(batch: Mapping[str, np.ndarray], target: np.ndarray, *, pad_token_id: int,
-                process_index: int) -> dict[str, np.ndarray]:
+def agree_batch(batch: Batch, target: np.ndarray, *, pad_token_id: int, process_index: int) -> Batch:
     """This host's slice of the global batch, padded to the agreed ``target`` sizes
-    (``batch_shape_signature`` maxed over hosts) and with packed text indices made global.
+    (``Batch.shape_signature`` maxed over hosts) and with packed text indices made global.
 
     Padding is inert: padded tokens have mask 0 / segment 0 and padded rows hold no text.
     Packed text i of host h becomes global text ``h * texts_per_host + i`` (every host packs
     the same number of texts: its rows times the packed sides).
     """
-    out = dict(batch)
-    for s, length in zip("abn", target[:3]):
-        for field, value in (("ids", pad_token_id), ("mask", 0), ("types", 0), ("pool", 0)):
-            key = f"{s}_{field}"
-            if key in out:
-                out[key] = _pad_to(out[key], (*out[key].shape[:-1], int(length)), value)
-    if "p_ids" in out:
-        rows, length = int(target[3]), int(target[4])
-        for key in ("p_ids", "p_types", "p_segments", "p_positions", "p_pool"):
-            if key in out:
-                out[key] = _pad_to(out[key], (rows, length), pad_token_id if key == "p_ids" else 0)
-        per_host = sum(out[k].size for k in TEXT_INDEX_KEYS if k in out)
-        offset = process_index * per_host
-        out["p_segments"] = np.where(out["p_segments"] > 0, out["p_segments"] + offset, 0).astype(np.int32)
-        for k in TEXT_INDEX_KEYS:
-            if k in out:
-                out[k] = (out[k] + offset).astype(np.int32)
-    return out
+    batch = batch.padded_to(target, pad_token_id)
+    return batch.with_text_offset(process_index * batch.packed_texts)
 
 
-def global_batch(batch: Mapping[str, np.ndarray], *, pad_token_id: int) -> dict[str, np.ndarray]:
+def global_batch(batch: Batch, *, pad_token_id: int) -> Batch:
     """``agree_batch`` with the sizes agreed across every process (one small allgather);
     the batch unchanged on a single process."""
     if not is_multiprocess():
-        return dict(batch)
-    target = allgather(batch_shape_signature(batch)).max(axis=0)
+        return batch
+    target = allgather(batch.shape_signature()).max(axis=0)
     return agree_batch(batch, target, pad_token_id=pad_token_id, process_index=jax.process_index())
 
 
-__all__ = ["agree_batch", "allgather", "barrier", "batch_shape_signature", "global_batch", "initialize",
-           "is_multiprocess", "to_host"]
+__all__ = ["agree_batch", "all_processes", "allgather", "barrier", "global_batch", "initialize", "is_multiprocess", "to_host"]
 

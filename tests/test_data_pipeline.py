@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import grain
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -36,9 +37,9 @@ def take(it, k):
 def assert_batches_equal(xs, ys):
     assert len(xs) == len(ys)
     for x, y in zip(xs, ys):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+        assert jax.tree.structure(x) == jax.tree.structure(y)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(y)):
+            np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +64,17 @@ def train(records, tok, **kw):
 
 def test_batch_contents_match_the_records(records, tok):
     for batch in take(train(records, tok), 8):
-        idx = batch["index"]
-        assert batch["valid"].all() and (idx >= 0).all()
-        assert batch["labels"].dtype == np.float32
-        np.testing.assert_allclose(batch["labels"], [records[i].score for i in idx], rtol=1e-6)
-        assert list(batch["a_hash"]) == [blake_int32(records[i].text_a) for i in idx]
-        assert list(batch["b_hash"]) == [blake_int32(records[i].text_b) for i in idx]
+        idx = batch.index
+        assert batch.valid.all() and (idx >= 0).all()
+        assert batch.labels.dtype == np.float32
+        np.testing.assert_allclose(batch.labels, [records[i].score for i in idx], rtol=1e-6)
+        assert list(batch.a.hashes) == [blake_int32(records[i].text_a) for i in idx]
+        assert list(batch.b.hashes) == [blake_int32(records[i].text_b) for i in idx]
         for side, field in (("a", "text_a"), ("b", "text_b")):
             for row, i in enumerate(idx):
                 ids = tok.backend.encode(getattr(records[i], field)).ids
-                assert batch[f"{side}_ids"][row, : len(ids)].tolist() == ids
-                assert batch[f"{side}_mask"][row].sum() == len(ids)
+                assert getattr(batch, side).ids[row, : len(ids)].tolist() == ids
+                assert getattr(batch, side).mask[row].sum() == len(ids)
 
 
 def test_deterministic_given_seed(records, tok):
@@ -81,7 +82,7 @@ def test_deterministic_given_seed(records, tok):
     b = take(train(records, tok, seed=3), 16)
     assert_batches_equal(a, b)
     c = take(train(records, tok, seed=4), 16)
-    assert [x["index"].tolist() for x in a] != [x["index"].tolist() for x in c]
+    assert [x.index.tolist() for x in a] != [x.index.tolist() for x in c]
 
 
 def test_every_example_once_per_epoch_and_epochs_shuffle_differently(records, tok):
@@ -93,7 +94,7 @@ def test_every_example_once_per_epoch_and_epochs_shuffle_differently(records, to
     assert len(batches) == 3 * per_epoch
     orders = []
     for e in range(3):
-        seen = np.concatenate([b["index"] for b in batches[e * per_epoch:(e + 1) * per_epoch]])
+        seen = np.concatenate([b.index for b in batches[e * per_epoch:(e + 1) * per_epoch]])
         assert len(seen) == len(set(seen.tolist())) == per_epoch * rows  # nothing twice; drop_remainder
         assert set(seen.tolist()) <= set(range(n))
         orders.append(seen.tolist())
@@ -109,16 +110,16 @@ def test_hosts_get_disjoint_shards(records, tok):
     assert hosts[0].batches_per_epoch == hosts[1].batches_per_epoch == one.batches_per_epoch == n // 8
     per_epoch = hosts[0].batches_per_epoch
     for epoch in range(2):
-        per_host = [[b["index"].tolist() for b in take(h, per_epoch)] for h in hosts]
+        per_host = [[b.index.tolist() for b in take(h, per_epoch)] for h in hosts]
         seen = [sum(batches, []) for batches in per_host]
         assert all(len(s) == per_epoch * 4 == len(set(s)) for s in seen)
         assert not set(seen[0]) & set(seen[1])
         assert set(seen[0]) | set(seen[1]) <= set(range(n))
         # step by step, the hosts' rows together are the one-host global batch, in order
         for k, batch in enumerate(take(one, per_epoch)):
-            assert per_host[0][k] + per_host[1][k] == batch["index"].tolist()
+            assert per_host[0][k] + per_host[1][k] == batch.index.tolist()
     # the host batch is the global batch divided by the host count
-    assert next(hosts[0])["a_ids"].shape[0] == 4
+    assert next(hosts[0]).a.ids.shape[0] == 4
     with pytest.raises(ValueError, match="multiple of the host count"):
         train(records, tok, global_batch_size=9, shard_options=shard(0, 2))
 
@@ -128,13 +129,13 @@ def test_shapes_are_static_length_buckets(records, tok):
     differ = False
     for batch in take(train(records, tok), 14):
         for side, field in (("a", "text_a"), ("b", "text_b")):
-            longest = max(len(tok.backend.encode(getattr(records[i], field)).ids) for i in batch["index"])
-            shape = batch[f"{side}_ids"].shape
+            longest = max(len(tok.backend.encode(getattr(records[i], field)).ids) for i in batch.index)
+            shape = getattr(batch, side).ids.shape
             assert shape == (8, bucket_for(longest, tok.buckets)) and shape[1] in tok.buckets
-            assert batch[f"{side}_mask"].shape == batch[f"{side}_types"].shape == shape
-            assert batch[f"{side}_ids"].dtype == np.int32
+            assert getattr(batch, side).mask.shape == getattr(batch, side).types.shape == shape
+            assert getattr(batch, side).ids.dtype == np.int32
             lengths[side].add(shape[1])
-        differ |= batch["a_ids"].shape != batch["b_ids"].shape
+        differ |= batch.a.ids.shape != batch.b.ids.shape
     assert len(lengths["a"] | lengths["b"]) > 1 and differ  # the test exercised real bucketing
 
 
@@ -185,8 +186,8 @@ def test_duplicate_texts_hash_equal(tok):
     for s1, i in cells:
         for s2, j in cells:
             same_text = side_texts[s1][i] == side_texts[s2][j]
-            assert (batch[f"{s1}_hash"][i] == batch[f"{s2}_hash"][j]) == same_text
-    assert len(set(batch["a_hash"][: len(source)].tolist())) == len(set(texts))
+            assert (getattr(batch, s1).hashes[i] == getattr(batch, s2).hashes[j]) == same_text
+    assert len(set(batch.a.hashes[: len(source)].tolist())) == len(set(texts))
 
 
 def test_eval_pipeline_covers_everything_once_in_step_across_hosts(records, tok):
@@ -196,25 +197,26 @@ def test_eval_pipeline_covers_everything_once_in_step_across_hosts(records, tok)
         batches = list(P.eval_pipeline(records, tok, global_batch_size=24, shard_options=shard(h, 3)))
         per_host.append(batches)
         for b in batches:
-            assert b["a_ids"].shape[0] == 8
-            assert (b["index"] >= 0).tolist() == b["valid"].tolist()
-            assert not b["a_mask"][~b["valid"]].any() and not b["labels"][~b["valid"]].any()
+            assert b.a.ids.shape[0] == 8
+            assert (b.index >= 0).tolist() == b.valid.tolist()
+            assert not b.a.mask[~b.valid].any() and not b.labels[~b.valid].any()
     assert len({len(b) for b in per_host}) == 1  # hosts stay in step
-    seen = np.concatenate([b["index"][b["valid"]] for bs in per_host for b in bs]).tolist()
+    seen = np.concatenate([b.index[b.valid] for bs in per_host for b in bs]).tolist()
     assert seen == list(range(n))  # in order, nothing dropped, nothing twice
 
 
 def test_triplets_and_sentences(tok):
     triplets = [R.Triplet(f"anchor {i}", f"positive {i}", f"negative {i}") for i in range(10)]
     batch = next(train(triplets, tok, global_batch_size=4))
-    assert {"n_ids", "n_mask", "n_types", "n_hash"} <= batch.keys() and "labels" not in batch
-    assert list(batch["n_hash"]) == [blake_int32(triplets[i].text_n) for i in batch["index"]]
+    assert all(x is not None for x in (batch.n.ids, batch.n.mask, batch.n.types, batch.n.hashes))
+    assert batch.labels is None
+    assert list(batch.n.hashes) == [blake_int32(triplets[i].text_n) for i in batch.index]
     sentences = [f"sentence number {i}" for i in range(10)]
     batch = next(train(sentences, tok, global_batch_size=4, preprocess=str.upper))
-    assert {k[0] for k in batch if k.endswith("_ids")} == {"a"} and "labels" not in batch
-    assert list(batch["a_hash"]) == [blake_int32(sentences[i]) for i in batch["index"]]  # raw text
-    first = tok.backend.encode(sentences[batch["index"][0]].upper()).ids
-    assert batch["a_ids"][0, : len(first)].tolist() == first  # preprocess applies before tokenizing
+    assert set(batch.sides) == {"a"} and batch.a.ids is not None and batch.labels is None
+    assert list(batch.a.hashes) == [blake_int32(sentences[i]) for i in batch.index]  # raw text
+    first = tok.backend.encode(sentences[batch.index[0]].upper()).ids
+    assert batch.a.ids[0, : len(first)].tolist() == first  # preprocess applies before tokenizing
 
 
 def test_too_little_data_for_a_batch(tok):
@@ -326,9 +328,9 @@ def test_tfds_by_name_with_a_column_mapping(tfds_dir):
 def test_pipeline_reads_a_tfds_source(tfds_dir, tok):
     source = tfds.data_source("embedjax_sick", split="trial", data_dir=tfds_dir, download=False)
     batch = next(P.train_pipeline(source, tok, global_batch_size=16, seed=0, shard_options=shard(0, 1)))
-    for row, i in enumerate(batch["index"]):
-        assert batch["a_hash"][row] == blake_int32(source[int(i)]["text_a"].decode())
-        assert batch["labels"][row] == source[int(i)]["score"]
+    for row, i in enumerate(batch.index):
+        assert batch.a.hashes[row] == blake_int32(source[int(i)]["text_a"].decode())
+        assert batch.labels[row] == source[int(i)]["score"]
 
 
 def test_build_and_read_with_tensorflow_blocked(tfds_dir, tmp_path):

@@ -2,6 +2,7 @@
 record (readers, batches padded / packed / agreed across hosts, what the objective embeds),
 and the mixture schedule and its exactly resumable iterator."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -159,52 +160,53 @@ def test_padded_batch_with_k_negatives(tok, common_length):
     records = distill_records(6, k)
     prompt = "negative: "
     batch = collate(records, tok, rows, common_length=common_length, prompts={"n": prompt}, include_prompt=False)
-    length = batch["n_ids"].shape[-1]
-    for key in ("n_ids", "n_mask", "n_types", "n_pool"):
-        assert batch[key].shape == (rows, k, length) and batch[key].dtype == np.int32, key
-    assert batch["n_hash"].shape == (rows, k) and batch["teacher"].shape == (rows, 1 + k)
-    assert batch["teacher"].dtype == np.float32
+    length = batch.n.ids.shape[-1]
+    for key in ("ids", "mask", "types", "pool"):
+        value = getattr(batch.n, key)
+        assert value.shape == (rows, k, length) and value.dtype == np.int32, key
+    assert batch.n.hashes.shape == (rows, k) and batch.teacher.shape == (rows, 1 + k)
+    assert batch.teacher.dtype == np.float32
     skip = len(tok.backend.encode(prompt).ids)  # this BPE adds no special tokens: all prompt tokens skipped
     longest = max(len(tok.backend.encode(prompt + t).ids) for r in records for t in r.text_n)
     assert length == tokenize.bucket_for(longest, tok.buckets)
     for i, r in enumerate(records):
-        np.testing.assert_allclose(batch["teacher"][i], r.teacher, rtol=1e-6)
+        np.testing.assert_allclose(batch.teacher[i], r.teacher, rtol=1e-6)
         for j, text in enumerate(r.text_n):
             ids = tok.backend.encode(prompt + text).ids
-            assert batch["n_ids"][i, j, :len(ids)].tolist() == ids
-            assert (batch["n_ids"][i, j, len(ids):] == tok.pad_token_id).all()
-            assert batch["n_mask"][i, j].tolist() == [1] * len(ids) + [0] * (length - len(ids))
-            assert batch["n_pool"][i, j].tolist() == [0] * skip + [1] * (len(ids) - skip) + [0] * (length - len(ids))
-            assert batch["n_hash"][i, j] == blake_int32(text)  # the hash is of the text without its prompt
-    assert not batch["teacher"][6:].any() and not batch["n_mask"][6:].any() and not batch["n_hash"][6:].any()
+            assert batch.n.ids[i, j, :len(ids)].tolist() == ids
+            assert (batch.n.ids[i, j, len(ids):] == tok.pad_token_id).all()
+            assert batch.n.mask[i, j].tolist() == [1] * len(ids) + [0] * (length - len(ids))
+            assert batch.n.pool[i, j].tolist() == [0] * skip + [1] * (len(ids) - skip) + [0] * (length - len(ids))
+            assert batch.n.hashes[i, j] == blake_int32(text)  # the hash is of the text without its prompt
+    assert not batch.teacher[6:].any() and not batch.n.mask[6:].any() and not batch.n.hashes[6:].any()
     if common_length:
-        assert batch["a_ids"].shape[-1] == batch["b_ids"].shape[-1] == length
+        assert batch.a.ids.shape[-1] == batch.b.ids.shape[-1] == length
 
 
 def test_single_negative_keeps_the_flat_layout(tok):
     records = [R.Triplet(f"a {i}", f"b {i}", f"n {i}") for i in range(4)]
     padded, packed = collate(records, tok), collate(records, tok, packing=P.Packing(16))
-    assert padded["n_ids"].ndim == 2 and padded["n_hash"].shape == (4,) and "teacher" not in padded
-    assert packed["n_text"].shape == (4,)
+    assert padded.n.ids.ndim == 2 and padded.n.hashes.shape == (4,) and padded.teacher is None
+    assert packed.n.text_index.shape == (4,)
     # teacher scores with a single-text negative: 1 + 1 per record
     dicts = [{"text_a": r.text_a, "text_b": r.text_b, "text_n": r.text_n, "teacher": [1.0, 0.5]} for r in records]
-    assert collate(dicts, tok, 6)["teacher"].tolist() == [[1.0, 0.5]] * 4 + [[0.0, 0.0]] * 2
+    assert collate(dicts, tok, 6).teacher.tolist() == [[1.0, 0.5]] * 4 + [[0.0, 0.0]] * 2
 
 
 def test_packed_batch_with_k_negatives(tok):
     k, rows = 2, 6
     records = distill_records(rows, k, seed=1)
     batch = collate(records, tok, rows, packing=P.Packing(length=32, rows_multiple=2))
-    assert batch["n_text"].shape == (rows, k) and batch["a_text"].shape == (rows,) and "n_ids" not in batch
-    assert batch["n_hash"].shape == (rows, k) and batch["teacher"].shape == (rows, 1 + k)
+    assert batch.n.text_index.shape == (rows, k) and batch.a.text_index.shape == (rows,) and batch.n.ids is None
+    assert batch.n.hashes.shape == (rows, k) and batch.teacher.shape == (rows, 1 + k)
     seen = []
     for side, field in (("a", "text_a"), ("b", "text_b"), ("n", "text_n")):
         for i, r in enumerate(records):
             texts = getattr(r, field)
             for j, text in enumerate(texts if isinstance(texts, tuple) else (texts,)):
-                g = batch[f"{side}_text"][i, j] if side == "n" else batch[f"{side}_text"][i]
+                g = getattr(batch, side).text_index[i, j] if side == "n" else getattr(batch, side).text_index[i]
                 seen.append(int(g))
-                got = batch["p_ids"][batch["p_segments"] == g + 1]
+                got = batch.packed.ids[batch.packed.segments == g + 1]
                 assert got.tolist() == tok.backend.encode(text).ids, (side, i, j)
     assert sorted(seen) == list(range(rows * (2 + k)))  # every text packed exactly once
 
@@ -225,9 +227,9 @@ def test_train_pipeline_batches_follow_their_records(tok):
                           shard_options=grain.sharding.ShardOptions(shard_index=0, shard_count=1))
     for _ in range(6):  # past the first epoch (5 batches)
         batch = next(it)
-        for row, i in enumerate(batch["index"]):
-            np.testing.assert_allclose(batch["teacher"][row], records[i].teacher, rtol=1e-6)
-            assert batch["n_hash"][row].tolist() == [blake_int32(t) for t in records[i].text_n]
+        for row, i in enumerate(batch.index):
+            np.testing.assert_allclose(batch.teacher[row], records[i].teacher, rtol=1e-6)
+            assert batch.n.hashes[row].tolist() == [blake_int32(t) for t in records[i].text_n]
 
 
 def test_hosts_agree_on_k_negative_batches(tok):
@@ -239,27 +241,29 @@ def test_hosts_agree_on_k_negative_batches(tok):
     records[5] = R.DistillRecord("q", "p", ("long " * 20, "n", "m"), (1.0, 0.1, 0.2, 0.3))
     halves = [list(enumerate(records))[:4], list(enumerate(records))[4:]]
     hosts = [P.collate(h, tok, 4, P.fields_of(records)) for h in halves]
-    assert hosts[0]["n_ids"].shape[-1] < hosts[1]["n_ids"].shape[-1]
-    target = np.max([distributed.batch_shape_signature(b) for b in hosts], axis=0)
+    assert hosts[0].n.ids.shape[-1] < hosts[1].n.ids.shape[-1]
+    target = np.max([b.shape_signature() for b in hosts], axis=0)
     agreed = [distributed.agree_batch(b, target, pad_token_id=tok.pad_token_id, process_index=h)
               for h, b in enumerate(hosts)]
     whole = collate(records, tok)
-    for key in whole:
-        np.testing.assert_array_equal(np.concatenate([a[key] for a in agreed]), whole[key], err_msg=key)
+    stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *agreed)
+    assert jax.tree.structure(stacked) == jax.tree.structure(whole)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(stacked), jax.tree.leaves(whole)):
+        np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
 
     packing = P.Packing(length=32, rows_multiple=2)
     hosts = [P.collate(h, tok, 4, P.fields_of(records), packing=packing) for h in halves]
-    target = np.max([distributed.batch_shape_signature(b) for b in hosts], axis=0)
+    target = np.max([b.shape_signature() for b in hosts], axis=0)
     agreed = [distributed.agree_batch(b, target, pad_token_id=tok.pad_token_id, process_index=h)
               for h, b in enumerate(hosts)]
     indices = []
     for h, batch in enumerate(agreed):
-        assert batch["n_text"].shape == (4, k) and batch["p_ids"].shape == tuple(target[3:])
+        assert batch.n.text_index.shape == (4, k) and batch.packed.ids.shape == tuple(target[3:])
         for i in range(4):
             for j, text in enumerate(records[4 * h + i].text_n):
-                g = batch["n_text"][i, j]
+                g = batch.n.text_index[i, j]
                 indices.append(int(g))
-                assert batch["p_ids"][batch["p_segments"] == g + 1].tolist() == tok.backend.encode(text).ids
+                assert batch.packed.ids[batch.packed.segments == g + 1].tolist() == tok.backend.encode(text).ids
     assert len(set(indices)) == 8 * k  # no two hosts' negatives share a global index
 
 
@@ -284,7 +288,7 @@ def test_objective_embeds_each_negative_as_alone(tok, tiny_bert):
     (cfg, params), k = tiny_bert, 2
     records = distill_records(4, k, seed=4)
     objective = Objective(loss="infonce", pooling="mean", dropout=False)
-    model = lambda b: {key: v for key, v in b.items() if key.startswith(("a_", "b_", "n_", "p_"))}
+    model = lambda b: dataclasses.replace(b.model_inputs(), labels=None, teacher=None)  # noqa: E731
     padded = model(collate(records, tok))
     packed = model(collate(records, tok, packing=P.Packing(length=32)))
     key = jax.random.key(0)
@@ -369,9 +373,9 @@ def pipelines(tok, seeds=None, **kw):
 def assert_steps_equal(xs, ys):
     assert [n for n, _ in xs] == [n for n, _ in ys]
     for (name, x), (_, y) in zip(xs, ys):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=f"{name} {key}")
+        assert jax.tree.structure(x) == jax.tree.structure(y)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(y)):
+            np.testing.assert_array_equal(a, b, err_msg=f"{name} {jax.tree_util.keystr(path)}")
 
 
 @pytest.mark.parametrize("mode", M.MODES)

@@ -155,9 +155,9 @@ def test_packed_batch_gives_the_padded_loss_and_gradient(name, minilm, stsb_dev_
         records = [{"text_a": s[i], "text_b": s[i + 100], "text_n": s[i + 200]} for i in range(8)]
     packed = collated(records, minilm.tokenizer, pipeline.Packing(length=64, rows_multiple=2))
     padded = collated(records, minilm.tokenizer, None)
-    assert "p_ids" in packed and "a_ids" not in packed and "a_ids" in padded
-    np.testing.assert_array_equal(packed["a_hash"], padded["a_hash"])
-    model_keys = lambda b: {k: v for k, v in b.items() if k.startswith(("a_", "b_", "n_", "p_", "labels"))}
+    assert packed.packed is not None and packed.a.ids is None and padded.a.ids is not None
+    np.testing.assert_array_equal(packed.a.hashes, padded.a.hashes)
+    model_keys = lambda b: b.model_inputs()  # noqa: E731
     key = jax.random.key(0)
     f = jax.value_and_grad(lambda p, b: batch_loss(p, minilm.cfg, objective, b, key))
     loss_p, grad_p = f(minilm.params, model_keys(packed))
@@ -170,14 +170,14 @@ def test_packed_batch_gives_the_padded_loss_and_gradient(name, minilm, stsb_dev_
 def test_unsupervised_simcse_packs_each_text_twice(minilm, stsb_dev_sentences):
     records = stsb_dev_sentences[:8]
     batch = collated(records, minilm.tokenizer, pipeline.Packing(length=64, views=2))
-    assert set(batch["a_text"]) | set(batch["b_text"]) == set(range(16))
-    np.testing.assert_array_equal(batch["b_hash"], batch["a_hash"])
-    ids = batch["p_ids"]
-    seg = batch["p_segments"]
-    for a, b in zip(batch["a_text"], batch["b_text"]):
+    assert set(batch.a.text_index) | set(batch.b.text_index) == set(range(16))
+    np.testing.assert_array_equal(batch.b.hashes, batch.a.hashes)
+    ids = batch.packed.ids
+    seg = batch.packed.segments
+    for a, b in zip(batch.a.text_index, batch.b.text_index):
         np.testing.assert_array_equal(ids[seg == a + 1], ids[seg == b + 1])  # the same tokens twice
     cfg = dataclasses.replace(minilm.cfg, hidden_dropout=0.1, attention_dropout=0.1)
-    model_batch = {k: v for k, v in batch.items() if k.startswith(("a_", "b_", "p_"))}
+    model_batch = batch.model_inputs()
     from embedjax.train.objective import embed_batch
 
     objective = Objective(loss="simcse_unsup", dropout=True)
@@ -187,12 +187,12 @@ def test_unsupervised_simcse_packs_each_text_twice(minilm, stsb_dev_sentences):
     assert 0.8 < cos.min() and cos.max() < 0.99999  # two different dropout views of one text
     with pytest.raises(ValueError, match="views=2"):
         embed_batch(minilm.params, cfg, objective,
-                    {k: v for k, v in model_batch.items() if not k.startswith("b_")}, jax.random.key(0))
+                    dataclasses.replace(model_batch, b=None), jax.random.key(0))
 
 
 def test_gradcache_refuses_a_packed_batch(minilm, stsb_dev_sentences):
     records = [{"text_a": a, "text_b": b} for a, b in zip(stsb_dev_sentences[:8], stsb_dev_sentences[8:16])]
     batch = collated(records, minilm.tokenizer, pipeline.Packing(length=64))
-    batch = {k: v for k, v in batch.items() if k.startswith(("a_", "b_", "p_"))}
+    batch = batch.model_inputs()
     with pytest.raises(ValueError, match="GradCache"):
         batch_loss(minilm.params, minilm.cfg, Objective(loss="infonce", gradcache_chunk=4), batch, jax.random.key(0))

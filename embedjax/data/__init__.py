@@ -61,6 +61,10 @@ __all__ = [
     "read_stsb",
     "read_triplets",
     "sick_triplets",
+    # embedjax.data.batch (imports jax on first use)
+    "Batch",
+    "PackedRows",
+    "Side",
     # embedjax.data.pipeline (imports grain on first use)
     "DataIterator",
     "as_record",
@@ -79,6 +83,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    **dict.fromkeys(("Batch", "PackedRows", "Side"), "batch"),
     **dict.fromkeys(("DataIterator", "as_record", "eval_pipeline", "steps_per_epoch", "text_hash",
                      "train_pipeline"), "pipeline"),
     **dict.fromkeys(("TextFilesConfig", "build_text_files", "prepare", "tfds_source"), "tfds_builders"),

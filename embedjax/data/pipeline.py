@@ -22,21 +22,15 @@ Evaluation (``eval_pipeline``): no shuffle, nothing dropped; host h reads the h-
 contiguous block of the source; every host yields the same number of batches (the last
 ones padded, ``valid`` says which rows are real; ``index`` says which example a row is).
 
-A batch is a dict of numpy arrays, rows = the per-host batch size:
-
-    a_ids, a_mask, a_types   (rows, La) int32, La = tokenize.bucket_for(longest text_a)
-    a_hash                   (rows,) int32 hash of the raw text_a (0 on padding rows)
-    b_*, n_*                 the same for text_b / text_n when the records have them; with k
-                             negatives per record (text_n a tuple): n_ids, n_mask, n_types,
-                             n_pool (rows, k, Ln) and n_hash (rows, k)
-    a_pool, b_pool, n_pool   (rows, L) int32 pooling masks, only with ``include_prompt=False`` and a
-                             prompt on that side: the side's mask with the prompt's
-                             ``Tokenizer.prompt_length`` leading tokens set to 0
-    labels                   (rows,) float32 score, when the records have one
-    teacher                  (rows, 1 + k) float32 teacher scores (positive first, then each
-                             negative), when the records have them; 0 on padding rows
-    valid                    (rows,) bool, False on padding rows (eval only pads)
-    index                    (rows,) int32 index of the example in the source (-1: padding)
+A batch is an ``embedjax.data.batch.Batch`` of numpy arrays, rows = the per-host batch size:
+its sides ``a`` / ``b`` / ``n`` (from text_a / text_b / text_n) padded to
+``tokenize.bucket_for(longest text)`` with the hash of each raw text (0 on padding rows), or,
+packed, the batch's ``PackedRows`` and each side's text indices; ``labels`` (the records'
+scores), ``teacher`` (their teacher scores: the positive's, then each negative's; 0 on
+padding rows), ``valid`` (False on padding rows; eval only pads) and ``index`` (each row's
+example in the source, -1 on padding). With ``include_prompt=False`` and a prompt on a side,
+its ``pool`` mask (or the packed rows') is 0 on the prompt's ``Tokenizer.prompt_length``
+leading tokens.
 
 Instructions (``prompts``): ``{"a": query prompt, "b": document prompt, "n": ...}`` prefixed
 to that side's texts before tokenization (e.g. ``{"a": "Instruct: {task}\nQuery: "}`` with
@@ -59,6 +53,7 @@ from typing import Any, Callable, Mapping, Sequence
 import grain
 import numpy as np
 
+from embedjax.data.batch import Batch, PackedRows, Side
 from embedjax.tokenize import Tokenizer
 
 TEXT_FIELDS = ("text_a", "text_b", "text_n")
@@ -178,8 +173,8 @@ def collate(
     packing: Packing | None = None,
     prompts: Mapping[str, str] | None = None,
     include_prompt: bool = True,
-) -> dict[str, np.ndarray]:
-    """(index, record) pairs -> one padded batch of ``rows`` rows (see the module docstring).
+) -> Batch:
+    """(index, record) pairs -> one ``Batch`` of ``rows`` rows (``embedjax.data.batch``).
 
     Each side is padded to the length bucket of its own longest text, or with
     ``common_length`` every side to the bucket of the longest text of the batch (one
@@ -187,15 +182,15 @@ def collate(
     With ``packing`` every text of the batch goes into shared packed rows instead (see
     ``Packing``). ``prompts`` (``side_prompts``' form, already filled in) prefix each side's
     texts; ``preprocess`` (e.g. lower-casing) then applies to prompt + text before
-    tokenization, not to the hash. With ``include_prompt=False`` a side with a prompt gets
-    ``{side}_pool`` (padded) or, packed, the batch ``p_pool``: 0 on the prompt's
+    tokenization, not to the hash. With ``include_prompt=False`` a side with a prompt gets a
+    ``pool`` mask (padded) or, packed, the rows get one: 0 on the prompt's
     ``tokenizer.prompt_length(preprocess(prompt))`` leading tokens, which pooling then skips
     (``Encoder.encode`` skips the same count).
 
-    Records whose ``text_n`` is a tuple of k texts give the negative side a k axis:
-    ``n_ids / n_mask / n_types / n_pool`` (rows, k, Ln), ``n_hash`` and, packed, ``n_text``
-    (rows, k); row i holds record i's negatives in order. ``teacher`` scores (1 + k per
-    record, k = 1 for a single-text ``text_n``, 0 without one) become ``teacher`` (rows, 1 + k).
+    Records whose ``text_n`` is a tuple of k texts give the negative side a k axis: its
+    tokens are (rows, k, Ln), its ``hashes`` and, packed, ``text_index`` (rows, k); row i holds
+    record i's negatives in order. ``teacher`` scores (1 + k per record, k = 1 for a single-text
+    ``text_n``, 0 without one) become ``Batch.teacher`` (rows, 1 + k).
     """
     prompts = dict(prompts or {})
     skips = {}  # side -> leading tokens pooling skips
@@ -208,10 +203,9 @@ def collate(
     if n > rows:
         raise ValueError(f"{n} records do not fit in a batch of {rows} rows")
     records = [as_record(r) for _, r in items]
-    out: dict[str, np.ndarray] = {}
+    labels = teacher = None
     encoded: dict[str, tuple[list[str], list]] = {}  # field -> (texts, encodings), flat over a k axis
     groups: dict[str, int] = {}  # field -> k, for a side with k texts per record
-    teacher = None
     for field in fields:
         try:
             values = [r[field] for r in records]
@@ -221,7 +215,6 @@ def collate(
         if field == "score":
             labels = np.zeros(rows, np.float32)
             labels[:n] = values
-            out["labels"] = labels
             continue
         if field == "teacher":
             teacher = values  # needs k, known once text_n is read
@@ -236,35 +229,34 @@ def collate(
         texts = texts if preprocess is None else [preprocess(t) for t in texts]
         encoded[field] = (values, tokenizer.encode(texts))
     if teacher is not None:
-        k = groups.get("text_n", 1 if "text_n" in encoded else 0)
-        out["teacher"] = _teacher_scores(teacher, k, items, rows)
+        teacher = _teacher_scores(teacher, groups.get("text_n", 1 if "text_n" in encoded else 0), items, rows)
+    lead = {field: (rows,) if field not in groups else (rows, groups[field]) for field in encoded}
+    hashes = {}
+    for field, (values, _) in encoded.items():
+        h = np.zeros(int(np.prod(lead[field])), np.int32)
+        h[:len(values)] = [text_hash(t) for t in values]
+        hashes[SIDES[field]] = h.reshape(lead[field])
     if packing is not None:
-        out.update(_packed(encoded, tokenizer, rows, packing, skips, groups))
-        encoded = {field: (values, None) for field, (values, _) in encoded.items()}
-    longest = max((len(e.ids) for _, encs in encoded.values() for e in encs or ()), default=1) if common_length else 1
-    for field, (values, encodings) in encoded.items():
-        side = SIDES[field]
-        k = groups.get(field)
-        lead = (rows,) if k is None else (rows, k)
-        if encodings is not None:
-            batch = tokenizer.pad(encodings, int(np.prod(lead)), min_length=longest)
-            shaped = lambda x: x.reshape(*lead, x.shape[-1])
-            out[f"{side}_ids"], out[f"{side}_mask"], out[f"{side}_types"] = (
-                shaped(batch.input_ids), shaped(batch.attention_mask), shaped(batch.token_type_ids))
+        packed, text_index = _packed(encoded, tokenizer, rows, packing, skips, groups)
+        sides = {side: Side(hashes=hashes.get(side, hashes["a"]), text_index=index)  # a second view: text_a's hash
+                 for side, index in text_index.items()}
+    else:
+        packed, sides = None, {}
+        longest = max((len(e.ids) for _, encs in encoded.values() for e in encs), default=1) if common_length else 1
+        for field, (_, encodings) in encoded.items():
+            side, shape = SIDES[field], lead[field]
+            padded = tokenizer.pad(encodings, int(np.prod(shape)), min_length=longest)
+            shaped = lambda x: x.reshape(*shape, x.shape[-1])  # noqa: E731
+            mask = shaped(padded.attention_mask)
+            pool = None
             if side in skips:
-                pool = out[f"{side}_mask"].copy()
+                pool = mask.copy()
                 pool[..., :skips[side]] = 0
-                out[f"{side}_pool"] = pool
-        hashes = np.zeros(int(np.prod(lead)), np.int32)
-        hashes[:len(values)] = [text_hash(t) for t in values]
-        out[f"{side}_hash"] = hashes.reshape(lead)
-    if packing is not None and packing.views == 2 and "b_text" in out and "text_b" not in encoded:
-        out["b_hash"] = out["a_hash"]  # the second view is the same text
-    out["valid"] = np.arange(rows) < n
+            sides[side] = Side(hashes=hashes[side], ids=shaped(padded.input_ids), mask=mask,
+                               types=shaped(padded.token_type_ids), pool=pool)
     index = np.full(rows, -1, np.int32)
     index[:n] = [i for i, _ in items]
-    out["index"] = index
-    return out
+    return Batch(**sides, packed=packed, labels=labels, teacher=teacher, valid=np.arange(rows) < n, index=index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +270,9 @@ class Packing:
     local devices, at least, so rows shard evenly). ``views=2`` packs each text_a twice
     (records without text_b): unsupervised SimCSE's two dropout views of one text.
 
-    The batch then holds ``p_ids, p_types, p_segments, p_positions`` (R, L) and, per side,
-    ``{a,b,n}_text`` (rows,): the index of each example's text among the packed texts
-    (padding examples point at text 0); hashes, labels, valid and index as usual.
+    The batch then holds ``PackedRows`` and, per side, ``Side.text_index`` (rows,): the index
+    of each example's text among the packed texts (padding examples point at text 0); hashes,
+    labels, valid and index as usual.
     """
 
     length: int = 64
@@ -290,10 +282,9 @@ class Packing:
 
 def _packed(encoded: dict[str, tuple[list[str], list]], tokenizer: Tokenizer, rows: int,
             packing: Packing, skips: Mapping[str, int] | None = None,
-            groups: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """The packed batch fields of ``encoded`` ({field: (texts, encodings)}, flat over a side's
-    k axis when ``groups[field] = k``): ``p_*`` (R, L) and each side's ``{side}_text``, (rows,)
-    or (rows, k)."""
+            groups: Mapping[str, int] | None = None) -> tuple[PackedRows, dict[str, np.ndarray]]:
+    """``(PackedRows, {side: text_index})`` of ``encoded`` ({field: (texts, encodings)}, flat over
+    a side's k axis when ``groups[field] = k``): each text index (rows,) or (rows, k)."""
     texts, index, text_skip = [], {}, []
     skips, groups = dict(skips or {}), dict(groups or {})
     sides = [(SIDES[f], f) for f in encoded]
@@ -304,16 +295,17 @@ def _packed(encoded: dict[str, tuple[list[str], list]], tokenizer: Tokenizer, ro
         lead = (rows,) if field not in groups else (rows, groups[field])
         ids = np.zeros(int(np.prod(lead)), np.int32)  # padding examples point at text 0
         ids[:len(encodings)] = np.arange(len(texts), len(texts) + len(encodings))
-        index[f"{side}_text"] = ids.reshape(lead)
+        index[side] = ids.reshape(lead)
         texts.extend(encodings)
         text_skip.extend([skips.get(SIDES[field], 0)] * len(encodings))  # a view of text_a: text_a's prompt
     packed = tokenizer.pack(texts, packing.length, packing.rows_multiple)
-    out = {"p_ids": packed.input_ids, "p_types": packed.token_type_ids, "p_segments": packed.segment_ids,
-           "p_positions": packed.positions, **index}
+    pool = None
     if skips:  # per token: 1 where pooling reads it (a text token past its prompt), 0 elsewhere
         skip = np.asarray([0, *text_skip], np.int32)[packed.segment_ids]
-        out["p_pool"] = ((packed.segment_ids > 0) & (packed.positions >= skip)).astype(np.int32)
-    return out
+        pool = ((packed.segment_ids > 0) & (packed.positions >= skip)).astype(np.int32)
+    rows_ = PackedRows(ids=packed.input_ids, types=packed.token_type_ids, segments=packed.segment_ids,
+                       positions=packed.positions, pool=pool)
+    return rows_, index
 
 
 # ---------------------------------------------------------------------------- iterator
@@ -337,7 +329,7 @@ class DataIterator(grain.DatasetIterator):
         super().__init__(self._it)
         self._next = 0
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         batch = next(self._it)
         self._next += 1
         return batch
@@ -477,7 +469,7 @@ def eval_pipeline(
     start, stop = min(n, index * per_host), min(n, (index + 1) * per_host)
     batches = -(-per_host // rows)
 
-    def make(k: int) -> dict[str, np.ndarray]:
+    def make(k: int) -> Batch:
         ids = range(start + k * rows, min(stop, start + (k + 1) * rows))
         return collate([(i, source[i]) for i in ids], tokenizer, rows, fields, preprocess, prompts=prompts,
                        include_prompt=include_prompt)

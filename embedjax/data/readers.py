@@ -54,7 +54,7 @@ class DataError(ValueError):
     def __init__(self, path, line: int | None, message: str):
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {message}")
-        self.path, self.line = Path(path), line
+        self.path, self.line, self.message = Path(path), line, message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ class Rows(list):
 
 
 # kind -> (fields in order, constructor from a {field: value} dict)
-KINDS: dict[str, tuple[tuple[str, ...], Callable[[dict], Any]]] = {
+RECORD_KINDS: dict[str, tuple[tuple[str, ...], Callable[[dict], Any]]] = {
     "sentences": (("text_a",), lambda f: f["text_a"]),
     "pairs": (("text_a", "text_b"), lambda f: Pair(**f)),
     "triplets": (("text_a", "text_b", "text_n"), lambda f: Triplet(**f)),
@@ -379,11 +379,11 @@ def infer_format(path, format: str | None = None, *, default: str | None = None)
     return found
 
 
-def _columns(kind: str, fmt: str, columns: Mapping[str, str | int] | None) -> dict[str, str | int]:
+def _column_map(kind: str, fmt: str, columns: Mapping[str, str | int] | None) -> dict[str, str | int]:
     """The column of each field: a name (header / JSON key) or a 0-based index."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
-    fields = KINDS[kind][0]
+    if kind not in RECORD_KINDS:
+        raise ValueError(f"kind must be one of {tuple(RECORD_KINDS)}, got {kind!r}")
+    fields = RECORD_KINDS[kind][0]
     if fmt == "txt" and kind != "sentences":
         raise ValueError(f"format 'txt' holds one sentence per line; kind {kind!r} needs tsv, csv or jsonl")
     if columns is None:
@@ -456,11 +456,11 @@ def read_records(
     """
     path = Path(path)
     fmt = infer_format(path, format, default="txt" if kind == "sentences" else None)
-    cols = _columns(kind, fmt, columns)
+    cols = _column_map(kind, fmt, columns)
     if keep_blank and fmt != "txt":
         raise ValueError(f"keep_blank applies to txt files (one sentence per line), not {fmt}")
     shown = dict(cols)  # as the user named them, for messages
-    fields, make = KINDS[kind]
+    fields, make = RECORD_KINDS[kind]
     lo, hi = (None, None) if score_range is None else map(float, score_range)
     tabular = fmt in ("tsv", "csv")
     if header is None:
@@ -556,7 +556,23 @@ def read_records(
             shape["negatives"] = (len(n) if isinstance(n, tuple) else None, number)
         return make(values)
 
-    return _rows(path, parse, skip_bad=skip_bad, header=take_header if header else False, keep_blank=keep_blank)
+    def parse_or_explain(number: int, text: str):
+        """``parse``; a first row that fails in a file read without a header may BE a header: say how
+        to read it as one (its cells as the column names)."""
+        first = "parsed" not in shape
+        shape["parsed"] = True
+        try:
+            return parse(number, text)
+        except DataError as err:
+            if not (first and tabular and not header):
+                raise
+            cells = [c.strip() for c in _split(fmt, path, number, text)]
+            named = {f: cells[k] for f, k in cols.items() if isinstance(k, int) and k < len(cells)}
+            raise DataError(path, number, f"{err.message}. If line {number} is a header, name the columns so it is "
+                                          f"read as one: columns={named} (data.columns in a training config)") from None
+
+    return _rows(path, parse_or_explain if tabular and not header else parse, skip_bad=skip_bad,
+                 header=take_header if header else False, keep_blank=keep_blank)
 
 
 def read_sentences(path, **kw) -> Rows:

@@ -232,9 +232,9 @@ class EmbedjaxTextFiles(tfds.core.GeneratorBasedBuilder):
 
     def _info(self):
         config = self.builder_config
-        if config is None or config.kind not in readers.KINDS:
+        if config is None or config.kind not in readers.RECORD_KINDS:
             raise ValueError("EmbedjaxTextFiles needs config=TextFilesConfig(name=..., kind=..., files=...)")
-        features = {f: tfds.features.Text() for f in readers.KINDS[config.kind][0] if f != "score"}
+        features = {f: tfds.features.Text() for f in readers.RECORD_KINDS[config.kind][0] if f != "score"}
         if config.kind == "scored":
             features["score"] = tfds.features.Scalar(np.float32)
         features.update(file=tfds.features.Text(), line=tfds.features.Scalar(np.int32))

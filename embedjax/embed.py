@@ -37,6 +37,12 @@ def truncate(z, dim: int | None, normalize: bool):
     return z
 
 
+def _hidden_states(params, cfg, input_ids, attention_mask, *, per_layer: bool, **kwargs):
+    """The backbone's hidden states (every layer's with ``per_layer``); ``kwargs``: ``apply``'s
+    (token types, dropout key, depth, remat, unroll, and the packed layout's segments / positions)."""
+    return registry.of(cfg).apply(params, cfg, input_ids, attention_mask, all_layers=per_layer, **kwargs)
+
+
 def embed(
     params,
     cfg,
@@ -79,18 +85,9 @@ def embed(
     Returns:
       (B, D) float array, or (k + 1, B, D) when ``per_layer``.
     """
-    hidden = registry.of(cfg).apply(
-        params,
-        cfg,
-        input_ids,
-        attention_mask,
-        token_type_ids=token_type_ids,
-        dropout_key=dropout_key,
-        num_layers=num_layers,
-        all_layers=per_layer,
-        remat=remat,
-        unroll=unroll,
-    )
+    hidden = _hidden_states(params, cfg, input_ids, attention_mask, token_type_ids=token_type_ids,
+                            dropout_key=dropout_key, num_layers=num_layers, per_layer=per_layer, remat=remat,
+                            unroll=unroll)
     mask = attention_mask if pool_mask is None else pool_mask
     pooled = pooling_lib.pool(hidden, mask, pooling, params=pooler_params(params, pooling))
     return truncate(pooled, dim, normalize)
@@ -129,20 +126,9 @@ def embed_packed(
       (num_texts, D), or (k + 1, num_texts, D) when ``per_layer``: for every text what
       ``embed`` gives it alone, with far less padding to compute on.
     """
-    hidden = registry.of(cfg).apply(
-        params,
-        cfg,
-        input_ids,
-        segment_ids > 0,
-        token_type_ids=token_type_ids,
-        segment_ids=segment_ids,
-        positions=positions,
-        dropout_key=dropout_key,
-        num_layers=num_layers,
-        all_layers=per_layer,
-        remat=remat,
-        unroll=unroll,
-    )
+    hidden = _hidden_states(params, cfg, input_ids, segment_ids > 0, token_type_ids=token_type_ids,
+                            dropout_key=dropout_key, num_layers=num_layers, per_layer=per_layer, remat=remat,
+                            unroll=unroll, segment_ids=segment_ids, positions=positions)
     pooled = pooling_lib.pool_segments(hidden, segment_ids, positions, num_texts, pooling,
                                        params=pooler_params(params, pooling), pool_flags=pool_flags)
     return truncate(pooled, dim, normalize)

@@ -24,6 +24,13 @@ METRICS = ("cosine", "dot", "euclidean", "manhattan")
 PAIRWISE_METRICS = METRICS + ("angle", "hamming")
 
 
+def as_float32(x):
+    """``x`` in at least float32 (bfloat16 embeddings become float32, float64 stays): similarity
+    and loss math run in it whatever the compute dtype."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _safe_norm(x, axis=-1, keepdims=False, eps=0.0):
     """sqrt(sum x^2) with a finite gradient at 0 (plain sqrt has an infinite one there)."""
     sq = jnp.sum(x * x, axis=axis, keepdims=keepdims)

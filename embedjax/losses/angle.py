@@ -47,10 +47,6 @@ ANGLE_NLI_BERT = dict(cosine_w=0.0, ibn_w=30.0, angle_w=1.0)
 IBN_RULES = ("threshold", "soft", "angle_emb")
 
 
-def _promote(x):
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def check_label_range(label_range) -> tuple[float, float]:
     """``label_range`` as ``(lo, hi)`` floats; raises ``ValueError`` unless both are finite and hi > lo.
 
@@ -81,7 +77,7 @@ def ibn_pair_weights(labels, *, label_range=(0.0, 1.0), ibn_rule="threshold", ib
     ``label_range`` is validated by ``check_label_range`` (for every rule).
     """
     lo, hi = check_label_range(label_range)
-    labels = _promote(jnp.asarray(labels))
+    labels = sim.as_float32(jnp.asarray(labels))
     if ibn_rule == "angle_emb":
         return (jnp.trunc(labels) >= 1).astype(labels.dtype)
     y = (labels - lo) / (hi - lo)
@@ -100,7 +96,7 @@ def in_batch_pair_loss(a, b, weights, *, scale=20.0, a_ids=None, b_ids=None):
     With ``a_ids``/``b_ids`` (B,) text ids, candidates identical to the row's own text or to
     its partner (other than the partner column) are masked, so duplicates are not negatives.
     """
-    a, b = _promote(a), _promote(b)
+    a, b = sim.as_float32(a), sim.as_float32(b)
     n = a.shape[0]
     z = jnp.concatenate([a, b], axis=0)
     partner = jnp.concatenate([jnp.arange(n) + n, jnp.arange(n)])
@@ -150,7 +146,7 @@ def angle_loss(
       return_parts: also return a dict of the unweighted active terms.
     """
     check_label_range(label_range)
-    a, b = _promote(a), _promote(b)
+    a, b = sim.as_float32(a), sim.as_float32(b)
     parts = {}
     if cosine_w:
         parts["cosine"] = ranking_loss(cosine_tau * sim.cosine_pairwise(a, b), labels)
@@ -194,7 +190,7 @@ def angle_triplet_loss(
     (q_i, n_i) labelled 0, as angle-emb builds them. ``queries``, ``positives``,
     ``negatives``: (B, D); the ids (B,) mask duplicate texts in the InfoNCE terms.
     """
-    q, p, n = _promote(queries), _promote(positives), _promote(negatives)
+    q, p, n = sim.as_float32(queries), sim.as_float32(positives), sim.as_float32(negatives)
     ids = dict(anchor_ids=query_ids, positive_ids=positive_ids)
     parts = {}
     if ibn_w:

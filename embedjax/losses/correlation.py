@@ -33,7 +33,7 @@ def _check_pairs(a, b, labels, name):
 
 def _scores(a, b, similarity):
     """Pair similarities (B,) in float32 (or wider), whatever the embedding dtype."""
-    a, b = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (a, b))
+    a, b = sim.as_float32(a), sim.as_float32(b)
     return sim.pairwise(a, b, similarity)
 
 

@@ -19,7 +19,7 @@ def ranking_loss(scores, labels):
     Written as a logsumexp over [0] and the masked differences (pairs with equal labels,
     and i == j, contribute nothing). Shared by CoSENT and the AnglE angle term.
     """
-    scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))
+    scores = sim.as_float32(scores)
     diff = scores[:, None] - scores[None, :]
     keep = labels[:, None] < labels[None, :]
     diff = jnp.where(keep, diff, -jnp.inf).reshape(-1)
@@ -35,5 +35,5 @@ def cosent(a, b, labels, *, scale=20.0, similarity="cosine"):
       scale: lambda = 1 / temperature, 20 as in CoSENT / angle-emb / sentence-transformers.
       similarity: a ``embedjax.similarity.pairwise`` metric (default "cosine").
     """
-    a, b = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (a, b))
+    a, b = sim.as_float32(a), sim.as_float32(b)
     return ranking_loss(scale * sim.pairwise(a, b, similarity), labels)

@@ -27,6 +27,6 @@ def cosine_mse(a, b, labels, *, label_range=(0.0, 1.0)):
         labels already in [0, 1].
     """
     lo, hi = check_label_range(label_range)
-    a, b = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (a, b))
+    a, b = sim.as_float32(a), sim.as_float32(b)
     y = (jnp.asarray(labels, a.dtype) - lo) / (hi - lo)
     return jnp.mean(jnp.square(sim.cosine_pairwise(a, b) - y))

@@ -26,14 +26,8 @@ import jax.numpy as jnp
 from embedjax import similarity as sim
 
 
-def _f32(x):
-    """Promote to at least float32 (bf16 embeddings: compute the loss in float32)."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def _target(x):
-    return jax.lax.stop_gradient(_f32(x))
+    return jax.lax.stop_gradient(sim.as_float32(x))
 
 
 def _candidates(name, q, p, n):
@@ -52,7 +46,7 @@ def _candidates(name, q, p, n):
 
 def _student_scores(q, cands, similarity):
     """s(q_i, c_ij): ``(B, D), (B, m, D) -> (B, m)`` in float32 or wider."""
-    return sim.pairwise(_f32(q)[:, None, :], _f32(cands), similarity)
+    return sim.pairwise(sim.as_float32(q)[:, None, :], sim.as_float32(cands), similarity)
 
 
 def margin_mse(q, p, n, teacher, *, similarity="dot"):
@@ -155,7 +149,7 @@ def embedding_mse(student, teacher):
       The scalar MSE. Raises ValueError if the widths D differ (see ``similarity_mse``).
     """
     _check_same_width("embedding_mse", student, teacher)
-    return jnp.mean(jnp.square(_f32(student) - _target(teacher)))
+    return jnp.mean(jnp.square(sim.as_float32(student) - _target(teacher)))
 
 
 def embedding_cosine(student, teacher):
@@ -169,7 +163,7 @@ def embedding_cosine(student, teacher):
       A scalar in [0, 2]; insensitive to each row's norm. ValueError if the widths D differ.
     """
     _check_same_width("embedding_cosine", student, teacher)
-    return jnp.mean(1.0 - sim.cosine_pairwise(_f32(student), _target(teacher)))
+    return jnp.mean(1.0 - sim.cosine_pairwise(sim.as_float32(student), _target(teacher)))
 
 
 def similarity_mse(student, teacher):
@@ -190,6 +184,6 @@ def similarity_mse(student, teacher):
     if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(f"similarity_mse: student and teacher must embed the same texts: leading shapes "
                          f"{student.shape[:-1]} and {teacher.shape[:-1]} differ")
-    s = _f32(student).reshape(-1, student.shape[-1])
+    s = sim.as_float32(student).reshape(-1, student.shape[-1])
     t = _target(teacher).reshape(-1, teacher.shape[-1])
     return jnp.mean(jnp.square(sim.cosine_matrix(s, s) - sim.cosine_matrix(t, t)))

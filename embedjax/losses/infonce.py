@@ -16,11 +16,6 @@ import jax.numpy as jnp
 from embedjax import similarity as sim
 
 
-def _promote(x):
-    """Loss math in at least float32 (bf16 embeddings give float32 logits)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def duplicate_mask(row_ids, cand_ids, cand_known, target_cols):
     """Boolean (R, C) mask of candidates to drop: same id as one of the row's texts.
 
@@ -87,13 +82,13 @@ def infonce(
     Returns:
       scalar mean cross-entropy.
     """
-    anchors, positives = _promote(anchors), _promote(positives)
+    anchors, positives = sim.as_float32(anchors), sim.as_float32(positives)
     b, d = anchors.shape
     targets = jnp.arange(b)
     cands = positives
     cand_ids, cand_known = _ids_or_unknown(positive_ids, (b,))
     if negatives is not None:
-        negatives = _promote(negatives).reshape(b, -1, d)
+        negatives = sim.as_float32(negatives).reshape(b, -1, d)
         k = negatives.shape[1]
         cands = jnp.concatenate([positives, negatives.reshape(b * k, d)], axis=0)
         neg_ids, neg_known = _ids_or_unknown(negative_ids, (b * k,))

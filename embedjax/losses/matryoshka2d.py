@@ -31,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from embedjax import similarity as sim
 from embedjax.losses.matryoshka import is_embedding, map_embeddings
 
 LAYER_WEIGHTINGS = ("inverse", "uniform", "log", "linear")
@@ -113,7 +114,7 @@ def _slice(args, kwargs, size, d):
 
 
 def _promote(args, kwargs, size):
-    return map_embeddings(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), args, kwargs, size)
+    return map_embeddings(sim.as_float32, args, kwargs, size)
 
 
 # ---------------------------------------------------------------- 2DMSE v1

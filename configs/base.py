@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from embedjax import hf
 
@@ -53,13 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.model = hf.minilm_l6()      # a checkpoint directory or hub id
-    c.pooling = ""                # the run's one pooling mode (train, eval, export); '' = the checkpoint's
-    c.max_length = 0              # tokens per text; 0 = the checkpoint's max_seq_length
+    c.pooling = placeholder(str)  # the run's one pooling mode (train, eval, export); None = the checkpoint's
+    c.max_length = placeholder(int)  # tokens per text; None = the checkpoint's max_seq_length
     c.dtype = "float32"           # compute dtype ("bfloat16" on TPU/GPU); params stay float32
-    c.hidden_dropout = -1.0       # encoder hidden dropout rate; < 0 = the checkpoint's (config.json)
-    c.attention_dropout = -1.0    # encoder attention dropout rate; < 0 = the checkpoint's
+    c.hidden_dropout = placeholder(float)  # encoder hidden dropout rate; None = the checkpoint's (config.json)
+    c.attention_dropout = placeholder(float)  # encoder attention dropout rate; None = the checkpoint's
     c.pooler_init = {}            # latent_attention pooling: init_latent_attention kwargs (num_latents, num_heads, ...)
-    c.attention = ""              # decoder LLMs: "causal" (as pretrained) | "bidirectional" (LLM2Vec, NV-Embed); '' = checkpoint's
+    c.attention = placeholder(str)  # decoder LLMs: "causal" (as pretrained) | "bidirectional" (LLM2Vec, NV-Embed); None = checkpoint's
     # Instructions (e.g. "Instruct: {task}\nQuery: "): prefixed to the first text of each training record
     # (query) and to its positive / hard negatives (document); saved with the model as its prompts.
     c.prompts = ml_collections.ConfigDict({"query": "", "document": ""})
@@ -68,22 +69,22 @@ def base_config() -> ml_collections.ConfigDict:
         "rank": 0,                # adapter rank r; > 0 trains only the adapters (and a pooler's own params)
         "alpha": 32.0,            # scale = alpha / r (alpha / sqrt(r) with rslora)
         "dropout": 0.0,           # dropout on the adapters' input
-        "targets": "",            # regex over dense param paths; '' = every attention and MLP projection
+        "targets": placeholder(str),  # regex over dense param paths; None = every attention and MLP projection
         "rslora": False,          # rank-stabilised scaling (arXiv:2312.03732)
         "save_peft": True,        # also write workdir/adapter, a PEFT adapter directory (the export merges them)
-        "init_from": "",          # a PEFT adapter directory to start from (its rank/alpha/targets; rank is then unused)
+        "init_from": placeholder(str),  # a PEFT adapter directory to start from (its rank/alpha/targets; rank is then unused)
     })
     c.seed = 0                    # params' dropout keys and the data order
     c.batch_size = 32             # global, over all devices and hosts (per micro-batch with optim.accumulate)
-    c.num_epochs = 1.0            # passes over the training data (ignored when num_steps > 0)
-    c.num_steps = 0               # > 0: train steps (micro-batches), overrides num_epochs
+    c.num_epochs = 1.0            # passes over the training data (ignored when num_steps is set)
+    c.num_steps = placeholder(int)  # train steps (micro-batches), overrides num_epochs; None = num_epochs epochs
     c.mesh = ml_collections.ConfigDict({  # the device mesh (embedjax/sharding.py)
         "data": -1,               # data-parallel axis size; -1 = all devices not used by fsdp
         "fsdp": 1,                # parameter-sharding axis size (data parallel too)
         "model": 1,               # tensor-parallel axis size (splits each big matrix; same examples)
     })
     c.sharding_rules = "replicated"  # or "fsdp" (the backbone's rules: big matrices over fsdp and model)
-    c.memory_limit_gib = 0.0      # refuse a step needing more per device; 0 = the device's limit (unknown on CPU)
+    c.memory_limit_gib = placeholder(float)  # refuse a step needing more per device; None = the device's limit (unknown on CPU)
 
     c.optim = ml_collections.ConfigDict({  # AdamW + schedule (embedjax/train/optim.py)
         "learning_rate": 2e-5,    # peak learning rate (AdamW)
@@ -103,12 +104,12 @@ def base_config() -> ml_collections.ConfigDict:
         "ema_select": "best",     # what competes for export: "best" (raw or EMA, whichever scores higher) | "ema" | "raw"
     })
     c.objective = ml_collections.ConfigDict({  # the loss and its wrappers (embedjax/train/objective.py)
-        "loss": "angle",          # a name in embedjax/train/objective.py: LOSSES (angle, cosent, infonce, ...; docs/losses.md)
+        "loss": "angle",          # a name in embedjax/train/loss_specs.py: LOSSES (angle, cosent, infonce, ...; docs/losses.md)
         "loss_kwargs": {},        # keyword arguments of the loss (free-form: set the whole dict on the CLI)
         "matryoshka_dims": (),    # Matryoshka: also train these leading widths; () = off
         "matryoshka_weights": (),  # one weight per dim; () = all 1
         "matryoshka_n_per_step": 0,  # sample this many dims each step; 0 = all
-        "layers": "",             # 2D Matryoshka / ESE over layers: '' | adaptive | 2dmse | espresso
+        "layers": placeholder(str),  # 2D Matryoshka / ESE over layers: adaptive | 2dmse | espresso; None = last layer only
         "layer_kwargs": {},       # keyword arguments of the layer wrapper (free-form)
         "remat": False,           # rematerialise each layer in the backward pass (memory for compute); or a
                                   # jax.checkpoint_policies name, e.g. "dots_with_no_batch_dims_saveable"
@@ -116,24 +117,24 @@ def base_config() -> ml_collections.ConfigDict:
         "dropout": True,          # the encoder's dropout during training (SimCSE needs it)
         "gradcache_chunk": 0,     # > 0: GradCache (exact large-batch contrastive loss, bounded memory)
         # Scored-pair losses added to the main one on the same embeddings (inside Matryoshka / 2D):
-        # {name: weight} or {name: {"weight": w, **kwargs}}, e.g. {"pearson": 1.0}; names in objective.AUX_LOSSES.
+        # {name: weight} or {name: {"weight": w, **kwargs}}, e.g. {"pearson": 1.0}; names in loss_specs.AUX_LOSSES.
         "aux_losses": {},
         "distill": ml_collections.ConfigDict({  # embedding distillation from a teacher encoder
-            "teacher": "",        # a checkpoint dir / hub id ('' = off); it must share the student's tokenizer;
+            "teacher": placeholder(str),  # a checkpoint dir / hub id (None = off); it must share the student's tokenizer;
                                   # "initial": the run's own starting model, frozen (an anchor against forgetting)
             "loss": "cosine",     # mse (of unit vectors) | cosine | similarity_mse (in-batch cosine matrices: any width)
             "weight": 1.0,        # added as weight * mean over both sides (and over layers with objective.layers)
         }),
     })
     c.data = ml_collections.ConfigDict({  # training and dev data (embedjax/train/sources.py)
-        "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: KINDS)
+        "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: DATA_KINDS)
         "train": str(DATA / "stsb" / "sts-train.csv"),  # training file
-        "format": "",             # pairs/triplets/scored/sentences: tsv | csv | jsonl | txt; '' = from the suffix
+        "format": placeholder(str),  # pairs/triplets/scored/sentences: tsv | csv | jsonl | txt; None = from the suffix
         "columns": {},            # {field: column name / JSON key / 0-based index} (files), or TFDS features; {} = defaults
-        "score_range": (),        # scored files: (lo, hi) every score must lie in; () = any finite score
-        "tfds_name": "",          # kind=tfds: the dataset, e.g. "glue/stsb"
+        "score_range": placeholder(tuple),  # scored files: (lo, hi) every score must lie in; None = any finite score
+        "tfds_name": placeholder(str),  # kind=tfds: the dataset, e.g. "glue/stsb"
         "tfds_split": "train",    # kind=tfds: the split to train on
-        "tfds_data_dir": "",      # kind=tfds: where TFDS keeps datasets; '' = TFDS's default
+        "tfds_data_dir": placeholder(str),  # kind=tfds: where TFDS keeps datasets; None = TFDS's default
         "skip_bad": False,        # skip (and count) malformed rows instead of stopping at the first
         "buckets": (16, 32, 64, 128, 256),  # padded lengths, or a packed row's length past pack_length
         # Sequence packing: all texts of a batch share rows of pack_length tokens (0 = pad each

@@ -6,7 +6,7 @@ trial reported beside it (never selected on).
     python scripts/train.py --config configs/stsb_anchored.py:smoke --workdir /tmp/smoke
 
 ``objective.distill.teacher="initial"`` distils every training text towards the run's own
-starting model (1 - cosine, weight 10; embedjax/train/loop.py: load_teacher). Without the anchor
+starting model (1 - cosine, weight 10; embedjax/train/encoders.py: load_teacher). Without the anchor
 lr 2e-5 overfits STS-B train within the epoch (configs/stsb_angle.py keeps lr 1e-5 for that
 reason); with it both STS-B dev and SICK trial end higher than configs/stsb_angle.py's (the
 3-seed table in benchmarks/README.md, "Research recipes"). Variants: ``:smoke``.

@@ -8,7 +8,8 @@
         cli.run(main)                 # --debug anywhere in argv: the full traceback instead
 
 A user-facing error (``USER_ERRORS``: ``embedjax.data.DataError``, ``embedjax.hf.CheckpointError``,
-any ``ValueError``, ``KeyError`` or ``OSError`` such as ``FileNotFoundError``) is printed as
+any ``ValueError``, ``KeyError`` or ``OSError`` such as ``FileNotFoundError`` or a workdir another
+trainer holds, and the training NaN guard's ``FloatingPointError``) is printed as
 ``error: <message>`` on ONE line of stderr (a multi-line message is joined with "; ") and the
 process exits with status 2, as argparse does for bad flags. ``DataError`` messages start with
 ``file:line:``. Any other exception is a bug and propagates with its traceback. With
@@ -27,9 +28,12 @@ from embedjax.hf import CheckpointError
 
 T = TypeVar("T")
 
-# DataError and CheckpointError are ValueErrors; listed for the reader. OSError covers
-# FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError.
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, CheckpointError, ValueError, KeyError, OSError)
+# DataError, CheckpointError and a damaged workdir's CheckpointDamaged are ValueErrors; listed for the
+# reader. OSError covers FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError and
+# embedjax.train.workdir.WorkdirLocked. FloatingPointError: embedjax.train.metrics.TrainingDiverged (the
+# NaN guard stopped a run, its last good checkpoint kept).
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, CheckpointError, ValueError, KeyError, OSError,
+                                                FloatingPointError)
 EXIT_STATUS = 2
 DEBUG_FLAG = "--debug"
 MAX_CHARS = 2000

@@ -24,7 +24,6 @@ Around them (side effects): ``load_candidates`` reads exported models and traini
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from pathlib import Path
@@ -376,12 +375,6 @@ class Candidate:
     encoder: Any
 
 
-def _is_workdir(path: Path) -> bool:
-    from embedjax.train import run_config
-
-    return path.is_dir() and (path / run_config.CONFIG_FILE).is_file()
-
-
 def load_candidates(paths: Sequence[str], *, checkpoints: bool = False) -> list[Candidate]:
     """The models at ``paths``: exported model directories or hub ids (anything
     ``embedjax.load_pretrained`` takes) or training workdirs.
@@ -393,11 +386,12 @@ def load_candidates(paths: Sequence[str], *, checkpoints: bool = False) -> list[
     an export nor (with ``checkpoints``) a checkpoint is an error.
     """
     from embedjax.model import load_pretrained
+    from embedjax.train import encoders
 
     out: list[Candidate] = []
     for raw in paths:
         path = Path(raw)
-        if not _is_workdir(path):
+        if not encoders.is_workdir(path):
             out.append(Candidate(str(raw), load_pretrained(raw)))
             continue
         exported = (path / "config.json").is_file()
@@ -412,27 +406,6 @@ def load_candidates(paths: Sequence[str], *, checkpoints: bool = False) -> list[
     return out
 
 
-def _run_encoder(workdir: Path):
-    """The run's encoder before training and its trainable / frozen split, as the loop builds them."""
-    import ml_collections
-
-    from embedjax.model import load_pretrained
-    from embedjax.train import loop, run_config
-
-    config = ml_collections.ConfigDict(json.loads((workdir / run_config.CONFIG_FILE).read_text()))
-    encoder = load_pretrained(config.model, pooling=config.get("pooling") or None,
-                              max_length=config.get("max_length") or None, attention=config.get("attention") or None,
-                              pooler_init=dict(config.get("pooler_init") or {}) or None, seed=config.get("seed", 0))
-    prompts = config.get("prompts") or {}
-    if prompts.get("query") or prompts.get("document"):
-        encoder = dataclasses.replace(encoder, prompts={k: v for k, v in prompts.items() if v},
-                                      include_prompt=bool(config.get("include_prompt", True)))
-    if "lora" not in config:  # an older config: full fine-tuning
-        return config, encoder, encoder.params, jax.tree.map(lambda _: None, encoder.params)
-    trainable, frozen, encoder = loop.trainable_params(config, encoder)
-    return config, encoder, trainable, frozen
-
-
 def workdir_checkpoints(workdir: str | Path) -> list[Candidate]:
     """Every kept best (``best/``) and latest (``checkpoints/``) step of a training workdir as
     ``Candidate``s named ``<workdir>@best-<step>`` / ``<workdir>@step-<step>``: the saved
@@ -440,19 +413,15 @@ def workdir_checkpoints(workdir: str | Path) -> list[Candidate]:
     encoder exported with ``normalize=True`` like the run's own export."""
     import orbax.checkpoint as ocp
 
-    from embedjax import lora
+    from embedjax.train import encoders
 
     workdir = Path(workdir).absolute()
-    config, encoder, trainable, frozen = _run_encoder(workdir)
+    _, encoder, trainable, frozen = encoders.run_encoder(workdir)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainable)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
 
     def finish(name: str, params) -> Candidate:
-        full = lora.combine(params, frozen)
-        cfg = encoder.cfg
-        if cfg.lora is not None:
-            full, cfg = lora.merge(full, cfg)
-        return Candidate(name, dataclasses.replace(encoder, params=full, cfg=cfg, normalize=True))
+        return Candidate(name, encoders.merged_encoder(encoder, params, frozen))
 
     out = []
     for sub, label, key in (("best", "best", "params"), ("checkpoints", "step", "state")):

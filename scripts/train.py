@@ -36,7 +36,7 @@ from absl import logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from embedjax import cli, distributed  # noqa: E402
-from embedjax.train import run_config  # noqa: E402
+from embedjax.train import config as train_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/stsb_angle.py[:variant]",
                                           lock_config=True)
@@ -54,7 +54,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv, callbacks=()) -> None:
-    """The run the flags describe; ``callbacks`` (``embedjax.train.loop.Callback``) go to the loop."""
+    """The run the flags describe; ``callbacks`` (``embedjax.train.callbacks.Callback``) go to the loop."""
     del argv
     # embedjax's own messages at INFO; Orbax/absl internals only when something is wrong.
     absl_logging.set_verbosity(absl_logging.WARNING)
@@ -97,7 +97,7 @@ def report(summary: dict, select: str, workdir: str) -> None:
 def check_config_overrides(argv: list[str]) -> None:
     """A mistyped ``--config.key`` fails here, in one line naming the closest keys, before
     absl's flag parsing (whose message for it is a multi-line traceback)."""
-    keys = run_config.override_keys_from_argv(argv)
+    keys = train_config.override_keys_from_argv(argv)
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None and "--config" in argv[:-1]:
         spec = argv[argv.index("--config") + 1]
@@ -109,9 +109,19 @@ def check_config_overrides(argv: list[str]) -> None:
     module_spec = importlib.util.spec_from_file_location("embedjax_cli_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    run_config.check_override_keys(module.get_config(variant or None), keys)
+    train_config.check_override_keys(module.get_config(variant or None), keys)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing under the CLI contract: a bad flag value, a config-variant typo or a
+    config file that fails to load is one ``error:`` line and exit status 2, not absl's
+    multi-line FATAL message (status 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        raise ValueError(" ".join(str(err).split())) from err
 
 
 if __name__ == "__main__":
     cli.run(check_config_overrides, sys.argv[1:], strip_debug=True)
-    app.run(lambda argv: cli.run(main, argv, debug=_DEBUG.value))
+    app.run(lambda argv: cli.run(main, argv, debug=_DEBUG.value), flags_parser=lambda argv: cli.run(parse_flags, argv))

@@ -17,8 +17,11 @@ sys.path.insert(0, str(REPO))
 
 from configs import base  # noqa: E402
 from embedjax.data import pipeline  # noqa: E402
-from embedjax.train import run_config, sources  # noqa: E402
-from embedjax.train.objective import Objective, check_objective_data  # noqa: E402
+from embedjax.train import config as train_config  # noqa: E402
+from embedjax.train import sources  # noqa: E402
+from embedjax.train import workdir as workdirs  # noqa: E402
+from embedjax.train.loss_specs import check_objective_data  # noqa: E402
+from embedjax.train.objective import Objective  # noqa: E402
 
 # Every shipped config with every variant it takes.
 VARIANTS = [
@@ -42,15 +45,15 @@ def load(name: str):
 
 def declared_paths() -> dict:
     """Every declared key; what lies below a free-form section (``evals.dev.path``) is the section's content."""
-    paths = run_config._paths(base.base_config().to_dict())
-    return {p: v for p, v in paths.items() if not any(p.startswith(s + ".") for s in run_config.OPEN_SECTIONS)}
+    paths = train_config.config_paths(base.base_config().to_dict())
+    return {p: v for p, v in paths.items() if not any(p.startswith(s + ".") for s in train_config.OPEN_SECTIONS)}
 
 
 def undeclared(paths) -> list[str]:
     """Paths not declared in base_config (anything below a free-form dict is allowed)."""
     declared = declared_paths()
     return sorted(p for p in paths if p not in declared
-                  and not any(p.startswith(s + ".") for s in run_config.OPEN_SECTIONS))
+                  and not any(p.startswith(s + ".") for s in train_config.OPEN_SECTIONS))
 
 
 def test_every_shipped_config_is_covered():
@@ -61,7 +64,7 @@ def test_every_shipped_config_is_covered():
 @pytest.mark.parametrize("name", VARIANTS)
 def test_config_loads_and_declares_nothing_new(name):
     c = load(name)
-    paths = run_config._paths(c.to_dict())
+    paths = train_config.config_paths(c.to_dict())
     assert undeclared(paths) == []
     base_paths = declared_paths()
     for path, value in paths.items():  # same types as declared (ml_collections enforces most of it)
@@ -113,10 +116,15 @@ class ConfigReads:
         self.sections = set(sections if sections is not None else
                             (p for p, v in declared_paths().items() if isinstance(v, dict)))
         self.defs: dict[str, list] = {}
+        self.methods: dict[str, list] = {}  # "Class.method" -> [(file, node)]: a call on the class binds only these
         for name, tree in self.trees.items():
             for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     self.defs.setdefault(node.name, []).append((name, node))
+                if isinstance(node, ast.ClassDef):
+                    for item in node.body:
+                        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                            self.methods.setdefault(f"{node.name}.{item.name}", []).append((name, item))
         self.reads: dict[str, set] = {}   # dotted key -> {"file:line"}
         self.gets: dict[str, set] = {}    # keys read with .get(key, ...)
         self.bound: set = set()
@@ -125,7 +133,7 @@ class ConfigReads:
             todo += [(file, node, env) for f, node in self.defs.get(func, []) if f == file]
         while todo:
             file, node, env = todo.pop()
-            key = (file, node.name, tuple(sorted(env.items())))
+            key = (file, node.lineno, tuple(sorted(env.items())))  # methods share names: the def's line
             if key in self.bound:
                 continue
             self.bound.add(key)
@@ -170,7 +178,10 @@ class ConfigReads:
                     self.gets.setdefault(prefix, set()).add(f"{file}:{node.lineno}")
             if isinstance(node, ast.Call):
                 name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
-                for target_file, target in self.defs.get(name, []):
+                qualified = (f"{node.func.value.id}.{name}" if isinstance(node.func, ast.Attribute)
+                             and isinstance(node.func.value, ast.Name) else None)
+                targets = self.methods[qualified] if qualified in self.methods else self.defs.get(name, [])
+                for target_file, target in targets:
                     params = [a.arg for a in target.args.posonlyargs + target.args.args]
                     if params[:1] in (["self"], ["cls"]):
                         params = params[1:]
@@ -214,7 +225,7 @@ def test_every_key_the_code_reads_is_declared(scan):
 
 
 def test_every_declared_key_is_read(scan):
-    declared = [p for p, v in declared_paths().items() if not isinstance(v, dict) or p in run_config.OPEN_SECTIONS]
+    declared = [p for p, v in declared_paths().items() if not isinstance(v, dict) or p in train_config.OPEN_SECTIONS]
     unread = [p for p in declared if p not in scan.reads]
     assert not unread, f"declared in configs/base.py but read nowhere: {unread}"
 
@@ -241,22 +252,22 @@ def test_base_declares_with_one_line_comments():
 
 def test_override_key_typos_name_close_matches():
     c = load("stsb_angle")
-    run_config.check_override_keys(c, ["optim.learning_rate", "data.buckets", "optim", "objective.loss_kwargs",
+    train_config.check_override_keys(c, ["optim.learning_rate", "data.buckets", "optim", "objective.loss_kwargs",
                                        "objective.loss_kwargs.label_range", "hidden_dropout", "data.tfds_name"])
     with pytest.raises(ValueError) as err:
-        run_config.check_override_keys(c, ["batch_size", "optim.learning_rat"])
+        train_config.check_override_keys(c, ["batch_size", "optim.learning_rat"])
     assert str(err.value) == "--config.optim.learning_rat: no such key; did you mean optim.learning_rate?"
     for typo, match in [("learning_rate", "optim.learning_rate"), ("data.colums", "data.columns"),
                         ("batchsize", "batch_size"), ("objective.pooling", "pooling")]:
         with pytest.raises(ValueError, match=rf"^--config\.{typo}: no such key; did you mean .*{match}"):
-            run_config.check_override_keys(c, [typo])
+            train_config.check_override_keys(c, [typo])
     with pytest.raises(ValueError, match=r"^--config\.zzzz: no such key; see configs/base.py"):
-        run_config.check_override_keys(c, ["zzzz"])
+        train_config.check_override_keys(c, ["zzzz"])
     with pytest.raises(ValueError, match=r"objective.loss_kwargs has no key 'label_rang'.*label_range.*whole dict"):
-        run_config.check_override_keys(c, ["objective.loss_kwargs.label_rang"])
+        train_config.check_override_keys(c, ["objective.loss_kwargs.label_rang"])
     for keys in (["optim.learning_rat"], ["objective.loss_kwargs.label_rang"], ["zzzz"]):
         with pytest.raises(ValueError) as err:
-            run_config.check_override_keys(c, keys)
+            train_config.check_override_keys(c, keys)
         assert "\n" not in str(err.value)
 
 
@@ -264,7 +275,7 @@ def test_override_keys_from_argv():
     argv = ["train.py", "--config", "configs/stsb_angle.py:smoke", "--config.optim.learning_rate=1e-5",
             "--config.batch_size", "64", "-config.seed=1", "--noconfig.objective.dropout", "--workdir=/tmp/w",
             "--", "--config.not_a_flag=1"]
-    assert run_config.override_keys_from_argv(argv) == ["optim.learning_rate", "batch_size", "seed",
+    assert train_config.override_keys_from_argv(argv) == ["optim.learning_rate", "batch_size", "seed",
                                                         "objective.dropout"]
 
 
@@ -274,31 +285,31 @@ def test_override_keys_from_argv():
 @pytest.fixture()
 def saved_workdir(tmp_path):
     c = load("stsb_angle:smoke")
-    (tmp_path / run_config.CONFIG_FILE).write_text(c.to_json_best_effort(indent=2) + "\n")  # as the loop writes it
+    (tmp_path / workdirs.CONFIG_FILE).write_text(c.to_json_best_effort(indent=2) + "\n")  # as the loop writes it
     (tmp_path / "checkpoints" / "4").mkdir(parents=True)  # and a saved step: something to resume
     return tmp_path
 
 
 def test_config_changes_on_real_json(saved_workdir):
-    saved = json.loads((saved_workdir / run_config.CONFIG_FILE).read_text())
+    saved = json.loads((saved_workdir / workdirs.CONFIG_FILE).read_text())
     c = load("stsb_angle:smoke")
-    assert run_config.config_changes(saved, c.to_dict()) == []  # tuples vs lists, (0.0, 5.0) vs [0.0, 5.0]
-    assert run_config.config_changes(saved, c) == []  # a ConfigDict too
+    assert workdirs.config_changes(saved, c.to_dict()) == []  # tuples vs lists, (0.0, 5.0) vs [0.0, 5.0]
+    assert workdirs.config_changes(saved, c) == []  # a ConfigDict too
     # what does not change the run
     c.log_every, c.eval_every, c.eval_batch_size, c.sharding_rules = 1, 2, 7, "fsdp"
     c.mesh.data, c.mesh.fsdp, c.checkpoint.keep, c.checkpoint.every, c.checkpoint.keep_best = 2, 4, 9, 1, 3
-    assert run_config.config_changes(saved, c.to_dict()) == []
+    assert workdirs.config_changes(saved, c.to_dict()) == []
     # what does
     c.optim.learning_rate, c.batch_size, c.data.buckets = 2e-5, 64, (16, 32)
     c.objective.loss_kwargs.label_range = (0.0, 1.0)
     c.num_steps, c.pooling = 16, "cls"
-    assert run_config.config_changes(saved, c.to_dict()) == [
+    assert workdirs.config_changes(saved, c.to_dict()) == [
         "batch_size: 16 -> 64",
         "data.buckets: [16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 256] -> [16, 32]",
         "num_steps: 8 -> 16",
         "objective.loss_kwargs.label_range: [0.0, 5.0] -> [0.0, 1.0]",
         "optim.learning_rate: 1e-05 -> 2e-05",
-        "pooling: '' -> 'cls'",
+        "pooling: None -> 'cls'",  # None: the checkpoint's own pooling
     ]
 
 
@@ -308,26 +319,26 @@ def test_config_changes_equivalences_and_absent_keys():
     new = {"num_steps": 8, "num_epochs": 1.0, "optim": {"learning_rate": 1e-5, "accumulate": True},
            "objective": {"loss_kwargs": {}}, "log_every": 1}
     # num_epochs is not read when num_steps > 0; bool is not int; a removed kwarg is a change
-    assert run_config.config_changes(saved, new) == ["objective.loss_kwargs: (absent) -> {}",
+    assert workdirs.config_changes(saved, new) == ["objective.loss_kwargs: (absent) -> {}",
                                                      "objective.loss_kwargs.scale: 20 -> (absent)",
                                                      "optim.accumulate: 1 -> True"]
-    assert run_config.config_changes({**saved, "num_steps": 0}, {**new, "num_steps": 0})[0] == "num_epochs: 3 -> 1.0"
+    assert workdirs.config_changes({**saved, "num_steps": 0}, {**new, "num_steps": 0})[0] == "num_epochs: 3 -> 1.0"
 
 
 def test_check_rerun(saved_workdir, tmp_path_factory):
     c = load("stsb_angle:smoke")
-    assert run_config.check_rerun(saved_workdir, c, allow_change=False) == []
-    assert run_config.check_rerun(tmp_path_factory.mktemp("fresh"), c, allow_change=False) == []  # no config.json
+    assert workdirs.check_rerun(saved_workdir, c, allow_change=False) == []
+    assert workdirs.check_rerun(tmp_path_factory.mktemp("fresh"), c, allow_change=False) == []  # no config.json
     c.optim.learning_rate, c.log_every = 2e-5, 1
     with pytest.raises(ValueError) as err:
-        run_config.check_rerun(saved_workdir, c, allow_change=False)
+        workdirs.check_rerun(saved_workdir, c, allow_change=False)
     msg = str(err.value)
     assert "optim.learning_rate: 1e-05 -> 2e-05" in msg and "--allow_config_change" in msg
-    assert "log_every" not in msg and str(saved_workdir / run_config.CONFIG_FILE) in msg
-    assert run_config.check_rerun(saved_workdir, c, allow_change=True) == ["optim.learning_rate: 1e-05 -> 2e-05"]
-    (saved_workdir / run_config.CONFIG_FILE).write_text("{not json")
+    assert "log_every" not in msg and str(saved_workdir / workdirs.CONFIG_FILE) in msg
+    assert workdirs.check_rerun(saved_workdir, c, allow_change=True) == ["optim.learning_rate: 1e-05 -> 2e-05"]
+    (saved_workdir / workdirs.CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        run_config.check_rerun(saved_workdir, c, allow_change=False)
+        workdirs.check_rerun(saved_workdir, c, allow_change=False)
 
 
 def test_a_run_that_saved_nothing_does_not_block_a_corrected_rerun(saved_workdir, tmp_path):
@@ -335,21 +346,21 @@ def test_a_run_that_saved_nothing_does_not_block_a_corrected_rerun(saved_workdir
     corrected command; once a checkpoint or a summary exists, the same change is refused."""
     workdir = tmp_path / "w"
     workdir.mkdir()
-    (workdir / run_config.CONFIG_FILE).write_text((saved_workdir / run_config.CONFIG_FILE).read_text())
+    (workdir / workdirs.CONFIG_FILE).write_text((saved_workdir / workdirs.CONFIG_FILE).read_text())
     c = load("stsb_angle:smoke")
     c.data.train = "/data/sts-train-fixed.csv"
-    assert not run_config.has_progress(workdir)
-    assert run_config.check_rerun(workdir, c, allow_change=False) == []
+    assert not workdirs.has_progress(workdir)
+    assert workdirs.check_rerun(workdir, c, allow_change=False) == []
     (workdir / "checkpoints" / "tmp").mkdir(parents=True)  # an unfinished save is not progress
-    assert run_config.check_rerun(workdir, c, allow_change=False) == []
+    assert workdirs.check_rerun(workdir, c, allow_change=False) == []
     (workdir / "checkpoints" / "4").mkdir()
-    assert run_config.has_progress(workdir)
+    assert workdirs.has_progress(workdir)
     with pytest.raises(ValueError, match="data.train"):
-        run_config.check_rerun(workdir, c, allow_change=False)
+        workdirs.check_rerun(workdir, c, allow_change=False)
     (workdir / "checkpoints" / "4").rmdir()
     (workdir / "summary.json").write_text("{}")
     with pytest.raises(ValueError, match="data.train"):
-        run_config.check_rerun(workdir, c, allow_change=False)
+        workdirs.check_rerun(workdir, c, allow_change=False)
 
 
 # ---------------------------------------------------------------------------- objective vs data
@@ -438,15 +449,17 @@ def mined_file(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", [v for v in VARIANTS if "file=" not in v])
 def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined_file):
     """Every source of every shipped config (each mixture entry too) reads and suits its objective."""
-    from embedjax.train import loop
+    from embedjax.train import encoders
+    from embedjax.train.config import INITIAL_TEACHER, DataConfig, ModelConfig, source_sections
 
     c = load(name)
     if name.startswith("mined_distill"):
         c.data.train = str(mined_file)  # the config's default path is what scripts/mine.py writes first
     # "initial" (the run's own starting model) is the only teacher a shipped config names
-    teacher = loop.load_teacher(c, None) if c.objective.distill.teacher == loop.INITIAL_TEACHER else None
-    for data, objective_cfg, _ in loop.task_specs(c).values():
-        source = sources.train_source(data)
+    teacher = (encoders.load_teacher(INITIAL_TEACHER, None, ModelConfig.from_config(c))
+               if c.objective.distill.teacher == INITIAL_TEACHER else None)
+    for data, objective_cfg, _ in source_sections(c.data, c.objective).values():
+        source = sources.train_source(DataConfig.from_config(data))
         fields, scores = pipeline.fields_of(source), sources.scores_of(source)
         assert (scores is None) == ("score" not in fields)
         if scores is not None:

@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from configs import llm_lora  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
+
 CONFIG = "llm_lora.py:smoke=4"
 
 
@@ -116,18 +118,18 @@ def test_a_step_that_does_not_fit_is_refused_naming_what_to_change():
 
 
 def test_the_loop_refuses_a_step_over_its_memory_limit_before_running_it():
-    """loop.CompiledSteps compiles each batch shape ahead of time and checks it before the first call."""
-    from embedjax.train import loop
+    """step.CompiledSteps compiles each batch shape ahead of time and checks it before the first call."""
+    from embedjax.train.step import CompiledSteps
 
     calls = []
     jitted = jax.jit(lambda state, batch, frozen, teacher: (calls.append(1), state + batch["x"].sum())[1])
     batch = {"x": np.ones((256, 256), np.float32)}
     knobs = dict(batch_size=256, gradcache_chunk=0, mesh_shape={"fsdp": 1}, remat=False)
-    steps = loop.CompiledSteps(jitted, limit=1024, knobs=knobs)
+    steps = CompiledSteps(jitted, limit=1024, knobs=knobs)
     with pytest.raises(MemoryError, match=r"MiB per device.*batch_size \(now 256;.*objective.gradcache_chunk"):
         steps(np.float32(0), batch, None)
     assert calls == [1]  # traced once to compile; never run
-    fits = loop.CompiledSteps(jitted, limit=None, knobs=knobs)
+    fits = CompiledSteps(jitted, limit=None, knobs=knobs)
     assert float(fits(np.float32(0), batch, None)) == 256 * 256
 
 
@@ -154,13 +156,14 @@ def test_mistral_7b_lora_step_fits_a_16_gib_chip_on_8_devices():
 
 def test_a_run_can_start_from_an_existing_peft_adapter(straight):
     """lora.init_from: the adapters of a PEFT directory are the run's starting trainable params."""
-    from embedjax.train import loop
+    from embedjax.train import encoders
+    from embedjax.train.config import LoraConfig
 
     workdir, _ = straight
     c = llm_lora.get_config("smoke")
     c.lora.init_from = str(workdir / "adapter")
     enc = embedjax.load_pretrained(c.model, pooling=c.pooling, pooler_init=dict(c.pooler_init))
-    trainable, frozen, enc = loop.trainable_params(c, enc)
+    trainable, frozen, enc = encoders.trainable_params(LoraConfig.from_config(c.lora), enc, seed=c.seed)
     assert enc.cfg.lora.rank == c.lora.rank and enc.cfg.lora.alpha == c.lora.alpha
     saved = load_file(str(workdir / "adapter" / "adapter_model.safetensors"))
     a = np.asarray(trainable["layers"]["attention"]["q"]["lora_a"][1])  # layer 1's (in, r)

@@ -18,9 +18,13 @@ import pytest
 import embedjax
 from embedjax import distributed, tokenize
 from embedjax.data import pipeline
+from embedjax.data.batch import Batch, Side
 from embedjax.train import sources
+from embedjax.train.config import DataConfig
 from embedjax.train.objective import Objective, batch_loss
 from test_train import loss_curve  # noqa: E402  (tests/ is on sys.path)
+
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +40,11 @@ def first_batches_with_unequal_hosts(source, tok, packing, batch_size=16, limit=
     make = lambda h, n: pipeline.train_pipeline(source, tok, global_batch_size=batch_size, seed=0, common_length=True,
                                                 packing=packing, shard_options=shard(h, n),
                                                 prompts={"a": "query: "}, include_prompt=False)
-    keep = lambda b: {k: v for k, v in b.items() if k.startswith(("a_", "b_", "n_", "p_", "labels"))}
+    keep = lambda b: b.model_inputs()  # noqa: E731
     one, hosts = make(0, 1), [make(0, 2), make(1, 2)]
     for _ in range(limit):
         batch, two = keep(next(one)), [keep(next(h)) for h in hosts]
-        sigs = [distributed.batch_shape_signature(b) for b in two]
+        sigs = [b.shape_signature() for b in two]
         if (sigs[0] != sigs[1]).any():
             return batch, two
     raise AssertionError(f"the hosts' batch shapes never differed in {limit} steps")
@@ -48,10 +52,15 @@ def first_batches_with_unequal_hosts(source, tok, packing, batch_size=16, limit=
 
 def agreed_global(batches, pad_token_id):
     """What the hosts' ``global_batch`` calls assemble: agreed shapes, then rows concatenated."""
-    target = np.max([distributed.batch_shape_signature(b) for b in batches], axis=0)
+    target = np.max([b.shape_signature() for b in batches], axis=0)
     agreed = [distributed.agree_batch(b, target, pad_token_id=pad_token_id, process_index=h)
               for h, b in enumerate(batches)]
-    return {k: np.concatenate([b[k] for b in agreed]) for k in agreed[0]}
+    return concatenated(agreed)
+
+
+def concatenated(batches):
+    """The hosts' slices as one batch, rows (leaf by leaf) in host order."""
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *batches)
 
 
 @pytest.mark.parametrize("layout", ["packed", "padded_hard_negatives"])
@@ -59,40 +68,38 @@ def test_agreed_host_batches_are_the_single_process_batch(layout, tiny_model, st
     enc = embedjax.load_pretrained(tiny_model)
     tok = tokenize.Tokenizer(enc.tokenizer.backend, 64, enc.cfg.pad_token_id, buckets=(16, 24, 32, 48, 64))
     if layout == "packed":
-        source = sources.train_source({"kind": "stsb", "train": str(stsb_dir / "sts-train.csv"), "skip_bad": False})
+        source = sources.train_source(DataConfig(kind="stsb", train=str(stsb_dir / "sts-train.csv")))
         packing, objective = pipeline.Packing(length=64, rows_multiple=4), Objective(loss="cosent", dropout=False)
     else:
-        source = sources.train_source({"kind": "sick_triplets", "train": str(sick_dir / "SICK_train.txt"),
-                                       "skip_bad": False})
+        source = sources.train_source(DataConfig(kind="sick_triplets", train=str(sick_dir / "SICK_train.txt")))
         packing, objective = None, Objective(loss="infonce", dropout=False)
     one, two = first_batches_with_unequal_hosts(source, tok, packing)
     merged = agreed_global(two, enc.cfg.pad_token_id)
     if packing is None:
         # padded: the agreed global batch IS the single-process batch, array for array
-        assert sorted(merged) == sorted(one)
-        for k in one:
-            np.testing.assert_array_equal(merged[k], one[k], err_msg=k)
+        assert jax.tree.structure(merged) == jax.tree.structure(one)
+        for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(merged), jax.tree.leaves(one)):
+            np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
     else:
         # packed: each host packs its own texts; every global text index points at a distinct packed segment
-        texts = np.concatenate([merged[k] for k in ("a_text", "b_text")])
+        texts = np.concatenate([merged.a.text_index, merged.b.text_index])
         assert len(set(texts.tolist())) == texts.size == 2 * 16
-        assert set(np.unique(merged["p_segments"])) - {0} == set((texts + 1).tolist())
+        assert set(np.unique(merged.packed.segments)) - {0} == set((texts + 1).tolist())
     key = jax.random.PRNGKey(0)
     want = float(batch_loss(enc.params, enc.cfg, objective, one, key))
     got = float(batch_loss(enc.params, enc.cfg, objective, merged, key))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # without the global offsets, host 1's texts would pool host 0's segments: a different loss
     if packing is not None:
-        target = np.max([distributed.batch_shape_signature(b) for b in two], axis=0)
-        naive = [distributed.agree_batch(b, target, pad_token_id=0, process_index=0) for b in two]
-        naive = {k: np.concatenate([b[k] for b in naive]) for k in naive[0]}
+        target = np.max([b.shape_signature() for b in two], axis=0)
+        naive = concatenated([distributed.agree_batch(b, target, pad_token_id=0, process_index=0) for b in two])
         assert abs(float(batch_loss(enc.params, enc.cfg, objective, naive, key)) - want) > 1e-3
 
 
 def test_single_process_batch_is_unchanged():
-    batch = {"a_ids": np.ones((4, 16), np.int32), "a_text": np.arange(4)}
+    batch = Batch(a=Side(hashes=np.zeros(4, np.int32), ids=np.ones((4, 16), np.int32)))
     out = distributed.global_batch(batch, pad_token_id=0)
-    assert out.keys() == batch.keys() and all(out[k] is batch[k] for k in batch)
+    assert out is batch
 
 
 # ---------------------------------------------------------------------------- initialize

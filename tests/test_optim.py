@@ -16,11 +16,14 @@ sys.path.insert(0, str(REPO))
 
 from configs import base  # noqa: E402
 from embedjax import losses  # noqa: E402
+from embedjax.data.batch import Batch, Side  # noqa: E402
 from embedjax.encoders import bert  # noqa: E402
 from embedjax.train import optim  # noqa: E402
 from embedjax.train.objective import Objective, batch_loss  # noqa: E402
 from embedjax.train.state import TrainState  # noqa: E402
 from embedjax.train.step import train_step  # noqa: E402
+
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
 
 # ---------------------------------------------------------------------------- cosine_mse
 
@@ -76,17 +79,15 @@ TINY = bert.BertConfig(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4,
                        max_position_embeddings=16)
 
 
-def padded_batch(rng, rows: int, length: int = 8) -> dict:
-    """A padded scored-pair batch like the pipeline's (a_*, b_*, labels), texts of varied lengths."""
-    batch = {}
+def padded_batch(rng, rows: int, length: int = 8) -> Batch:
+    """A padded scored-pair batch like the pipeline's (sides a and b, labels), texts of varied lengths."""
+    sides = {}
     for side in "ab":
         lengths = rng.integers(2, length + 1, rows)
         mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
-        batch[f"{side}_ids"] = (rng.integers(1, TINY.vocab_size, (rows, length)) * mask).astype(np.int32)
-        batch[f"{side}_mask"] = mask
-        batch[f"{side}_types"] = np.zeros((rows, length), np.int32)
-    batch["labels"] = rng.uniform(0, 5, rows).astype(np.float32)
-    return batch
+        sides[side] = Side(ids=(rng.integers(1, TINY.vocab_size, (rows, length)) * mask).astype(np.int32), mask=mask,
+                           types=np.zeros((rows, length), np.int32))
+    return Batch(**sides, labels=rng.uniform(0, 5, rows).astype(np.float32))
 
 
 def optim_config(**overrides):
@@ -129,7 +130,7 @@ def large_batch_run():
 def test_accumulating_k_micro_batches_is_the_large_batch(k, large_batch_run):
     params, large, ref = large_batch_run
     updates, rows, cfg = UPDATES, ROWS, SCHEDULE
-    micro = [{n: v[i * rows // k:(i + 1) * rows // k] for n, v in b.items()} for b in large for i in range(k)]
+    micro = [jax.tree.map(lambda v: v[i * rows // k:(i + 1) * rows // k], b) for b in large for i in range(k)]
     got = run(params, micro, optim_config(**cfg, accumulate=k), updates * k)
     assert len(got) == updates * k
     start = jax.tree.map(np.asarray, params)
@@ -152,7 +153,7 @@ def test_objective_cosine_mse_is_the_loss_of_the_embeddings():
     objective = cosine_objective()
     key = jax.random.key(0)
     za, zb, _ = embed_batch(params, TINY, objective, batch, jax.random.split(key)[0])
-    want = losses.cosine_mse(za, zb, batch["labels"], label_range=(0.0, 5.0))
+    want = losses.cosine_mse(za, zb, batch.labels, label_range=(0.0, 5.0))
     np.testing.assert_allclose(float(batch_loss(params, TINY, objective, batch, key)), float(want), rtol=1e-6)
 
 

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from embedjax.encoders import bert
-from embedjax.train import loop, optim
+from embedjax.data.batch import Batch, Side
+from embedjax.train import config as train_config
+from embedjax.train import optim, selection, tasks
 from embedjax.train.objective import Objective, batch_loss
 from embedjax.train.state import TrainState
 from embedjax.train.step import train_step
@@ -24,15 +26,17 @@ sys.path.insert(0, str(REPO))
 from configs.base import base_config  # noqa: E402
 from test_train import loss_curve, run_train  # noqa: E402
 
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
+
 CFG = bert.BertConfig(vocab_size=60, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                       max_position_embeddings=16)
 
 
 def scored_batch(seed=0, b=8, t=6):
     rng = np.random.default_rng(seed)
-    return {"a_ids": rng.integers(1, 60, (b, t)), "a_mask": np.ones((b, t), np.int32),
-            "b_ids": rng.integers(1, 60, (b, t)), "b_mask": np.ones((b, t), np.int32),
-            "labels": rng.uniform(0, 5, b).astype(np.float32)}
+    return Batch(a=Side(ids=rng.integers(1, 60, (b, t)), mask=np.ones((b, t), np.int32)),
+                 b=Side(ids=rng.integers(1, 60, (b, t)), mask=np.ones((b, t), np.int32)),
+                 labels=rng.uniform(0, 5, b).astype(np.float32))
 
 
 def objective(teacher=None, **kw):
@@ -91,7 +95,7 @@ def test_distillation_from_a_teacher_encoder():
     np.testing.assert_allclose(same, plain, rtol=1e-6, atol=1e-6)
 
     def one_minus_cos(p_student, p_teacher, side):
-        zs, zt = (np.asarray(embed(p, CFG, batch[f"{side}_ids"], batch[f"{side}_mask"], pooling="mean"))
+        zs, zt = (np.asarray(embed(p, CFG, getattr(batch, side).ids, getattr(batch, side).mask, pooling="mean"))
                   for p in (p_student, p_teacher))
         return np.mean(1 - np.sum(zs * zt, -1) / np.linalg.norm(zs, axis=-1) / np.linalg.norm(zt, axis=-1))
 
@@ -110,32 +114,32 @@ def test_distillation_from_a_teacher_encoder():
 def test_mixture_specs_are_checked():
     c = base_config()
     c.data.mixture = {"a": {"kind": "stsb", "weight": 2.0, "objective": {"loss": "cosent"}}, "b": {"kind": "sick"}}
-    specs = loop.task_specs(c)
+    specs = train_config.source_sections(c.data, c.objective)
     assert specs["a"][0]["kind"] == "stsb" and specs["a"][1]["loss"] == "cosent" and specs["a"][2] == 2.0
     assert specs["b"][1]["loss"] == c.objective.loss and specs["b"][0]["train"] == c.data.train
     c.data.mixture = {"a": {"kind": "stsb", "trian": "x"}}
     with pytest.raises(ValueError, match=r"data.mixture.a: unknown keys \['trian'\]"):
-        loop.task_specs(c)
+        train_config.source_sections(c.data, c.objective)
     c.data.mixture = {"a": {"objective": {"los": "x"}}}
     with pytest.raises(ValueError, match=r"data.mixture.a.objective: unknown keys \['los'\]"):
-        loop.task_specs(c)
+        train_config.source_sections(c.data, c.objective)
     c.data.mixture = {"a": {"weight": 0.0}}
     with pytest.raises(ValueError, match="weight must be > 0"):
-        loop.task_specs(c)
+        train_config.source_sections(c.data, c.objective)
 
 
 def test_mean_selection_key_and_ema_choice():
-    metrics = loop.add_select_metric("x/s+y/s", {"x/s": 80.0, "y/s": 70.0})
+    metrics = selection.add_select_metric("x/s+y/s", {"x/s": 80.0, "y/s": 70.0})
     assert metrics["x/s+y/s"] == 75.0
     with pytest.raises(ValueError, match="select_metric 'z/s' is not among"):
-        loop.add_select_metric("x/s+z/s", {"x/s": 1.0})
-    best = loop.Selection("m", "best", ema=True)
+        selection.add_select_metric("x/s+z/s", {"x/s": 1.0})
+    best = selection.Selection("m", "best", ema=True)
     logged, chosen, ranked = best.choose({"m": 1.0}, {"m": 2.0}, "raw", "ema")
     assert chosen == "ema" and ranked == {"m": 2.0, "selected_ema": 1.0} and logged["ema/m"] == 2.0
-    assert loop.Selection("m", "raw", ema=True).choose({"m": 1.0}, {"m": 2.0}, "raw", "ema")[1] == "raw"
-    assert loop.Selection("m", "ema", ema=True).choose({"m": 3.0}, {"m": 2.0}, "raw", "ema")[1] == "ema"
+    assert selection.Selection("m", "raw", ema=True).choose({"m": 1.0}, {"m": 2.0}, "raw", "ema")[1] == "raw"
+    assert selection.Selection("m", "ema", ema=True).choose({"m": 3.0}, {"m": 2.0}, "raw", "ema")[1] == "ema"
     with pytest.raises(ValueError, match="optim.ema_select"):
-        loop.Selection("m", "newest")
+        selection.Selection("m", "newest")
 
 
 # ---------------------------------------------------------------------------- the loop, end to end
@@ -219,15 +223,17 @@ def test_mined_negatives_train_with_distillation_losses(variant, tiny_model, sma
     c = importlib.import_module("configs.mined_distill").get_config(variant or None)
     c.data.train = str(path)
     obj = Objective.from_config(c.objective, enc.pooling)
-    source = sources.train_source(c.data)
-    from embedjax.train.objective import check_objective_data
+    data = train_config.DataConfig.from_config(c.data)
+    source = sources.train_source(data)
+    from embedjax.train.loss_specs import check_objective_data
 
     check_objective_data(obj, pipeline.fields_of(source), sources.scores_of(source))
     it = pipeline.train_pipeline(source, enc.tokenizer, global_batch_size=8, seed=0, common_length=True,
-                                 packing=loop.packing_from_config(c, obj))
-    batch = {k: v for k, v in next(it).items() if k.startswith(loop.MODEL_FIELDS)}
-    assert batch["n_text"].shape == (8, 2)
-    assert ("teacher" in batch) == (variant != "infonce") and batch.get("teacher", np.zeros((8, 3))).shape == (8, 3)
+                                 packing=tasks.packing_for(data, obj))
+    batch = next(it).model_inputs()
+    assert batch.n.text_index.shape == (8, 2)
+    assert (batch.teacher is not None) == (variant != "infonce")
+    assert (batch.teacher if batch.teacher is not None else np.zeros((8, 3))).shape == (8, 3)
     tx, _ = optim.make_optimizer({**c.optim.to_dict(), "warmup": 0}, 10)
     step = jax.jit(functools.partial(train_step, enc_cfg=enc.cfg, objective=obj, tx=tx))
     state = TrainState.create(enc.params, tx, 0)

@@ -20,7 +20,10 @@ from fsspec.implementations.memory import MemoryFileSystem
 import embedjax
 from embedjax import paths
 from embedjax.checkpoint import Checkpointer
-from embedjax.train import loop, run_config
+from embedjax.train import loop, workdir as workdirs
+from embedjax.train.metrics import MetricsWriter
+
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["A man is playing a guitar.", "Two dogs run in the snow.", "short"]
@@ -131,21 +134,21 @@ def test_metrics_and_rerun_check_on_gs(fake_gcs, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # metrics.jsonl only
     for workdir in ("gs://bucket/run", "local_run"):
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        first = loop.MetricsWriter(epath.Path(workdir))
+        first = MetricsWriter(epath.Path(workdir))
         first.write(0, {"dev": 0.5})
         first.write(1, {"loss": 2.0})
-        loop.MetricsWriter(epath.Path(workdir)).write(2, {"loss": 1.0})  # a resumed run's writer
+        MetricsWriter(epath.Path(workdir)).write(2, {"loss": 1.0})  # a resumed run's writer
     assert (epath.Path("gs://bucket/run") / "metrics.jsonl").read_text() == Path("local_run/metrics.jsonl").read_text()
     assert [json.loads(line)["step"] for line in Path("local_run/metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
 
     from test_train import config_with
 
     config = config_with({"num_steps": 3})
-    (epath.Path("gs://bucket/run") / run_config.CONFIG_FILE).write_text(config.to_json_best_effort())
+    (epath.Path("gs://bucket/run") / workdirs.CONFIG_FILE).write_text(config.to_json_best_effort())
     (epath.Path("gs://bucket/run") / "summary.json").write_text("{}")  # a finished run: something to rerun
-    assert run_config.check_rerun("gs://bucket/run", config, allow_change=False) == []
+    assert workdirs.check_rerun("gs://bucket/run", config, allow_change=False) == []
     with pytest.raises(ValueError, match="num_steps: 3 -> 4"):
-        run_config.check_rerun("gs://bucket/run", config_with({"num_steps": 4}), allow_change=False)
+        workdirs.check_rerun("gs://bucket/run", config_with({"num_steps": 4}), allow_change=False)
 
 
 def test_training_into_a_gs_workdir_matches_a_local_one(fake_gcs, tiny_train_overrides, tmp_path, monkeypatch):
@@ -176,7 +179,7 @@ def test_training_into_a_gs_workdir_matches_a_local_one(fake_gcs, tiny_train_ove
     exported = {name for name in local if not name.startswith(("checkpoints/", "best/"))}
     assert exported == set(remote)  # config, metrics, summary and the model files, nothing else
     for name in ("model.safetensors", "config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json",
-                 run_config.CONFIG_FILE):
+                 workdirs.CONFIG_FILE):
         assert remote[name] == local[name], name
 
     def curve(data: bytes) -> dict[int, float]:

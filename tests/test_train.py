@@ -17,7 +17,12 @@ import pytest
 
 import embedjax
 from embedjax.encoders import bert
-from embedjax.train import loop, optim, run_config
+from embedjax.data.batch import Batch, Side
+from embedjax.train import loop, optim, selection, tasks, workdir as workdirs
+from embedjax.train import step as step_module
+from embedjax.train.config import DataConfig
+
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +125,7 @@ def test_run_outputs_and_export_load_in_sentence_transformers(straight_run, smal
     assert abs(summary["after"]["dev/cosine_spearman"] - best["dev/cosine_spearman"]) < 1e-6
     assert {"loss", "lr", "grad_norm", "param_norm", "examples_per_s"} <= set(evals[1])
     assert (straight_run / "config.json").is_file() and list((straight_run / "tensorboard").iterdir())
-    saved = json.loads((straight_run / run_config.CONFIG_FILE).read_text())  # the run's config, beside the model's
+    saved = json.loads((straight_run / workdirs.CONFIG_FILE).read_text())  # the run's config, beside the model's
     assert saved["num_steps"] == 8 and saved["objective"]["loss"] == "angle"
 
     texts = ["A man is playing a flute.", "Two dogs run on the beach.", ""]
@@ -177,8 +182,8 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tiny_overrides, tmp_
         nan = jax.numpy.where(state.step + 1 >= bad_from, jax.numpy.nan, 0.0)
         return new_state, {**metrics, "loss": metrics["loss"] + nan}
 
-    loop_train_step = loop.train_step
-    monkeypatch.setattr(loop, "train_step", poisoned)
+    loop_train_step = step_module.train_step
+    monkeypatch.setattr(step_module, "train_step", poisoned)
     config = config_with(tiny_overrides)
     with pytest.raises(FloatingPointError, match=r"non-finite training metrics at step 5.*last good checkpoint \(step 4\)"):
         loop.train_and_evaluate(config, tmp_path)
@@ -257,14 +262,17 @@ def test_every_config_trains_a_step(name, tiny_model, tmp_path):
     c.optim.warmup = 0  # warmup's first step has learning rate 0: the params would not move
     tx, _ = optim.make_optimizer(c.optim, 10)
     step = jax.jit(functools.partial(train_step, enc_cfg=enc.cfg, objective=objective, tx=tx))
-    packing = loop.packing_from_config(c, objective)
+    data = DataConfig.from_config(c.data)
+    packing = tasks.packing_for(data, objective)
     assert (packing is None) == bool(c.objective.gradcache_chunk)  # packed by default, as the loop does
     for layout in {packing, None}:
-        it = pipeline.train_pipeline(sources.train_source(c.data), tok, global_batch_size=8, seed=0,
+        it = pipeline.train_pipeline(sources.train_source(data), tok, global_batch_size=8, seed=0,
                                      common_length=True, packing=layout)
-        batch = {k: v for k, v in next(it).items() if k.startswith(loop.MODEL_FIELDS)}
-        assert len({v.shape[1] for k, v in batch.items() if k.endswith("_ids")}) == 1  # one common length
-        assert ("p_ids" in batch) == (layout is not None)
+        batch = next(it).model_inputs()
+        token_ids = [s.ids for s in batch.sides.values() if s.ids is not None] + (
+            [batch.packed.ids] if batch.packed is not None else [])
+        assert len({ids.shape[1] for ids in token_ids}) == 1  # one common length
+        assert (batch.packed is not None) == (layout is not None)
         state = TrainState.create(enc.params, tx, 0)
         new_state, metrics = step(state, batch)
         assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
@@ -283,9 +291,9 @@ def test_gradcache_objective_equals_the_uncached_one(layers, dims):
     params = bert.init(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     b, t, k = 8, 6, 2
-    batch = {"a_ids": rng.integers(1, 60, (b, t)), "a_mask": np.ones((b, t), np.int32),
-             "b_ids": rng.integers(1, 60, (b, t)), "b_mask": np.ones((b, t), np.int32),
-             "n_ids": rng.integers(1, 60, (b, k, t)), "n_mask": np.ones((b, k, t), np.int32)}
+    batch = Batch(a=Side(ids=rng.integers(1, 60, (b, t)), mask=np.ones((b, t), np.int32)),
+                  b=Side(ids=rng.integers(1, 60, (b, t)), mask=np.ones((b, t), np.int32)),
+                  n=Side(ids=rng.integers(1, 60, (b, k, t)), mask=np.ones((b, k, t), np.int32)))
     base = dict(loss="infonce", dropout=False, matryoshka_dims=list(dims), layers=layers,
                 layer_kwargs={"n_layers_per_step": 1} if layers else {})
     sys.path.insert(0, str(REPO))
@@ -310,7 +318,7 @@ def test_dev_grid_evaluation_and_selection_metric(tiny_model, small_dev):
     c = config_with({"model": tiny_model, "evals.dev.path": small_dev})
     enc = embedjax.load_pretrained(tiny_model)
     c.evals.dev.layers, c.evals.dev.dims = (1, 2), (8, 32)
-    metrics = suite.run_all(loop.evaluators_from_config(c, enc.cfg), enc)
+    metrics = suite.run_all(suite.for_training(c.evals, batch_size=c.eval_batch_size, enc_cfg=enc.cfg), enc)
     mean = "dev/cosine_spearman_mean"
     cells = {k: v for k, v in metrics.items() if "spearman" in k and k != mean and "subset" not in k}
     # depth 2 and width 32 are the full model (tiny: 2 layers, hidden 32): not evaluated twice
@@ -318,12 +326,12 @@ def test_dev_grid_evaluation_and_selection_metric(tiny_model, small_dev):
                                     "dev/cosine_spearman@L1@8"])
     assert metrics[mean] == pytest.approx(np.mean(list(cells.values())))
     assert metrics["dev/cosine_spearman@L1"] != pytest.approx(metrics["dev/cosine_spearman"])
-    loop.check_select_metric(mean, metrics)
+    selection.check_select_metric(mean, metrics)
     with pytest.raises(ValueError, match="select_metric 'dev/cosine_spearman@L3' is not among"):
-        loop.check_select_metric("dev/cosine_spearman@L3", metrics)
+        selection.check_select_metric("dev/cosine_spearman@L3", metrics)
     c.evals.dev.layers = (7,)
     with pytest.raises(ValueError, match="evals.dev.layers: 7"):
-        loop.evaluators_from_config(c, enc.cfg)
+        suite.for_training(c.evals, batch_size=c.eval_batch_size, enc_cfg=enc.cfg)
 
 
 def test_training_selects_on_a_retrieval_metric(tiny_model, small_dev, small_beir, tmp_path):

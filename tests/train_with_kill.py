@@ -13,7 +13,7 @@ import train  # noqa: E402  (scripts/train.py: defines the flags)
 from absl import app  # noqa: E402
 
 from embedjax import cli  # noqa: E402
-from embedjax.train.loop import Callback  # noqa: E402
+from embedjax.train.callbacks import Callback  # noqa: E402
 
 KILL_AT = int(os.environ["EMBEDJAX_KILL_AT_STEP"])
 

@@ -83,6 +83,31 @@ def from_config(evals: Mapping[str, Mapping[str, Any]]) -> list[Evaluator]:
     return out
 
 
+def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc_cfg) -> list[Evaluator]:
+    """A training run's evaluators (``config.evals``): an entry without its own ``batch_size`` takes
+    ``batch_size`` (``eval_batch_size``); grid depths and widths are checked against the model
+    now, not after the first evaluation, and the full depth / width (always a cell) is not
+    listed twice."""
+    entries = {}
+    for name, spec in evals.items():
+        spec = dict(spec)
+        layers = [int(k) for k in as_tuple(spec.get("layers", ()))]
+        dims = [int(d) for d in as_tuple(spec.get("dims", ()))]
+        for k in layers:
+            if not 1 <= k <= enc_cfg.num_layers:
+                raise ValueError(f"evals.{name}.layers: {k} is not in 1..{enc_cfg.num_layers}")
+        for d in dims:
+            if not 1 <= d <= enc_cfg.hidden_size:
+                raise ValueError(f"evals.{name}.dims: {d} is not in 1..{enc_cfg.hidden_size}")
+        spec["layers"] = tuple(k for k in layers if k != enc_cfg.num_layers)
+        spec["dims"] = tuple(d for d in dims if d != enc_cfg.hidden_size)
+        spec.setdefault("batch_size", batch_size)
+        entries[name] = spec
+    if not entries:
+        raise ValueError("config.evals is empty: at least one evaluator selects the exported checkpoint")
+    return from_config(entries)
+
+
 def run_all(evaluators: Sequence[Evaluator], encoder) -> dict[str, float]:
     """Every evaluator's ``(name, value)`` pairs in one dict, in order."""
     metrics: dict[str, float] = {}

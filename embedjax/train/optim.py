@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
+from embedjax.train.config import OptimConfig
+
 # Biases and norms get no weight decay; each backbone adds its own (Backbone.no_decay, e.g. BERT's
 # embedding tables), which the loop passes to make_optimizer.
 NO_DECAY = r"(bias|scale)$|^embeddings/"
@@ -44,14 +46,14 @@ def decay_mask(params, pattern: str = NO_DECAY):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: Mapping[str, Any], total_steps: int, no_decay: str = NO_DECAY):
-    """``(tx, lr_at_step)`` from the ``optim`` section of a config.
+def make_optimizer(cfg: OptimConfig | Mapping[str, Any], total_steps: int, no_decay: str = NO_DECAY):
+    """``(tx, lr_at_step)`` from the ``optim`` section of a config (``OptimConfig``; a mapping
+    with its keys is parsed into one, every key required).
 
-    Keys (all required; configs/base.py declares them): learning_rate, warmup (a fraction of
-    the updates when < 1, else a number of updates), decay ("linear", "cosine", "constant"),
-    weight_decay, b1, b2, eps, clip_norm (0 = off), accumulate (micro-batches per update,
-    1 = off). ``no_decay``: a regex over param paths that get no weight decay (the backbone's
-    ``Backbone.no_decay``).
+    The section: learning_rate, warmup (a fraction of the updates when < 1, else a number of
+    updates), decay ("linear", "cosine", "constant"), weight_decay, b1, b2, eps, clip_norm
+    (0 = off), accumulate (micro-batches per update, 1 = off). ``no_decay``: a regex over param
+    paths that get no weight decay (the backbone's ``Backbone.no_decay``).
 
     ``total_steps`` counts train steps (micro-batches: one ``train_step`` call each). With
     ``accumulate = k > 1`` the transformation is ``optax.MultiSteps``: it averages the
@@ -74,21 +76,21 @@ def make_optimizer(cfg: Mapping[str, Any], total_steps: int, no_decay: str = NO_
     (``objective.gradcache_chunk``) is the exact large-batch path for contrastive losses:
     the whole batch's embeddings are scored together while the encoder runs chunk by chunk.
     """
-    accumulate = int(cfg["accumulate"])
-    if accumulate < 1:
-        raise ValueError(f"optim.accumulate must be >= 1 (1 = no accumulation), got {accumulate}")
+    if not isinstance(cfg, OptimConfig):
+        cfg = OptimConfig.from_config(cfg)
+    accumulate = cfg.accumulate
     if total_steps % accumulate:
         raise ValueError(
             f"optim.accumulate={accumulate} does not divide the {total_steps} train steps: the last "
             f"{total_steps % accumulate} micro-batches would never be applied. Set num_steps to a multiple "
             f"of {accumulate} (e.g. {total_steps - total_steps % accumulate or accumulate})")
     updates = total_steps // accumulate
-    schedule = learning_rate_schedule(cfg["learning_rate"], updates, cfg["warmup"], cfg["decay"])
+    schedule = learning_rate_schedule(cfg.learning_rate, updates, cfg.warmup, cfg.decay)
     chain = []
-    if cfg["clip_norm"]:
-        chain.append(optax.clip_by_global_norm(cfg["clip_norm"]))
+    if cfg.clip_norm:
+        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
     chain.append(
-        optax.adamw(schedule, b1=cfg["b1"], b2=cfg["b2"], eps=cfg["eps"], weight_decay=cfg["weight_decay"],
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                     mask=lambda params: decay_mask(params, no_decay))
     )
     tx = optax.chain(*chain)

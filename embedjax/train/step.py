@@ -1,14 +1,23 @@
-"""One training step as a pure function (jit it with shardings and donate the state)."""
+"""One training step: the pure ``train_step``, and its compiled form for a run
+(``jit_train_step``: shardings, donated state; ``CompiledSteps``: compiled ahead of time per
+batch shape, its memory checked before it first runs)."""
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from embedjax import lora
+from embedjax import lora, sharding
+from embedjax.train import memory
 from embedjax.train.objective import Objective, batch_loss
 from embedjax.train.optim import ema_update
 from embedjax.train.state import TrainState
+
+log = logging.getLogger(__name__)
 
 
 def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, objective: Objective, tx,
@@ -41,3 +50,44 @@ def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, 
     ema = state.ema if state.ema is None else ema_update(state.ema, params, ema_decay)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
+
+
+def jit_train_step(enc_cfg, objective: Objective, tx, state_shards, frozen_shards, mesh, *, teacher_shards=None,
+                   ema_decay: float = 0.0):
+    """``train_step`` jitted with the run's shardings, the state donated:
+    ``step(state, batch, frozen, teacher)`` (``teacher``: a distillation teacher's params, or None).
+    Lower it with abstract arguments (``jax.ShapeDtypeStruct``) to learn a configuration's
+    per-device memory without allocating it (``embedjax.train.memory``)."""
+    return jax.jit(
+        functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx, ema_decay=ema_decay),
+        in_shardings=(state_shards, sharding.batch_sharding(mesh), frozen_shards, teacher_shards),
+        out_shardings=(state_shards, NamedSharding(mesh, P())),
+        donate_argnums=0,
+    )
+
+
+class CompiledSteps:
+    """The jitted step compiled ahead of time once per batch shape, its per-device memory logged
+    and checked against the device (``embedjax.train.memory``) BEFORE the shape first runs; a
+    config that will not fit is refused with what to change (``knobs``: the settings a refusal
+    names)."""
+
+    def __init__(self, jitted, *, limit: int | None, knobs: dict):
+        self.jitted, self.limit, self.knobs = jitted, limit, knobs
+        self.compiled: dict = {}
+
+    def __call__(self, state, batch, frozen, teacher=None):
+        leaves, structure = jax.tree_util.tree_flatten_with_path(batch)
+        shapes = (structure, tuple((tuple(x.shape), str(x.dtype)) for _, x in leaves))
+        if shapes not in self.compiled:
+            compiled = self.jitted.lower(state, batch, frozen, teacher).compile()
+            described = {jax.tree_util.keystr(path): tuple(x.shape) for path, x in leaves}
+            try:
+                mem = memory.step_memory(compiled)
+            except RuntimeError as err:
+                log.info("train step for batch %s: %s", described, err)
+            else:
+                log.info("train step for batch %s: %s", described, mem.describe())
+                memory.check_fits(mem, self.limit, **self.knobs)
+            self.compiled[shapes] = compiled
+        return self.compiled[shapes](state, batch, frozen, teacher)

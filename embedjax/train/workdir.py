@@ -1,11 +1,16 @@
-"""Config checks around a run (pure functions; ``scripts/train.py`` and the loop call them).
+"""A run's workdir: what it holds, and the guarantees around it.
 
-* ``check_override_keys(config, keys)``: every ``--config.KEY`` override names a declared key
-  (configs/base.py), else a one-line ValueError with the close matches.
-  ``override_keys_from_argv(argv)`` extracts those keys from a command line.
-* ``config_changes(saved, new)`` / ``check_rerun(workdir, config, allow_change)``: a rerun in
-  a workdir resumes its run, so a config that differs from the workdir's ``train_config.json`` in
-  anything that changes the result is refused unless ``--allow_config_change``.
+    LOCK                  the trainer working in it (host, pid, start): one at a time
+    train_config.json     the run's config, written when a run starts
+    checkpoints/<step>/   train state + data position + the config (embedjax.checkpoint)
+    best/<step>/          the best params by the selection metric + the config
+    damaged/              checkpoints that failed to restore, moved aside
+    metrics.jsonl, tensorboard/, summary.json, the exported model (and adapter/ with LoRA)
+
+* ``WorkdirLock``: a second trainer on the same workdir stops with one line naming the first.
+* ``config_changes`` / ``check_rerun``: a rerun resumes its run, so a config that differs from
+  the run's saved one (``saved_config``: the newest checkpoint's copy, else ``train_config.json``)
+  in anything that changes the result is refused unless ``--allow_config_change``.
 
 What changes the run: every key except ``IGNORED`` (below). That is the model and its
 settings (model, pooling, max_length, dtype, hidden_dropout, attention_dropout), seed,
@@ -13,49 +18,66 @@ batch_size, num_steps / num_epochs (the schedule's length), every ``optim.*`` an
 ``objective.*`` key, every ``data.*`` key (the training data and its layout: buckets and
 packing decide dropout masks' shapes), and the selection of the exported checkpoint
 (``evals``: the evaluators and their data; ``select_metric``). ``num_epochs`` is ignored when
-both configs set ``num_steps`` > 0 (it is not read then).
+both configs set ``num_steps`` (it is not read then).
 
 ``IGNORED`` = keys that cannot change any parameter or the selection's candidates' scores:
 log_every, eval_every (when the dev set is scored: which steps compete for "best", never
-what training does), eval_batch_size, checkpoint.* (how often / how many are kept), mesh.*
-sharding_rules and memory_limit_gib (the hardware layout: the same computation up to float round-off, and a
-run must be able to resume on another machine), and the retired ``testing`` section.
+what training does), eval_batch_size, checkpoint.* (how often / how many are kept), mesh.*,
+sharding_rules and memory_limit_gib (the hardware layout: the same computation up to float
+round-off, and a run must be able to resume on another machine); and ``testing``, a section
+older configs had, still in their workdirs' saved configs.
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
+import dataclasses
 import json
+import logging
 import os
-import re
-from typing import Any, Iterable, Mapping, Sequence
+import socket
+import time
+from typing import Any, Mapping
 
+import jax
 from etils import epath
 
+from embedjax import distributed, paths
+from embedjax.train.config import as_dict
+
+log = logging.getLogger(__name__)
+
 IGNORED = ("log_every", "eval_every", "eval_batch_size", "checkpoint", "mesh", "sharding_rules", "memory_limit_gib",
-           "testing")
-# Free-form dicts (keyword arguments, column maps, evaluator entries): any key may appear below them, but
-# ``--config.a.b.key`` only overrides a key the config already has.
-OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "objective.aux_losses", "data.columns", "data.mixture",
-                 "evals", "pooler_init")
+           "testing")  # the last: a section older configs had, still in their workdirs' saved configs
 ABSENT = "(absent)"
 
 # The run's config in its workdir; not config.json, which the export writes (the model's HF config).
 CONFIG_FILE = "train_config.json"
 
 
-def _as_dict(config: Any) -> dict:
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+# How configs before the typed sections wrote "not set" (None now), key by key.
+_EMPTY = lambda v: v in ("", [], ())  # noqa: E731
+_ZERO = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0  # noqa: E731
+_NEGATIVE = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0  # noqa: E731
+LEGACY_UNSET = {"pooling": _EMPTY, "attention": _EMPTY, "lora.targets": _EMPTY, "lora.init_from": _EMPTY,
+                "objective.layers": _EMPTY, "objective.distill.teacher": _EMPTY, "data.format": _EMPTY,
+                "data.score_range": _EMPTY, "data.tfds_name": _EMPTY, "data.tfds_data_dir": _EMPTY,
+                "max_length": _ZERO, "num_steps": _ZERO, "memory_limit_gib": _ZERO,
+                "hidden_dropout": _NEGATIVE, "attention_dropout": _NEGATIVE}
 
 
-def _paths(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Every dotted path of a nested dict, sections included: ``{"optim": {...}, "optim.eps": 1e-6, ...}``."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out[path] = value
-        if isinstance(value, Mapping):
-            out.update(_paths(value, path + "."))
+def legacy_config(saved: Mapping[str, Any]) -> dict:
+    """A saved config (``train_config.json``) with older runs' "not set" values ("", 0, or a
+    negative dropout rate: ``LEGACY_UNSET``) as None, so old workdirs resume, compare and load
+    like new ones."""
+    out = json.loads(json.dumps(dict(saved)))
+    for path, unset in LEGACY_UNSET.items():
+        *parents, key = path.split(".")
+        section = out
+        for name in parents:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and key in section and unset(section[key]):
+            section[key] = None
     return out
 
 
@@ -69,61 +91,6 @@ def _leaves(tree: Mapping, prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
-
-
-def override_keys_from_argv(argv: Sequence[str]) -> list[str]:
-    """The dotted keys of ``--config.KEY=value`` / ``--config.KEY value`` / ``--noconfig.KEY``
-    arguments, in order (up to a bare ``--``)."""
-    keys = []
-    for arg in argv:
-        if arg == "--":
-            break
-        m = re.match(r"^--?(?:no)?config\.([^=\s]+)", arg)
-        if m:
-            keys.append(m.group(1))
-    return keys
-
-
-def _suggest(key: str, candidates: Iterable[str]) -> list[str]:
-    """Up to 3 close matches, best first: by the whole dotted path or by its last part
-    (``learning_rate`` -> ``optim.learning_rate``); only those nearly as close as the best."""
-    ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()
-    last = key.rsplit(".", 1)[-1]
-    scored = sorted(((max(ratio(key, c), ratio(last, c.rsplit(".", 1)[-1]) - 0.05), c) for c in set(candidates)),
-                    key=lambda sc: (-sc[0], sc[1]))
-    if not scored or scored[0][0] < 0.6:
-        return []
-    return [c for score, c in scored if score >= max(0.6, scored[0][0] - 0.08)][:3]
-
-
-def _or_list(items: Sequence[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
-
-
-def check_override_keys(config: Any, keys: Iterable[str]) -> None:
-    """Raises ValueError (one line) for the first ``--config.KEY`` that is not a key of ``config``:
-
-        --config.optim.learning_rat: no such key; did you mean optim.learning_rate?
-
-    Sections (``--config.optim="{...}"``) are keys too. Below a free-form dict
-    (``OPEN_SECTIONS``) a key must already be in this config's dict: the message says to set
-    the whole dict instead.
-    """
-    paths = _paths(_as_dict(config))
-    for key in keys:
-        if key in paths:
-            continue
-        section = next((s for s in OPEN_SECTIONS if key.startswith(s + ".")), None)
-        if section is not None and section in paths:
-            have = sorted(paths[section]) if isinstance(paths[section], Mapping) else []
-            close = _suggest(key, [f"{section}.{k}" for k in have])
-            hint = f"did you mean {_or_list(close)}? or " if close else ""
-            raise ValueError(
-                f"--config.{key}: {section} has no key {key[len(section) + 1:]!r} in this config (it has {have}); {hint}"
-                f"set the whole dict instead, e.g. --config.{section}=\"{{'name': value, ...}}\"")
-        close = _suggest(key, paths)
-        hint = f"did you mean {_or_list(close)}?" if close else "see configs/base.py for the declared keys"
-        raise ValueError(f"--config.{key}: no such key; {hint}")
 
 
 def _ignored(path: str) -> bool:
@@ -168,7 +135,7 @@ def config_changes(saved: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     Keys under ``IGNORED`` are skipped (module docstring), and ``num_epochs`` when both set
     ``num_steps`` > 0.
     """
-    old, cur = _leaves(_plain(dict(saved))), _leaves(_plain(_as_dict(new)))
+    old, cur = _leaves(_plain(dict(saved))), _leaves(_plain(as_dict(new)))
     ignore_epochs = all(_num(side.get("num_steps")) > 0 for side in (old, cur))
     lines = []
     for path in sorted(old.keys() | cur.keys()):
@@ -193,29 +160,189 @@ def has_progress(workdir: str | os.PathLike) -> bool:
     return any(d.is_dir() and any(c.name.isdigit() for c in d.iterdir()) for d in (root / "checkpoints", root / "best"))
 
 
+def saved_config(workdir: str | os.PathLike) -> tuple[dict | None, str]:
+    """``(config, where)``: the config a workdir's run trained with. The newest checkpoint's own
+    copy (``checkpoints/``, else ``best/``) wins; else ``train_config.json`` (a run that saved
+    no step yet, or checkpoints from before they carried their config); ``(None, "")`` when
+    there is neither."""
+    import orbax.checkpoint as ocp
+
+    root = epath.Path(workdir)
+    for sub in ("checkpoints", "best"):
+        directory = root / sub
+        if not directory.is_dir():
+            continue
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+            for step in sorted(manager.all_steps(), reverse=True):
+                if not (directory / str(step) / "integrity").exists():
+                    continue
+                try:
+                    item = manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
+                    config = item["integrity"]["config"]
+                except Exception as err:  # noqa: BLE001  (a damaged step: the restore reports it later)
+                    log.warning("%s: its saved config does not read (%s)", directory / str(step), err)
+                    continue
+                if config is not None:
+                    return legacy_config(config), str(directory / str(step))
+    path = root / CONFIG_FILE  # local or gs://
+    if not path.is_file():
+        return None, ""
+    try:
+        return legacy_config(json.loads(path.read_text())), str(path)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it, or use another --workdir") from None
+
+
 def check_rerun(workdir: str | os.PathLike, config: Any, allow_change: bool) -> list[str]:
     """Refuses to resume ``workdir`` with a config that changes its run.
 
-    If ``workdir/train_config.json`` exists (the loop writes it at the start of every run: call this
-    before it does), the workdir has progress to resume (``has_progress``: a checkpoint or a
-    summary; a run that stopped before its first save leaves none, and its config is simply
-    replaced) and ``config_changes(saved, config)`` is not empty, raises ValueError
-    listing the differences and the ways out, unless ``allow_change``. Returns the changes
-    (empty when there is no saved config or nothing run-changing differs) so the caller can
-    log what ``allow_change`` let through.
+    When the workdir has progress to resume (``has_progress``: a checkpoint or a summary; a run
+    that stopped before its first save leaves none, and its config is simply replaced) and
+    ``config_changes(saved, config)`` against the run's saved config (``saved_config``: the
+    newest checkpoint's copy, so deleting ``train_config.json`` hides nothing) is not empty,
+    raises ValueError listing the differences and the ways out, unless ``allow_change``. Returns
+    the changes (empty when nothing run-changing differs) so the caller can log what
+    ``allow_change`` let through. Call it before the run writes its ``train_config.json``.
     """
-    path = epath.Path(workdir) / CONFIG_FILE  # local or gs://
-    if not path.is_file() or not has_progress(workdir):
+    if not has_progress(workdir):
         return []  # nothing saved to resume (e.g. a first run that stopped on bad input): start afresh
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); fix or delete it, or use another --workdir") from None
+    saved, where = saved_config(workdir)
+    if saved is None:
+        return []
     changes = config_changes(saved, config)
     if changes and not allow_change:
         raise ValueError(
-            f"{workdir} already holds a run whose config ({path}) differs in what it trains:\n  "
+            f"{workdir} already holds a run whose config ({where}) differs in what it trains:\n  "
             + "\n  ".join(changes)
             + "\nA rerun resumes that run, so its results would mix both configs. Undo the change, use another "
             "--workdir, or pass --allow_config_change to resume with the new settings.")
     return changes
+
+
+# ---------------------------------------------------------------------------- one trainer per workdir
+
+
+class WorkdirLocked(OSError):
+    """Another trainer holds the workdir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """Who holds a workdir's lock (the lock file's content)."""
+
+    host: str
+    pid: int
+    started: float
+
+    @classmethod
+    def me(cls) -> Owner:
+        return cls(socket.gethostname(), os.getpid(), time.time())
+
+    def is_alive(self) -> bool | None:
+        """Whether the owner still runs: None when that cannot be told from here (another host)."""
+        if self.host != socket.gethostname():
+            return None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # it runs, as another user
+            return True
+        return True
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))}"
+
+
+class WorkdirLock:
+    """One trainer per workdir: ``workdir/LOCK`` names the host and pid that train in it.
+
+    ``acquire`` creates the file exclusively (``O_EXCL`` on a local disk; on an object store,
+    written then read back). A lock whose owner is gone (the same host, its pid not running:
+    a run killed with SIGKILL) is stale and taken over with a warning. A live owner, or one
+    on another host (whose process cannot be checked from here), is refused with a one-line
+    ``WorkdirLocked`` naming it and the way out. ``release`` removes the file if it is ours.
+    """
+
+    NAME = "LOCK"
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = epath.Path(workdir) / self.NAME
+        self.owner = Owner.me()
+        self.held = False
+
+    def acquire(self) -> WorkdirLock:
+        for _ in range(3):  # a stale lock removed, or a race lost: look again
+            if self._create():
+                self.held = True
+                return self
+            holder = self._holder()
+            if holder is None:
+                continue
+            alive = holder.is_alive()
+            if alive is False:
+                log.warning("%s: taking over a stale lock of %s (that process is gone)", self.path, holder.describe())
+                self.path.unlink(missing_ok=True)
+                continue
+            where = "" if alive else " (another host: its process cannot be checked from here)"
+            raise WorkdirLocked(f"{self.path.parent} is in use by another trainer, {holder.describe()}{where}: "
+                                f"wait for it to finish, or use another --workdir; if that run is dead, delete "
+                                f"{self.path}")
+        raise WorkdirLocked(f"{self.path}: could not take the lock (other trainers keep taking it)")
+
+    def _create(self) -> bool:
+        text = json.dumps(dataclasses.asdict(self.owner))
+        if paths.is_remote(self.path):
+            if self.path.exists():
+                return False
+            self.path.write_text(text)
+            return self.path.read_text() == text  # the last writer wins: read back who that was
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
+
+    def _holder(self) -> Owner | None:
+        try:
+            return Owner(**json.loads(self.path.read_text()))
+        except FileNotFoundError:
+            return None  # released meanwhile
+        except (ValueError, TypeError) as err:  # an empty or garbled lock file: its writer died mid-write
+            log.warning("%s: unreadable lock (%s); taking it over", self.path, err)
+            self.path.unlink(missing_ok=True)
+            return None
+
+    def release(self) -> None:
+        if self.held and self._holder() == self.owner:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def one_trainer(workdir: str | os.PathLike):
+    """Holds ``workdir``'s lock for a run on every process: process 0 takes it (the workdir is
+    shared storage on several hosts) and every process learns whether it did, so all of them
+    stop on the same one-line ``WorkdirLocked``."""
+    lock = WorkdirLock(workdir)
+    refused = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLocked as err:
+            refused = err
+    if not distributed.all_processes(refused is None):
+        raise refused or WorkdirLocked(f"{lock.path.parent} is in use by another trainer (process 0 could not "
+                                       f"take {lock.path})")
+    try:
+        yield lock
+    finally:
+        lock.release()

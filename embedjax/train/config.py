@@ -1,0 +1,465 @@
+"""A training config parsed once into typed sections, and the ``--config.KEY`` checks.
+
+Configs stay ``ml_collections`` files (``configs/*.py`` with ``get_config(arg)``, ``:variant``
+syntax, ``--config.KEY=VALUE`` overrides; ``configs/base.py`` declares every key).
+``TrainConfig.from_config`` turns one into frozen dataclasses, one per section, with every
+check in one place, and each builder takes the section it uses:
+
+    ModelConfig       model, pooling, max_length, dtype, dropout rates,   embedjax.train.encoders
+                      attention, pooler_init, prompts, include_prompt
+    LoraConfig        lora.*                                              embedjax.train.encoders
+    SourceConfig      data.* (or one data.mixture entry over it) and      embedjax.train.sources / tasks
+                      its objective section (objective.*, the entry's
+                      overrides)
+    OptimConfig       optim.*                                             embedjax.train.optim
+    CheckpointConfig  checkpoint.*                                        embedjax.checkpoint
+
+``None`` says "the checkpoint's own" (pooling, max_length, dropout rates, attention) or "not
+set" (num_steps: train by epochs; memory_limit_gib: the device's limit; data.format: from the
+file suffix; lora.targets: every projection; objective.layers: the last layer only;
+objective.distill.teacher: no teacher). No key encodes either with -1, "" or 0.
+
+``check_override_keys`` / ``override_keys_from_argv``: a mistyped ``--config.KEY`` is one line
+naming the closest declared keys, before any flag parsing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+# Free-form dicts (keyword arguments, column maps, evaluator entries): any key may appear below them, but
+# ``--config.a.b.key`` only overrides a key the config already has.
+OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "objective.aux_losses", "data.columns", "data.mixture",
+                 "evals", "pooler_init")
+MIXTURE_KEYS = ("mixture", "mixture_mode")  # data keys that describe the mixture itself, not a source
+MIXTURE_MODES = ("sampled", "round_robin")
+DTYPES = ("float32", "bfloat16")
+ATTENTION = ("causal", "bidirectional")
+DECAYS = ("linear", "cosine", "constant")
+EMA_SELECT = ("best", "ema", "raw")
+SHARDING_RULES = ("replicated", "fsdp")
+INITIAL_TEACHER = "initial"  # objective.distill.teacher: the run's own starting model, frozen
+
+
+def as_dict(config: Any) -> dict:
+    """A ConfigDict or (nested) mapping as plain dicts."""
+    if hasattr(config, "to_dict"):
+        return config.to_dict()
+    return {k: as_dict(v) if isinstance(v, Mapping) else v for k, v in dict(config).items()}
+
+
+def _optional(value, kind: type, name: str):
+    """``value`` as ``kind``, or None: how a config says "not set" (never "", -1 or 0)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        what = "a number" if kind in (int, float) else f"a {kind.__name__}"
+        raise ValueError(f"{name} must be {what} or None, got {value!r}")
+    if value == "":
+        raise ValueError(f"{name} is '': leave it None (unset) instead")
+    return kind(value)
+
+
+def _choice(value, choices: Sequence[str], name: str, *, optional: bool = False):
+    if value is None and optional:
+        return None
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _integer(value, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value, name: str, *, lo: float | None = None, hi: float | None = None, hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and (value >= hi if hi_open else value > hi)):
+        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+    return float(value)
+
+
+def _rate(value, name: str) -> float | None:
+    rate = _optional(value, float, name)
+    if rate is not None and not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), or None for the checkpoint's own rate, got {rate}")
+    return rate
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The checkpoint a run starts from and the run's settings over it (None: the checkpoint's own)."""
+
+    path: str
+    pooling: str | None = None
+    max_length: int | None = None
+    dtype: str = "float32"
+    hidden_dropout: float | None = None
+    attention_dropout: float | None = None
+    attention: str | None = None
+    pooler_init: dict = dataclasses.field(default_factory=dict)
+    prompts: dict = dataclasses.field(default_factory=dict)  # {"query": ..., "document": ...}, the set ones
+    include_prompt: bool = True
+
+    @classmethod
+    def from_config(cls, config) -> ModelConfig:
+        """From a config's top-level model keys and its ``prompts`` section."""
+        from embedjax import pooling as pooling_lib
+
+        if not config.model:
+            raise ValueError("model must name a checkpoint directory or hub id")
+        rates = {"hidden_dropout": _rate(config.hidden_dropout, "hidden_dropout"),
+                 "attention_dropout": _rate(config.attention_dropout, "attention_dropout")}
+        max_length = _optional(config.max_length, int, "max_length")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1, or None for the checkpoint's own, got {max_length}")
+        unknown = sorted(set(config.prompts) - {"query", "document"})
+        if unknown:
+            raise ValueError(f"prompts has unknown keys {unknown}; it takes 'query' and 'document'")
+        prompts = {side: text for side, text in (("query", config.prompts.query), ("document", config.prompts.document))
+                   if text}
+        return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
+                   max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
+                   attention=_choice(config.attention, ATTENTION, "attention", optional=True),
+                   pooler_init=dict(config.pooler_init or {}), prompts=prompts,
+                   include_prompt=bool(config.include_prompt), **rates)
+
+    @property
+    def side_prompts(self) -> dict[str, str]:
+        """The prompts per batch side (``embedjax.data.pipeline.side_prompts``' form): the first
+        text of a record is the query; its positive and hard negatives are documents."""
+        document = self.prompts.get("document", "")
+        return {"a": self.prompts.get("query", ""), "b": document, "n": document}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (``embedjax.lora``); ``rank`` 0 trains every parameter instead."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str | None = None      # None: every attention and MLP projection
+    rslora: bool = False
+    save_peft: bool = True
+    init_from: str | None = None    # a PEFT adapter directory to start from (its own rank and targets)
+
+    @classmethod
+    def from_config(cls, lora) -> LoraConfig:
+        return cls(rank=_integer(lora["rank"], "lora.rank", minimum=0), alpha=_number(lora["alpha"], "lora.alpha"),
+                   dropout=_number(lora["dropout"], "lora.dropout", lo=0.0, hi=1.0, hi_open=True),
+                   targets=_optional(lora["targets"], str, "lora.targets"), rslora=bool(lora["rslora"]),
+                   save_peft=bool(lora["save_peft"]), init_from=_optional(lora["init_from"], str, "lora.init_from"))
+
+    def spec(self):
+        """The ``embedjax.lora.LoraSpec`` to attach, or None (rank 0: full fine-tuning)."""
+        if not self.rank:
+            return None
+        from embedjax import lora
+
+        return lora.LoraSpec(rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                             targets=self.targets or "^layers/", rslora=self.rslora)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """One training source's data: what its file holds (``kind``) and how its batches are laid out."""
+
+    kind: str
+    train: str
+    format: str | None = None                 # None: from the file's suffix
+    columns: dict = dataclasses.field(default_factory=dict)  # {field: column}; {} = the defaults
+    score_range: tuple | None = None          # (lo, hi) every score must lie in; None = any finite score
+    tfds_name: str | None = None
+    tfds_split: str = "train"
+    tfds_data_dir: str | None = None          # None: TFDS's default
+    skip_bad: bool = False
+    buckets: tuple = (16, 32, 64, 128, 256)
+    pack_length: int = 64                     # 0: pad each side instead of packing
+    pack_rows_multiple: int = 2
+
+    @classmethod
+    def from_config(cls, data) -> DataConfig:
+        from embedjax.data import readers
+        from embedjax.train import sources
+
+        kind = _choice(data["kind"], sources.DATA_KINDS, "data.kind")
+        fmt = _optional(data["format"], str, "data.format")
+        if fmt is not None:
+            _choice(fmt, readers.FORMATS, "data.format")
+        score_range = tuple(data["score_range"]) if data["score_range"] is not None else None
+        if score_range is not None and len(score_range) != 2:
+            raise ValueError(f"data.score_range must be (lo, hi) or None, got {score_range}")
+        tfds_name = _optional(data["tfds_name"], str, "data.tfds_name")
+        if kind == "tfds" and not tfds_name:
+            raise ValueError("data.kind='tfds' needs data.tfds_name (e.g. --config.data.tfds_name=glue/stsb)")
+        buckets = tuple(data["buckets"])
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+            raise ValueError(f"data.buckets must be positive token lengths, got {buckets}")
+        return cls(kind=kind, train=str(data["train"]), format=fmt, columns=dict(data["columns"] or {}),
+                   score_range=score_range, tfds_name=tfds_name, tfds_split=str(data["tfds_split"]),
+                   tfds_data_dir=_optional(data["tfds_data_dir"], str, "data.tfds_data_dir"),
+                   skip_bad=bool(data["skip_bad"]), buckets=buckets,
+                   pack_length=_integer(data["pack_length"], "data.pack_length", minimum=0),
+                   pack_rows_multiple=_integer(data["pack_rows_multiple"], "data.pack_rows_multiple", minimum=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One training source: its data, its objective section (parsed into an ``Objective`` once the
+    run's pooling and teacher are known) and its weight in a mixture."""
+
+    name: str
+    data: DataConfig
+    objective: Mapping[str, Any]
+    weight: float = 1.0
+
+    @property
+    def teacher(self) -> str | None:
+        """The distillation teacher this source names (None: none, or a weight of 0)."""
+        distill = self.objective["distill"]
+        return distill["teacher"] if distill["teacher"] and float(distill["weight"]) > 0 else None
+
+
+def source_sections(data: Mapping[str, Any], objective: Mapping[str, Any]) -> dict[str, tuple[dict, dict, float]]:
+    """``name -> (data section, objective section, weight)``: ``{"train": data}`` alone, or each
+    ``data.mixture`` entry over ``data`` / ``objective`` (an entry overrides data keys at its top
+    level and objective keys under ``"objective"``; unknown keys are refused)."""
+    base_data = {k: v for k, v in as_dict(data).items() if k not in MIXTURE_KEYS}
+    base_objective = as_dict(objective)
+    mixture = as_dict(data["mixture"] or {})
+    if not mixture:
+        return {"train": (base_data, base_objective, 1.0)}
+    _choice(data["mixture_mode"], MIXTURE_MODES, "data.mixture_mode")
+    out = {}
+    for name, entry in mixture.items():
+        entry = dict(entry)
+        weight = float(entry.pop("weight", 1.0))
+        if not weight > 0:
+            raise ValueError(f"data.mixture.{name}.weight must be > 0, got {weight}")
+        overrides = dict(entry.pop("objective", {}) or {})
+        unknown = sorted(set(entry) - set(base_data))
+        if unknown:
+            raise ValueError(f"data.mixture.{name}: unknown keys {unknown}; an entry takes 'weight', 'objective' "
+                             f"and data keys {sorted(base_data)}")
+        bad = sorted(set(overrides) - set(base_objective))
+        if bad:
+            raise ValueError(f"data.mixture.{name}.objective: unknown keys {bad}; objective keys are "
+                             f"{sorted(base_objective)}")
+        merged = {**base_objective, **overrides}
+        if "distill" in overrides:  # a partial distill section keeps the other defaults
+            merged["distill"] = {**base_objective["distill"], **dict(overrides["distill"])}
+        out[name] = ({**base_data, **entry}, merged, weight)
+    return out
+
+
+def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any]) -> dict[str, SourceConfig]:
+    """Every training source of a config, parsed: the one of ``data`` / ``objective``, or each
+    ``data.mixture`` entry over them (``source_sections``); an entry's errors name it."""
+    sections = source_sections(data, objective)
+    if not data["mixture"]:
+        return {"train": _source("train", data, objective, 1.0)}
+    out = {}
+    for name, (entry_data, entry_objective, weight) in sections.items():
+        try:
+            out[name] = _source(name, entry_data, entry_objective, weight)
+        except ValueError as err:
+            raise ValueError(f"data.mixture.{name}: {err}") from None
+    return out
+
+
+def _source(name: str, data: Mapping[str, Any], objective: Mapping[str, Any], weight: float) -> SourceConfig:
+    from embedjax.train.objective import Objective
+
+    Objective.check_section(objective)
+    return SourceConfig(name, DataConfig.from_config(data), as_dict(objective), weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW, its schedule, clipping, accumulation and the EMA (``embedjax.train.optim``)."""
+
+    learning_rate: float
+    warmup: float
+    decay: str
+    weight_decay: float
+    clip_norm: float
+    accumulate: int
+    b1: float
+    b2: float
+    eps: float
+    ema: float = 0.0
+    ema_select: str = "best"
+
+    @classmethod
+    def from_config(cls, optim) -> OptimConfig:
+        """From the ``optim`` section (every key required: a missing one is a KeyError)."""
+        accumulate = optim["accumulate"]
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"optim.accumulate must be >= 1 (1 = no accumulation), got {accumulate!r}")
+        return cls(learning_rate=_number(optim["learning_rate"], "optim.learning_rate", lo=0.0),
+                   warmup=_number(optim["warmup"], "optim.warmup", lo=0.0),
+                   decay=_choice(optim["decay"], DECAYS, "optim.decay"),
+                   weight_decay=_number(optim["weight_decay"], "optim.weight_decay", lo=0.0),
+                   clip_norm=_number(optim["clip_norm"], "optim.clip_norm", lo=0.0), accumulate=accumulate,
+                   b1=_number(optim["b1"], "optim.b1", lo=0.0, hi=1.0, hi_open=True),
+                   b2=_number(optim["b2"], "optim.b2", lo=0.0, hi=1.0, hi_open=True),
+                   eps=_number(optim["eps"], "optim.eps", lo=0.0),
+                   ema=_number(optim["ema"], "optim.ema", lo=0.0, hi=1.0, hi_open=True),
+                   ema_select=_choice(optim["ema_select"], EMA_SELECT, "optim.ema_select"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """How often the state is saved and how many checkpoints are kept."""
+
+    every: int = 50
+    keep: int = 2
+    keep_best: int = 1
+
+    @classmethod
+    def from_config(cls, checkpoint) -> CheckpointConfig:
+        return cls(every=_integer(checkpoint["every"], "checkpoint.every", minimum=1),
+                   keep=_integer(checkpoint["keep"], "checkpoint.keep", minimum=1),
+                   keep_best=_integer(checkpoint["keep_best"], "checkpoint.keep_best", minimum=1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A whole training config, parsed and checked (``from_config``); ``raw`` is the config as
+    plain JSON-able dicts, what a workdir's ``train_config.json`` and every checkpoint store."""
+
+    model: ModelConfig
+    lora: LoraConfig
+    sources: dict                 # name -> SourceConfig: {"train": ...}, or one per mixture entry
+    mixture_mode: str | None      # None: one source
+    optim: OptimConfig
+    seed: int
+    batch_size: int
+    num_epochs: float
+    num_steps: int | None         # None: num_epochs epochs
+    mesh: dict
+    sharding_rules: str
+    memory_limit_gib: float | None  # None: the device's own limit
+    log_every: int
+    eval_every: int
+    eval_batch_size: int
+    evals: dict
+    select_metric: str
+    checkpoint: CheckpointConfig
+    raw: dict
+
+    @classmethod
+    def from_config(cls, config) -> TrainConfig:
+        """Every section of ``config`` (an ``ml_collections.ConfigDict`` or nested mapping with the
+        keys of configs/base.py) parsed and checked; a ValueError names the key and what it takes."""
+        sources = parse_sources(config.data, config.objective)
+        teachers = {s.teacher for s in sources.values()} - {None}
+        if len(teachers) > 1:
+            raise ValueError(f"one distillation teacher per run; the sources name {sorted(teachers)}")
+        num_steps = _optional(config.num_steps, int, "num_steps")
+        if num_steps is not None and num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, or None to train num_epochs epochs, got {num_steps}")
+        memory = _optional(config.memory_limit_gib, float, "memory_limit_gib")
+        if memory is not None and memory <= 0:
+            raise ValueError(f"memory_limit_gib must be > 0, or None for the device's own limit, got {memory}")
+        mesh = {"data": _integer(config.mesh.data, "mesh.data", minimum=-1),
+                "fsdp": _integer(config.mesh.fsdp, "mesh.fsdp", minimum=1),
+                "model": _integer(config.mesh.model, "mesh.model", minimum=1)}
+        if not config.select_metric:
+            raise ValueError("select_metric must name a metric the evaluators report, e.g. dev/cosine_spearman")
+        return cls(model=ModelConfig.from_config(config), lora=LoraConfig.from_config(config.lora), sources=sources,
+                   mixture_mode=config.data.mixture_mode if config.data.mixture else None,
+                   optim=OptimConfig.from_config(config.optim), seed=_integer(config.seed, "seed", minimum=0),
+                   batch_size=_integer(config.batch_size, "batch_size", minimum=1),
+                   num_epochs=_number(config.num_epochs, "num_epochs", lo=0.0), num_steps=num_steps,
+                   mesh=mesh, sharding_rules=_choice(config.sharding_rules, SHARDING_RULES, "sharding_rules"),
+                   memory_limit_gib=memory, log_every=_integer(config.log_every, "log_every", minimum=1),
+                   eval_every=_integer(config.eval_every, "eval_every", minimum=1),
+                   eval_batch_size=_integer(config.eval_batch_size, "eval_batch_size", minimum=1),
+                   evals=as_dict(config.evals), select_metric=str(config.select_metric),
+                   checkpoint=CheckpointConfig.from_config(config.checkpoint), raw=as_dict(config))
+
+    @property
+    def teacher(self) -> str | None:
+        """The distillation teacher the sources name (one per run), or None."""
+        return next((s.teacher for s in self.sources.values() if s.teacher), None)
+
+
+# ---------------------------------------------------------------------------- --config.KEY checks
+
+
+def config_paths(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Every dotted path of a nested dict, sections included: ``{"optim": {...}, "optim.eps": 1e-6, ...}``."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out[path] = value
+        if isinstance(value, Mapping):
+            out.update(config_paths(value, path + "."))
+    return out
+
+
+def override_keys_from_argv(argv: Sequence[str]) -> list[str]:
+    """The dotted keys of ``--config.KEY=value`` / ``--config.KEY value`` / ``--noconfig.KEY``
+    arguments, in order (up to a bare ``--``)."""
+    keys = []
+    for arg in argv:
+        if arg == "--":
+            break
+        m = re.match(r"^--?(?:no)?config\.([^=\s]+)", arg)
+        if m:
+            keys.append(m.group(1))
+    return keys
+
+
+def _suggest(key: str, candidates: Iterable[str]) -> list[str]:
+    """Up to 3 close matches, best first: by the whole dotted path or by its last part
+    (``learning_rate`` -> ``optim.learning_rate``); only those nearly as close as the best."""
+    ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()  # noqa: E731
+    last = key.rsplit(".", 1)[-1]
+    scored = sorted(((max(ratio(key, c), ratio(last, c.rsplit(".", 1)[-1]) - 0.05), c) for c in set(candidates)),
+                    key=lambda sc: (-sc[0], sc[1]))
+    if not scored or scored[0][0] < 0.6:
+        return []
+    return [c for score, c in scored if score >= max(0.6, scored[0][0] - 0.08)][:3]
+
+
+def _or_list(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def check_override_keys(config: Any, keys: Iterable[str]) -> None:
+    """Raises ValueError (one line) for the first ``--config.KEY`` that is not a key of ``config``:
+
+        --config.optim.learning_rat: no such key; did you mean optim.learning_rate?
+
+    Sections (``--config.optim="{...}"``) are keys too. Below a free-form dict
+    (``OPEN_SECTIONS``) a key must already be in this config's dict: the message says to set
+    the whole dict instead.
+    """
+    paths = config_paths(as_dict(config))
+    for key in keys:
+        if key in paths:
+            continue
+        section = next((s for s in OPEN_SECTIONS if key.startswith(s + ".")), None)
+        if section is not None and section in paths:
+            have = sorted(paths[section]) if isinstance(paths[section], Mapping) else []
+            close = _suggest(key, [f"{section}.{k}" for k in have])
+            hint = f"did you mean {_or_list(close)}? or " if close else ""
+            raise ValueError(
+                f"--config.{key}: {section} has no key {key[len(section) + 1:]!r} in this config (it has {have}); {hint}"
+                f"set the whole dict instead, e.g. --config.{section}=\"{{'name': value, ...}}\"")
+        close = _suggest(key, paths)
+        hint = f"did you mean {_or_list(close)}?" if close else "see configs/base.py for the declared keys"
+        raise ValueError(f"--config.{key}: no such key; {hint}")

@@ -1,0 +1,149 @@
+"""The encoders of a run: the student it starts from (with LoRA adapters, split into what trains
+and what stays frozen), its distillation teacher, and a workdir's trained encoder (its export
+or, before the run finished, its best checkpoint).
+
+A run has one pooling, length, attention mode and set of prompts (``ModelConfig``): training,
+evaluation and export all use the encoder built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+from embedjax import lora, sharding
+from embedjax.model import Encoder, load_pretrained
+from embedjax.train.config import INITIAL_TEACHER, LoraConfig, ModelConfig, TrainConfig
+from embedjax.train.workdir import CONFIG_FILE, legacy_config
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model: ModelConfig, *, seed: int = 0) -> Encoder:
+    """The run's starting encoder: the checkpoint with the run's pooling, length, attention, a
+    fresh trainable pooler's initialisation (seeded by ``seed``) and the run's prompts."""
+    encoder = load_pretrained(model.path, pooling=model.pooling, max_length=model.max_length,
+                              attention=model.attention, pooler_init=model.pooler_init or None, seed=seed)
+    if model.prompts:  # the run's instructions: trained, evaluated, exported
+        encoder = dataclasses.replace(encoder, prompts=dict(model.prompts), include_prompt=model.include_prompt)
+    return encoder
+
+
+def training_cfg(encoder: Encoder, model: ModelConfig):
+    """The encoder's static config as the train step runs it: the run's compute dtype and dropout
+    rates (None: the checkpoint's own)."""
+    cfg = encoder.cfg
+    return dataclasses.replace(cfg, dtype=model.dtype,
+                               hidden_dropout=cfg.hidden_dropout if model.hidden_dropout is None else model.hidden_dropout,
+                               attention_dropout=(cfg.attention_dropout if model.attention_dropout is None
+                                                  else model.attention_dropout))
+
+
+def split_trainable(params, adapters_only: bool):
+    """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters and the pooler's own
+    params (latent attention) train and the base is frozen; without, everything trains."""
+    if not adapters_only:
+        return lora.partition(params, jax.tree.map(lambda _: True, params))
+    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith("pooler/")  # noqa: E731
+    return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
+
+
+def trainable_params(lora_config: LoraConfig, encoder: Encoder, *, seed: int = 0):
+    """``(trainable, frozen, encoder)``: with LoRA (``rank`` > 0, or ``init_from`` a PEFT adapter
+    directory to start from) adapters are attached (initialised from ``seed + 1``) and the
+    encoder's cfg gets their spec; see ``split_trainable`` for what trains."""
+    params, cfg = encoder.params, encoder.cfg
+    if lora_config.init_from is not None:
+        params, cfg = lora.load_peft(lora_config.init_from, params, cfg)
+    elif lora_config.spec() is not None:
+        params, cfg = lora.attach(params, cfg, lora_config.spec(), jax.random.key(seed + 1))
+    trainable, frozen = split_trainable(params, cfg.lora is not None)
+    return trainable, frozen, dataclasses.replace(encoder, params=params, cfg=cfg)
+
+
+def load_teacher(name: str | None, student: Encoder, model: ModelConfig, *, seed: int = 0) -> Encoder | None:
+    """The distillation teacher ``name`` (``objective.distill.teacher``), or None. It reads the
+    student's token ids, so it must tokenize exactly like the student.
+
+    ``"initial"`` is the student's own starting model (``load_model(model)``), frozen: distilling
+    towards it anchors the fine-tune to what the pretrained model knew (Learning without
+    Forgetting, arXiv:1606.09282), which lets a higher learning rate help instead of overfit.
+    """
+    if name is None:
+        return None
+    if name == INITIAL_TEACHER:
+        return load_model(model, seed=seed)
+    teacher = load_pretrained(name, max_length=student.max_length)
+    probe = ["A man is playing a guitar on stage.", "Zwei Hunde spielen im Schnee; 42 km/h!", "tokenizer check"]
+    same = [e.ids for e in teacher.tokenizer.encode(probe)] == [e.ids for e in student.tokenizer.encode(probe)]
+    if not same or teacher.lowercase != student.lowercase:
+        raise ValueError(f"objective.distill.teacher={name!r} tokenizes differently from the student "
+                         f"{model.path!r}: the teacher reads the student's token ids, so both need one tokenizer")
+    return teacher
+
+
+# ---------------------------------------------------------------------------- a workdir's encoder
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training workdir (it holds the run's ``train_config.json``)."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def run_encoder(workdir: str | os.PathLike):
+    """``(config, encoder, trainable, frozen)``: the run's encoder before training, as the loop
+    builds it from the workdir's ``train_config.json`` (``TrainConfig``), LoRA split included."""
+    raw = legacy_config(json.loads((Path(workdir) / CONFIG_FILE).read_text()))
+    config = TrainConfig.from_config(_as_config(raw))
+    encoder = load_model(config.model, seed=config.seed)
+    trainable, frozen, encoder = trainable_params(config.lora, encoder, seed=config.seed)
+    return config, encoder, trainable, frozen
+
+
+def merged_encoder(encoder: Encoder, trained, frozen) -> Encoder:
+    """``encoder`` with the trained params on the frozen ones, LoRA adapters merged into the
+    weights, normalising like the run's export (``save_pretrained(normalize=True)``)."""
+    params, cfg = lora.combine(trained, frozen), encoder.cfg
+    if cfg.lora is not None:
+        params, cfg = lora.merge(params, cfg)
+    return dataclasses.replace(encoder, params=params, cfg=cfg, normalize=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BestCheckpoint:
+    """An unfinished run's best checkpoint so far: its encoder, step and selection score."""
+
+    encoder: Encoder
+    step: int
+    metric: str     # the run's select_metric
+    value: float    # its score at that step
+
+    def describe(self) -> str:
+        return f"best checkpoint (step {self.step}, {self.metric} {self.value:.4g})"
+
+
+def best_checkpoint_encoder(workdir: str | os.PathLike) -> BestCheckpoint:
+    """An unfinished run's best checkpoint so far on the run's encoder (``merged_encoder``: LoRA
+    merged, normalising like the export). Raises FileNotFoundError when it has saved no best step."""
+    from embedjax.checkpoint import Checkpointer, abstract_like
+
+    config, encoder, trainable, frozen = run_encoder(workdir)
+    ckpt = Checkpointer(Path(workdir).absolute(), best_metric=config.select_metric)
+    try:
+        shardings = jax.tree.map(lambda x: x.sharding, trainable)
+        params, metrics, step = ckpt.restore_best(abstract_like(trainable, shardings))
+    finally:
+        ckpt.close()
+    return BestCheckpoint(merged_encoder(encoder, params, frozen), step, config.select_metric,
+                          float(metrics.get(config.select_metric, float("nan"))))
+
+
+def _as_config(raw: dict):
+    import ml_collections
+
+    return ml_collections.ConfigDict(raw)

@@ -1,0 +1,124 @@
+"""The run's training sources and the stream of host batches they feed.
+
+A run trains on one source (``config.data``) or, with ``data.mixture``, on several, each with
+its own records, objective and batches; every step trains on ONE source's batch
+(``embedjax.data.mixture``). ``build_sources`` reads each source's records, checks them
+against its objective (``loss_specs.check_objective_data``) and builds its pipeline;
+``SourceStream`` yields ``(source name, host batch)`` step after step and checkpoints its
+position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Mapping
+
+import jax
+
+from embedjax.data import pipeline
+from embedjax.data.batch import Batch
+from embedjax.model import Encoder
+from embedjax.train import sources
+from embedjax.train.config import DataConfig, SourceConfig
+from embedjax.train.loss_specs import check_objective_data
+from embedjax.train.objective import Objective
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainingSource:
+    """One source of training batches: its records, its objective and its batch iterator."""
+
+    name: str
+    data: DataConfig
+    objective: Objective
+    records: Any          # random access
+    iterator: Any         # pipeline.DataIterator of host batches (repeats)
+    weight: float = 1.0
+
+
+def packing_for(data: DataConfig, objective: Objective) -> pipeline.Packing | None:
+    """``data.pack_length`` > 0: pack the texts of each batch (``pipeline.Packing``); rows are a
+    multiple of ``data.pack_rows_multiple`` and of the local device count. GradCache needs the
+    padded layout, so it turns packing off."""
+    if not data.pack_length:
+        return None
+    if objective.gradcache_chunk:
+        log.info("objective.gradcache_chunk is set: padded batches (GradCache chunks by example, not by packed row)")
+        return None
+    multiple = math.lcm(data.pack_rows_multiple, jax.local_device_count())
+    return pipeline.Packing(length=data.pack_length, rows_multiple=multiple,
+                            views=2 if objective.loss == "simcse_unsup" else 1)
+
+
+def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | None, batch_size: int, seed: int,
+                 prompts: Mapping[str, str], mixture: bool = False) -> TrainingSource:
+    """One ``TrainingSource``: records read and checked against its objective (errors name the
+    mixture entry), and its batch iterator (seeded by ``seed``)."""
+    objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher)  # the run's one pooling
+    try:
+        records = sources.train_source(spec.data)
+        check_objective_data(objective, pipeline.fields_of(records), sources.scores_of(records))
+    except ValueError as err:
+        if not mixture:
+            raise
+        raise ValueError(f"data.mixture.{spec.name}: {err}") from None
+    tokenizer = encoder.tokenizer.replace(buckets=spec.data.buckets)  # keeps an appended EOS
+    iterator = pipeline.train_pipeline(records, tokenizer, global_batch_size=batch_size, seed=seed,
+                                       preprocess=str.lower if encoder.lowercase else None, common_length=True,
+                                       packing=packing_for(spec.data, objective), prompts=prompts,
+                                       include_prompt=encoder.include_prompt)
+    return TrainingSource(spec.name, spec.data, objective, records, iterator, spec.weight)
+
+
+def build_sources(specs: Mapping[str, SourceConfig], encoder: Encoder, *, teacher: Encoder | None, batch_size: int,
+                  seed: int, prompts: Mapping[str, str], mixture: bool) -> dict[str, TrainingSource]:
+    """Every source of the run (``mixture``: the entries of ``data.mixture``); the i-th shuffles
+    with ``seed + i``."""
+    return {name: build_source(spec, encoder, teacher=teacher, batch_size=batch_size, seed=seed + i, prompts=prompts,
+                               mixture=mixture)
+            for i, (name, spec) in enumerate(specs.items())}
+
+
+class SourceStream:
+    """``next()`` -> ``(source name, host batch)``: the one source's batches, or a mixture's
+    (``embedjax.data.mixture.MixtureIterator``, one source per step); ``get_state`` /
+    ``set_state`` checkpoint the position."""
+
+    def __init__(self, training_sources: Mapping[str, TrainingSource], *, mixture_mode: str | None, seed: int):
+        self.sources = dict(training_sources)
+        if mixture_mode is None:
+            ((self.only, source),) = self.sources.items()
+            self.iterator = source.iterator
+        else:
+            from embedjax.data.mixture import MixtureIterator
+
+            self.only = None
+            self.iterator = MixtureIterator({n: s.iterator for n, s in self.sources.items()},
+                                            {n: s.weight for n, s in self.sources.items()}, mode=mixture_mode, seed=seed)
+
+    def __next__(self) -> tuple[str, Batch]:
+        if self.only is not None:
+            return self.only, next(self.iterator)
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+
+def total_train_steps(num_steps: int | None, num_epochs: float, training_sources: Mapping[str, TrainingSource], *,
+                      batch_size: int, accumulate: int) -> int:
+    """``num_steps``, else ``num_epochs`` epochs; a mixture's epoch is as many steps as one pass
+    over every source. Whole accumulation groups only with epochs (an explicit num_steps must divide)."""
+    if num_steps is not None:
+        return num_steps
+    per_epoch = sum(pipeline.steps_per_epoch(len(s.records), batch_size, jax.process_count())
+                    for s in training_sources.values())
+    total = int(round(num_epochs * per_epoch))
+    return total - total % accumulate

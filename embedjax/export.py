@@ -138,7 +138,8 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
     tmp = directory / "model.safetensors.tmp"
     pooler = params.get("pooler") if encoder.pooling in pooling_lib.PARAMETRIC else None
     backbone = {k: v for k, v in params.items() if k != "pooler"}
-    save_file(hf.state_dict_from_params(backbone, cfg), str(tmp), metadata={"format": "pt"})
+    state = {**hf.unused_tensors(cfg, encoder.path), **hf.state_dict_from_params(backbone, cfg)}
+    save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / "model.safetensors")  # atomic: never a half-written model file
     pooler_record = {}
     if pooler is not None:
@@ -179,6 +180,25 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
                     "reproduces it", directory, encoder.pooling, f"; {problem}" if problem else "",
                     str(directory))
     return directory
+
+
+def save_trained(encoder, params, directory: str | os.PathLike, *, sentence_transformers: bool = True,
+                 peft_adapter: bool = False, base_model: str | None = None):
+    """A trained encoder's export (a run's, into its workdir): LoRA adapters merged into the
+    weights, so the directory is a plain Hugging Face / sentence-transformers model
+    (``save_pretrained`` with ``normalize=True``: scored as training evaluated it). With LoRA and
+    ``peft_adapter`` also ``directory/adapter``, a PEFT adapter directory that
+    ``peft.PeftModel.from_pretrained`` loads over ``base_model``."""
+    import dataclasses
+
+    from embedjax import lora
+
+    if encoder.cfg.lora is not None and peft_adapter:
+        with paths.staged(epath.Path(directory) / "adapter") as adapter:  # gs://: written locally, then copied
+            lora.save_peft(adapter, params, encoder.cfg, base_model_name_or_path=str(base_model))
+    merged, cfg = lora.merge(params, encoder.cfg) if encoder.cfg.lora is not None else (params, encoder.cfg)
+    return save_pretrained(dataclasses.replace(encoder, cfg=cfg), directory, params=merged, normalize=True,
+                           sentence_transformers=sentence_transformers)
 
 
 def _write_sentence_transformers_modules(directory: Path, encoder, normalize: bool) -> None:

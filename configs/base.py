@@ -166,6 +166,7 @@ def base_config() -> ml_collections.ConfigDict:
         "every": 50,              # save the train state + data position every this many steps
         "keep": 2,                # latest checkpoints kept (for resuming)
         "keep_best": 1,           # best checkpoints kept by select_metric (the best one is exported)
+        "asynchronous": True,     # write in the background; False: the step waits until its save is on disk
     })
     return c
 

@@ -22,6 +22,9 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))
+# Every program, not only those over a second: a training subprocess compiles ~80 small ones
+# that the next subprocess (the other host, the resumed run) would compile again.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 FAST_COMPILE_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
 
 import contextlib  # noqa: E402
@@ -37,7 +40,7 @@ from filelock import FileLock  # noqa: E402
 
 # The longest modules first, so that two xdist workers finish together (--dist loadfile hands
 # out whole modules in collection order).
-LONGEST_FIRST = ("test_gradcache", "test_train", "test_multihost", "test_recipes_train", "test_notebooks",
+LONGEST_FIRST = ("test_gradcache", "test_train", "test_workdir", "test_multihost", "test_recipes_train", "test_notebooks",
                  "test_llm_train", "test_model", "test_packing", "test_bf16", "test_scripts", "test_remote_paths")
 
 

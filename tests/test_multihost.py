@@ -210,7 +210,9 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_mode
     else:
         one = tmp_path / "one"
         ok(launch(one, config, overrides, processes=1))
-    ok(launch(tmp_path / "two", config, overrides, processes=2))
+    # One two-process run, killed and resumed: its whole curve and export must equal the one-process
+    # run's, which an uninterrupted two-process run would only repeat (steps 1-4 come from the first
+    # launch, 5-8 from the resumed one).
     killed = launch(tmp_path / "killed", config, overrides, processes=2, kill_at=5)
     assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 2, [err[-3000:] for _, err in killed]
     data_files = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*/data/*.json"))
@@ -219,15 +221,11 @@ def test_two_processes_train_like_one_and_resume_after_sigkill(layout, tiny_mode
 
     ref = loss_curve(one)
     assert sorted(ref) == list(range(1, 9)) and len(set(ref.values())) > 4  # a moving curve
-    for run in ("two", "killed"):
-        curve = loss_curve(tmp_path / run)
-        assert sorted(curve) == sorted(ref), run
-        np.testing.assert_allclose([curve[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5,
-                                   err_msg=run)
-    want = embedjax.load_pretrained(one).encode(TEXTS)
-    for run in ("two", "killed"):
-        summary = json.loads((tmp_path / run / "summary.json").read_text())
-        assert summary["steps"] == 8
-        got = embedjax.load_pretrained(tmp_path / run).encode(TEXTS)
-        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=run)
+    curve = loss_curve(tmp_path / "killed")
+    assert sorted(curve) == sorted(ref)
+    np.testing.assert_allclose([curve[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5)
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["steps"] == 8
+    got = embedjax.load_pretrained(tmp_path / "killed").encode(TEXTS)
+    np.testing.assert_allclose(got, embedjax.load_pretrained(one).encode(TEXTS), atol=1e-5)
 

@@ -3,6 +3,7 @@ unsharded, NaN guard, kill during save, export loadable by sentence-transformers
 
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import embedjax
 from embedjax.encoders import bert
 from embedjax.data.batch import Batch, Side
-from embedjax.train import loop, optim, selection, tasks, workdir as workdirs
+from embedjax.train import loop, metrics, optim, selection, tasks, workdir as workdirs
 from embedjax.train import step as step_module
 from embedjax.train.config import DataConfig
 
@@ -368,3 +369,25 @@ def test_select_metric_must_be_reported(tiny_model, small_dev, tmp_path):
     c.evals.dev.layers = (7,)
     with pytest.raises(ValueError, match="evals.dev.layers: 7"):
         loop.train_and_evaluate(c, tmp_path / "w2")
+
+
+def test_log_records_are_written_above_the_progress_bar(capsys):
+    """A console handler's records go through the bar's ``write`` while it is shown (not
+    through the bar), and the handler is back afterwards."""
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("LOG %(message)s"))
+    root.addHandler(console)
+    written = []
+    try:
+        with metrics.progress_bar(total=3, initial=0) as bar:
+            original_write = bar.write
+            bar.write = lambda text, **kw: (written.append(text), original_write(text, **kw))
+            assert console not in root.handlers
+            logging.getLogger("embedjax.test").warning("checkpoint saved")
+            bar.update(1)
+        assert console in root.handlers
+    finally:
+        root.removeHandler(console)
+    assert written == ["LOG checkpoint saved"]
+    assert capsys.readouterr().err.count("LOG checkpoint saved") == 1

@@ -193,9 +193,11 @@ def test_a_second_trainer_on_a_held_workdir_stops_with_one_line(held_workdir, ti
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory, tiny_train_overrides) -> Path:
-    """``tiny_train_overrides`` SIGKILLed after step 7: checkpoints 2, 4, 6 and a stale LOCK. Read-only."""
+    """``tiny_train_overrides`` SIGKILLed after step 7: checkpoints 2, 4, 6 and a stale LOCK. Read-only.
+    Saved synchronously, so that step 6 is surely on disk when the kill comes (the resumed runs
+    save in the background again: ``checkpoint.*`` may change between runs)."""
     workdir = tmp_path_factory.mktemp("killed") / "w"
-    proc = run_train(workdir, tiny_train_overrides, check=False, kill_at=7)
+    proc = run_train(workdir, {**tiny_train_overrides, "checkpoint.asynchronous": False}, check=False, kill_at=7)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
     return workdir

@@ -326,12 +326,14 @@ class CheckpointConfig:
     every: int = 50
     keep: int = 2
     keep_best: int = 1
+    asynchronous: bool = True  # False: a save is on disk before the next step runs
 
     @classmethod
     def from_config(cls, checkpoint) -> CheckpointConfig:
         return cls(every=_integer(checkpoint["every"], "checkpoint.every", minimum=1),
                    keep=_integer(checkpoint["keep"], "checkpoint.keep", minimum=1),
-                   keep_best=_integer(checkpoint["keep_best"], "checkpoint.keep_best", minimum=1))
+                   keep_best=_integer(checkpoint["keep_best"], "checkpoint.keep_best", minimum=1),
+                   asynchronous=bool(checkpoint.get("asynchronous", True)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -121,7 +121,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
 
     # ------------------------------------------------------------------ state: resume or create
     ckpt = Checkpointer(workdir, keep=run.checkpoint.keep, keep_best=run.checkpoint.keep_best,
-                        best_metric=run.select_metric, config=run.raw)
+                        best_metric=run.select_metric, async_save=run.checkpoint.asynchronous, config=run.raw)
     writer = MetricsWriter(workdir)
     try:
         if ckpt.latest_step() is not None:
@@ -144,8 +144,6 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
                  for name, source in training_sources.items()}
 
         # ------------------------------------------------------------------ periodic work
-        bar = progress_bar(total_steps, start)
-
         def diverged(step: int, _) -> str:
             ckpt.wait()
             fix = "lower the learning rate or check the data first"
@@ -154,37 +152,37 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
             return (f"Stopped; the last good checkpoint (step {ckpt.latest_step()}) in {workdir / 'checkpoints'} is "
                     f"untouched and a rerun resumes from it ({fix}).")
 
-        train_log = TrainLog(writer, bar, lr_at=lr_at, batch_size=run.batch_size, on_divergence=diverged)
+        with progress_bar(total_steps, start) as bar:  # log records are written above it
+            train_log = TrainLog(writer, bar, lr_at=lr_at, batch_size=run.batch_size, on_divergence=diverged)
 
-        def evaluate_and_offer(step: int, state, _) -> None:
-            raw = evaluate(state.params)
-            ema = None if state.ema is None else evaluate(state.ema)
-            logged, candidate, ranked = select.choose(raw, ema, state.params, state.ema)
-            writer.write(step, logged)
-            ckpt.save_best(step, candidate, ranked)
-            shown = dict.fromkeys([run.select_metric, *map(suite.headline, evaluators)])  # not every key of every evaluator
-            bar.write(f"step {step}: " + ", ".join(f"{k} {logged[k]:.4g}" for k in shown if k in logged))
+            def evaluate_and_offer(step: int, state, _) -> None:
+                raw = evaluate(state.params)
+                ema = None if state.ema is None else evaluate(state.ema)
+                logged, candidate, ranked = select.choose(raw, ema, state.params, state.ema)
+                writer.write(step, logged)
+                ckpt.save_best(step, candidate, ranked)
+                shown = dict.fromkeys([run.select_metric, *map(suite.headline, evaluators)])  # not every key of every evaluator
+                bar.write(f"step {step}: " + ", ".join(f"{k} {logged[k]:.4g}" for k in shown if k in logged))
 
-        periodic = [Callback(run.log_every, train_log.flush, at_end=True),
-                    Callback(run.eval_every, evaluate_and_offer, at_end=True),
-                    Callback(run.checkpoint.every, lambda step, state, _: ckpt.save(step, state, batches.get_state()),
-                             at_end=True)]
+            periodic = [Callback(run.log_every, train_log.flush, at_end=True),
+                        Callback(run.eval_every, evaluate_and_offer, at_end=True),
+                        Callback(run.checkpoint.every, lambda step, state, _: ckpt.save(step, state, batches.get_state()),
+                                 at_end=True)]
 
-        # ------------------------------------------------------------------ loop
-        for step in range(start + 1, total_steps + 1):
-            source, host_batch = next(batches)
-            batch = distributed.global_batch(host_batch.model_inputs(), pad_token_id=enc_cfg.pad_token_id)
-            state, metrics = steps[source](state, sharding.to_global(batch, mesh), frozen, teacher_params)
-            train_log.record(step, metrics, source if len(training_sources) > 1 else None)
-            work = due(periodic, step, total_steps)
-            if work:  # metrics are fetched (a device sync) only here, and always before a save: the NaN guard
-                train_log.flush(step)
-            started = time.perf_counter()
-            for callback in work + due(callbacks, step, total_steps):
-                callback.fn(step, state, metrics)
-            train_log.exclude(time.perf_counter() - started)  # evaluation, saving and hooks are not throughput
-            bar.update(1)
-        bar.close()
+            # ------------------------------------------------------------------ loop
+            for step in range(start + 1, total_steps + 1):
+                source, host_batch = next(batches)
+                batch = distributed.global_batch(host_batch.model_inputs(), pad_token_id=enc_cfg.pad_token_id)
+                state, metrics = steps[source](state, sharding.to_global(batch, mesh), frozen, teacher_params)
+                train_log.record(step, metrics, source if len(training_sources) > 1 else None)
+                work = due(periodic, step, total_steps)
+                if work:  # metrics are fetched (a device sync) only here, and always before a save: the NaN guard
+                    train_log.flush(step)
+                started = time.perf_counter()
+                for callback in work + due(callbacks, step, total_steps):
+                    callback.fn(step, state, metrics)
+                train_log.exclude(time.perf_counter() - started)  # evaluation, saving and hooks are not throughput
+                bar.update(1)
         ckpt.wait()
 
         # ------------------------------------------------------------------ export the best, evaluate it

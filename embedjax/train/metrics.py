@@ -9,9 +9,11 @@ that produced a non-finite loss).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import sys
 import time
 from typing import Callable
 
@@ -66,12 +68,48 @@ class MetricsWriter:
             self.tb.close()
 
 
+@contextlib.contextmanager
 def progress_bar(total: int, initial: int):
-    """The training progress bar (process 0 only)."""
+    """The training progress bar (process 0 only), closed on exit. While it is shown, log
+    records that would go to the console (absl's handler, or a plain stream handler on
+    stdout / stderr) are written above it with ``tqdm.write`` instead of through it."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                disable=jax.process_index() != 0)
+    bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    root = logging.getLogger()
+    console = [h for h in root.handlers if _writes_to_console(h)]
+    above = [_AboveTheBar(h, bar) for h in console]
+    for original, replacement in zip(console, above):
+        root.removeHandler(original)
+        root.addHandler(replacement)
+    try:
+        yield bar
+    finally:
+        for original, replacement in zip(console, above):
+            root.removeHandler(replacement)
+            root.addHandler(original)
+        bar.close()
+
+
+def _writes_to_console(handler: logging.Handler) -> bool:
+    stream = getattr(getattr(handler, "python_handler", handler), "stream", None)  # absl wraps a StreamHandler
+    return stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+
+
+class _AboveTheBar(logging.Handler):
+    """A console handler's records, formatted as it formats them, written above the bar."""
+
+    def __init__(self, inner: logging.Handler, bar):
+        super().__init__(inner.level)
+        self.inner, self.bar = inner, bar
+        self.filters = inner.filters
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.bar.write(self.inner.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never stop the run
+            self.handleError(record)
 
 
 class TrainLog:

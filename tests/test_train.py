@@ -282,7 +282,7 @@ def test_every_config_trains_a_step(name, tiny_model, tmp_path):
         assert max(jax.tree.leaves(moved)) > 0
 
 
-@pytest.mark.parametrize("layers,dims", [("", ()), ("", (32, 16)), ("adaptive", (32, 16))])
+@pytest.mark.parametrize("layers,dims", [(None, ()), (None, (32, 16)), ("adaptive", (32, 16))])
 def test_gradcache_objective_equals_the_uncached_one(layers, dims):
     """Without dropout (keys then do not matter) GradCache is the same loss and gradient."""
     from embedjax.train.objective import Objective, batch_loss

@@ -160,6 +160,19 @@ def has_progress(workdir: str | os.PathLike) -> bool:
     return any(d.is_dir() and any(c.name.isdigit() for c in d.iterdir()) for d in (root / "checkpoints", root / "best"))
 
 
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Orbax's warnings about a read-only manager (that it is one, the settings that implies)
+    silenced: reading a config is not news, and the CLIs promise one line on an error."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
 def saved_config(workdir: str | os.PathLike) -> tuple[dict | None, str]:
     """``(config, where)``: the config a workdir's run trained with. The newest checkpoint's own
     copy (``checkpoints/``, else ``best/``) wins; else ``train_config.json`` (a run that saved
@@ -172,7 +185,7 @@ def saved_config(workdir: str | os.PathLike) -> tuple[dict | None, str]:
         directory = root / sub
         if not directory.is_dir():
             continue
-        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        with _orbax_quiet(), ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
             for step in sorted(manager.all_steps(), reverse=True):
                 if not (directory / str(step) / "integrity").exists():
                     continue

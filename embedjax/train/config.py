@@ -135,8 +135,8 @@ class ModelConfig:
                    include_prompt=bool(config.include_prompt), **rates)
 
     @property
-    def side_prompts(self) -> dict[str, str]:
-        """The prompts per batch side (``embedjax.data.pipeline.side_prompts``' form): the first
+    def prompts_by_side(self) -> dict[str, str]:
+        """The prompts by batch side (the form ``embedjax.data.pipeline.side_prompts`` completes): the first
         text of a record is the query; its positive and hard negatives are documents."""
         document = self.prompts.get("document", "")
         return {"a": self.prompts.get("query", ""), "b": document, "n": document}
@@ -303,7 +303,8 @@ class OptimConfig:
 
     @classmethod
     def from_config(cls, optim) -> OptimConfig:
-        """From the ``optim`` section (every key required: a missing one is a KeyError)."""
+        """From the ``optim`` section (every optimizer key required: a missing one is a KeyError;
+        the EMA keys, which the optimizer itself does not read, default to off)."""
         accumulate = optim["accumulate"]
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"optim.accumulate must be >= 1 (1 = no accumulation), got {accumulate!r}")
@@ -315,8 +316,8 @@ class OptimConfig:
                    b1=_number(optim["b1"], "optim.b1", lo=0.0, hi=1.0, hi_open=True),
                    b2=_number(optim["b2"], "optim.b2", lo=0.0, hi=1.0, hi_open=True),
                    eps=_number(optim["eps"], "optim.eps", lo=0.0),
-                   ema=_number(optim["ema"], "optim.ema", lo=0.0, hi=1.0, hi_open=True),
-                   ema_select=_choice(optim["ema_select"], EMA_SELECT, "optim.ema_select"))
+                   ema=_number(optim.get("ema", cls.ema), "optim.ema", lo=0.0, hi=1.0, hi_open=True),
+                   ema_select=_choice(optim.get("ema_select", cls.ema_select), EMA_SELECT, "optim.ema_select"))
 
 
 @dataclasses.dataclass(frozen=True)

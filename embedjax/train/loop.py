@@ -88,7 +88,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
                     st_problem)
     training_sources = tasks.build_sources(run.sources, encoder, teacher=teacher, batch_size=run.batch_size,
-                                           seed=run.seed, prompts=run.model.side_prompts,
+                                           seed=run.seed, prompts=run.model.prompts_by_side,
                                            mixture=run.mixture_mode is not None)
     batches = tasks.SourceStream(training_sources, mixture_mode=run.mixture_mode, seed=run.seed)
     total_steps = tasks.total_train_steps(run.num_steps, run.num_epochs, training_sources, batch_size=run.batch_size,

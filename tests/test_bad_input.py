@@ -20,6 +20,8 @@ from embedjax.checkpoint import Checkpointer
 from embedjax.data import DataError, read_sentences
 from embedjax.losses import angle as A
 
+pytestmark = pytest.mark.fast_compile  # checks errors and logic, not speed or PyTorch parity (conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

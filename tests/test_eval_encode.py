@@ -13,6 +13,7 @@ import pytest
 
 from embedjax import distributed, sharding
 from embedjax.eval import base
+from conftest import subprocess_xla_flags  # tests/ is on sys.path
 
 pytestmark = pytest.mark.fast_compile  # checks logic, not speed or PyTorch parity (conftest.py)
 
@@ -47,7 +48,7 @@ def test_encode_follows_the_checkpoint_normalisation(minilm):
 
 def _launch(out: Path, model, evals: dict, processes: int):
     script = REPO / "tests" / "eval_on_hosts.py"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags(f"--xla_force_host_platform_device_count={8 // processes}")}
     env.pop(distributed.COORDINATOR_ENV, None)
     from test_multihost import free_port  # noqa: E402  (tests/ is on sys.path)
 

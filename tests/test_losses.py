@@ -10,6 +10,8 @@ from jax.test_util import check_grads
 
 from embedjax import losses as L
 
+pytestmark = pytest.mark.fast_compile  # checks logic against NumPy references, not speed or PyTorch parity (conftest.py)
+
 RNG = np.random.default_rng(1)
 
 

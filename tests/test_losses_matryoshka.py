@@ -11,6 +11,8 @@ from jax.test_util import check_grads
 from embedjax import losses as L
 from test_losses import np_cosent, np_infonce  # the naive NumPy references
 
+pytestmark = pytest.mark.fast_compile  # checks logic against NumPy references, not speed or PyTorch parity (conftest.py)
+
 RNG = np.random.default_rng(2)
 
 

@@ -29,6 +29,20 @@ class TrainingDiverged(FloatingPointError):
     """A training metric became NaN or infinite: the run stopped before saving that state."""
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it
+    is installed only to accept torch tensors (2 s of a run's start; we log floats)."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends JSON lines to ``metrics.jsonl`` and mirrors scalars to TensorBoard (process 0).
     Object stores (a ``gs://`` workdir) have no append: there the file is rewritten whole."""
@@ -41,9 +55,7 @@ class MetricsWriter:
         self.tb = None
         if self.enabled:
             try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+                self.tb = _summary_writer_class()(str(epath.Path(workdir) / "tensorboard"))
             except ImportError as err:  # tensorboardX, or its gs:// writer's google-cloud-storage
                 log.warning("no TensorBoard (%s): metrics go to metrics.jsonl only", err)
 

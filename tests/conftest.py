@@ -8,7 +8,8 @@ The suite is compile-bound: XLA:CPU compiles on one thread. Three things keep it
   (by any module, worker or ``scripts/train.py`` subprocess) is read back instead of recompiled;
 * ``pytestmark = pytest.mark.fast_compile`` on modules that check logic (loops, resumes,
   sharding, GradCache), not speed or PyTorch parity: XLA skips most optimisations there
-  (``jax_disable_most_optimizations``, about 2x faster compiles, the same semantics);
+  (``jax_disable_most_optimizations``, about 2x faster compiles, the same semantics) and uses
+  XLA:CPU's older fusion emitters, here and in the subprocesses (a quarter faster again);
 * ``shared(...)``: a session fixture's result computed by the first worker that needs it and
   read by the others (the tiny checkpoint, the straight training run, MiniLM's STS-B dev
   embeddings, ours and sentence-transformers').

@@ -70,6 +70,23 @@ def loss_curve(workdir: Path) -> dict[int, float]:
     return curve
 
 
+def test_tensorboard_scalars_are_written_without_importing_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (it is, for the tests): the run's writer
+    must not, in a fresh process where nothing else has."""
+    code = textwrap.dedent(f"""
+        import sys
+        from etils import epath
+        from embedjax.train.metrics import MetricsWriter
+        writer = MetricsWriter(epath.Path({str(tmp_path)!r}))
+        writer.write(1, {{"loss": 0.5}})
+        writer.close()
+        assert writer.tb is not None and "torch" not in sys.modules, sorted(sys.modules)[:5]
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "tensorboard").iterdir()) and "loss" in (tmp_path / "metrics.jsonl").read_text()
+
+
 def final_params(workdir: Path, step: int):
     with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))

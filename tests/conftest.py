@@ -63,7 +63,8 @@ def compile_optimised(fast: bool):
     jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", fast)
     os.environ[FAST_COMPILE_ENV] = "1" if fast else "0"
-    os.environ["XLA_FLAGS"] = subprocess_xla_flags(flags_before.replace(FAST_XLA_FLAG, "").strip())
+    flags = flags_before.replace(FAST_XLA_FLAG, "").strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {FAST_XLA_FLAG}".strip() if fast else flags
     try:
         yield
     finally:
@@ -76,9 +77,11 @@ def compile_optimised(fast: bool):
             os.environ[FAST_COMPILE_ENV] = before
 
 
-def subprocess_xla_flags(flags: str) -> str:
-    """``flags`` for a test subprocess, plus the fast emitters while compilation is fast."""
-    return f"{flags} {FAST_XLA_FLAG}".strip() if os.environ.get(FAST_COMPILE_ENV) == "1" else flags
+def subprocess_xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test subprocess with ``devices`` fake CPU devices, plus the fast emitters
+    while compilation is fast."""
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    return f"{flags} {FAST_XLA_FLAG}" if os.environ.get(FAST_COMPILE_ENV) == "1" else flags
 
 
 def _fast_emitters_in_process():

@@ -48,7 +48,7 @@ def test_encode_follows_the_checkpoint_normalisation(minilm):
 
 def _launch(out: Path, model, evals: dict, processes: int):
     script = REPO / "tests" / "eval_on_hosts.py"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags(f"--xla_force_host_platform_device_count={8 // processes}")}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": subprocess_xla_flags(8 // processes)}
     env.pop(distributed.COORDINATOR_ENV, None)
     from test_multihost import free_port  # noqa: E402  (tests/ is on sys.path)
 

@@ -164,7 +164,7 @@ def launch(workdir: Path, config: str, overrides: dict, *, processes: int, kill_
     args = [sys.executable, str(script.resolve()), "--config", str(REPO / "configs" / config),
             "--workdir", str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "EMBEDJAX_KILL_AT_STEP": str(kill_at),
-           "XLA_FLAGS": subprocess_xla_flags(f"--xla_force_host_platform_device_count={8 // processes}")}
+           "XLA_FLAGS": subprocess_xla_flags(8 // processes)}
     env.pop(distributed.COORDINATOR_ENV, None)
     port = free_port()
     extra = lambda i: ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",

@@ -49,7 +49,7 @@ def run_train(workdir: Path, config_overrides: dict, devices: int = 8, check: bo
     """scripts/train.py in a fresh process with ``devices`` fake CPU devices (with ``kill_at``:
     tests/train_with_kill.py, the same script killing itself after that step)."""
     args = [f"--config.{k}={v}" for k, v in config_overrides.items()]
-    env = {**os.environ, "XLA_FLAGS": subprocess_xla_flags(f"--xla_force_host_platform_device_count={devices}"), "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": subprocess_xla_flags(devices), "JAX_PLATFORMS": "cpu",
            "EMBEDJAX_KILL_AT_STEP": str(kill_at)}
     script = REPO / "tests" / "train_with_kill.py" if kill_at else REPO / "scripts" / "train.py"
     proc = subprocess.run([sys.executable, str(script), "--config",

@@ -280,13 +280,16 @@ def stsb_dev_pairs(stsb_dir):
 
 @pytest.fixture(scope="session")
 def minilm_stsb_dev(tmp_path_factory, minilm, stsb_dev_pairs) -> dict:
-    """embedjax's all-MiniLM-L6-v2 embeddings of STS-B dev, ``{"a": (1500, 384), "b": ...}``
-    (unit norm, as ``Encoder.encode`` by default; batch 64; fully optimised): every comparison of
-    those texts against sentence-transformers reads these instead of encoding them again."""
+    """embedjax's all-MiniLM-L6-v2 embeddings of STS-B dev, ``{"a": (1500, 384), "b": ...}``, as the
+    STS evaluator makes them: ``STSEvaluator(dev).embed(minilm)``, i.e. ``minilm.encode`` of each
+    distinct text (batch 128 over every local device, unit norm as the checkpoint says; fully
+    optimised). Every comparison of those texts against sentence-transformers, of the encoder or
+    of the evaluator, reads these instead of encoding them again."""
+    from embedjax.eval import STSEvaluator
+
     def encode(_):
         with compile_optimised(fast=False):
-            return {side: minilm.encode([getattr(p, f"text_{side}") for p in stsb_dev_pairs], batch_size=64)
-                    for side in "ab"}
+            return STSEvaluator(stsb_dev_pairs, "dev").embed(minilm)
 
     return shared(tmp_path_factory, "minilm-stsb-dev", encode)
 

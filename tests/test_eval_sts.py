@@ -54,10 +54,11 @@ def dev(stsb_dir):
 
 
 @pytest.fixture(scope="module")
-def ours(dev, minilm):
-    """Our evaluator's embeddings of STS-B dev (embedded once for the module)."""
-    evaluator = STSEvaluator(dev, "dev", per_subset=True)
-    return evaluator, evaluator.embed(minilm)
+def ours(dev, minilm_stsb_dev):
+    """Our evaluator and its embeddings of STS-B dev (``evaluator.embed(minilm)``, computed once a
+    session by conftest: the embeddings depend on the texts only, not on the protocol options)."""
+    assert len(dev) == len(minilm_stsb_dev["a"])  # the same file, in the same order
+    return STSEvaluator(dev, "dev", per_subset=True), minilm_stsb_dev
 
 
 @pytest.fixture(scope="module")

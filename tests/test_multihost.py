@@ -158,10 +158,11 @@ def free_port() -> int:
 
 
 def launch(workdir: Path, config: str, overrides: dict, *, processes: int, kill_at: int = 0):
-    """scripts/train.py (or tests/train_with_kill.py) as ``processes`` processes of one run,
-    8 CPU devices in all; returns their return codes and stderr."""
-    script = REPO / "tests" / ("train_with_kill.py" if kill_at else "../scripts/train.py")
-    args = [sys.executable, str(script.resolve()), "--config", str(REPO / "configs" / config),
+    """scripts/train.py as ``processes`` processes of one run, 8 CPU devices in all, through
+    tests/train_with_kill.py (every process writes the compilation cache; with ``kill_at``, each
+    SIGKILLs itself after that step); returns their return codes and stderr."""
+    script = REPO / "tests" / "train_with_kill.py"
+    args = [sys.executable, str(script), "--config", str(REPO / "configs" / config),
             "--workdir", str(workdir), *[f"--config.{k}={v}" for k, v in overrides.items()]]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "EMBEDJAX_KILL_AT_STEP": str(kill_at),
            "XLA_FLAGS": subprocess_xla_flags(8 // processes)}

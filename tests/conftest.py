@@ -5,7 +5,8 @@ hard XLA optimises; fixtures computed once per session, even across pytest-xdist
 The suite is compile-bound: XLA:CPU compiles on one thread. Three things keep it fast:
 
 * the persistent compilation cache (``.jax_cache/`` in the checkout): a program compiled once
-  (by any module, worker or ``scripts/train.py`` subprocess) is read back instead of recompiled;
+  (by any module, worker or ``scripts/train.py`` subprocess; by every process of a multi-process
+  run, through ``tests/train_with_kill.py``) is read back instead of recompiled;
 * ``pytestmark = pytest.mark.fast_compile`` on modules that check logic (loops, resumes,
   sharding, GradCache), not speed or PyTorch parity: XLA skips most optimisations there
   (``jax_disable_most_optimizations``, about 2x faster compiles, the same semantics) and uses

@@ -16,6 +16,8 @@ from safetensors.numpy import load_file, save_file
 from embedjax import hf
 from embedjax.encoders import decoder, layers as L, registry
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 V, H, T = 100, 64, 10
 COMMON = dict(vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, attn_implementation="eager")

@@ -9,6 +9,8 @@ import transformers
 from embedjax import hf
 from embedjax.encoders import bert
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 TINY = dict(
     vocab_size=120,
     hidden_size=32,

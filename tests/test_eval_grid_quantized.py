@@ -19,6 +19,8 @@ from embedjax.eval.sts import STSEvaluator
 
 from test_eval_sts import naive_scores  # noqa: E402  (tests/ is on sys.path; one NumPy reference)
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 N_PAIRS = 150
 
 

@@ -8,6 +8,8 @@ from embedjax.data.pair_readers import LabelledPair, read_labelled_pairs, read_s
 from embedjax.data.readers import DataError
 from embedjax.eval import pair_classification as pc
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 # ---------------------------------------------------------------- naive references (brute force)
 
 

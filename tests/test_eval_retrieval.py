@@ -15,6 +15,8 @@ from embedjax.data.readers import DataError
 from embedjax.data.retrieval_readers import BeirData, read_beir
 from embedjax.eval import quantize, ranking_metrics as rm, retrieval, search
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 # ------------------------------------------------------------------ naive references (loops over ranks)
 
 

@@ -15,6 +15,8 @@ from safetensors.numpy import load_file, save_file
 import embedjax
 from embedjax import export, hf, pooling
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 TEXTS = ["A man is playing a flute.", "Two dogs run on the beach while a child watches them closely.", "",
          "short", "query: where is the flute?"]
 

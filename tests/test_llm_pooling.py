@@ -22,6 +22,8 @@ from embedjax.embed import embed, embed_packed
 from embedjax.encoders import registry
 from embedjax.train.objective import Objective, embed_batch
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     """The random 2-layer BERT of tests/conftest.py (MiniLM's tokenizer): fast un-jitted forward passes."""

@@ -22,6 +22,8 @@ from embedjax.encoders import registry
 from embedjax.gradcache import gradcache_value_and_grad
 from embedjax.losses import infonce
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 T = 8
 TINY_BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                  max_position_embeddings=16, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)

@@ -28,6 +28,8 @@ from embedjax import losses as L
 from embedjax.data import read_stsb
 from embedjax.embed import embed
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 ST_MATRYOSHKA = sys.modules[stl.MatryoshkaLoss.__module__]
 ST_ADAPTIVE = sys.modules[stl.AdaptiveLayerLoss.__module__]
 

@@ -9,6 +9,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import similarity as sim
 
+pytestmark = pytest.mark.fast_compile  # small inputs against references: compile-bound (conftest.py)
+
 RNG = np.random.default_rng(0)
 
 

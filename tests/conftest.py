@@ -50,8 +50,9 @@ from filelock import FileLock  # noqa: E402
 
 # The longest modules first, so that two xdist workers finish together (--dist loadfile hands
 # out whole modules in collection order).
-LONGEST_FIRST = ("test_gradcache", "test_train", "test_workdir", "test_multihost", "test_recipes_train", "test_notebooks",
-                 "test_llm_train", "test_model", "test_packing", "test_bf16", "test_scripts", "test_remote_paths")
+LONGEST_FIRST = ("test_notebooks", "test_gradcache", "test_train", "test_multihost", "test_llm_train", "test_recipes_train",
+                 "test_model", "test_scripts", "test_eval_sts", "test_workdir", "test_bf16", "test_remote_paths",
+                 "test_packing", "test_eval_mteb")
 
 
 def pytest_collection_modifyitems(items):

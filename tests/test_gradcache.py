@@ -39,7 +39,9 @@ def make_embed_fn(per_layer=False):
 
     def embed_fn(params, x, key):
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-        kw = dict(per_layer=per_layer)
+        # the layer scan rolled: one compiled layer, not one per layer (the module compiles a third
+        # faster; training's default unrolled scan runs GradCache in test_train and test_lora)
+        kw = dict(per_layer=per_layer, unroll=False)
         za = embed(params, CFG, x["a_ids"], x["a_mask"], dropout_key=keys[0], **kw)
         zb = embed(params, CFG, x["b_ids"], x["b_mask"], dropout_key=keys[1], **kw)
         c, k = x["n_ids"].shape[:2]

@@ -14,7 +14,8 @@ The suite is compile-bound: XLA:CPU compiles on one thread. Three things keep it
   Results agree with the optimised programs' within the tests' tolerances (not bit for bit:
   test_losses_recipes' exact-zero and 1e-3 checks differ, so it stays optimised). The programs
   users run, optimised, are checked against sentence-transformers on real weights and data in
-  test_model, test_bf16, test_packing_pytorch, test_scripts and test_eval_sts;
+  test_model, test_bf16, test_scripts and test_eval_sts, and against PyTorch on packed rows in
+  test_packing_pytorch;
 * ``shared(...)``: a session fixture's result computed by the first worker that needs it and
   read by the others (the tiny checkpoint, the straight training run, MiniLM's STS-B dev
   embeddings, ours and sentence-transformers').

@@ -104,8 +104,10 @@ def as_record(x: Any) -> dict[str, Any]:
 
 
 def text_hash(text: str) -> int:
-    """A stable int32 hash of ``text`` (blake2b; not Python's per-process salted ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "little", signed=True)
+    """A stable int32 hash of ``text`` (blake2b; not Python's per-process salted ``hash``), never 0:
+    0 marks a padding row or an empty slot."""
+    value = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest(), "little", signed=True)
+    return value or 1
 
 
 def fields_of(source) -> tuple[str, ...]:

@@ -140,20 +140,28 @@ _SUFFIXES = {".tsv": "tsv", ".tab": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".n
 
 def _raw_lines(path: Path, keep_blank: bool = False) -> Iterator[tuple[int, bytes]]:
     """(1-based line number, raw bytes) of each non-blank line (each line with ``keep_blank``,
-    the text after a final newline not counting as one); an empty file raises DataError."""
+    the text after a final newline not counting as one); a file without a non-blank line raises
+    DataError. Streams the file: a million-document corpus is never held twice."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    raw = path.read_bytes()
-    if not raw.strip():
+    blank: list[tuple[int, bytes]] = []  # blank lines seen before the first non-blank one (keep_blank)
+    seen_text = False
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip(b"\n").rstrip(b"\r")
+            if line.strip():
+                if not seen_text:
+                    seen_text = True
+                    yield from blank
+                yield number, line
+            elif keep_blank:
+                if seen_text:
+                    yield number, line
+                else:
+                    blank.append((number, line))
+    if not seen_text:
         raise DataError(path, None, "file is empty (expected at least one row)")
-    pieces = raw.split(b"\n")
-    if keep_blank and pieces[-1] == b"":
-        pieces.pop()
-    for number, line in enumerate(pieces, start=1):
-        line = line.rstrip(b"\r")
-        if keep_blank or line.strip():
-            yield number, line
 
 
 def _decode(path: Path, number: int, raw: bytes) -> str:

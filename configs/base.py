@@ -136,6 +136,13 @@ def base_config() -> ml_collections.ConfigDict:
         "tfds_split": "train",    # kind=tfds: the split to train on
         "tfds_data_dir": placeholder(str),  # kind=tfds: where TFDS keeps datasets; None = TFDS's default
         "skip_bad": False,        # skip (and count) malformed rows instead of stopping at the first
+        # kind=beir: train is a BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv);
+        # one record per query with all its relevant documents (embedjax/data/retrieval_training.py)
+        "split": "train",         # kind=beir: the qrels split to train on
+        "min_grade": 1,           # kind=beir: relevance >= min_grade is a positive (every grade > 0 is never a negative)
+        "positives": 1,           # kind=beir: positives per query and step: 1 (drawn each epoch), m, or "all"
+        "hard_negatives": placeholder(str),  # kind=beir: mined negatives (scripts/mine.py --beir); None = in-batch only
+        "num_negatives": 0,       # kind=beir: mined negatives per query and step (drawn from its list each epoch)
         "buckets": (16, 32, 64, 128, 256),  # padded lengths, or a packed row's length past pack_length
         # Sequence packing: all texts of a batch share rows of pack_length tokens (0 = pad each
         # side instead). ~2.5x fewer token slots than padding on STS-B; the same embeddings.

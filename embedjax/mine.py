@@ -29,7 +29,8 @@ Conventions:
 ``mine_from_embeddings`` is the pure core (embeddings in, corpus indices out);
 ``mine_hard_negatives`` encodes texts with an ``embedjax.Encoder`` and returns training records
 with the mining model's scores as teacher scores (for MarginMSE / listwise-KL distillation);
-``write_jsonl`` writes them for ``embedjax.data.readers`` and ``scripts/mine.py``.
+``write_jsonl`` writes them for ``embedjax.data.readers`` and ``scripts/mine.py``. ``mine_beir`` mines a
+BEIR corpus for the queries of a split, never returning a document judged relevant to the query.
 """
 
 from __future__ import annotations
@@ -372,6 +373,70 @@ def mine_hard_negatives(
                      short=mined.num_short, filtered_margin=int(mined.filtered_margin.sum()),
                      filtered_relative=int(mined.filtered_relative.sum()), corpus=len(texts))
     return records
+
+
+def mine_beir(
+    encoder,
+    directory,
+    split: str = "train",
+    *,
+    min_grade: int = 1,
+    num_negatives: int = 8,
+    rank_window: tuple[int, int] = (0, 100),
+    margin: float | None = None,
+    relative_margin: float | None = None,
+    seed: int = 0,
+    metric: str = "cosine",
+    on_short: str = "keep",
+    batch_size: int = 128,
+    query_prompt: str | None = None,
+    corpus_prompt: str | None = None,
+    show_progress: bool | None = None,
+    mesh=None,
+    stats: dict | None = None,
+) -> tuple[list[str], list[list[str]], list[list[float]]]:
+    """Mines hard negatives from a BEIR corpus for the queries of a split.
+
+    Every training query of ``read_beir_training(directory, split, min_grade=min_grade)`` is
+    searched against the whole corpus. Its positives (relevance >= ``min_grade``) set
+    ``pos_score`` for the filters (the lowest of them), and EVERY document judged relevant
+    (relevance > 0), or with the same text as one, is left out of its ranking: never a
+    negative. Other options as in ``mine_from_embeddings``.
+
+    Returns ``(query_ids, negatives, scores)``: per kept query its corpus ids (best-ranked
+    first) and their scores, what ``retrieval_training.write_hard_negatives`` writes and
+    ``data.kind="beir"`` reads as ``data.hard_negatives``.
+    """
+    from embedjax import sharding
+    from embedjax.data.retrieval_training import read_beir_training
+
+    check_options(num_negatives, rank_window, margin, relative_margin, seed, on_short)  # before encoding
+    records = read_beir_training(directory, split, min_grade=min_grade)
+    same_text: dict[int, list[int]] = {}
+    for j, h in enumerate(records.document_hashes.tolist()):
+        same_text.setdefault(h, []).append(j)
+    excluded = [sorted({j for h in records.document_hashes[records.relevant[q]].tolist() for j in same_text[h]})
+                for q in range(len(records))]
+
+    mesh = sharding.local_mesh() if mesh is None else mesh
+    kw = dict(batch_size=batch_size, show_progress=show_progress, mesh=mesh)
+    query_emb = encoder.encode(list(records.queries), prompt=query_prompt, **kw)
+    corpus_emb = encoder.encode(list(records.documents), prompt=corpus_prompt, **kw)
+    mined = mine_from_embeddings(query_emb, corpus_emb, [records.positives[q] for q in range(len(records))],
+                                 num_negatives=num_negatives, rank_window=rank_window, margin=margin,
+                                 relative_margin=relative_margin, seed=seed, metric=metric, exclude_ids=excluded,
+                                 on_short=on_short, mesh=mesh)
+    query_ids, negatives, scores = [], [], []
+    for row, q in enumerate(mined.query_ids):
+        count = int(mined.num_found[row])
+        query_ids.append(records.query_ids[q])
+        negatives.append([records.document_ids[j] for j in mined.negatives[row, :count]])
+        scores.append([float(x) for x in mined.scores[row, :count]])
+    if stats is not None:
+        stats.update(queries=len(records), records=len(query_ids), negatives=int(mined.num_found.sum()),
+                     short=mined.num_short, filtered_margin=int(mined.filtered_margin.sum()),
+                     filtered_relative=int(mined.filtered_relative.sum()), corpus=len(records.documents))
+    return query_ids, negatives, scores
 
 
 # ---------------------------------------------------------------------------- files

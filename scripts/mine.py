@@ -1,8 +1,16 @@
-"""Mine hard negatives for (query, positive) pairs with an embedding model.
+"""Mine hard negatives for (query, positive) pairs, or for a BEIR split, with an embedding model.
 
     python scripts/mine.py --pairs train.tsv --output mined.jsonl [--model DIR_OR_HUB_ID] \
         [--corpus candidates.txt] [--num_negatives 5] [--range_min 0 --range_max 100] \
         [--relative_margin 0.95 | --margin 0.05] [--seed 0] [--flat]
+    python scripts/mine.py --beir DATA/beir/scifact --split train --output scifact_negatives.jsonl \
+        [--min_grade 1] [same options]
+
+With --beir the corpus is the BEIR corpus, the queries those of the split with a document of
+relevance >= --min_grade, and every document judged relevant to a query (relevance > 0, or the
+same text as one) is left out of its ranking. The output is one line per query,
+{"query_id", "negatives": [corpus ids, best first], "scores": [...]}: what data.kind="beir" reads
+as data.hard_negatives.
 
 Each query's corpus ranking (its positives left out, rank 0 = the closest other text) is cut to
 ranks [range_min, range_max); candidates scoring too close to the positive are dropped as likely
@@ -32,6 +40,11 @@ from embedjax import cli, hf  # noqa: E402
 _MODEL = flags.DEFINE_string("model", None, "checkpoint directory or hub id (default: all-MiniLM-L6-v2)")
 _PAIRS = flags.DEFINE_string("pairs", None, "tsv/csv/jsonl file of (query, positive) pairs; a query on several "
                                             "lines has several positives")
+_BEIR = flags.DEFINE_string("beir", None, "a BEIR directory (corpus.jsonl, queries.jsonl, qrels/): mine its corpus "
+                                          "for the queries of --split (instead of --pairs)")
+_SPLIT = flags.DEFINE_string("split", "train", "--beir: the qrels split whose queries are mined")
+_MIN_GRADE = flags.DEFINE_integer("min_grade", 1, "--beir: relevance >= min_grade is a positive (every relevance > 0 "
+                                                  "is excluded from the negatives)")
 _QUERY_COL = flags.DEFINE_string("query_column", None, "the query column of --pairs: a header name / JSON key or "
                                                        "a 0-based index (default: column 0, or key text_a)")
 _POSITIVE_COL = flags.DEFINE_string("positive_column", None, "the positive column of --pairs (default: column 1, "
@@ -54,7 +67,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 128, "texts per forward pass")
 _QUERY_PROMPT = flags.DEFINE_string("query_prompt", None, "instruction prefixed to every query")
 _CORPUS_PROMPT = flags.DEFINE_string("corpus_prompt", None, "instruction prefixed to every candidate text")
 _DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the full traceback instead of one line")
-flags.mark_flags_as_required(["pairs", "output"])
+flags.mark_flags_as_required(["output"])
 
 
 def _column(value: str | None):
@@ -96,6 +109,10 @@ def main(argv) -> dict:
     check_options(**options)  # bad input fails before the model loads
     if _BATCH.value < 1:
         raise ValueError(f"--batch_size must be >= 1, got {_BATCH.value}")
+    if (_PAIRS.value is None) == (_BEIR.value is None):
+        raise ValueError("give one of --pairs (a file of query, positive pairs) or --beir (a BEIR directory)")
+    if _BEIR.value is not None:
+        return _mine_beir(options)
     queries, positives, corpus = _read_inputs()
     encoder = embedjax.load_pretrained(_MODEL.value or hf.minilm_l6())
     stats = {}
@@ -108,6 +125,30 @@ def main(argv) -> dict:
           f"({stats['lines']} lines -> {_OUTPUT.value}); {short}"
           f"{' (skipped)' if _SKIP_SHORT.value and stats['short'] else ''}; dropped as false negatives: "
           f"{stats['filtered_margin']} by margin, {stats['filtered_relative']} by relative margin")
+    return stats
+
+
+def _mine_beir(options) -> dict:
+    """--beir: mines the split's queries against the corpus, writes one line per query."""
+    import embedjax
+    from embedjax.data.retrieval_training import read_beir_training, write_hard_negatives
+    from embedjax.mine import mine_beir
+
+    if _FLAT.value or _CORPUS.value or _QUERY_COL.value or _POSITIVE_COL.value:
+        raise ValueError("--flat, --corpus and the column flags are for --pairs; --beir reads the BEIR files")
+    read_beir_training(_BEIR.value, _SPLIT.value, min_grade=_MIN_GRADE.value)  # bad files fail before the model loads
+    encoder = embedjax.load_pretrained(_MODEL.value or hf.minilm_l6())
+    stats = {}
+    query_ids, negatives, scores = mine_beir(encoder, _BEIR.value, _SPLIT.value, min_grade=_MIN_GRADE.value,
+                                             batch_size=_BATCH.value, query_prompt=_QUERY_PROMPT.value,
+                                             corpus_prompt=_CORPUS_PROMPT.value, show_progress=None, stats=stats,
+                                             **options)
+    stats["lines"] = write_hard_negatives(_OUTPUT.value, query_ids, negatives, scores)
+    print(f"{stats['queries']} queries of {_BEIR.value} ({_SPLIT.value}), {stats['corpus']} documents: "
+          f"{stats['negatives']} negatives written ({stats['lines']} lines -> {_OUTPUT.value}); {stats['short']} "
+          f"queries short of {_NUM_NEG.value} negatives{' (skipped)' if _SKIP_SHORT.value and stats['short'] else ''}; "
+          f"dropped as false negatives: {stats['filtered_margin']} by margin, {stats['filtered_relative']} by "
+          "relative margin")
     return stats
 
 

@@ -258,7 +258,7 @@ def test_hosts_agree_on_k_negative_batches(tok):
               for h, b in enumerate(hosts)]
     indices = []
     for h, batch in enumerate(agreed):
-        assert batch.n.text_index.shape == (4, k) and batch.packed.ids.shape == tuple(target[3:])
+        assert batch.n.text_index.shape == (4, k) and batch.packed.ids.shape == tuple(target[3:5])
         for i in range(4):
             for j, text in enumerate(records[4 * h + i].text_n):
                 g = batch.n.text_index[i, j]

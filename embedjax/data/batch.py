@@ -4,7 +4,8 @@ A batch holds up to three *sides*, one per text field of the records:
 
     a   text_a   the first text of each example (a query, STS sentence 1)
     b   text_b   the second text (a positive, STS sentence 2); absent for single texts
-                 (unsupervised SimCSE without packing: the positive is side a again)
+                 (unsupervised SimCSE without packing: the positive is side a again); or m
+                 positive slots per query (a ``(B, m)`` lead; an empty slot has hash 0)
     n   text_n   hard negatives: one per example, or k (a ``(B, k)`` lead)
 
 A ``Side`` is either padded tokens, ``ids / mask / types`` of shape ``lead + (T,)`` (``lead``
@@ -15,7 +16,9 @@ carries ``hashes``: an int32 hash of each raw text, so a loss can tell equal tex
 negatives (``embedjax.data.pipeline.text_hash``).
 
 ``Batch`` adds the example-level fields: ``labels`` (B,) gold scores, ``teacher`` (B, 1 + k)
-teacher scores [s(a, b), s(a, n_1), ...], and two host-side fields the model never reads,
+teacher scores [s(a, b), s(a, n_1), ...], ``relevant`` (B, P) the hashes of every document
+judged relevant to the row's query (retrieval records; 0 = no document), never its negatives,
+and two host-side fields the model never reads,
 ``valid`` (B,) False on padding rows and ``index`` (B,) each row's record index (-1: padding).
 
 Every class is a registered pytree (absent fields are None, empty subtrees), so a batch goes
@@ -121,6 +124,7 @@ class Batch:
     packed: PackedRows | None = None
     labels: Array = None      # (B,) float32
     teacher: Array = None     # (B, 1 + k) float32
+    relevant: Array = None    # (B, P) int32 hashes of the query's relevant documents, 0-padded
     valid: Array = None       # (B,) bool, host-side
     index: Array = None       # (B,) int32, host-side
 
@@ -154,10 +158,12 @@ class Batch:
 
     def shape_signature(self) -> np.ndarray:
         """The sizes hosts must agree on before their slices become one global array: each padded
-        side's token length (a, b, n; 0 when absent or packed) and the packed rows' (R, L)."""
+        side's token length (a, b, n; 0 when absent or packed), the packed rows' (R, L) and the
+        width of ``relevant`` (0 when absent)."""
         lengths = [self.sides[s].length if s in self.sides else 0 for s in SIDES]
         rows = list(self.packed.shape) if self.packed is not None else [0, 0]
-        return np.asarray(lengths + rows, np.int64)
+        relevant = [0 if self.relevant is None else int(self.relevant.shape[1])]
+        return np.asarray(lengths + rows + relevant, np.int64)
 
     def padded_to(self, signature, pad_token_id: int) -> Batch:
         """Padded to the sizes of ``signature`` (``shape_signature`` maxed over hosts)."""
@@ -165,7 +171,8 @@ class Batch:
                  if s in self.sides}
         packed = None if self.packed is None else self.packed.padded_to(int(signature[3]), int(signature[4]),
                                                                         pad_token_id)
-        return dataclasses.replace(self, packed=packed, **sides)
+        relevant = _pad_last(self.relevant, int(signature[5]), 0)  # 0: no document
+        return dataclasses.replace(self, packed=packed, relevant=relevant, **sides)
 
     def with_text_offset(self, offset: int) -> Batch:
         """Packed text indices (and segments) shifted by ``offset``: host h's packed text i is

@@ -57,7 +57,7 @@ from embedjax.data.batch import Batch, PackedRows, Side
 from embedjax.tokenize import Tokenizer
 
 TEXT_FIELDS = ("text_a", "text_b", "text_n")
-FIELDS = (*TEXT_FIELDS, "score", "teacher")
+FIELDS = (*TEXT_FIELDS, "score", "teacher", "relevant")
 SIDES = {"text_a": "a", "text_b": "b", "text_n": "n"}
 DEFAULT_READ_OPTIONS = dict(num_threads=2, prefetch_buffer_size=4)
 
@@ -71,10 +71,12 @@ def _text(value: Any) -> str:
 
 def as_record(x: Any) -> dict[str, Any]:
     """A reader row, dict (str or bytes values) or string as
-    ``{text_a[, text_b][, text_n][, score][, teacher]}``.
+    ``{text_a[, text_b][, text_n][, score][, teacher][, relevant]}``.
 
-    ``text_n`` stays one ``str``, or becomes a tuple of str when it is a list / tuple / array of
-    texts (several hard negatives); ``teacher`` becomes a tuple of float; ``score`` a float.
+    ``text_n`` (and ``text_b``) stays one ``str``, or becomes a tuple when it is a list / tuple /
+    array of texts (several hard negatives, several positives; ``None`` in a tuple is an empty
+    slot); ``teacher`` becomes a tuple of float; ``score`` a float; ``relevant`` (the hashes of
+    every document relevant to the query, ``retrieval_training``) a tuple of int.
     """
     if isinstance(x, str):
         return {"text_a": x}
@@ -94,8 +96,10 @@ def as_record(x: Any) -> dict[str, Any]:
                 if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
                     raise TypeError(f"teacher must be a list of 1 + k numbers, got {type(value).__name__} {value!r}")
                 out[field] = tuple(float(v) for v in value)
-            elif field == "text_n" and isinstance(value, (list, tuple, np.ndarray)):
-                out[field] = tuple(_text(v) for v in value)
+            elif field == "relevant":
+                out[field] = tuple(int(v) for v in value)
+            elif field in ("text_b", "text_n") and isinstance(value, (list, tuple, np.ndarray)):
+                out[field] = tuple(None if v is None else _text(v) for v in value)
             else:
                 out[field] = _text(value)
     if "text_a" not in out:
@@ -136,21 +140,33 @@ def side_prompts(prompts: Mapping[str, str] | None, task: str | None = None) -> 
     return out
 
 
-def _negatives_per_record(values: Sequence, items: Sequence[tuple[int, Any]]) -> int | None:
-    """k when every text_n is a tuple of k texts, None when every one is a single text; mixed
-    forms or counts raise ValueError naming the first record that differs."""
+def _texts_per_record(values: Sequence, items: Sequence[tuple[int, Any]], field: str) -> int | None:
+    """k when every value of ``field`` (text_n or text_b) is a tuple of k texts, None when every
+    one is a single text; mixed forms or counts raise ValueError naming the first record that differs."""
+    what = "negative(s)" if field == "text_n" else "positive slot(s)"
+
     def count(v):
         return len(v) if isinstance(v, tuple) else None
 
     k = count(values[0])
     for (index, _), v in zip(items, values):
         if count(v) != k:
-            form = lambda c: "a single text" if c is None else f"{c} negative(s)"
-            raise ValueError(f"record {index} has {form(count(v))} in text_n, expected {form(k)} as record "
-                             f"{items[0][0]} (every record of a batch needs the same number of hard negatives)")
+            form = lambda c: "a single text" if c is None else f"{c} {what}"  # noqa: E731
+            raise ValueError(f"record {index} has {form(count(v))} in {field}, expected {form(k)} as record "
+                             f"{items[0][0]} (every record of a batch needs the same number of {what})")
     if k == 0:
-        raise ValueError(f"record {items[0][0]} has an empty list of negatives (text_n); expected at least one text")
+        raise ValueError(f"record {items[0][0]} has an empty list in {field}; expected at least one text")
     return k
+
+
+def _relevant_hashes(values: Sequence[tuple[int, ...]], rows: int) -> np.ndarray:
+    """(rows, P) int32 hashes of each record's relevant documents, 0-padded; P is a power of two
+    (>= 8) so that a run compiles for a few widths, not one per batch."""
+    width = max(8, 1 << max(0, max(len(v) for v in values) - 1).bit_length())
+    out = np.zeros((rows, width), np.int32)
+    for row, v in enumerate(values):
+        out[row, :len(v)] = v
+    return out
 
 
 def _teacher_scores(values: Sequence[tuple[float, ...]], k: int, items: Sequence[tuple[int, Any]],
@@ -205,7 +221,7 @@ def collate(
     if n > rows:
         raise ValueError(f"{n} records do not fit in a batch of {rows} rows")
     records = [as_record(r) for _, r in items]
-    labels = teacher = None
+    labels = teacher = relevant = None
     encoded: dict[str, tuple[list[str], list]] = {}  # field -> (texts, encodings), flat over a k axis
     groups: dict[str, int] = {}  # field -> k, for a side with k texts per record
     for field in fields:
@@ -221,13 +237,17 @@ def collate(
         if field == "teacher":
             teacher = values  # needs k, known once text_n is read
             continue
-        if field == "text_n" and values:
-            k = _negatives_per_record(values, items)
+        if field == "relevant":
+            relevant = _relevant_hashes(values, rows)
+            continue
+        if field in ("text_b", "text_n") and values:
+            k = _texts_per_record(values, items, field)
             if k is not None:
                 groups[field] = k
                 values = [t for v in values for t in v]  # record-major: row i's k texts are adjacent
         prompt = prompts.get(SIDES[field], "")
-        texts = [prompt + t for t in values] if prompt else values
+        texts = ["" if t is None else t for t in values]  # an empty slot: tokenized, hash 0, masked by losses
+        texts = [prompt + t for t in texts] if prompt else texts
         texts = texts if preprocess is None else [preprocess(t) for t in texts]
         encoded[field] = (values, tokenizer.encode(texts))
     if teacher is not None:
@@ -236,7 +256,7 @@ def collate(
     hashes = {}
     for field, (values, _) in encoded.items():
         h = np.zeros(int(np.prod(lead[field])), np.int32)
-        h[:len(values)] = [text_hash(t) for t in values]
+        h[:len(values)] = [0 if t is None else text_hash(t) for t in values]
         hashes[SIDES[field]] = h.reshape(lead[field])
     if packing is not None:
         packed, text_index = _packed(encoded, tokenizer, rows, packing, skips, groups)
@@ -258,7 +278,8 @@ def collate(
                                types=shaped(padded.token_type_ids), pool=pool)
     index = np.full(rows, -1, np.int32)
     index[:n] = [i for i, _ in items]
-    return Batch(**sides, packed=packed, labels=labels, teacher=teacher, valid=np.arange(rows) < n, index=index)
+    return Batch(**sides, packed=packed, labels=labels, teacher=teacher, relevant=relevant,
+                 valid=np.arange(rows) < n, index=index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -429,7 +450,11 @@ def train_pipeline(
     if batches == 0:
         raise ValueError(f"{n} examples are fewer than the global batch of {global_batch_size}: "
                          "no full batch to train on")
-    ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
+    if hasattr(source, "record_at"):  # records that draw (positives, negatives) anew each epoch
+        # grain passes the index in the repeated stream: i // n is the epoch, whatever the host count
+        ds = grain.MapDataset.range(n).map_with_index(lambda i, _: (i % n, source.record_at(i % n, i // n, seed)))
+    else:
+        ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
     # Global batch k is examples [k*B, (k+1)*B) of the epoch's permutation whatever the host
     # count; host h takes rows [h*B/c, (h+1)*B/c) of it (the h-th of every c consecutive
     # host-sized blocks). So 1 host and c hosts see the same global batches, step by step.

@@ -184,6 +184,11 @@ class DataConfig:
     tfds_split: str = "train"
     tfds_data_dir: str | None = None          # None: TFDS's default
     skip_bad: bool = False
+    split: str = "train"                      # kind=beir: the qrels split
+    min_grade: int = 1                        # kind=beir: relevance >= min_grade is a positive
+    positives: int | str = 1                  # kind=beir: positives per query and step (m, or "all")
+    hard_negatives: str | None = None         # kind=beir: a mined jsonl (scripts/mine.py --beir)
+    num_negatives: int = 0                    # kind=beir: mined negatives per query and step
     buckets: tuple = (16, 32, 64, 128, 256)
     pack_length: int = 64                     # 0: pad each side instead of packing
     pack_rows_multiple: int = 2
@@ -203,13 +208,23 @@ class DataConfig:
         tfds_name = _optional(data["tfds_name"], str, "data.tfds_name")
         if kind == "tfds" and not tfds_name:
             raise ValueError("data.kind='tfds' needs data.tfds_name (e.g. --config.data.tfds_name=glue/stsb)")
+        positives = data.get("positives", cls.positives)
+        if positives != "all" and (isinstance(positives, bool) or not isinstance(positives, int) or positives < 1):
+            raise ValueError(f"data.positives must be an integer >= 1 or 'all', got {positives!r}")
+        hard_negatives = _optional(data.get("hard_negatives"), str, "data.hard_negatives")
+        num_negatives = _integer(data.get("num_negatives", 0), "data.num_negatives", minimum=0)
+        if num_negatives and hard_negatives is None:
+            raise ValueError(f"data.num_negatives={num_negatives} needs data.hard_negatives, a file of mined negatives "
+                             "(scripts/mine.py --beir writes one)")
         buckets = tuple(data["buckets"])
         if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"data.buckets must be positive token lengths, got {buckets}")
         return cls(kind=kind, train=str(data["train"]), format=fmt, columns=dict(data["columns"] or {}),
                    score_range=score_range, tfds_name=tfds_name, tfds_split=str(data["tfds_split"]),
                    tfds_data_dir=_optional(data["tfds_data_dir"], str, "data.tfds_data_dir"),
-                   skip_bad=bool(data["skip_bad"]), buckets=buckets,
+                   skip_bad=bool(data["skip_bad"]), buckets=buckets, split=str(data.get("split", cls.split)),
+                   min_grade=_integer(data.get("min_grade", 1), "data.min_grade", minimum=1), positives=positives,
+                   hard_negatives=hard_negatives, num_negatives=num_negatives,
                    pack_length=_integer(data["pack_length"], "data.pack_length", minimum=0),
                    pack_rows_multiple=_integer(data["pack_rows_multiple"], "data.pack_rows_multiple", minimum=1))
 

@@ -10,6 +10,9 @@
     pairs | triplets | scored   generic tsv/csv/jsonl files (data.format, data.columns, data.score_range)
     distill        jsonl (or tsv/csv) of text_a, text_b, text_n (one or a list of k negatives) and teacher
                    scores [s(a, b), s(a, n_1), ...], e.g. written by scripts/mine.py -> DistillRecord
+    beir           a BEIR directory (data.train) and qrels split (data.split): one record per query with every
+                   relevant document (data.min_grade, data.positives per step, data.hard_negatives mined by
+                   scripts/mine.py --beir, data.num_negatives per step) -> RetrievalRecords
     tfds           any TFDS dataset by name (data.tfds_name, data.tfds_split, data.columns, data.tfds_data_dir)
 
 ``data.columns`` maps fields (text_a, text_b, text_n, score) to a file's columns (header names
@@ -26,7 +29,7 @@ from embedjax.data import pipeline, readers
 from embedjax.train.config import DataConfig
 
 DATA_KINDS = ("stsb", "stsb_sentences", "sick", "sick_triplets", "sentences", "pairs", "triplets", "scored", "distill",
-              "tfds")
+              "beir", "tfds")
 
 
 def train_source(data: DataConfig):
@@ -43,6 +46,11 @@ def train_source(data: DataConfig):
     if kind in ("sentences", "pairs", "triplets", "scored", "distill"):
         return readers.read_records(data.train, kind, format=data.format, columns=columns,
                                     score_range=data.score_range, skip_bad=skip_bad)
+    if kind == "beir":
+        from embedjax.data.retrieval_training import read_beir_training
+
+        return read_beir_training(data.train, data.split, min_grade=data.min_grade, positives=data.positives,
+                                  hard_negatives=data.hard_negatives, num_negatives=data.num_negatives)
     from embedjax.data.tfds_builders import tfds_source  # kind == "tfds"
 
     return tfds_source(data.tfds_name, data.tfds_split, columns, data_dir=data.tfds_data_dir)

@@ -125,6 +125,11 @@ def base_config() -> ml_collections.ConfigDict:
             "loss": "cosine",     # mse (of unit vectors) | cosine | similarity_mse (in-batch cosine matrices: any width)
             "weight": 1.0,        # added as weight * mean over both sides (and over layers with objective.layers)
         }),
+        # infonce: a frozen model whose similarities decide the in-batch false negatives (GISTEmbed,
+        # arXiv:2402.16829; loss_kwargs fn_margin / fn_relative set the rule, default s > s_pos):
+        # a checkpoint dir / hub id, "initial" (the run's starting model), or None = off. One frozen
+        # model per run: with a distillation teacher it must name the same model.
+        "guide": placeholder(str),
     })
     c.data = ml_collections.ConfigDict({  # training and dev data (embedjax/train/sources.py)
         "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: DATA_KINDS)

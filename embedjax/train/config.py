@@ -241,9 +241,15 @@ class SourceConfig:
 
     @property
     def teacher(self) -> str | None:
-        """The distillation teacher this source names (None: none, or a weight of 0)."""
+        """The frozen model this source reads: its distillation teacher (with a weight > 0) and/or
+        its guide, one model (None: neither)."""
         distill = self.objective["distill"]
-        return distill["teacher"] if distill["teacher"] and float(distill["weight"]) > 0 else None
+        names = {distill["teacher"] if distill["teacher"] and float(distill["weight"]) > 0 else None,
+                 self.objective.get("guide")} - {None}
+        if len(names) > 1:
+            raise ValueError(f"one frozen model per run: objective.distill.teacher and objective.guide name "
+                             f"{sorted(names)}")
+        return next(iter(names), None)
 
 
 def source_sections(data: Mapping[str, Any], objective: Mapping[str, Any]) -> dict[str, tuple[dict, dict, float]]:
@@ -384,7 +390,8 @@ class TrainConfig:
         sources = parse_sources(config.data, config.objective)
         teachers = {s.teacher for s in sources.values()} - {None}
         if len(teachers) > 1:
-            raise ValueError(f"one distillation teacher per run; the sources name {sorted(teachers)}")
+            raise ValueError(f"one frozen model (distillation teacher / guide) per run; the sources name "
+                             f"{sorted(teachers)}")
         num_steps = _optional(config.num_steps, int, "num_steps")
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, or None to train num_epochs epochs, got {num_steps}")

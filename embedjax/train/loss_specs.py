@@ -12,7 +12,7 @@ and the lists the docs and configs refer to (``AUX_LOSSES``) all follow from the
 | ``cosine_mse`` | ``losses.cosine_mse`` | scored pairs | a, b, gold scores |
 | ``pearson`` | ``losses.pearson_loss`` | scored pairs | a, b, gold scores |
 | ``rank_consistency`` | ``losses.rank_consistency_loss`` | scored pairs | a, b, gold scores |
-| ``infonce`` | ``losses.infonce`` | pairs / triplets | a, b, [hard negatives], text hashes |
+| ``infonce`` | ``losses.infonce`` | pairs / triplets / BEIR queries | a, b (or m positive slots), [hard negatives], text hashes, [relevant sets, guide] |
 | ``simcse_unsup`` | ``losses.infonce`` on two dropout views | sentences | a twice, text hashes |
 | ``margin_mse`` | ``losses.margin_mse`` | distillation records | a, b, negatives, teacher scores |
 | ``listwise_kl`` | ``losses.listwise_kl`` | distillation records | a, b, negatives, teacher scores |
@@ -33,9 +33,10 @@ import jax.numpy as jnp
 from embedjax import losses
 from embedjax import similarity as sim
 
-# What a loss function can be given: the three sides' embeddings, gold scores, teacher scores, and
-# the text hashes of each side (equal texts are not each other's negatives).
-INPUTS = ("za", "zb", "zn", "labels", "teacher_scores", "a_hash", "b_hash", "n_hash")
+# What a loss function can be given: the three sides' embeddings, gold scores, teacher scores, the
+# text hashes of each side (equal texts are not each other's negatives), the hashes of each query's
+# relevant documents (never its negatives) and a frozen guide model's embeddings of the three sides.
+INPUTS = ("za", "zb", "zn", "labels", "teacher_scores", "a_hash", "b_hash", "n_hash", "relevant", "guide")
 
 
 def _default_label_range(fn) -> Callable[[Mapping[str, Any]], tuple[float, float]]:
@@ -89,12 +90,18 @@ class LossSpec:
         """Reads teacher scores stored with the records (``teacher``)."""
         return "teacher_scores" in self.args
 
+    @property
+    def reads_relevant(self) -> bool:
+        """Masks each query's relevant documents (retrieval records: several positives per query)."""
+        return any(source == "relevant" for _, source in self.keywords)
+
     def bind(self, loss_kwargs: Mapping[str, Any]):
-        """``fn(za, zb, zn=None, labels=None, *, a_hash, b_hash, n_hash, teacher_scores)``: the loss
-        with its keyword arguments, in the one signature the Matryoshka and layer wrappers wrap."""
-        def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None, teacher_scores=None):
+        """``fn(za, zb, zn=None, labels=None, *, a_hash, b_hash, n_hash, teacher_scores, relevant, guide)``:
+        the loss with its keyword arguments, in the one signature the Matryoshka and layer wrappers wrap."""
+        def fn(za, zb, zn=None, labels=None, *, a_hash=None, b_hash=None, n_hash=None, teacher_scores=None,
+               relevant=None, guide=None):
             given = dict(za=za, zb=zb, zn=zn, labels=labels, teacher_scores=teacher_scores, a_hash=a_hash,
-                         b_hash=b_hash, n_hash=n_hash)
+                         b_hash=b_hash, n_hash=n_hash, relevant=relevant, guide=guide)
             return self.fn(*(given[a] for a in self.args), **{k: given[v] for k, v in self.keywords}, **loss_kwargs)
 
         return fn
@@ -103,6 +110,21 @@ class LossSpec:
 _SCORED = ("za", "zb", "labels")
 _TEACHER = ("za", "zb", "zn", "teacher_scores")
 _CONTRASTIVE_HASHES = (("anchor_ids", "a_hash"), ("positive_ids", "b_hash"), ("negative_ids", "n_hash"))
+
+
+def _batch_infonce(za, zb, zn=None, *, anchor_ids=None, positive_ids=None, negative_ids=None, relevant=None,
+                   guide=None, **kwargs):
+    """``losses.infonce`` with the masks a batch's hashes imply (0 = no text): the empty slots of a
+    ``(B, m)`` positive side, and each query's relevant documents; ``guide``: the frozen guide
+    model's ``(za, zb, zn)`` for the false-negative rule (GISTEmbed)."""
+    if zb.ndim == za.ndim + 1 and positive_ids is not None:
+        kwargs["positive_mask"] = positive_ids != 0
+    if relevant is not None:
+        kwargs.update(relevant_ids=relevant, relevant_mask=relevant != 0)
+    if guide is not None:
+        kwargs["guide"] = guide
+    return losses.infonce(za, zb, zn, anchor_ids=anchor_ids, positive_ids=positive_ids, negative_ids=negative_ids,
+                          **kwargs)
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("cosent", losses.cosent, _SCORED, "scored pairs"),
@@ -113,7 +135,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
              label_range=_default_label_range(losses.cosine_mse)),
     LossSpec("pearson", losses.pearson_loss, _SCORED, "scored pairs", suggested=False),
     LossSpec("rank_consistency", losses.rank_consistency_loss, _SCORED, "scored pairs", suggested=False),
-    LossSpec("infonce", losses.infonce, ("za", "zb", "zn"), "pairs/triplets", keywords=_CONTRASTIVE_HASHES),
+    LossSpec("infonce", _batch_infonce, ("za", "zb", "zn"), "pairs/triplets/BEIR queries",
+             keywords=(*_CONTRASTIVE_HASHES, ("relevant", "relevant"), ("guide", "guide"))),
     # unsupervised SimCSE: InfoNCE between two dropout views of the same texts (zb is side a again)
     LossSpec("simcse_unsup", losses.infonce, ("za", "zb"), "sentences", keywords=_CONTRASTIVE_HASHES[:2],
              single_texts=True),
@@ -175,6 +198,14 @@ def check_objective_data(objective, fields: Sequence[str], scores: Sequence[floa
     fields = tuple(fields)
     spec = LOSSES[objective.loss]
     loss, has_score = spec.name, "score" in fields
+    if "relevant" in fields and not spec.reads_relevant:
+        raise ValueError(
+            f"objective.loss={loss!r} cannot train on retrieval records (data.kind=beir: a query, its positives and "
+            f"the documents it must never be pushed away from). Use objective.loss="
+            f"{_names(_suggest(lambda s: s.reads_relevant))}.")
+    if getattr(objective, "guide", False) and not spec.reads_relevant:
+        raise ValueError(f"objective.guide is set but objective.loss={loss!r} has no in-batch negatives to guide; "
+                         f"use objective.loss={_names(_suggest(lambda s: s.reads_relevant))}")
     if spec.reads_teacher and not {"text_b", "text_n", "teacher"} <= set(fields):
         raise ValueError(
             f"objective.loss={loss!r} distils teacher scores of (query, positive, negatives), but the training "

@@ -40,13 +40,15 @@ class Objective:
     aux_losses: tuple = ()           # ((name, weight, kwargs items), ...) added to the main loss
     distill_loss: str = ""           # '' = no teacher; else one of DISTILL_LOSSES
     distill_weight: float = 1.0
-    teacher_cfg: Any = None          # the teacher encoder's (static) config, with distill_loss
+    guide: bool = False              # the frozen model's embeddings decide the in-batch false negatives (GISTEmbed)
+    teacher_cfg: Any = None          # the frozen model's (static) config: distillation teacher and/or guide
     teacher_pooling: str = ""
 
     @property
     def uses_teacher(self) -> bool:
-        """Whether the loss reads a teacher encoder's embeddings (``batch_loss(..., teacher=)``)."""
-        return bool(self.distill_loss)
+        """Whether the loss reads the run's frozen model (``batch_loss(..., teacher=)``): a
+        distillation teacher, a guide, or both (one model)."""
+        return bool(self.distill_loss) or self.guide
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], pooling: str, teacher=None) -> "Objective":
@@ -62,11 +64,12 @@ class Objective:
         if not pooling:
             raise ValueError("Objective.from_config needs the resolved pooling mode (the encoder's), got ''")
         distill = cfg["distill"]
-        distill_on = bool(fields["distill_loss"])
-        if distill_on and teacher is None:
-            raise ValueError(f"objective.distill.teacher={distill['teacher']!r}: pass the loaded teacher encoder")
-        return cls(pooling=pooling, teacher_cfg=teacher.cfg if distill_on else None,
-                   teacher_pooling=teacher.pooling if distill_on else "", **fields)
+        frozen = bool(fields["distill_loss"]) or fields["guide"]
+        if frozen and teacher is None:
+            name = distill["teacher"] if fields["distill_loss"] else cfg.get("guide")
+            raise ValueError(f"the objective reads the frozen model {name!r}: pass the loaded encoder (teacher=)")
+        return cls(pooling=pooling, teacher_cfg=teacher.cfg if frozen else None,
+                   teacher_pooling=teacher.pooling if frozen else "", **fields)
 
     @staticmethod
     def check_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -92,6 +95,9 @@ class Objective:
         distill = cfg["distill"]
         if distill["teacher"] == "":
             raise ValueError("objective.distill.teacher is '': leave it None for no teacher")
+        guide = cfg.get("guide")
+        if guide is not None and (not isinstance(guide, str) or not guide):
+            raise ValueError(f"objective.guide must be a checkpoint directory / hub id, 'initial', or None, got {guide!r}")
         distill_on = distill["teacher"] is not None and float(distill["weight"]) > 0
         if distill_on and distill["loss"] not in DISTILL_LOSSES:
             raise ValueError(f"unknown objective.distill.loss {distill['loss']!r}; choose one of {tuple(DISTILL_LOSSES)}")
@@ -110,13 +116,14 @@ class Objective:
             aux_losses=aux_losses_from_config(cfg["aux_losses"]),
             distill_loss=distill["loss"] if distill_on else "",
             distill_weight=float(distill["weight"]) if distill_on else 1.0,
+            guide=guide is not None,
         )
 
 
 # The keys of a config's ``objective`` section (configs/base.py).
 OBJECTIVE_KEYS = frozenset({"loss", "loss_kwargs", "matryoshka_dims", "matryoshka_weights", "matryoshka_n_per_step",
                             "layers", "layer_kwargs", "remat", "unroll", "dropout", "gradcache_chunk", "aux_losses",
-                            "distill"})
+                            "distill", "guide"})
 
 
 def aux_losses_from_config(aux: Mapping[str, Any] | None) -> tuple:
@@ -231,12 +238,12 @@ def distill_function(objective: Objective):
 
 
 def teacher_embeddings(teacher_params, objective: Objective, batch: Batch):
-    """The teacher's ``(za, zb)`` of a batch (last layer, no dropout, no gradient). The teacher
-    reads the student's token ids, so the two must share a tokenizer (the loop checks)."""
+    """The frozen model's ``(za, zb, zn)`` of a batch (last layer, no dropout, no gradient; ``zn``
+    None without negatives). It reads the student's token ids, so the two must share a tokenizer
+    (the loop checks)."""
     view = dataclasses.replace(objective, pooling=objective.teacher_pooling, layers="", dropout=False,
-                               gradcache_chunk=0, remat=False, unroll=True, distill_loss="")
-    za, zb, _ = embed_batch(teacher_params, objective.teacher_cfg, view, batch, jax.random.key(0))
-    return jax.lax.stop_gradient(za), jax.lax.stop_gradient(zb)
+                               gradcache_chunk=0, remat=False, unroll=True, distill_loss="", guide=False)
+    return jax.lax.stop_gradient(embed_batch(teacher_params, objective.teacher_cfg, view, batch, jax.random.key(0)))
 
 
 def batch_loss(params, enc_cfg, objective: Objective, batch: Batch, key, teacher=None):
@@ -246,7 +253,8 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Batch, key, teacher
     ``jax.checkpoint`` (GradCache): the same loss and gradient, activation memory bounded
     by the chunk instead of the batch. With ``objective.distill_loss``, ``teacher`` holds the
     teacher encoder's params: ``distill_weight`` x the distillation loss of both sides' student
-    embeddings towards the teacher's is added.
+    embeddings towards the teacher's is added. With ``objective.guide`` the same frozen model's
+    embeddings go to the contrastive loss as ``guide`` (its false-negative rule reads them).
     """
     k_embed, k_loss = jax.random.split(key)
     if objective.gradcache_chunk and batch.packed is not None:
@@ -267,11 +275,15 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Batch, key, teacher
                   n_hash=None if batch.n is None else batch.n.hashes)
     if batch.teacher is not None:
         kwargs["teacher_scores"] = batch.teacher
+    if batch.relevant is not None:
+        kwargs["relevant"] = batch.relevant
     if objective.layers in ("2dmse", "adaptive") or objective.matryoshka_n_per_step:
         kwargs["key"] = k_loss
+    frozen = teacher_embeddings(teacher, objective, batch) if objective.uses_teacher else None
+    if objective.guide:
+        kwargs["guide"] = tuple(frozen)  # a tuple: the Matryoshka / layer wrappers leave it whole
     loss = loss_function(objective)(za, zb, zn, batch.labels, **kwargs)
-    if objective.uses_teacher:
-        ta, tb = teacher_embeddings(teacher, objective, batch)
+    if objective.distill_loss:
         distill = distill_function(objective)
-        loss = loss + objective.distill_weight * (distill(za, ta) + distill(zb, tb)) / 2
+        loss = loss + objective.distill_weight * (distill(za, frozen[0]) + distill(zb, frozen[1])) / 2
     return loss

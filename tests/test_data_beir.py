@@ -224,3 +224,29 @@ def test_mine_beir_never_returns_a_judged_relevant_document(beir, tiny_model, tm
                            "--pairs", str(out), "--output", str(out)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2 and "give one of --pairs" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_train_script_on_two_beir_sources_with_a_guide(beir, tiny_model, tmp_path):
+    """scripts/train.py end to end: a mixture of two BEIR sources (two positive slots; mined negatives
+    with the initial model as guide), evaluated by retrieval, the run's frozen model loaded once."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_train import run_train
+
+    mined = tmp_path / "neg.jsonl"
+    write_hard_negatives(mined, ["q0", "q1", "q2"], [["d9", "d7"], ["d9", "d2"], ["d0", "d9"]])
+    mixture = {"slots": {"kind": "beir", "train": str(beir), "positives": 2},
+               "mined": {"kind": "beir", "train": str(beir), "hard_negatives": str(mined), "num_negatives": 1,
+                         "objective": {"guide": "initial", "loss_kwargs": {"fn_margin": 0.1}}}}
+    overrides = {"model": tiny_model, "num_steps": 4, "batch_size": 2, "log_every": 1, "eval_every": 2,
+                 "checkpoint.every": 2,
+                 "objective.loss": "infonce", "objective.loss_kwargs": "{}", "data.mixture": repr(mixture),
+                 "data.mixture_mode": "round_robin",
+                 "evals": repr({"beir": {"type": "retrieval", "path": str(beir), "split": "train"}}),
+                 "select_metric": "beir/ndcg@10"}
+    proc = run_train(tmp_path / "wd", overrides, devices=1)
+    rows = [json.loads(x) for x in (tmp_path / "wd" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: (k.split("/", 1)[1], v) for r in rows for k, v in r.items() if k.startswith("loss/")}
+    assert [losses[s][0] for s in range(1, 5)] == ["mined", "slots", "mined", "slots"], proc.stderr[-2000:]
+    assert all(np.isfinite(v) for _, v in losses.values())
+    summary = json.loads((tmp_path / "wd" / "summary.json").read_text())
+    assert 0 <= summary["after"]["beir/ndcg@10"] <= 1

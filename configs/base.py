@@ -172,7 +172,8 @@ def base_config() -> ml_collections.ConfigDict:
     })
     # The best checkpoint (the one exported) by this key of the evaluators' metrics; with
     # "layers"/"dims" in an entry, "{name}/{main_metric}_mean" is the mean over the grid's cells;
-    # "key1+key2" selects on the mean of several keys (e.g. two dev sets).
+    # "key1+key2" selects on the mean of several keys (e.g. two dev sets), "0.7*key1 + 0.3*key2" on
+    # a weighted sum (e.g. retrieval and STS dev metrics); every evaluation logs it.
     c.select_metric = "dev/cosine_spearman"
     c.checkpoint = ml_collections.ConfigDict({  # Orbax checkpoints in the workdir
         "every": 50,              # save the train state + data position every this many steps

@@ -128,6 +128,23 @@ def test_mixture_specs_are_checked():
         train_config.source_sections(c.data, c.objective)
 
 
+def test_weighted_selection_key():
+    metrics = {"ir/ndcg@10": 0.6, "sts/cosine_spearman": 0.8}
+    key = "0.25*ir/ndcg@10 + 0.75 * sts/cosine_spearman"
+    assert selection.add_select_metric(key, metrics)[key] == pytest.approx(0.25 * 0.6 + 0.75 * 0.8)
+    assert selection.parse_select_metric("a+b+c") == [(1 / 3, "a"), (1 / 3, "b"), (1 / 3, "c")]
+    for bad, message in (("0.5*a+b", "weight every term"), ("x*a", "finite weight"), ("a+", "expected a key"),
+                         ("inf*a", "finite weight")):
+        with pytest.raises(ValueError, match=message):
+            selection.parse_select_metric(bad)
+    with pytest.raises(ValueError, match="select_metric 'ir/ndcg@5' is not among"):
+        selection.add_select_metric("0.5*ir/ndcg@5 + 0.5*sts/cosine_spearman", metrics)
+    c = base_config()
+    c.select_metric = "0.5*dev/cosine_spearman+dev/cosine_pearson"
+    with pytest.raises(ValueError, match="weight every term"):  # refused when the config is read
+        train_config.TrainConfig.from_config(c)
+
+
 def test_mean_selection_key_and_ema_choice():
     metrics = selection.add_select_metric("x/s+y/s", {"x/s": 80.0, "y/s": 70.0})
     assert metrics["x/s+y/s"] == 75.0

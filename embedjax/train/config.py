@@ -403,6 +403,9 @@ class TrainConfig:
                 "model": _integer(config.mesh.model, "mesh.model", minimum=1)}
         if not config.select_metric:
             raise ValueError("select_metric must name a metric the evaluators report, e.g. dev/cosine_spearman")
+        from embedjax.train.selection import parse_select_metric
+
+        parse_select_metric(str(config.select_metric))  # its form, before any model loads
         return cls(model=ModelConfig.from_config(config), lora=LoraConfig.from_config(config.lora), sources=sources,
                    mixture_mode=config.data.mixture_mode if config.data.mixture else None,
                    optim=OptimConfig.from_config(config.optim), seed=_integer(config.seed, "seed", minimum=0),

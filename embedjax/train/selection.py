@@ -1,26 +1,54 @@
-"""Which checkpoint a run exports: the selection metric (one key the evaluators report, or the
-mean of several, ``"a+b"``), and which params compete for it at each evaluation (the raw
-params, or with an EMA the average or whichever of the two scores higher)."""
+"""Which checkpoint a run exports: the selection metric (one key the evaluators report, the
+mean of several, ``"a+b"``, or a weighted sum, ``"0.5*a + 0.5*b"``), and which params compete for
+it at each evaluation (the raw params, or with an EMA the average or whichever of the two scores
+higher)."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Any
 
 from embedjax.train.config import EMA_SELECT
 
 
+def parse_select_metric(select: str) -> list[tuple[float, str]]:
+    """``[(weight, key), ...]`` of a selection metric: ``"a"`` -> [(1, a)]; ``"a+b"`` -> the mean,
+    [(1/2, a), (1/2, b)]; ``"0.7*a + 0.3*b"`` -> those weights (every term weighted, then). Keys
+    are evaluator keys such as ``scifact_dev/ndcg@10`` (no ``+`` or ``*`` in them)."""
+    terms = [t.strip() for t in select.split("+")]
+    if not select.strip() or not all(terms):
+        raise ValueError(f"select_metric {select!r}: expected a key, 'a+b' (their mean) or '0.5*a + 0.5*b'")
+    weighted = ["*" in t for t in terms]
+    if any(weighted) and not all(weighted):
+        raise ValueError(f"select_metric {select!r}: weight every term ('0.5*a + 0.5*b') or none ('a+b': the mean)")
+    if not any(weighted):
+        return [(1.0 / len(terms), t) for t in terms]
+    out = []
+    for term in terms:
+        weight, _, key = (x.strip() for x in term.partition("*"))
+        try:
+            w = float(weight)
+        except ValueError:
+            w = math.nan
+        if not math.isfinite(w) or not key or "*" in key:
+            raise ValueError(f"select_metric {select!r}: term {term!r} is not 'weight*key' with a finite weight")
+        out.append((w, key))
+    return out
+
+
 def add_select_metric(select: str, metrics: dict) -> dict:
-    """``metrics`` plus the selection key when it is a mean: ``"a+b"`` (e.g.
+    """``metrics`` plus the selection key when it combines several: ``"a+b"`` (e.g.
     ``"dev/cosine_spearman+sick/cosine_spearman"``) selects on the mean of the evaluators' keys
-    ``a`` and ``b``, so one checkpoint can be chosen for several dev sets at once."""
-    parts = select.split("+")
-    if len(parts) == 1:
+    ``a`` and ``b``, ``"0.5*a + 0.5*b"`` on that weighted sum, so one checkpoint can be chosen for
+    several dev sets (or tasks) at once; every evaluation logs it under ``select`` itself."""
+    terms = parse_select_metric(select)
+    if len(terms) == 1 and terms[0][1] == select:
         return metrics
-    for part in parts:
-        check_select_metric(part, metrics)
-    return {**metrics, select: sum(metrics[p] for p in parts) / len(parts)}
+    for _, key in terms:
+        check_select_metric(key, metrics)
+    return {**metrics, select: math.fsum(w * metrics[key] for w, key in terms)}
 
 
 def check_select_metric(select: str, metrics: dict) -> None:

@@ -148,6 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
         "positives": 1,           # kind=beir: positives per query and step: 1 (drawn each epoch), m, or "all"
         "hard_negatives": placeholder(str),  # kind=beir: mined negatives (scripts/mine.py --beir); None = in-batch only
         "num_negatives": 0,       # kind=beir: mined negatives per query and step (drawn from its list each epoch)
+        # This source's instructions, {"query": ..., "document": ...} ({} or a missing key: the run's
+        # prompts); "{task}" in either (or in the run's) is replaced by data.task. In a mixture each
+        # source has its own; they are exported as prompts "<source>-query" / "<source>-document".
+        "prompts": {},
+        "task": placeholder(str),  # fills "{task}" in this source's prompts, e.g. "Given a claim, retrieve abstracts"
         "buckets": (16, 32, 64, 128, 256),  # padded lengths, or a packed row's length past pack_length
         # Sequence packing: all texts of a batch share rows of pack_length tokens (0 = pad each
         # side instead). ~2.5x fewer token slots than padding on STS-B; the same embeddings.

@@ -234,7 +234,8 @@ def test_train_script_on_two_beir_sources_with_a_guide(beir, tiny_model, tmp_pat
 
     mined = tmp_path / "neg.jsonl"
     write_hard_negatives(mined, ["q0", "q1", "q2"], [["d9", "d7"], ["d9", "d2"], ["d0", "d9"]])
-    mixture = {"slots": {"kind": "beir", "train": str(beir), "positives": 2},
+    mixture = {"slots": {"kind": "beir", "train": str(beir), "positives": 2, "task": "find the abstract",
+                         "prompts": {"query": "Instruct: {task}\nQuery: "}},
                "mined": {"kind": "beir", "train": str(beir), "hard_negatives": str(mined), "num_negatives": 1,
                          "objective": {"guide": "initial", "loss_kwargs": {"fn_margin": 0.1}}}}
     overrides = {"model": tiny_model, "num_steps": 4, "batch_size": 2, "log_every": 1, "eval_every": 2,
@@ -250,3 +251,37 @@ def test_train_script_on_two_beir_sources_with_a_guide(beir, tiny_model, tmp_pat
     assert all(np.isfinite(v) for _, v in losses.values())
     summary = json.loads((tmp_path / "wd" / "summary.json").read_text())
     assert 0 <= summary["after"]["beir/ndcg@10"] <= 1
+    # the source's own instruction, its {task} filled, is recorded with the model by name
+    exported = json.loads((tmp_path / "wd" / "config_sentence_transformers.json").read_text())
+    assert exported["prompts"] == {"slots-query": "Instruct: find the abstract\nQuery: "}
+
+
+def test_source_prompts_and_what_is_exported(beir, minilm):
+    from embedjax.train import tasks
+    from embedjax.train.config import DataConfig, SourceConfig
+
+    run = {"query": "Instruct: {task}\nQuery: ", "document": "passage: "}
+    ir = DataConfig(kind="beir", train=str(beir), task="retrieve abstracts")
+    sts = DataConfig(kind="stsb", train="x", prompts={"query": "sts: ", "document": "sts: "})
+    assert tasks.source_prompts(run, ir) == {"query": "Instruct: retrieve abstracts\nQuery: ", "document": "passage: "}
+    assert tasks.source_prompts(run, sts) == {"query": "sts: ", "document": "sts: "}
+    with pytest.raises(ValueError, match=r"has a \{task\} placeholder: set data.task"):
+        tasks.source_prompts(run, DataConfig(kind="beir", train=str(beir)))
+    specs = {n: SourceConfig(n, d, {}) for n, d in (("scifact", ir), ("stsb", sts))}
+    assert tasks.exported_prompts(run, specs) == {
+        "document": "passage: ", "scifact-query": "Instruct: retrieve abstracts\nQuery: ",
+        "scifact-document": "passage: ", "stsb-query": "sts: ", "stsb-document": "sts: "}
+
+    # the source's batches carry its prompt: query tokens start with the instruction's
+    from configs.base import base_config
+    from embedjax.train.config import parse_sources
+
+    c = base_config()
+    c.objective.loss = "infonce"
+    c.data.kind, c.data.train, c.data.task = "beir", str(beir), "retrieve abstracts"
+    (spec,) = parse_sources(c.data, c.objective).values()
+    source = tasks.build_source(spec, minilm, teacher=None, batch_size=3, seed=0, prompts=run)
+    batch = next(source.iterator)
+    ids = batch.packed.ids[batch.packed.segments == batch.a.text_index[0] + 1]
+    text = minilm.tokenizer.backend.decode(ids.tolist(), skip_special_tokens=True)
+    assert text.startswith("instruct : retrieve abstracts query :"), text

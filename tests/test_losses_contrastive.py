@@ -424,3 +424,26 @@ def test_bad_options_raise(kw, message):
         p = jnp.ones((4, 7))
     with pytest.raises(ValueError, match=message):
         L.infonce(a, p, **kw)
+
+
+def test_without_in_batch_negatives_only_the_own_documents_compete():
+    """NV-Embed's second stage: row (i, j) scores b_ij against query i's own hard negatives (its other
+    positive slots masked), nothing of the other queries; a plain float64 loop."""
+    rng = np.random.default_rng(7)
+    b, m, k, d = 5, 2, 2, 8
+    a, p, n = (rng.normal(size=s).astype(np.float32) for s in ((b, d), (b, m, d), (b, k, d)))
+    pmask = np.ones((b, m), bool)
+    pmask[2, 1] = False
+    total, rows = 0.0, 0
+    for i in range(b):
+        for slot in range(m):
+            if not pmask[i, slot]:
+                continue
+            logits = [20.0 * np_cos(a[i], p[i, slot])] + [20.0 * np_cos(a[i], n[i, c]) for c in range(k)]
+            total += np_lse(logits) - logits[0]
+            rows += 1
+    got = L.infonce(j(a), j(p), j(n), positive_mask=j(pmask), in_batch_negatives=False)
+    np.testing.assert_allclose(float(got), total / rows, rtol=1e-5)
+    assert float(got) < float(L.infonce(j(a), j(p), j(n), positive_mask=j(pmask)))  # fewer candidates
+    with pytest.raises(ValueError, match="in_batch_negatives=False keeps each query's own documents"):
+        L.infonce(j(a), j(p[:, 0]), directions=("query_to_doc", "doc_to_query"), in_batch_negatives=False)

@@ -237,7 +237,7 @@ def _id_hits(row_ids, row_valid, cand_ids, cand_known):
     return jnp.any(hits, axis=1) & cand_known[None, :]
 
 
-def _block_masks(batch, rows, directions, rule, fn_margin, fn_relative):
+def _block_masks(batch, rows, directions, rule, fn_margin, fn_relative, in_batch_negatives=True):
     """Boolean (R, n) drop mask (-inf) per block, or None where nothing is dropped.
 
     Never dropped: a row's target column(s) in query_to_doc, and s(q_i, d) in doc_to_query.
@@ -267,6 +267,8 @@ def _block_masks(batch, rows, directions, rule, fn_margin, fn_relative):
         drop = _or(drop, _id_hits(*own, batch.doc_ids, batch.doc_known))
     if m > 1 and not rows.all_positives:  # the query's other positives are not negatives of this row
         drop = _or(drop, rows.own_docs(batch) & batch.col_is_slot[None, :])
+    if not in_batch_negatives:  # only the query's own documents compete (NV-Embed's second stage)
+        drop = _or(drop, ~rows.own_docs(batch))
     if fn is not None:
         drop = _or(drop, fn(Q2D))
     masks[Q2D] = None if drop is None else drop & ~rows.is_target(batch)
@@ -316,7 +318,7 @@ def _reduce(logits, masks, rows):
     return _mean_rows(jax.nn.logsumexp(joint, axis=1) - log_pos, rows.valid)
 
 
-def _check_options(directions, symmetric, all_positives, m, hardness, hardness_mode):
+def _check_options(directions, symmetric, all_positives, m, hardness, hardness_mode, in_batch_negatives=True):
     directions = (directions,) if isinstance(directions, str) else tuple(directions)
     unknown = set(directions) - set(DIRECTIONS)
     if unknown:
@@ -330,6 +332,9 @@ def _check_options(directions, symmetric, all_positives, m, hardness, hardness_m
     if symmetric and (len(directions) > 1 or m > 1):
         raise ValueError("symmetric=True takes one positive per anchor and no extra directions; "
                          "use directions=('query_to_doc', 'doc_to_query') for a joint two-way loss")
+    if not in_batch_negatives and (len(directions) > 1 or symmetric):
+        raise ValueError("in_batch_negatives=False keeps each query's own documents only; the extra directions "
+                         "and symmetric=True are in-batch comparisons")
     if all_positives and m > 1 and set(directions) - {Q2D, Q2Q}:
         raise ValueError("all_positives=True with several positives allows only 'query_to_doc' and "
                          "'query_to_query' (doc directions need one target document per row)")
@@ -382,6 +387,7 @@ def infonce(
     guide=None,
     hardness=0.0,
     hardness_mode="all_negatives",
+    in_batch_negatives=True,
 ):
     """InfoNCE / MultipleNegativesRankingLoss over the (global) batch.
 
@@ -443,6 +449,9 @@ def infonce(
         named by the mode: "in_batch_negatives" (docs of other queries), "hard_negatives" (the
         query's own hard negatives), "all_negatives" (everything but the query's positives),
         as sentence-transformers' ``hardness_mode`` / ``hardness_strength``. 0 = off.
+      in_batch_negatives: False: a query's candidates are only its own documents (its positive
+        slots and its hard negatives), no other query's (NV-Embed's second stage,
+        arXiv:2405.17428, trains non-retrieval tasks so); only with query_to_doc alone.
 
     All options are static Python values; masks come from ids and stop-gradient scores only.
 
@@ -451,7 +460,8 @@ def infonce(
     """
     batch = _layout(anchors, positives, negatives, positive_mask, anchor_ids, positive_ids, negative_ids,
                     relevant_ids, relevant_mask)
-    directions = _check_options(directions, symmetric, all_positives, batch.m, hardness, hardness_mode)
+    directions = _check_options(directions, symmetric, all_positives, batch.m, hardness, hardness_mode,
+                                in_batch_negatives)
     if guide is not None and fn_margin is None and fn_relative is None:
         fn_margin = 0.0
     rows = _rows(batch, all_positives and batch.m > 1)  # one slot: "each" and "all" coincide
@@ -463,7 +473,7 @@ def infonce(
             rule = {name: jax.lax.stop_gradient(s) for name, s in raw.items()}
         else:
             rule = _candidate_blocks(*_guide_layout(guide, batch), directions, rows, similarity)
-    masks = _block_masks(batch, rows, directions, rule, fn_margin, fn_relative)
+    masks = _block_masks(batch, rows, directions, rule, fn_margin, fn_relative, in_batch_negatives)
     logits = {name: scale * s for name, s in raw.items()}
     if hardness:
         logits[Q2D] = logits[Q2D] + _hardness_penalty(batch, rows, raw[Q2D], hardness, hardness_mode)

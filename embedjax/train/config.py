@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 # Free-form dicts (keyword arguments, column maps, evaluator entries): any key may appear below them, but
 # ``--config.a.b.key`` only overrides a key the config already has.
 OPEN_SECTIONS = ("objective.loss_kwargs", "objective.layer_kwargs", "objective.aux_losses", "data.columns", "data.mixture",
-                 "evals", "pooler_init")
+                 "data.prompts", "evals", "pooler_init")
 MIXTURE_KEYS = ("mixture", "mixture_mode")  # data keys that describe the mixture itself, not a source
 MIXTURE_MODES = ("sampled", "round_robin")
 DTYPES = ("float32", "bfloat16")
@@ -134,12 +134,13 @@ class ModelConfig:
                    pooler_init=dict(config.pooler_init or {}), prompts=prompts,
                    include_prompt=bool(config.include_prompt), **rates)
 
-    @property
-    def prompts_by_side(self) -> dict[str, str]:
-        """The prompts by batch side (the form ``embedjax.data.pipeline.side_prompts`` completes): the first
-        text of a record is the query; its positive and hard negatives are documents."""
-        document = self.prompts.get("document", "")
-        return {"a": self.prompts.get("query", ""), "b": document, "n": document}
+
+def by_side(prompts: Mapping[str, str]) -> dict[str, str]:
+    """``{"query": q, "document": d}`` as the batch sides ``{"a": q, "b": d, "n": d}`` (the form
+    ``embedjax.data.pipeline.side_prompts`` completes): the first text of a record is the query;
+    its positive and hard negatives are documents."""
+    document = prompts.get("document", "")
+    return {"a": prompts.get("query", ""), "b": document, "n": document}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +190,8 @@ class DataConfig:
     positives: int | str = 1                  # kind=beir: positives per query and step (m, or "all")
     hard_negatives: str | None = None         # kind=beir: a mined jsonl (scripts/mine.py --beir)
     num_negatives: int = 0                    # kind=beir: mined negatives per query and step
+    prompts: dict = dataclasses.field(default_factory=dict)  # {"query", "document"}: this source's; {} = the run's
+    task: str | None = None                   # fills "{task}" in the prompts
     buckets: tuple = (16, 32, 64, 128, 256)
     pack_length: int = 64                     # 0: pad each side instead of packing
     pack_rows_multiple: int = 2
@@ -216,6 +219,11 @@ class DataConfig:
         if num_negatives and hard_negatives is None:
             raise ValueError(f"data.num_negatives={num_negatives} needs data.hard_negatives, a file of mined negatives "
                              "(scripts/mine.py --beir writes one)")
+        prompts = {k: v for k, v in dict(data.get("prompts") or {}).items() if v}
+        unknown = sorted(set(prompts) - {"query", "document"})
+        if unknown or not all(isinstance(v, str) for v in prompts.values()):
+            raise ValueError(f"data.prompts takes 'query' and 'document' strings, got {dict(data.get('prompts'))!r}")
+        task = _optional(data.get("task"), str, "data.task")
         buckets = tuple(data["buckets"])
         if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"data.buckets must be positive token lengths, got {buckets}")
@@ -224,7 +232,7 @@ class DataConfig:
                    tfds_data_dir=_optional(data["tfds_data_dir"], str, "data.tfds_data_dir"),
                    skip_bad=bool(data["skip_bad"]), buckets=buckets, split=str(data.get("split", cls.split)),
                    min_grade=_integer(data.get("min_grade", 1), "data.min_grade", minimum=1), positives=positives,
-                   hard_negatives=hard_negatives, num_negatives=num_negatives,
+                   hard_negatives=hard_negatives, num_negatives=num_negatives, prompts=prompts, task=task,
                    pack_length=_integer(data["pack_length"], "data.pack_length", minimum=0),
                    pack_rows_multiple=_integer(data["pack_rows_multiple"], "data.pack_rows_multiple", minimum=1))
 

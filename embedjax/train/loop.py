@@ -88,8 +88,11 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
                     st_problem)
     training_sources = tasks.build_sources(run.sources, encoder, teacher=teacher, batch_size=run.batch_size,
-                                           seed=run.seed, prompts=run.model.prompts_by_side,
+                                           seed=run.seed, prompts=run.model.prompts,
                                            mixture=run.mixture_mode is not None)
+    if encoder.prompts or any(s.data.prompts or s.data.task for s in run.sources.values()):
+        # evaluated and exported with what it was trained with, each source's prompts by name
+        encoder = dataclasses.replace(encoder, prompts=tasks.exported_prompts(run.model.prompts, run.sources))
     batches = tasks.SourceStream(training_sources, mixture_mode=run.mixture_mode, seed=run.seed)
     total_steps = tasks.total_train_steps(run.num_steps, run.num_epochs, training_sources, batch_size=run.batch_size,
                                           accumulate=run.optim.accumulate)

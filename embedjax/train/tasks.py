@@ -21,7 +21,7 @@ from embedjax.data import pipeline
 from embedjax.data.batch import Batch
 from embedjax.model import Encoder
 from embedjax.train import sources
-from embedjax.train.config import DataConfig, SourceConfig
+from embedjax.train.config import DataConfig, SourceConfig, by_side
 from embedjax.train.loss_specs import check_objective_data
 from embedjax.train.objective import Objective
 
@@ -54,12 +54,42 @@ def packing_for(data: DataConfig, objective: Objective) -> pipeline.Packing | No
                             views=2 if objective.loss == "simcse_unsup" else 1)
 
 
+def source_prompts(run_prompts: Mapping[str, str], data: DataConfig) -> dict[str, str]:
+    """A source's ``{"query", "document"}`` instructions: its own (``data.prompts``), else the run's,
+    with ``{task}`` replaced by ``data.task`` (a placeholder without a task raises ValueError)."""
+    out = {}
+    for kind in ("query", "document"):
+        text = data.prompts.get(kind) or run_prompts.get(kind, "")
+        if "{task}" in text:
+            if data.task is None:
+                raise ValueError(f"the {kind} prompt {text!r} has a {{task}} placeholder: set data.task (per "
+                                 "source in a mixture)")
+            text = text.replace("{task}", data.task)
+        if text:
+            out[kind] = text
+    return out
+
+
+def exported_prompts(run_prompts: Mapping[str, str], specs: Mapping[str, SourceConfig]) -> dict[str, str]:
+    """The prompts a trained model records: the run's (those without a ``{task}`` placeholder) and,
+    for every source with its own prompts or task, ``"<source>-query"`` / ``"<source>-document"``
+    (``Encoder.encode(prompt_name=...)``; MTEB's ``"<task>-query"`` lookup finds them when a
+    source is named after an MTEB task)."""
+    out = {k: v for k, v in run_prompts.items() if v and "{task}" not in v}
+    for name, spec in specs.items():
+        if spec.data.prompts or spec.data.task is not None:
+            out.update({f"{name}-{kind}": text for kind, text in source_prompts(run_prompts, spec.data).items()})
+    return out
+
+
 def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | None, batch_size: int, seed: int,
                  prompts: Mapping[str, str], mixture: bool = False) -> TrainingSource:
     """One ``TrainingSource``: records read and checked against its objective (errors name the
-    mixture entry), and its batch iterator (seeded by ``seed``)."""
+    mixture entry), and its batch iterator (seeded by ``seed``). ``prompts``: the run's
+    ``{"query", "document"}`` instructions (a source's own ``data.prompts`` win)."""
     objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher)  # the run's one pooling
     try:
+        side_prompts = by_side(source_prompts(prompts, spec.data))
         records = sources.train_source(spec.data)
         check_objective_data(objective, pipeline.fields_of(records), sources.scores_of(records))
     except ValueError as err:
@@ -69,7 +99,7 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
     tokenizer = encoder.tokenizer.replace(buckets=spec.data.buckets)  # keeps an appended EOS
     iterator = pipeline.train_pipeline(records, tokenizer, global_batch_size=batch_size, seed=seed,
                                        preprocess=str.lower if encoder.lowercase else None, common_length=True,
-                                       packing=packing_for(spec.data, objective), prompts=prompts,
+                                       packing=packing_for(spec.data, objective), prompts=side_prompts,
                                        include_prompt=encoder.include_prompt)
     return TrainingSource(spec.name, spec.data, objective, records, iterator, spec.weight)
 

@@ -34,6 +34,7 @@ VARIANTS = [
     "llm_lora", "llm_lora:smoke", "llm_lora:smoke,model_type=llama",
     "stsb_sick", "stsb_sick:smoke", "stsb_sick:pearson=1.0,rank=0.5,ema=0.99,mode=round_robin,lr=2e-5",
     "mined_distill", "mined_distill:smoke", "mined_distill:kl", "mined_distill:infonce",
+    "beir_ir", "beir_ir:smoke", "beir_ir:fn=none,guide=1,negatives=0,all=1,positives=2,lr=1e-5,epochs=2",
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
 ]
 
@@ -446,8 +447,27 @@ def mined_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def mined_beir(tmp_path_factory, stsb_dir) -> Path:
+    """Mined-negative files for configs/beir_ir.py's two sources, as scripts/mine.py --beir writes them:
+    for each training query two corpus ids it has no judgment for."""
+    from embedjax.data.retrieval_training import read_beir_training, write_hard_negatives
+
+    d = tmp_path_factory.mktemp("mined_beir")
+    for name in ("scifact", "nfcorpus"):
+        records = read_beir_training(stsb_dir.parent / "beir" / name, "train")
+        hashes = records.document_hashes
+        negatives = []
+        for i in range(len(records)):
+            relevant = set(records[i]["relevant"])
+            negatives.append([records.document_ids[j] for j in range(len(hashes))
+                              if int(hashes[j]) not in relevant][i % 50: i % 50 + 2])
+        write_hard_negatives(d / f"{name}_train.jsonl", list(records.query_ids), negatives)
+    return d
+
+
 @pytest.mark.parametrize("name", [v for v in VARIANTS if "file=" not in v])
-def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined_file):
+def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined_file, mined_beir):
     """Every source of every shipped config (each mixture entry too) reads and suits its objective."""
     from embedjax.train import encoders
     from embedjax.train.config import INITIAL_TEACHER, DataConfig, ModelConfig, source_sections
@@ -455,9 +475,14 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
     c = load(name)
     if name.startswith("mined_distill"):
         c.data.train = str(mined_file)  # the config's default path is what scripts/mine.py writes first
-    # "initial" (the run's own starting model) is the only teacher a shipped config names
+    if name.startswith("beir_ir"):  # likewise the mined negatives: scripts/mine.py --beir writes them first
+        for entry in c.data.mixture.values():
+            if entry.get("hard_negatives"):
+                entry.hard_negatives = str(mined_beir / Path(entry.hard_negatives).name)
+    # "initial" (the run's own starting model) is the only teacher or guide a shipped config names
+    frozen = {c.objective.distill.teacher, c.objective.guide} - {None}
     teacher = (encoders.load_teacher(INITIAL_TEACHER, None, ModelConfig.from_config(c))
-               if c.objective.distill.teacher == INITIAL_TEACHER else None)
+               if frozen == {INITIAL_TEACHER} else None)
     for data, objective_cfg, _ in source_sections(c.data, c.objective).values():
         source = sources.train_source(DataConfig.from_config(data))
         fields, scores = pipeline.fields_of(source), sources.scores_of(source)

@@ -66,8 +66,8 @@ class Objective:
         distill = cfg["distill"]
         frozen = bool(fields["distill_loss"]) or fields["guide"]
         if frozen and teacher is None:
-            name = distill["teacher"] if fields["distill_loss"] else cfg.get("guide")
-            raise ValueError(f"the objective reads the frozen model {name!r}: pass the loaded encoder (teacher=)")
+            name = distill["teacher"] if fields["distill_loss"] else cfg["guide"]
+            raise ValueError(f"objective reads the frozen model {name!r}: pass the loaded teacher encoder (teacher=)")
         return cls(pooling=pooling, teacher_cfg=teacher.cfg if frozen else None,
                    teacher_pooling=teacher.pooling if frozen else "", **fields)
 
@@ -95,7 +95,7 @@ class Objective:
         distill = cfg["distill"]
         if distill["teacher"] == "":
             raise ValueError("objective.distill.teacher is '': leave it None for no teacher")
-        guide = cfg.get("guide")
+        guide = cfg["guide"]
         if guide is not None and (not isinstance(guide, str) or not guide):
             raise ValueError(f"objective.guide must be a checkpoint directory / hub id, 'initial', or None, got {guide!r}")
         distill_on = distill["teacher"] is not None and float(distill["weight"]) > 0

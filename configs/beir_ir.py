@@ -1,0 +1,78 @@
+"""Retrieval fine-tune: all-MiniLM-L6-v2 on SciFact + NFCorpus train (BEIR), InfoNCE with mined hard
+negatives and false-negative control, selected on the mean of SciFact dev and NFCorpus dev nDCG@10.
+
+First mine hard negatives for both training splits (the model's own ranking; every judged-relevant
+document excluded), then train:
+
+    python scripts/mine.py --beir $EMBEDJAX_DATA/beir/scifact --output workdirs/mined/scifact_train.jsonl \\
+        --num_negatives 8 --range_min 10 --range_max 60 --relative_margin 0.95
+    python scripts/mine.py --beir $EMBEDJAX_DATA/beir/nfcorpus --output workdirs/mined/nfcorpus_train.jsonl \\
+        --num_negatives 8 --range_min 10 --range_max 60 --relative_margin 0.95
+    python scripts/train.py --config configs/beir_ir.py --workdir workdirs/beir_ir
+
+Each training query is one record with all its relevant documents (``data.kind="beir"``): each
+step it takes one positive and one of its mined negatives, drawn anew every epoch; its other
+relevant documents are never its negatives, in the batch or on another device. One source per
+batch (SciFact or NFCorpus, sampled by size), so in-batch negatives come from the same corpus.
+Variants (``:name=value,...``): ``fn=M`` masks in-batch candidates scoring above the positive + M
+(Qwen3-Embedding's rule, default 0.1; ``fn=none`` off), ``guide=1`` decides false negatives with the
+frozen initial model instead (GISTEmbed), ``negatives=K`` mined negatives per query and step (0: in-batch
+only), ``all=1`` every sampled positive in the numerator, ``positives=M`` positives per query and step,
+``lr=X``, ``epochs=E``, ``mined=DIR`` where the mined files are, ``smoke``.
+"""
+
+from configs import base
+
+RETRIEVAL_EVALS = {
+    "scifact_dev": {"type": "retrieval", "path": str(base.DATA / "beir" / "scifact"), "split": "dev"},
+    "nfcorpus_dev": {"type": "retrieval", "path": str(base.DATA / "beir" / "nfcorpus"), "split": "dev"},
+}
+RETRIEVAL_SELECT = "scifact_dev/ndcg@10+nfcorpus_dev/ndcg@10"
+TRAIN_QUERIES = {"scifact": 692, "nfcorpus": 2590}  # training queries with a positive: the sampling weights
+
+
+def retrieval_sources(args: dict) -> dict:
+    """The two BEIR training sources of ``data.mixture``, with the variants' data options."""
+    mined = args.get("mined", "workdirs/mined")
+    negatives = int(args.get("negatives", 1))
+    out = {}
+    for name, weight in TRAIN_QUERIES.items():
+        source = {"kind": "beir", "train": str(base.DATA / "beir" / name), "split": "train",
+                  "positives": args.get("positives", 1), "weight": float(weight), "num_negatives": negatives}
+        if negatives:
+            source["hard_negatives"] = f"{mined}/{name}_train.jsonl"
+        out[name] = source
+    return out
+
+
+def retrieval_loss_kwargs(args: dict) -> dict:
+    fn = args.get("fn", 0.1)
+    kwargs = {"scale": 20.0}
+    if fn not in (None, "none"):
+        kwargs["fn_margin"] = float(fn)
+    if args.get("all"):
+        kwargs["all_positives"] = True
+    return kwargs
+
+
+def get_config(arg: str | None = None):
+    args = base.parse_arg(arg, allowed=("smoke", "fn", "guide", "negatives", "all", "positives", "lr", "epochs",
+                                        "mined"))
+    c = base.base_config()
+    c.objective.loss = "infonce"
+    c.objective.loss_kwargs = retrieval_loss_kwargs(args)
+    c.objective.dropout = False
+    if args.get("guide"):
+        c.objective.guide = "initial"
+    c.optim.learning_rate = float(args.get("lr", 2e-5))
+    c.num_epochs = float(args.get("epochs", 1.0))
+    c.data.kind = "beir"
+    c.data.train = str(base.DATA / "beir" / "scifact")
+    c.data.mixture = retrieval_sources(args)
+    c.data.mixture_mode = "sampled"
+    c.data.buckets = (16, 32, 64, 128, 192, 256)
+    c.evals = dict(RETRIEVAL_EVALS)
+    c.select_metric = RETRIEVAL_SELECT
+    c.eval_every = 50
+    c.checkpoint.every = 50
+    return base.maybe_smoke(c, args)

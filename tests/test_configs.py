@@ -34,7 +34,7 @@ VARIANTS = [
     "llm_lora", "llm_lora:smoke", "llm_lora:smoke,model_type=llama",
     "stsb_sick", "stsb_sick:smoke", "stsb_sick:pearson=1.0,rank=0.5,ema=0.99,mode=round_robin,lr=2e-5",
     "mined_distill", "mined_distill:smoke", "mined_distill:kl", "mined_distill:infonce",
-    "beir_ir", "beir_ir:smoke", "beir_ir:fn=none,guide=1,negatives=0,all=1,positives=2,lr=1e-5,epochs=2",
+    "beir_ir", "beir_ir:smoke", "beir_ir:fn=none,guide=1,negatives=0,nf_negatives=2,all=1,positives=2,lr=1e-5,epochs=2",
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
 ]
 

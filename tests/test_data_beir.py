@@ -141,7 +141,13 @@ def test_mined_negatives_file_and_its_errors(beir, tmp_path):
     bad(ok + [{"query_id": "q9", "negatives": ["d9"]}], "query_id 'q9' is not a query of this split", 3)
     bad(ok + [{"query_id": "q0", "negatives": ["d9"]}], r"query_id 'q0' again \(first on line 1\)", 3)
     bad(ok + [{"query_id": "q2", "negatives": "d9"}], "negatives must be a list of corpus ids", 3)
-    bad(ok, r"1 of 3 training queries have no hard negative \(first: 'q2'\)")
+    bad([{"query_id": "q0", "negatives": []}], r"no training query of .* \(train\) has a hard negative")
+    # a query the miner left without negatives draws random documents it has no relevance for
+    mined.write_text("".join(json.dumps(x) + "\n" for x in ok + [{"query_id": "q2", "negatives": []}]))
+    records = read_beir_training(beir, "train", hard_negatives=mined, num_negatives=2)
+    drawn = {t for e in range(30) for t in records.record_at(2, e, 0)["text_n"]}
+    # d4's text comes back as d8 (a copy nobody judged; the loss masks it by its hash), d5 and d6 never
+    assert len(drawn) > 3 and not drawn & {joined("d5"), joined("d6")}
     with pytest.raises(ValueError, match="needs a file of mined hard negatives"):
         read_beir_training(beir, "train", num_negatives=1)
 

@@ -23,7 +23,9 @@ exactly what the uninterrupted run would have drawn.
 Hard negatives (``hard_negatives``): a jsonl file of ``{"query_id": ..., "negatives": [corpus
 ids, best-ranked first]}`` lines, as ``scripts/mine.py --beir`` writes them. Each step a query
 takes ``num_negatives`` of its list (without replacement; a query with fewer takes them all and
-repeats some, as Tevatron does), drawn like its positives.
+repeats some, as Tevatron does), drawn like its positives. A query the miner left without any
+(its false-negative filter dropped every candidate, or no line) draws random corpus documents
+that are not relevant to it instead; the reader logs how many such queries there are.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from embedjax.data.readers import DataError, _rows, _split
 from embedjax.data.retrieval_readers import _qrels_path, _read_texts, read_qrels
 
 ALL = "all"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +130,8 @@ class RetrievalRecords(collections.abc.Sequence):
         if self.num_negatives:
             negatives = self.negatives[i]
             k = self.num_negatives
+            if len(negatives) == 0:
+                negatives = self._random_negatives(i, k, rng)
             if len(negatives) >= k:
                 picked = negatives[np.sort(rng.choice(len(negatives), k, replace=False))]
             else:  # all of them, then repeats (Tevatron's rule for short lists)
@@ -133,6 +139,20 @@ class RetrievalRecords(collections.abc.Sequence):
             record["text_n"] = self._texts(picked)
         record["relevant"] = tuple(int(h) for h in self.document_hashes[self.relevant[i]])
         return record
+
+
+    def _random_negatives(self, i: int, k: int, rng) -> np.ndarray:
+        """k corpus documents not relevant to query i, drawn uniformly (for a query without mined ones)."""
+        relevant = set(self.relevant[i].tolist())
+        if len(self.documents) - len(relevant) < 1:
+            raise ValueError(f"query {self.query_ids[i]!r}: every document of the corpus is relevant to it; no "
+                             "negative to draw")
+        out: list[int] = []
+        while len(out) < k:
+            j = int(rng.integers(len(self.documents)))
+            if j not in relevant:
+                out.append(j)
+        return np.asarray(out, np.int32)
 
 
 def _check_grade(min_grade) -> int:
@@ -226,11 +246,13 @@ def read_beir_training(directory, split: str = "train", *, min_grade: int = 1, p
         relevant_ids = {qid: {d for d, g in qrels[qid].items() if g > 0} for qid in query_ids}
         mined = read_hard_negatives(hard_negatives, query_ids, corpus_ids, relevant_ids)
         lacking = [qid for qid in query_ids if not mined.get(qid)]
+        if len(lacking) == len(query_ids):
+            raise DataError(Path(hard_negatives), None, f"no training query of {directory} ({split}) has a hard "
+                                                       "negative here: is it mined for this split?")
         if lacking:
-            raise DataError(Path(hard_negatives), None,
-                            f"{len(lacking)} of {len(query_ids)} training queries have no hard negative (first: "
-                            f"{lacking[0]!r}); mine every query of the split, or set num_negatives=0")
-        negatives = _Ragged.from_lists([[row_of[d] for d in mined[qid]] for qid in query_ids])
+            log.warning("%s: %d of %d training queries have no mined negative (first: %r): they draw random "
+                        "documents not relevant to them", hard_negatives, len(lacking), len(query_ids), lacking[0])
+        negatives = _Ragged.from_lists([[row_of[d] for d in mined.get(qid, [])] for qid in query_ids])
     hashes = np.fromiter((text_hash(t) for t in documents), np.int32, count=len(documents))
     records = RetrievalRecords(
         documents=documents, document_ids=corpus_ids, document_hashes=hashes,

@@ -145,7 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
         # one record per query with all its relevant documents (embedjax/data/retrieval_training.py)
         "split": "train",         # kind=beir: the qrels split to train on
         "min_grade": 1,           # kind=beir: relevance >= min_grade is a positive (every grade > 0 is never a negative)
-        "positives": 1,           # kind=beir: positives per query and step: 1 (drawn each epoch), m, or "all"
+        "positives": 1,           # kind=beir: positives per query and step: 1 or m (drawn each epoch)
+        "every_positive": False,  # kind=beir: True: every positive of the query each step (m = the largest count)
         "hard_negatives": placeholder(str),  # kind=beir: mined negatives (scripts/mine.py --beir); None = in-batch only
         "num_negatives": 0,       # kind=beir: mined negatives per query and step (drawn from its list each epoch)
         # This source's instructions, {"query": ..., "document": ...} ({} or a missing key: the run's

@@ -291,3 +291,21 @@ def test_source_prompts_and_what_is_exported(beir, minilm):
     ids = batch.packed.ids[batch.packed.segments == batch.a.text_index[0] + 1]
     text = minilm.tokenizer.backend.decode(ids.tolist(), skip_special_tokens=True)
     assert text.startswith("instruct : retrieve abstracts query :"), text
+
+
+def test_data_section_of_a_beir_source(beir, tmp_path):
+    from configs.base import base_config
+    from embedjax.train import sources
+    from embedjax.train.config import DataConfig
+
+    c = base_config()
+    c.data.kind, c.data.train = "beir", str(beir)
+    c.data.every_positive = True
+    records = sources.train_source(DataConfig.from_config(c.data))
+    assert records.slots == 3 and records.query_ids == ("q0", "q1", "q2")
+    c.data.every_positive, c.data.num_negatives = False, 2
+    with pytest.raises(ValueError, match="data.num_negatives=2 needs data.hard_negatives"):
+        DataConfig.from_config(c.data)
+    c.data.num_negatives, c.data.positives = 0, 0
+    with pytest.raises(ValueError, match="data.positives must be an integer >= 1"):
+        DataConfig.from_config(c.data)

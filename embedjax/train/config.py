@@ -211,9 +211,9 @@ class DataConfig:
         tfds_name = _optional(data["tfds_name"], str, "data.tfds_name")
         if kind == "tfds" and not tfds_name:
             raise ValueError("data.kind='tfds' needs data.tfds_name (e.g. --config.data.tfds_name=glue/stsb)")
-        positives = data.get("positives", cls.positives)
-        if positives != "all" and (isinstance(positives, bool) or not isinstance(positives, int) or positives < 1):
-            raise ValueError(f"data.positives must be an integer >= 1 or 'all', got {positives!r}")
+        positives = _integer(data.get("positives", 1), "data.positives", minimum=1)
+        if data.get("every_positive", False):
+            positives = "all"
         hard_negatives = _optional(data.get("hard_negatives"), str, "data.hard_negatives")
         num_negatives = _integer(data.get("num_negatives", 0), "data.num_negatives", minimum=0)
         if num_negatives and hard_negatives is None:

@@ -11,7 +11,7 @@
     distill        jsonl (or tsv/csv) of text_a, text_b, text_n (one or a list of k negatives) and teacher
                    scores [s(a, b), s(a, n_1), ...], e.g. written by scripts/mine.py -> DistillRecord
     beir           a BEIR directory (data.train) and qrels split (data.split): one record per query with every
-                   relevant document (data.min_grade, data.positives per step, data.hard_negatives mined by
+                   relevant document (data.min_grade, data.positives / every_positive per step, data.hard_negatives mined by
                    scripts/mine.py --beir, data.num_negatives per step) -> RetrievalRecords
     tfds           any TFDS dataset by name (data.tfds_name, data.tfds_split, data.columns, data.tfds_data_dir)
 

@@ -79,7 +79,7 @@ class RetrievalRecords(collections.abc.Sequence):
 
     def __init__(self, *, documents, document_ids, document_hashes, queries, query_ids, positives: _Ragged,
                  relevant: _Ragged, negatives: _Ragged | None, positives_per_query: int | str = 1,
-                 num_negatives: int = 0, source: str = ""):
+                 num_negatives: int = 0, source: str = "", skipped_queries: int = 0):
         self.documents = documents              # tuple of str: title + " " + text
         self.document_ids = document_ids        # tuple of str: the corpus ids
         self.document_hashes = document_hashes  # (N,) int32: pipeline.text_hash of each document
@@ -87,6 +87,7 @@ class RetrievalRecords(collections.abc.Sequence):
         self.positives, self.relevant, self.negatives = positives, relevant, negatives
         self.num_negatives = num_negatives
         self.source = source
+        self.skipped_queries = skipped_queries  # judged queries without a positive at min_grade, left out
         most = int(positives.lengths().max())
         if positives_per_query == ALL:
             self.slots = most
@@ -105,11 +106,6 @@ class RetrievalRecords(collections.abc.Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         return self.record_at(i, 0, 0)
-
-    @property
-    def max_relevant(self) -> int:
-        """The most relevant documents of any query (the width of ``Batch.relevant`` at most)."""
-        return int(self.relevant.lengths().max())
 
     def _texts(self, indices) -> tuple[str, ...]:
         return tuple(self.documents[j] for j in indices)
@@ -258,8 +254,8 @@ def read_beir_training(directory, split: str = "train", *, min_grade: int = 1, p
         documents=documents, document_ids=corpus_ids, document_hashes=hashes,
         queries=tuple(all_queries[q] for q in keep), query_ids=query_ids,
         positives=_Ragged.from_lists(pos_lists), relevant=_Ragged.from_lists(rel_lists), negatives=negatives,
-        positives_per_query=positives, num_negatives=num_negatives, source=f"{directory} ({split})")
-    records.skipped_queries = sum(1 for qid in all_query_ids if qid in qrels) - len(keep)
+        positives_per_query=positives, num_negatives=num_negatives, source=f"{directory} ({split})",
+        skipped_queries=sum(1 for qid in all_query_ids if qid in qrels) - len(keep))
     return records
 
 

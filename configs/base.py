@@ -168,6 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10              # train metrics (loss, lr, norms, examples/s) every this many steps
     c.eval_every = 50             # dev evaluation + best-checkpoint candidate every this many steps
     c.eval_batch_size = 128       # texts per evaluation batch (an entry's own batch_size wins)
+    # Where a dev evaluation is expensive (a retrieval corpus on a CPU), these two skip evaluations:
+    c.eval_start = True           # False: the start is not evaluated (summary "before" is None) nor a candidate
+    c.eval_export = True          # False: the exported files are not evaluated again; "after" is the best
+    #                               step's figures from training (the same params, in memory)
     # Evaluators run every eval_every steps, at the start and on the exported model
     # (embedjax/eval/suite.py): {name: {"type": sts | retrieval | reranking | pair_classification,
     # "path": ..., the type's own keys, "layers": (), "dims": (), "quantize": ()}}. Every key

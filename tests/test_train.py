@@ -378,6 +378,27 @@ def test_training_selects_on_a_retrieval_metric(tiny_model, small_dev, small_bei
     assert got["ir/ndcg@10"] == pytest.approx(scores[best], abs=1e-4)
 
 
+def test_eval_start_and_eval_export_off_skip_those_evaluations(tiny_model, small_beir, tmp_path):
+    """eval_start=False: no step-0 evaluation and the start is no candidate; eval_export=False: the
+    summary's "after" is the best step's in-training figures, which the exported files reproduce."""
+    from embedjax.eval import RetrievalEvaluator
+    from embedjax.data.retrieval_readers import read_beir
+
+    c = config_with({"model": tiny_model, "num_steps": 4, "eval_every": 2, "checkpoint.every": 4,
+                     "optim.learning_rate": 1e-3, "eval_start": False, "eval_export": False})
+    c.evals = {"ir": {"type": "retrieval", "path": str(small_beir), "split": "dev", "k_values": (1, 10)}}
+    c.select_metric = "ir/ndcg@10"
+    summary = loop.train_and_evaluate(c, tmp_path / "w")
+    rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "ir/ndcg@10" in r}
+    assert sorted(evals) == [2, 4] and summary["before"] is None
+    best = summary["best_step"]
+    assert best in (2, 4) and evals[best]["ir/ndcg@10"] == max(r["ir/ndcg@10"] for r in evals.values())
+    assert summary["after"] == {k: v for k, v in evals[best].items() if k != "step"}
+    got = RetrievalEvaluator(read_beir(small_beir, "dev"), name="ir", k_values=(1, 10))(embedjax.load_pretrained(tmp_path / "w"))
+    assert got["ir/ndcg@10"] == pytest.approx(summary["after"]["ir/ndcg@10"], abs=1e-4)
+
+
 def test_select_metric_must_be_reported(tiny_model, small_dev, tmp_path):
     c = config_with({"model": tiny_model, "evals.dev.path": small_dev})
     c.select_metric = "dev/ndcg@10"

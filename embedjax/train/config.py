@@ -78,6 +78,12 @@ def _integer(value, name: str, *, minimum: int) -> int:
     return value
 
 
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _number(value, name: str, *, lo: float | None = None, hi: float | None = None, hi_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -386,6 +392,8 @@ class TrainConfig:
     log_every: int
     eval_every: int
     eval_batch_size: int
+    eval_start: bool              # evaluate (and offer as "best") the start
+    eval_export: bool             # evaluate the exported files again; False: "after" = the best step's figures
     evals: dict
     select_metric: str
     checkpoint: CheckpointConfig
@@ -423,6 +431,8 @@ class TrainConfig:
                    memory_limit_gib=memory, log_every=_integer(config.log_every, "log_every", minimum=1),
                    eval_every=_integer(config.eval_every, "eval_every", minimum=1),
                    eval_batch_size=_integer(config.eval_batch_size, "eval_batch_size", minimum=1),
+                   eval_start=_flag(config.get("eval_start", True), "eval_start"),
+                   eval_export=_flag(config.get("eval_export", True), "eval_export"),
                    evals=as_dict(config.evals), select_metric=str(config.select_metric),
                    checkpoint=CheckpointConfig.from_config(config.checkpoint), raw=as_dict(config))
 

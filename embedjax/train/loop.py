@@ -49,8 +49,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
                        allow_config_change: bool = False) -> dict[str, Any]:
     """Fine-tunes ``config.model`` as configured; resumes from ``workdir`` when it has a checkpoint.
 
-    Returns ``{"before": dev metrics of the start, "after": dev metrics of the exported
-    (best) model, "best_step": ..., "steps": ...}``. The exported model is in ``workdir``.
+    Returns ``{"before": dev metrics of the start (None when resumed or ``eval_start`` is off),
+    "after": dev metrics of the exported (best) model, "best_step": ..., "steps": ...}``. The exported model is in ``workdir``.
     A workdir whose run finished returns its summary (``"finished_before": True``) without
     training again. A workdir whose run's saved config (its newest checkpoint's, else
     ``train_config.json``) differs from ``config`` in something that changes the run (loss,
@@ -135,9 +135,11 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         else:
             state = jax.jit(create, out_shardings=state_shards)(params)
             start = 0
-            before = evaluate(state.params)  # the EMA starts equal to the params: one evaluation
-            writer.write(0, before)
-            ckpt.save_best(0, state.params, select.at_start(before))  # the start competes for "best" too
+            before = None
+            if run.eval_start:
+                before = evaluate(state.params)  # the EMA starts equal to the params: one evaluation
+                writer.write(0, before)
+                ckpt.save_best(0, state.params, select.at_start(before))  # the start competes for "best" too
         del params  # the state holds them now (donated to every step)
         steps = {name: CompiledSteps(jit_train_step(enc_cfg, source.objective, tx, state_shards, frozen_shards, mesh,
                                                     teacher_shards=teacher_shards, ema_decay=run.optim.ema),
@@ -198,8 +200,11 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         export.save_trained(encoder, best_params, workdir, sentence_transformers=not st_problem,
                             peft_adapter=run.lora.save_peft, base_model=run.model.path)
     distributed.barrier("exported")  # every host evaluates the file process 0 wrote
-    with paths.local_copy(workdir) as exported:  # a gs:// workdir's export, downloaded
-        after = add_select_metric(run.select_metric, suite.run_all(evaluators, load_pretrained(exported)))
+    if run.eval_export:
+        with paths.local_copy(workdir) as exported:  # a gs:// workdir's export, downloaded
+            after = add_select_metric(run.select_metric, suite.run_all(evaluators, load_pretrained(exported)))
+    else:  # the exported params, evaluated in memory when they were selected
+        after = {k: v for k, v in best_metrics.items() if k != "selected_ema"}
     summary = {"before": before, "after": after, "best_step": best_step, "steps": total_steps,
                "best_at_selection": best_metrics}
     if jax.process_index() == 0:

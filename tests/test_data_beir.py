@@ -201,6 +201,25 @@ def test_a_resumed_pipeline_draws_what_the_straight_one_drew(beir, minilm, stop)
     assert len(q2) == 3 and q2 == [blake_int32(records.record_at(2, e, 3)["text_b"]) for e in range(3)]
 
 
+def test_training_order_is_what_the_pipeline_trains_on(beir, tmp_path, minilm):
+    """The untokenized order another trainer is fed (benchmarks/retrieval_finetune.py): step by
+    step and epoch after epoch, the records of the pipeline's global batches, whatever the host count."""
+    mined = tmp_path / "neg.jsonl"
+    write_hard_negatives(mined, ["q0", "q1", "q2"], [["d9", "d7"], ["d9", "d2"], ["d0", "d9"]])
+    records = read_beir_training(beir, "train", hard_negatives=mined, num_negatives=1)
+    order = P.training_order(records, global_batch_size=2, seed=4)
+    hosts = [P.train_pipeline(records, minilm.tokenizer, global_batch_size=2, seed=4,
+                              shard_options=grain.sharding.ShardOptions(shard_index=h, shard_count=2)) for h in (0, 1)]
+    for step in range(4):  # one batch an epoch: 4 epochs
+        items = order[step]
+        rows = [next(h) for h in hosts]
+        assert [i for i, _ in items] == [int(r.index[0]) for r in rows]
+        for (i, record), row in zip(items, rows):
+            assert record == records.record_at(i, step, 4)
+            assert int(row.b.hashes[0]) == blake_int32(record["text_b"])
+            assert int(row.n.hashes[0, 0]) == blake_int32(record["text_n"][0])
+
+
 def test_mine_beir_never_returns_a_judged_relevant_document(beir, tiny_model, tmp_path):
     import embedjax
     from embedjax.mine import mine_beir

@@ -450,15 +450,10 @@ def train_pipeline(
     if batches == 0:
         raise ValueError(f"{n} examples are fewer than the global batch of {global_batch_size}: "
                          "no full batch to train on")
-    if hasattr(source, "record_at"):  # records that draw (positives, negatives) anew each epoch
-        # grain passes the index in the repeated stream: i // n is the epoch, whatever the host count
-        ds = grain.MapDataset.range(n).map_with_index(lambda i, _: (i % n, source.record_at(i % n, i // n, seed)))
-    else:
-        ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
     # Global batch k is examples [k*B, (k+1)*B) of the epoch's permutation whatever the host
     # count; host h takes rows [h*B/c, (h+1)*B/c) of it (the h-th of every c consecutive
     # host-sized blocks). So 1 host and c hosts see the same global batches, step by step.
-    ds = ds.seed(seed).shuffle()[:batches * global_batch_size]
+    ds = _shuffled(source, seed)[:batches * global_batch_size]
     ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess,
                                                                      common_length, packing, prompts,
                                                                      include_prompt))
@@ -467,6 +462,29 @@ def train_pipeline(
                    f"epochs={num_epochs} fields={','.join(fields)}")
     return DataIterator(ds, batches_per_epoch=batches, num_epochs=num_epochs, fingerprint=fingerprint,
                         read_options=read_options)
+
+
+def _shuffled(source, seed: int) -> grain.MapDataset:
+    """``(record index, record)`` in the order of one epoch's permutation; an index past the
+    end continues into the next epoch's permutation (grain's repeat)."""
+    n = len(source)
+    if hasattr(source, "record_at"):  # records that draw (positives, negatives) anew each epoch
+        # grain passes the index in the repeated stream: i // n is the epoch, whatever the host count
+        ds = grain.MapDataset.range(n).map_with_index(lambda i, _: (i % n, source.record_at(i % n, i // n, seed)))
+    else:
+        ds = grain.MapDataset.source(source).map_with_index(lambda i, r: (i % n, r))
+    return ds.seed(seed).shuffle()
+
+
+def training_order(source, *, global_batch_size: int, seed: int) -> grain.MapDataset:
+    """The records ``train_pipeline(source, ..., global_batch_size, seed)`` trains on, untokenized:
+    element k is global step k's list of ``(record index, record)`` (every host's rows, in host
+    order), for every epoch. For feeding another trainer the very same batches (a benchmark)."""
+    batches = len(source) // global_batch_size
+    if batches == 0:
+        raise ValueError(f"{len(source)} examples are fewer than the global batch of {global_batch_size}")
+    ds = _shuffled(source, seed)[:batches * global_batch_size]
+    return ds.batch(global_batch_size, drop_remainder=True, batch_fn=list).repeat(None)
 
 
 def eval_pipeline(

@@ -1,0 +1,320 @@
+"""Retrieval fine-tuning side by side: sentence-transformers' MNRL, CachedMNRL and GISTEmbed vs embedjax's recipes.
+
+The same model (all-MiniLM-L6-v2, 128 tokens), the same records in the same order, batch, steps
+and learning-rate schedule: every trainer gets the batches ``configs/beir_ir.py`` trains on with
+that seed, SciFact and NFCorpus train (BEIR) with SciFact's mined hard negatives, one source per
+batch. The order is embedjax's own (``pipeline.training_order`` per source and
+``mixture.schedule`` per step); sentence-transformers is fed it through a batch sampler that
+replays it. Schedule: peak lr 2e-5 (the config's), 10% linear warmup, linear decay to 0, AdamW
+weight decay 0.01, gradient clipping at 1.0 (both sides). sentence-transformers losses: scale 20
+(GISTEmbed: temperature 0.05, the initial model as guide); CachedMNRL: mini-batches of 8.
+embedjax rows run the recipe's config (its loss options) with evaluation only at the end (the
+exported model is the last step's, like sentence-transformers' final weights).
+
+Every exported model, and the start, is scored with the same embedjax evaluators, 128 tokens:
+SciFact dev and NFCorpus dev nDCG@10 (full corpora), STS-B dev and SICK trial cosine Spearman.
+Each (method, seed) runs in its own subprocess, one after the other; its row is appended to
+``ROOT/results.jsonl`` and a rerun skips what is there (so a long benchmark can be resumed).
+
+    python benchmarks/retrieval_finetune.py                       # every method, seeds 0 1 2
+    python benchmarks/retrieval_finetune.py --methods st:mnrl beir_ir --seeds 0
+    python benchmarks/retrieval_finetune.py --table-only          # the table from what has run
+    RETRIEVAL_FINETUNE_SMOKE=4 python benchmarks/retrieval_finetune.py --root /tmp/rf --seeds 0   # a check
+
+Needs the mined negatives configs/beir_ir.py names (its docstring has the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("EMBEDJAX_DATA", ROOT.parent / "shared" / "data"))
+MAX_LENGTH = 128
+SMOKE_STEPS = int(os.environ.get("RETRIEVAL_FINETUNE_SMOKE", "0"))  # > 0: that many steps, STS scores only (a check of the script)
+SCORES = {  # column -> evaluator key
+    "scifact": "scifact_dev/ndcg@10", "nfcorpus": "nfcorpus_dev/ndcg@10",
+    "stsb": "stsb_dev/cosine_spearman", "sick": "sick_trial/cosine_spearman",
+}
+# name -> (config with variant, what it is)
+EMBEDJAX = {
+    "beir_ir": ("configs/beir_ir.py", "InfoNCE, scale 20, mined negatives, in-batch false negatives masked at s_pos + 0.1"),
+    "beir_ir:fn=none": ("configs/beir_ir.py:fn=none", "the same without false-negative masking (MNRL's loss + qrels masks)"),
+    "beir_ir:guide=1,fn=none": ("configs/beir_ir.py:guide=1,fn=none", "false negatives decided by the initial model (GISTEmbed)"),
+}
+ST = {
+    "st:mnrl": "MultipleNegativesRankingLoss (scale 20)",
+    "st:cmnrl": "CachedMultipleNegativesRankingLoss (scale 20, mini-batch 8)",
+    "st:gist": "GISTEmbedLoss (initial model as guide, temperature 0.05)",
+}
+
+
+# --------------------------------------------------------------------------- shared
+def recipe_config(spec: str, seed: int):
+    """The embedjax config of ``configs/<file>.py[:variant]`` with this seed, at 128 tokens."""
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_cfg", ROOT / path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    c = module.get_config(variant or None)
+    c.seed = seed
+    c.max_length = MAX_LENGTH
+    return c
+
+
+def score(path: str) -> dict[str, float]:
+    """Every column of the table for an exported model (the same evaluators for every trainer)."""
+    from embedjax import load_pretrained
+    from embedjax.eval import suite
+
+    evals = {
+        "scifact_dev": {"type": "retrieval", "path": str(DATA / "beir" / "scifact"), "split": "dev"},
+        "nfcorpus_dev": {"type": "retrieval", "path": str(DATA / "beir" / "nfcorpus"), "split": "dev"},
+        "stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"},
+        "sick_trial": {"type": "sts", "path": str(DATA / "sick" / "SICK_trial.txt"), "format": "sick"},
+    }
+    if SMOKE_STEPS:
+        evals = {k: v for k, v in evals.items() if v["type"] == "sts"}
+    metrics = suite.run_all(suite.from_config(evals), load_pretrained(path, max_length=MAX_LENGTH))
+    metrics = {k: metrics.get(k, float("nan")) for k in SCORES.values()}
+    out = {name: float(metrics[key]) for name, key in SCORES.items()}
+    for name in ("scifact", "nfcorpus"):
+        out[name] *= 100  # nDCG in points, like Spearman x100
+    out["ir_mean"] = (out["scifact"] + out["nfcorpus"]) / 2
+    return out
+
+
+def same_batches(seed: int) -> tuple[list[str], dict[str, list[dict]]]:
+    """What configs/beir_ir.py trains on with ``seed``: the source of every step and each
+    source's records in the order it is read (embedjax's own pipeline order)."""
+    from embedjax.data import pipeline
+    from embedjax.data.mixture import schedule
+    from embedjax.train import sources
+    from embedjax.train.config import TrainConfig
+
+    run = TrainConfig.from_config(recipe_config(EMBEDJAX["beir_ir"][0], seed))
+    names = sorted(run.sources)
+    weights = [run.sources[n].weight for n in names]
+    orders, sizes = {}, {}
+    for i, (name, spec) in enumerate(run.sources.items()):  # the i-th source shuffles with seed + i
+        records = sources.train_source(spec.data)
+        sizes[name] = len(records)
+        orders[name] = pipeline.training_order(records, global_batch_size=run.batch_size, seed=run.seed + i)
+    steps = SMOKE_STEPS or int(round(run.num_epochs * sum(pipeline.steps_per_epoch(n, run.batch_size)
+                                                           for n in sizes.values())))
+    taken = {n: 0 for n in names}
+    plan, rows = [], {n: [] for n in names}
+    for step in range(steps):
+        name = schedule(names, weights, run.mixture_mode, run.seed, step)
+        rows[name] += [record for _, record in orders[name][taken[name]]]
+        taken[name] += 1
+        plan.append(name)
+    return plan, rows
+
+
+# --------------------------------------------------------------------------- one run (in a subprocess)
+def run_st(method: str, seed: int, workdir: Path, batch_size: int) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    from datasets import Dataset, DatasetDict
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer import losses
+    from sentence_transformers.training_args import SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    from embedjax import hf
+
+    plan, rows = same_batches(seed)
+    names = list(rows)
+    datasets = {}
+    for name in names:
+        columns = {"anchor": [r["text_a"] for r in rows[name]], "positive": [r["text_b"] for r in rows[name]]}
+        if rows[name] and "text_n" in rows[name][0]:
+            k = len(rows[name][0]["text_n"])
+            for j in range(k):
+                columns[f"negative_{j}"] = [r["text_n"][j] for r in rows[name]]
+        datasets[name] = Dataset.from_dict(columns)
+    offsets = dict(zip(names, np.cumsum([0] + [len(datasets[n]) for n in names])[:-1].tolist()))
+
+    class Replay:
+        """The planned batches, in order: indices into the trainer's ConcatDataset of the sources."""
+
+        def __init__(self):
+            used = {n: 0 for n in names}
+            self.batches, self.served = [], 0
+            for name in plan:
+                start = offsets[name] + used[name]
+                self.batches.append(list(range(start, start + batch_size)))
+                used[name] += batch_size
+
+        def __iter__(self):
+            for batch in self.batches:
+                self.served += 1
+                yield batch
+
+        def __len__(self):
+            return len(self.batches)
+
+    replay = Replay()
+
+    class Trainer(SentenceTransformerTrainer):
+        def get_multi_dataset_batch_sampler(self, *args, **kwargs):
+            return replay
+
+    model = SentenceTransformer(hf.minilm_l6(), device="cpu")
+    model.max_seq_length = MAX_LENGTH
+    loss = {"st:mnrl": lambda: losses.MultipleNegativesRankingLoss(model, scale=20.0),
+            "st:cmnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=8),
+            "st:gist": lambda: losses.GISTEmbedLoss(model, SentenceTransformer(hf.minilm_l6(), device="cpu"),
+                                                    temperature=0.05)}[method]()
+    stamps: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    steps = len(plan)
+    targs = SentenceTransformerTrainingArguments(
+        output_dir=str(workdir / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=recipe_config(EMBEDJAX["beir_ir"][0], seed).optim.learning_rate,
+        warmup_steps=int(round(0.1 * steps)), lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0,
+        seed=seed, dataloader_drop_last=True, eval_strategy="no", save_strategy="no", report_to="none",
+        disable_tqdm=True, use_cpu=True)
+    t0 = time.perf_counter()
+    Trainer(model=model, args=targs, train_dataset=DatasetDict(datasets), loss=loss, callbacks=[Timer()]).train()
+    train_s = time.perf_counter() - t0
+    if replay.served != steps or len(stamps) != steps:
+        raise RuntimeError(f"the trainer took {replay.served} planned batches and ran {len(stamps)} steps, not {steps}")
+    model.save(str(workdir / "export"))
+    times = list(np.diff(stamps))[min(5, steps // 2):]  # the first steps warm up
+    return {"steps": steps, "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3),
+            **score(str(workdir / "export"))}
+
+
+def run_embedjax(method: str, seed: int, workdir: Path, batch_size: int) -> dict:
+    from embedjax.train.loop import train_and_evaluate
+
+    c = recipe_config(EMBEDJAX[method][0], seed)
+    c.batch_size = batch_size
+    c.log_every = 1  # every step's time in metrics.jsonl
+    c.eval_start, c.eval_export = False, False
+    c.eval_every = 10**9  # only after the last step: the export is the last step, as sentence-transformers'
+    c.num_steps = SMOKE_STEPS or None
+    c.checkpoint.every = 10**9
+    c.evals = {"stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"}}
+    c.select_metric = "stsb_dev/cosine_spearman"
+    t0 = time.perf_counter()
+    summary = train_and_evaluate(c, workdir / "export")
+    train_s = time.perf_counter() - t0
+    logged = [json.loads(line) for line in (workdir / "export" / "metrics.jsonl").read_text().splitlines()]
+    times = [c.batch_size / r["examples_per_s"] for r in logged if "examples_per_s" in r]
+    return {"steps": summary["steps"], "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3),
+            **score(str(workdir / "export"))}
+
+
+def run_one(method: str, seed: int, root: Path, batch_size: int) -> dict:
+    workdir = root / method.replace(":", "_").replace(",", "_").replace("=", "") / f"seed{seed}"
+    if workdir.exists():
+        import shutil
+
+        shutil.rmtree(workdir)  # an unfinished run starts over
+    workdir.mkdir(parents=True)
+    if method == "start":
+        from embedjax import hf
+
+        row = {"steps": 0, "train_s": 0.0, "step_s": None, **score(str(hf.minilm_l6()))}
+    elif method in ST:
+        row = run_st(method, seed, workdir, batch_size)
+    else:
+        row = run_embedjax(method, seed, workdir, batch_size)
+    return {"method": method, "seed": seed, **row}
+
+
+# --------------------------------------------------------------------------- table
+def load_rows(path: Path) -> list[dict]:
+    latest = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            latest[(row["method"], row["seed"])] = row  # a rerun replaces the older row
+    return list(latest.values())
+
+
+def table(rows: list[dict]) -> str:
+    columns = ("ir_mean", "scifact", "nfcorpus", "stsb", "sick")
+    lines = ["| method | seeds | " + " | ".join(f"{c} mean +- spread" for c in columns) + " | step s | train s |",
+             "|---|---|" + "---:|" * (len(columns) + 2)]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        cells = []
+        for c in columns:
+            values = [r[c] for r in mine]
+            cells.append(f"{statistics.fmean(values):.2f} +- {max(values) - min(values):.2f}")
+        step = [r["step_s"] for r in mine if r["step_s"] is not None]
+        step_cell = f"{statistics.median(step):.2f}" if step else "-"
+        train = statistics.fmean(r["train_s"] for r in mine)
+        lines.append(f"| {method} | {','.join(str(r['seed']) for r in mine)} | " + " | ".join(cells)
+                     + f" | {step_cell} | {train:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help=f"default: start and every method: {[*ST, *EMBEDJAX]}")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--root", default="workdirs/retrieval_finetune", help="workdirs and results.jsonl")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--_run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    results = root / "results.jsonl"
+    if args._run:
+        row = run_one(args._run[0], int(args._run[1]), root, args.batch_size)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        return
+    # the most telling first: a stopped benchmark still compares the two best-known recipes
+    methods = args.methods or ["start", "st:mnrl", "beir_ir", "st:gist", "beir_ir:guide=1,fn=none", "beir_ir:fn=none",
+                               "st:cmnrl"]
+    unknown = [m for m in methods if m not in ST and m not in EMBEDJAX and m != "start"]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; known: start, {[*ST, *EMBEDJAX]}")
+    if not args.table_only:
+        done = {(r["method"], r["seed"]) for r in load_rows(results)}
+        # seed-major: every method's seed 0 first, so a stopped benchmark has comparable rows
+        todo = [(m, s) for s in args.seeds for m in methods if (m, s) not in done and not (m == "start" and s != args.seeds[0])]
+        for method, seed in todo:
+            cmd = [sys.executable, __file__, "--_run", method, str(seed), "--root", str(root),
+                   "--batch-size", str(args.batch_size)]
+            print("$", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"machine: {machine()}")
+    print(table([r for r in load_rows(results) if r["method"] in methods]))
+
+
+def machine() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{os.cpu_count()} cores, {line.split(':', 1)[1].strip()}"
+    return f"{os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,7 @@ VARIANTS = [
     "mined_distill", "mined_distill:smoke", "mined_distill:kl", "mined_distill:infonce",
     "beir_ir", "beir_ir:smoke", "beir_ir:fn=none,guide=1,negatives=0,nf_negatives=2,all=1,positives=2,lr=1e-5,epochs=2",
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
+    "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1",
 ]
 
 
@@ -475,15 +476,16 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
     c = load(name)
     if name.startswith("mined_distill"):
         c.data.train = str(mined_file)  # the config's default path is what scripts/mine.py writes first
-    if name.startswith("beir_ir"):  # likewise the mined negatives: scripts/mine.py --beir writes them first
+    if name.startswith(("beir_ir", "ir_sts")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
         for entry in c.data.mixture.values():
             if entry.get("hard_negatives"):
                 entry.hard_negatives = str(mined_beir / Path(entry.hard_negatives).name)
+    sections = source_sections(c.data, c.objective)
     # "initial" (the run's own starting model) is the only teacher or guide a shipped config names
-    frozen = {c.objective.distill.teacher, c.objective.guide} - {None}
+    frozen = {x for _, o, _ in sections.values() for x in (o["distill"]["teacher"], o["guide"])} - {None}
     teacher = (encoders.load_teacher(INITIAL_TEACHER, None, ModelConfig.from_config(c))
                if frozen == {INITIAL_TEACHER} else None)
-    for data, objective_cfg, _ in source_sections(c.data, c.objective).values():
+    for data, objective_cfg, _ in sections.values():
         source = sources.train_source(DataConfig.from_config(data))
         fields, scores = pipeline.fields_of(source), sources.scores_of(source)
         assert (scores is None) == ("score" not in fields)

@@ -49,6 +49,9 @@ EMBEDJAX = {
     "beir_ir": ("configs/beir_ir.py", "InfoNCE, scale 20, mined negatives, in-batch false negatives masked at s_pos + 0.1"),
     "beir_ir:fn=none": ("configs/beir_ir.py:fn=none", "the same without false-negative masking (MNRL's loss + qrels masks)"),
     "beir_ir:guide=1,fn=none": ("configs/beir_ir.py:guide=1,fn=none", "false negatives decided by the initial model (GISTEmbed)"),
+    "beir_ir:anchor=10": ("configs/beir_ir.py:anchor=10", "beir_ir + every text anchored to the initial model (cosine, weight 10)"),
+    # not the same batches: the retrieval batches of beir_ir and STS-B train's between them
+    "ir_sts": ("configs/ir_sts.py", "retrieval + anchored STS-B AnglE (CoDiEmb); 280 steps, more data"),
 }
 ST = {
     "st:mnrl": "MultipleNegativesRankingLoss (scale 20)",

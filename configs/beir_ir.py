@@ -19,7 +19,8 @@ frozen initial model instead (GISTEmbed), ``negatives=K`` SciFact's mined negati
 and compressed scores, the 0.95 relative filter leaves most NFCorpus queries without a mined
 negative), ``all=1`` every sampled positive in the numerator, ``positives=M`` positives per query and step,
 ``lr=X``, ``epochs=E``, ``mined=DIR`` where the mined files are, ``start=1`` evaluates the start too,
-``smoke``.
+``anchor=W`` anchors every training text to the initial model (configs/stsb_anchored.py's cosine
+distillation, weight W), ``smoke``.
 """
 
 from configs import base
@@ -59,13 +60,17 @@ def retrieval_loss_kwargs(args: dict) -> dict:
 
 def get_config(arg: str | None = None):
     args = base.parse_arg(arg, allowed=("smoke", "fn", "guide", "negatives", "nf_negatives", "all", "positives", "lr",
-                                        "epochs", "mined", "start"))
+                                        "epochs", "mined", "start", "anchor"))
     c = base.base_config()
     c.objective.loss = "infonce"
     c.objective.loss_kwargs = retrieval_loss_kwargs(args)
     c.objective.dropout = False
     if args.get("guide"):
         c.objective.guide = "initial"
+    if args.get("anchor"):  # cosine distillation of every training text to the initial model (stsb_anchored's)
+        c.objective.distill.teacher = "initial"
+        c.objective.distill.loss = "cosine"
+        c.objective.distill.weight = float(args["anchor"])
     c.optim.learning_rate = float(args.get("lr", 2e-5))
     c.num_epochs = float(args.get("epochs", 1.0))
     c.data.kind = "beir"

@@ -36,7 +36,7 @@ VARIANTS = [
     "mined_distill", "mined_distill:smoke", "mined_distill:kl", "mined_distill:infonce",
     "beir_ir", "beir_ir:smoke", "beir_ir:fn=none,guide=1,negatives=0,nf_negatives=2,all=1,positives=2,lr=1e-5,epochs=2",
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
-    "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1",
+    "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1,anchor=10",
 ]
 
 

@@ -26,7 +26,6 @@ by size), ``anchor=W`` the anchor's weight (0: none), ``guide=1``, ``fn=M``/``no
 
 from configs import base, beir_ir, stsb_angle
 
-STS_SELECT = "stsb_dev/cosine_spearman"
 SELECT = "25*scifact_dev/ndcg@10 + 25*nfcorpus_dev/ndcg@10 + 0.5*stsb_dev/cosine_spearman"
 
 
@@ -37,7 +36,6 @@ def get_config(arg: str | None = None):
     if args.get("guide"):
         c.objective.guide = "initial"
     c.optim.learning_rate = float(args.get("lr", 2e-5))
-    c.max_length = 128
     sources = beir_ir.retrieval_sources(args)
     for source in sources.values():
         source["weight"] *= float(args.get("ir", 1.0))

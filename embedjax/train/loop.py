@@ -50,7 +50,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, callbacks: Sequenc
     """Fine-tunes ``config.model`` as configured; resumes from ``workdir`` when it has a checkpoint.
 
     Returns ``{"before": dev metrics of the start (None when resumed or ``eval_start`` is off),
-    "after": dev metrics of the exported (best) model, "best_step": ..., "steps": ...}``. The exported model is in ``workdir``.
+    "after": dev metrics of the exported (best) model, "best_step": ..., "steps": ...}``. The
+    exported model is in ``workdir``.
     A workdir whose run finished returns its summary (``"finished_before": True``) without
     training again. A workdir whose run's saved config (its newest checkpoint's, else
     ``train_config.json``) differs from ``config`` in something that changes the run (loss,

@@ -6,7 +6,7 @@ optimizer -> shardings (eval_shape) -> state created sharded, or resumed with th
 position -> one compiled step per source -> loop: host batch -> global batch (shapes agreed
 across hosts) -> step -> periodic callbacks (log + NaN guard, evaluation + best-k, checkpoint,
 the caller's) -> export the best params once (process 0), barrier -> final evaluation on
-every host.
+every host (of the exported files; with ``eval_export`` off, the best step's figures).
 
 Each builder lives next to what it builds (``embedjax.train``: ``config`` sections,
 ``encoders``, ``tasks``, ``state``, ``step``, ``selection``, ``metrics``, ``callbacks``,

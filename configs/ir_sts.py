@@ -10,7 +10,7 @@ the mean of the retrieval and STS dev metrics, both on a 0-100 scale:
 
 Every step draws one source by size (SciFact 692 queries, NFCorpus 2590, STS-B 5749 pairs: one
 epoch of each is 280 steps of 32) and trains with that source's loss: InfoNCE (scale 20, mined
-negatives for SciFact, qrels and the s_pos + 0.1 rule keeping false negatives out) on retrieval
+negatives for SciFact, qrels keeping judged-relevant documents out of the negatives) on retrieval
 batches, AnglE + the anchor on STS batches. The anchor (cosine to the initial model's embedding,
 weight 10) holds the model near its start on STS texts; the one frozen model of the run is also
 the guide with ``guide=1``.

@@ -97,15 +97,17 @@ def score(path: str) -> dict[str, float]:
     return out
 
 
-def same_batches(seed: int) -> tuple[list[str], dict[str, list[dict]]]:
-    """What configs/beir_ir.py trains on with ``seed``: the source of every step and each
-    source's records in the order it is read (embedjax's own pipeline order)."""
+def same_batches(seed: int, batch_size: int) -> tuple[list[str], dict[str, list[dict]]]:
+    """What configs/beir_ir.py trains on with ``seed`` and ``batch_size``: the source of every step
+    and each source's records in the order it is read (embedjax's own pipeline order)."""
     from embedjax.data import pipeline
     from embedjax.data.mixture import schedule
     from embedjax.train import sources
     from embedjax.train.config import TrainConfig
 
-    run = TrainConfig.from_config(recipe_config(EMBEDJAX["beir_ir"][0], seed))
+    c = recipe_config(EMBEDJAX["beir_ir"][0], seed)
+    c.batch_size = batch_size
+    run = TrainConfig.from_config(c)
     names = sorted(run.sources)
     weights = [run.sources[n].weight for n in names]
     orders, sizes = {}, {}
@@ -140,7 +142,7 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int) -> dict:
 
     from embedjax import hf
 
-    plan, rows = same_batches(seed)
+    plan, rows = same_batches(seed, batch_size)
     names = list(rows)
     datasets = {}
     for name in names:

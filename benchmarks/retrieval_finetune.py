@@ -311,7 +311,11 @@ def main() -> None:
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
     print(f"machine: {machine()}")
-    print(table([r for r in load_rows(results) if r["method"] in methods]))
+    rows = [r for r in load_rows(results) if r["method"] in methods]
+    print(table(rows))
+    legend = {"start": "all-MiniLM-L6-v2, not trained", **ST, **{m: what for m, (_, what) in EMBEDJAX.items()}}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        print(f"  {method}: {legend[method]}")
 
 
 def machine() -> str:

@@ -136,7 +136,6 @@ class RetrievalRecords(collections.abc.Sequence):
         record["relevant"] = tuple(int(h) for h in self.document_hashes[self.relevant[i]])
         return record
 
-
     def _random_negatives(self, i: int, k: int, rng) -> np.ndarray:
         """k corpus documents not relevant to query i, drawn uniformly (for a query without mined ones)."""
         relevant = set(self.relevant[i].tolist())

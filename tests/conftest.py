@@ -224,7 +224,7 @@ def tiny_model(tmp_path_factory, minilm_path) -> Path:
 
 @pytest.fixture(scope="session")
 def small_dev(tmp_path_factory, stsb_dir) -> Path:
-    """The first 199 pairs of STS-B dev."""
+    """The first 200 pairs of STS-B dev."""
     def write(d: Path) -> Path:
         path = d / "dev.csv"
         path.write_bytes(b"\n".join((stsb_dir / "sts-dev.csv").read_bytes().split(b"\n")[:200]) + b"\n")

@@ -16,13 +16,25 @@ def load(name):
     return module
 
 
-def test_eval_script_reports_the_zero_shot_spearman(minilm_path, stsb_dir, capsys):
-    results = load("eval").main([str(minilm_path), "--task", f"sts:{stsb_dir / 'sts-dev.csv'} metrics=cosine",
+def test_eval_script_reports_the_zero_shot_spearman(minilm_path, small_dev, stsb_dev_pairs, minilm_stsb_dev, capsys):
+    """On ``small_dev``, the first 200 STS-B dev pairs (the full set's 86.72 is test_model's): the grid's
+    full-model cell is scipy's Spearman of the session's MiniLM embeddings of those pairs (which
+    equal sentence-transformers', test_model) against the gold scores."""
+    from scipy.stats import spearmanr
+
+    from embedjax.data import read_stsb
+
+    results = load("eval").main([str(minilm_path), "--task", f"sts:{small_dev} metrics=cosine",
                                  "--dims", "384", "64", "--layers", "6", "2"])
-    assert abs(results["sts-dev/cosine_spearman@L6@384"] - 86.72) < 0.01
-    assert results["sts-dev/cosine_spearman@L2@64"] < results["sts-dev/cosine_spearman@L6@384"]
+    n = len(read_stsb(small_dev))
+    a, b = minilm_stsb_dev["a"][:n], minilm_stsb_dev["b"][:n]
+    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    want = 100 * spearmanr(cosine, [p.score for p in stsb_dev_pairs[:n]]).statistic
+    full = results["dev/cosine_spearman@L6@384"]
+    assert abs(full - want) < 0.01, (full, want)
+    assert results["dev/cosine_spearman@L2@64"] < full
     out = capsys.readouterr().out
-    assert "6 layers" in out and "86.72" in out  # the grid table
+    assert "6 layers" in out and f"{full:.2f}" in out  # the grid table
 
 
 def test_eval_script_runs_several_tasks_quantized_and_writes_json(tiny_model, small_dev, small_beir, sick_dir,

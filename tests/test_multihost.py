@@ -184,44 +184,24 @@ def launch(workdir: Path, config: str, overrides: dict, *, processes: int, kill_
     return out
 
 
-LAYOUTS = {
-    # packed batches (the default), AnglE on scored STS-B pairs
-    "packed": ("stsb_angle.py:smoke", {}),
-    # padded batches, InfoNCE with SICK contradiction hard negatives
-    "padded_hard_negatives": ("sick_simcse_sup.py:smoke", {"data.pack_length": 0, "evals.dev.format": "stsb"}),
-}
 TEXTS = ["A man is playing a flute.", "Two dogs run on the beach.", "A woman slices an onion.", ""]
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_two_processes_train_like_one_process(layout, tiny_model, small_dev, tmp_path, request):
-    config, extra = LAYOUTS[layout]
-    overrides = {"model": tiny_model, "num_steps": 8, "batch_size": 16, "log_every": 1, "eval_every": 4,
-                 "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3, **extra}
-    overrides["evals.dev.path"] = small_dev  # (padded: instead of SICK trial's 500 pairs)
-
-    def ok(results):
-        for rc, err in results:
-            assert rc == 0, err[-4000:]
-
-    if layout == "packed":
-        # The 1 process x 8 devices run of exactly these overrides is conftest's shared tiny_straight_run.
-        one = request.getfixturevalue("tiny_straight_run")
-        assert overrides == request.getfixturevalue("tiny_train_overrides") and config == "stsb_angle.py:smoke"
-    else:
-        one = tmp_path / "one"
-        ok(launch(one, config, overrides, processes=1))
-    # One two-process run: its whole curve and export must equal the one-process run's. The packed
-    # run is killed and resumed (steps 1-4 come from the first launch, 5-8 from the resumed one),
-    # which an uninterrupted run would only repeat; the padded run goes straight through (the
-    # resume of every host's data position is the same code for both layouts, and a third launch
-    # of the padded layout cost a minute of CI).
-    if layout == "packed":
-        killed = launch(tmp_path / "two", config, overrides, processes=2, kill_at=5)
-        assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 2, [err[-3000:] for _, err in killed]
-        data_files = sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("*/data/*.json"))
-        assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files  # each host's position
-    ok(launch(tmp_path / "two", config, overrides, processes=2))  # (packed: the same command resumes)
+def test_two_processes_train_like_one_and_resume_after_sigkill(tiny_train_overrides, tiny_straight_run, tmp_path):
+    """configs/stsb_angle.py:smoke (packed batches, AnglE on scored STS-B pairs) as 2 processes x 4
+    devices, both SIGKILLed after step 5 and resumed by the same command: its whole loss curve and
+    export equal the 1-process, 8-device run's (conftest's shared ``tiny_straight_run``, the same
+    overrides), which an uninterrupted two-process run would only repeat (steps 1-4 come from the
+    first launch, 5-8 from the resumed one). Padded batches with hard negatives across hosts: the
+    LLM recipe's two-host run (test_llm_train: SICK triplets, padded for GradCache); their
+    agreement on one global batch: test_agreed_host_batches_are_the_single_process_batch."""
+    config, overrides, one = "stsb_angle.py:smoke", tiny_train_overrides, tiny_straight_run
+    killed = launch(tmp_path / "two", config, overrides, processes=2, kill_at=5)
+    assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 2, [err[-3000:] for _, err in killed]
+    data_files = sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("*/data/*.json"))
+    assert "process_0-of-2.json" in data_files and "process_1-of-2.json" in data_files  # each host's position
+    for rc, err in launch(tmp_path / "two", config, overrides, processes=2):  # the same command resumes
+        assert rc == 0, err[-4000:]
 
     ref = loss_curve(one)
     assert sorted(ref) == list(range(1, 9)) and len(set(ref.values())) > 4  # a moving curve

@@ -284,20 +284,20 @@ def test_every_config_trains_a_step(name, tiny_model, tmp_path):
     data = DataConfig.from_config(c.data)
     packing = tasks.packing_for(data, objective)
     assert (packing is None) == bool(c.objective.gradcache_chunk)  # packed by default, as the loop does
-    for layout in {packing, None}:
-        it = pipeline.train_pipeline(sources.train_source(data), tok, global_batch_size=8, seed=0,
-                                     common_length=True, packing=layout)
-        batch = next(it).model_inputs()
-        token_ids = [s.ids for s in batch.sides.values() if s.ids is not None] + (
-            [batch.packed.ids] if batch.packed is not None else [])
-        assert len({ids.shape[1] for ids in token_ids}) == 1  # one common length
-        assert (batch.packed is not None) == (layout is not None)
-        state = TrainState.create(enc.params, tx, 0)
-        new_state, metrics = step(state, batch)
-        assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
-        moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-                             new_state.params, state.params)
-        assert max(jax.tree.leaves(moved)) > 0
+    # The layout the loop trains the config in (test_packing: each loss family's packed step equals its padded one).
+    it = pipeline.train_pipeline(sources.train_source(data), tok, global_batch_size=8, seed=0,
+                                 common_length=True, packing=packing)
+    batch = next(it).model_inputs()
+    token_ids = [s.ids for s in batch.sides.values() if s.ids is not None] + (
+        [batch.packed.ids] if batch.packed is not None else [])
+    assert len({ids.shape[1] for ids in token_ids}) == 1  # one common length
+    assert (batch.packed is not None) == (packing is not None)
+    state = TrainState.create(enc.params, tx, 0)
+    new_state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                         new_state.params, state.params)
+    assert max(jax.tree.leaves(moved)) > 0
 
 
 @pytest.mark.parametrize("layers,dims", [(None, ()), (None, (32, 16)), ("adaptive", (32, 16))])

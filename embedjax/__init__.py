@@ -7,9 +7,11 @@ Public API::
     z = embedjax.embed(enc.params, enc.cfg, ids, mask)            # the pure function
     loss = embedjax.losses.infonce(za, zb)                        # pure losses of embeddings
     s = embedjax.similarity.matrix(za, zb)                        # the shared similarity core
+    scores = embedjax.load_cross_encoder(path).predict([("a query", "a document")])  # cross-encoders
 """
 
 from embedjax import losses, pooling, similarity
+from embedjax.cross_model import CrossEncoder, load_cross_encoder, save_cross_encoder
 from embedjax.embed import embed
 from embedjax.encoders.bert import BertConfig
 from embedjax.export import save_pretrained
@@ -17,5 +19,5 @@ from embedjax.model import Encoder, load_pretrained
 
 __version__ = "0.1.0"
 
-__all__ = ["BertConfig", "Encoder", "embed", "load_pretrained", "losses", "pooling", "save_pretrained", "similarity",
-           "__version__"]
+__all__ = ["BertConfig", "CrossEncoder", "Encoder", "embed", "load_cross_encoder", "load_pretrained", "losses", "pooling",
+           "save_cross_encoder", "save_pretrained", "similarity", "__version__"]

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from embedjax import similarity as sim
+from embedjax.losses import rerank
 
 
 def _target(x):
@@ -118,14 +119,8 @@ def listwise_kl(q, p, n, teacher, *, scale=20.0, teacher_temperature=1.0, simila
     if t.shape != (b, m):
         raise ValueError(f"listwise_kl: teacher must be ({b}, {m}) scores [t(q,p), t(q,n_1..n_{m - 1})]; "
                          f"got {t.shape}")
-    if not teacher_temperature > 0:
-        raise ValueError(f"listwise_kl: teacher_temperature must be > 0, got {teacher_temperature}")
-    log_target = jax.nn.log_softmax(t / teacher_temperature, axis=-1)
-    log_pred = jax.nn.log_softmax(scale * _student_scores(q, cands, similarity), axis=-1)
-    target = jnp.exp(log_target)
-    # 0 * log 0 = 0: an excluded (-inf) candidate contributes nothing, not NaN.
-    terms = jnp.where(target > 0, target * (log_target - log_pred), 0.0)
-    return jnp.mean(jnp.sum(terms, axis=-1))
+    return rerank.listwise_kl(_student_scores(q, cands, similarity), t, scale=scale,
+                              teacher_temperature=teacher_temperature)
 
 
 def _check_same_width(name, student, teacher):

@@ -222,6 +222,30 @@ def tiny_model(tmp_path_factory, minilm_path) -> Path:
     return shared(tmp_path_factory, "tiny", lambda d: _write_tiny_model(d, minilm_path))
 
 
+def write_tiny_cross_encoder(d: Path, minilm_path: Path, num_labels: int = 1) -> Path:
+    """A random 2-layer ``BertForSequenceClassification`` (hidden 32; transformers' own init with
+    std 0.2, so logits are far from 0) with MiniLM's tokenizer."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(num_labels)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+                                     initializer_range=0.2)
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(d, safe_serialization=True)
+    for name in TINY_TOKENIZER_FILES:
+        shutil.copyfile(minilm_path / name, d / name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory, minilm_path) -> Path:
+    """``write_tiny_cross_encoder`` with one label, once per session."""
+    return shared(tmp_path_factory, "tiny_cross_encoder", lambda d: write_tiny_cross_encoder(d, minilm_path))
+
+
 @pytest.fixture(scope="session")
 def small_dev(tmp_path_factory, stsb_dir) -> Path:
     """The first 200 pairs of STS-B dev."""

@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file
 from sentence_transformers import CrossEncoder as STCrossEncoder
 
-from conftest import TINY_TOKENIZER_FILES
+from conftest import write_tiny_cross_encoder
 from embedjax import cross_encoder as ce
 from embedjax import sharding, tiny
 from embedjax.cross_model import load_cross_encoder, save_cross_encoder
@@ -31,20 +31,11 @@ PAIRS = [
 MAX_LENGTH = 32
 
 
-def _bert_classifier(d, minilm_path, num_labels):
-    torch.manual_seed(num_labels)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
-                                     initializer_range=0.2)  # logits far from 0: a real comparison
-    transformers.BertForSequenceClassification(config).eval().save_pretrained(d, safe_serialization=True)
-    for name in TINY_TOKENIZER_FILES:
-        shutil.copyfile(minilm_path / name, d / name)
-    return d
-
-
 @pytest.fixture(scope="module", params=[1, 3], ids=["one_label", "three_labels"])
 def bert_classifier(request, tmp_path_factory, minilm_path):
-    return _bert_classifier(tmp_path_factory.mktemp(f"bert{request.param}"), minilm_path, request.param)
+    if request.param == 1:
+        return request.getfixturevalue("tiny_cross_encoder")
+    return write_tiny_cross_encoder(tmp_path_factory.mktemp(f"bert{request.param}"), minilm_path, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -122,9 +113,8 @@ def test_decoder_cross_encoder_scores_the_last_token_like_pytorch(qwen3_classifi
 
 
 @pytest.mark.parametrize("which", ["bert", "qwen3"])
-def test_packed_pairs_score_as_padded_ones(which, request, minilm_path, tmp_path):
-    directory = (_bert_classifier(tmp_path, minilm_path, 1) if which == "bert"
-                 else request.getfixturevalue("qwen3_classifier"))
+def test_packed_pairs_score_as_padded_ones(which, request):
+    directory = request.getfixturevalue("tiny_cross_encoder" if which == "bert" else "qwen3_classifier")
     model = load_cross_encoder(directory, max_length=MAX_LENGTH)
     encodings = model.encode_pairs(PAIRS)
     if which == "bert":

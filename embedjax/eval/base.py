@@ -71,22 +71,28 @@ def encode(encoder, texts: Sequence[str], *, batch_size: int = 128, prompt: str 
     host encodes a strided share of the texts and the shares are gathered, so every host
     returns the same full array.
     """
-    import jax
-
-    from embedjax import distributed, sharding
+    from embedjax import sharding
 
     mesh = sharding.local_mesh() if mesh is None else mesh
-    texts = list(texts)
-    n_proc, me = jax.process_count(), jax.process_index()
     kw = dict(batch_size=batch_size, prompt=prompt, num_layers=num_layers, mesh=mesh, normalize=None)
+    return on_every_host(lambda share: encoder.encode(share, **kw), list(texts), filler="")
+
+
+def on_every_host(compute, items: list, *, filler) -> np.ndarray:
+    """``compute(items)``, split over the hosts: each computes a strided share (padded with
+    ``filler`` to equal shapes for the allgather) and every host returns the full array, rows in
+    the order of ``items``. One host: ``compute(items)``."""
+    import jax
+
+    from embedjax import distributed
+
+    n_proc, me = jax.process_count(), jax.process_index()
     if n_proc == 1:
-        return encoder.encode(texts, **kw)
-    share = texts[me::n_proc]
-    per_host = -(-len(texts) // n_proc)
-    mine = encoder.encode(share + [""] * (per_host - len(share)), **kw)  # equal shapes for the allgather
-    gathered = distributed.allgather(mine)  # (n_proc, per_host, D)
-    out = np.empty((len(texts), gathered.shape[-1]), np.float32)
+        return compute(items)
+    share = items[me::n_proc]
+    per_host = -(-len(items) // n_proc)
+    gathered = distributed.allgather(compute(share + [filler] * (per_host - len(share))))  # (n_proc, per_host, ...)
+    out = np.empty((len(items), *gathered.shape[2:]), gathered.dtype)
     for p in range(n_proc):
-        rows = len(texts[p::n_proc])
-        out[p::n_proc] = gathered[p, :rows]
+        out[p::n_proc] = gathered[p, : len(items[p::n_proc])]
     return out

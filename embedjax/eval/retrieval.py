@@ -158,14 +158,16 @@ class RetrievalEvaluator:
                   for s in tqdm(starts, desc=f"{self.name}: corpus chunks", disable=len(starts) < 2)]
         return {"queries": queries, "corpus": np.concatenate(chunks)}
 
-    def retrieve(self, embeddings: base.Embeddings, reference: base.Embeddings | None = None) -> list[list[str]]:
-        """Each scored query's ranked corpus ids (self-hits removed), ``max(k_values)`` deep at most."""
+    def retrieve(self, embeddings: base.Embeddings, reference: base.Embeddings | None = None, *,
+                 depth: int | None = None) -> list[list[str]]:
+        """Each scored query's ranked corpus ids (self-hits removed), ``depth`` (default
+        ``max(k_values)``) deep at most."""
         queries, corpus = base.as_scorable(embeddings["queries"]), base.as_scorable(embeddings["corpus"])
         n = len(corpus)
         if n != len(self.data.corpus_ids) or len(queries) != len(self.query_ids):
             raise ValueError(f"expected {len(self.query_ids)} query and {len(self.data.corpus_ids)} corpus embeddings, got "
                              f"{len(queries)} and {len(corpus)}")
-        depth = min(max(self.k_values), n)
+        depth = min(depth or max(self.k_values), n)
         wanted = min(depth + self._self_hits, n)  # one more: the query's own document may be dropped
         if base.is_binary(corpus):
             rescore = reference is not None and self.rescore_multiplier > 0

@@ -1,0 +1,119 @@
+"""Cross-encoder evaluation: STS pairs scored by a cross-encoder, and retrieval whose first
+stage's top-k a cross-encoder reranks.
+
+Both score pairs with ``CrossEncoder.predict`` on every local device (the batch's rows split
+over ``embedjax.sharding.local_mesh()``) and, on several hosts, a strided share per host
+(``base.on_every_host``), so every host reports the same figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from embedjax.eval import base, ranking_metrics
+from embedjax.eval.retrieval import RetrievalEvaluator
+
+
+def predict(cross_encoder, pairs: Sequence[tuple[str, str]], *, batch_size: int = 64) -> np.ndarray:
+    """``cross_encoder.predict(pairs)`` (activation applied) on every device and host; (N,) or (N, L)."""
+    from embedjax import sharding
+
+    mesh = sharding.local_mesh()
+    return base.on_every_host(lambda share: cross_encoder.predict(share, batch_size=batch_size, mesh=mesh),
+                              list(pairs), filler=("", ""))
+
+
+@dataclasses.dataclass
+class CrossEncoderSTSEvaluator:
+    """STS with a cross-encoder: Spearman and Pearson of its scores against the gold scores
+    (sentence-transformers' ``CrossEncoderCorrelationEvaluator``); keys ``spearman``, ``pearson``.
+
+    Args:
+      pairs: ``ScoredPair``s (e.g. ``embedjax.data.read_stsb``). name: prefix of every key.
+    """
+
+    pairs: Sequence
+    name: str = "sts"
+    batch_size: int = 64
+    main_metric: str = "spearman"
+
+    def __post_init__(self):
+        self.pairs = list(self.pairs)
+        if not self.pairs:
+            raise ValueError(f"CrossEncoderSTSEvaluator {self.name!r}: no pairs to evaluate")
+
+    def score(self, cross_encoder) -> dict[str, float]:
+        from scipy import stats
+
+        scores = predict(cross_encoder, [(p.text_a, p.text_b) for p in self.pairs], batch_size=self.batch_size)
+        if scores.ndim != 1:
+            raise ValueError(f"{self.name}: STS needs a one-logit cross-encoder, got {scores.shape[1]} labels")
+        gold = np.asarray([p.score for p in self.pairs], np.float64)
+        return {"spearman": float(stats.spearmanr(scores, gold)[0]), "pearson": float(stats.pearsonr(scores, gold)[0])}
+
+    def run(self, cross_encoder) -> Iterator[tuple[str, float]]:
+        yield from base.prefixed(self.name, self.score(cross_encoder))
+
+
+@dataclasses.dataclass
+class RerankEvaluator:
+    """Two-stage retrieval: ``first_stage``'s bi-encoder retrieves ``top_k`` documents per query,
+    the cross-encoder rescores (query, document) and reorders them.
+
+    ``run(encoder, cross_encoder)`` reports the first stage's keys as ``RetrievalEvaluator`` does
+    (``{name}/ndcg@10``, ...) and the reranked list's under ``{name}/rerank@{top_k}/`` (its
+    headline ``rerank@{top_k}/ndcg@10``); a cut-off beyond ``top_k`` sees only the reranked ``top_k``.
+    """
+
+    first_stage: RetrievalEvaluator
+    top_k: int = 100
+    batch_size: int = 64
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        self._texts = dict(zip(self.first_stage.data.corpus_ids, self.first_stage.data.corpus_texts))
+
+    @property
+    def name(self) -> str:
+        return self.first_stage.name
+
+    @property
+    def main_metric(self) -> str:
+        return f"rerank@{self.top_k}/{self.first_stage.main_metric}"
+
+    def rerank(self, ranked: Sequence[Sequence[str]], cross_encoder) -> list[list[str]]:
+        """Each query's candidates (corpus ids, best first) reordered by the cross-encoder's scores."""
+        queries = self.first_stage.query_texts
+        if len(ranked) != len(queries):
+            raise ValueError(f"expected candidates for {len(queries)} queries, got {len(ranked)}")
+        pairs = [(q, self._texts[d]) for q, ids in zip(queries, ranked) for d in ids]
+        scores = predict(cross_encoder, pairs, batch_size=self.batch_size)
+        if scores.ndim != 1:
+            raise ValueError(f"{self.name}: reranking needs a one-logit cross-encoder, got {scores.shape[1]} labels")
+        out, start = [], 0
+        for ids in ranked:
+            mine = scores[start:start + len(ids)]
+            start += len(ids)
+            out.append([ids[i] for i in np.argsort(-mine, kind="stable")])
+        return out
+
+    def score(self, encoder, cross_encoder) -> dict[str, float]:
+        stage = self.first_stage
+        ranked = stage.retrieve(stage.embed(encoder), depth=max(self.top_k, *stage.k_values))
+        ideal, n_relevant = ranking_metrics.ideal_relevance(stage._qrels)
+        depth = max(stage.k_values)
+
+        def metrics(lists):
+            rels = ranking_metrics.ranked_relevance(lists, stage._qrels, depth)
+            return ranking_metrics.retrieval_scores(rels, ideal, n_relevant, stage.k_values)
+
+        first = metrics([ids[:depth] for ids in ranked])
+        reranked = metrics(self.rerank([ids[: self.top_k] for ids in ranked], cross_encoder))
+        return {**first, **{f"rerank@{self.top_k}/{k}": v for k, v in reranked.items()}}
+
+    def run(self, encoder, cross_encoder) -> Iterator[tuple[str, float]]:
+        yield from base.prefixed(self.name, self.score(encoder, cross_encoder))

@@ -28,8 +28,9 @@ def predict(cross_encoder, pairs: Sequence[tuple[str, str]], *, batch_size: int 
 
 @dataclasses.dataclass
 class CrossEncoderSTSEvaluator:
-    """STS with a cross-encoder: Spearman and Pearson of its scores against the gold scores
-    (sentence-transformers' ``CrossEncoderCorrelationEvaluator``); keys ``spearman``, ``pearson``.
+    """STS with a cross-encoder: Spearman and Pearson (x100, as ``STSEvaluator``) of its scores
+    against the gold scores (sentence-transformers' ``CrossEncoderCorrelationEvaluator``, which
+    reports fractions); keys ``spearman``, ``pearson``.
 
     Args:
       pairs: ``ScoredPair``s (e.g. ``embedjax.data.read_stsb``). name: prefix of every key.
@@ -52,7 +53,8 @@ class CrossEncoderSTSEvaluator:
         if scores.ndim != 1:
             raise ValueError(f"{self.name}: STS needs a one-logit cross-encoder, got {scores.shape[1]} labels")
         gold = np.asarray([p.score for p in self.pairs], np.float64)
-        return {"spearman": float(stats.spearmanr(scores, gold)[0]), "pearson": float(stats.pearsonr(scores, gold)[0])}
+        return {"spearman": 100 * float(stats.spearmanr(scores, gold)[0]),
+                "pearson": 100 * float(stats.pearsonr(scores, gold)[0])}
 
     def run(self, cross_encoder) -> Iterator[tuple[str, float]]:
         yield from base.prefixed(self.name, self.score(cross_encoder))

@@ -30,6 +30,7 @@ TYPES = {
     "retrieval": "embedjax.eval.retrieval",
     "reranking": "embedjax.eval.reranking",
     "pair_classification": "embedjax.eval.pair_classification",
+    "csts": "embedjax.eval.csts",
 }
 WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
 

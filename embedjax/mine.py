@@ -375,6 +375,24 @@ def mine_hard_negatives(
     return records
 
 
+def cross_encoder_teacher(records: Sequence[Mapping], cross_encoder, *, batch_size: int = 64) -> list[dict]:
+    """The records with ``teacher`` rescored by a cross-encoder: ``[logit(q, p), logit(q, n_1), ...]``
+    (raw logits, no activation, as MarginMSE and listwise-KL distillation from a reranker use
+    them), the pairs scored on every local device. Records are ``mine_hard_negatives``'s."""
+    from embedjax import sharding
+
+    pairs = [(r["text_a"], text) for r in records for text in (r["text_b"], *r["text_n"])]
+    scores = cross_encoder.predict(pairs, batch_size=batch_size, activation=False, mesh=sharding.local_mesh())
+    if scores.ndim != 1:
+        raise ValueError(f"teacher scores need a one-logit cross-encoder, this one has {scores.shape[1]} labels")
+    out, start = [], 0
+    for r in records:
+        n = 1 + len(r["text_n"])
+        out.append({**r, "teacher": [float(x) for x in scores[start:start + n]]})
+        start += n
+    return out
+
+
 def mine_beir(
     encoder,
     directory,

@@ -19,7 +19,8 @@ false negatives (NV-Retriever, arXiv:2407.15831: --margin drops score > pos - ma
 (deterministic for a --seed). The corpus defaults to the distinct positives.
 
 Output (jsonl): one record per (query, positive): {"text_a", "text_b", "text_n": [...], "teacher":
-[score(q, p), score(q, n_1), ...]} (the model's scores, for distillation); with --flat one plain
+[score(q, p), score(q, n_1), ...]} (the model's scores, for distillation; with --cross_encoder DIR, that
+cross-encoder's logits: MarginMSE / listwise-KL targets from a reranker); with --flat one plain
 triplet {"text_a", "text_b", "text_n"} per negative (``kind=triplets``). Bad input is one line on
 stderr and exit status 2 (--debug: the traceback).
 """
@@ -66,6 +67,8 @@ _FLAT = flags.DEFINE_bool("flat", False, "one (query, positive, negative) triple
 _BATCH = flags.DEFINE_integer("batch_size", 128, "texts per forward pass")
 _QUERY_PROMPT = flags.DEFINE_string("query_prompt", None, "instruction prefixed to every query")
 _CORPUS_PROMPT = flags.DEFINE_string("corpus_prompt", None, "instruction prefixed to every candidate text")
+_CROSS = flags.DEFINE_string("cross_encoder", None, "--pairs: a cross-encoder checkpoint whose logits become the "
+                                                    "records' teacher scores (embedjax.load_cross_encoder)")
 _DEBUG = flags.DEFINE_bool("debug", False, "on an error, show the full traceback instead of one line")
 flags.mark_flags_as_required(["output"])
 
@@ -113,12 +116,19 @@ def main(argv) -> dict:
         raise ValueError("give one of --pairs (a file of query, positive pairs) or --beir (a BEIR directory)")
     if _BEIR.value is not None:
         return _mine_beir(options)
+    if _CROSS.value is not None and _FLAT.value:
+        raise ValueError("--cross_encoder writes teacher scores, which --flat triplets do not carry")
     queries, positives, corpus = _read_inputs()
+    cross_encoder = embedjax.load_cross_encoder(_CROSS.value) if _CROSS.value else None  # fails before mining
     encoder = embedjax.load_pretrained(_MODEL.value or hf.minilm_l6())
     stats = {}
     records = mine_hard_negatives(encoder, queries, positives, corpus, batch_size=_BATCH.value,
                                   query_prompt=_QUERY_PROMPT.value, corpus_prompt=_CORPUS_PROMPT.value,
                                   show_progress=None, stats=stats, **options)
+    if cross_encoder is not None:
+        from embedjax.mine import cross_encoder_teacher
+
+        records = cross_encoder_teacher(records, cross_encoder, batch_size=_BATCH.value)
     stats["lines"] = write_jsonl(records, _OUTPUT.value, flat=_FLAT.value)
     short = f"{stats['short']} queries short of {_NUM_NEG.value} negatives"
     print(f"{stats['queries']} queries, {stats['corpus']} corpus texts: {stats['negatives']} negatives written "
@@ -134,8 +144,9 @@ def _mine_beir(options) -> dict:
     from embedjax.data.retrieval_training import read_beir_training, write_hard_negatives
     from embedjax.mine import mine_beir
 
-    if _FLAT.value or _CORPUS.value or _QUERY_COL.value or _POSITIVE_COL.value:
-        raise ValueError("--flat, --corpus and the column flags are for --pairs; --beir reads the BEIR files")
+    if _FLAT.value or _CORPUS.value or _QUERY_COL.value or _POSITIVE_COL.value or _CROSS.value:
+        raise ValueError("--flat, --corpus, --cross_encoder and the column flags are for --pairs; --beir reads the "
+                         "BEIR files")
     read_beir_training(_BEIR.value, _SPLIT.value, min_grade=_MIN_GRADE.value)  # bad files fail before the model loads
     encoder = embedjax.load_pretrained(_MODEL.value or hf.minilm_l6())
     stats = {}

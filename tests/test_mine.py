@@ -186,7 +186,7 @@ CORPUS = ["the eiffel tower is in paris", "insects have six legs", "cooking past
           "café au lait is coffee with milk", "the sun is a star", "insects have six legs", "paris"]
 
 
-def test_text_mining_records_and_flat_triplets(tiny_model, tmp_path):
+def test_text_mining_records_and_flat_triplets(tiny_model, tiny_cross_encoder, tmp_path):
     import embedjax
     from embedjax import sharding
 
@@ -223,6 +223,18 @@ def test_text_mining_records_and_flat_triplets(tiny_model, tmp_path):
     assert n_lines == len(triplets) == sum(len(r["text_n"]) for r in records)
     assert triplets == [Triplet(r["text_a"], r["text_b"], n) for r in records for n in r["text_n"]]
 
+    # a cross-encoder's raw logits as the teacher: sentence-transformers' CrossEncoder without activation
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    rescored = mine.cross_encoder_teacher(records, embedjax.load_cross_encoder(tiny_cross_encoder), batch_size=3)
+    st = CrossEncoder(str(tiny_cross_encoder), device="cpu", activation_fn=torch.nn.Identity())
+    for r, new in zip(records, rescored):
+        assert {k: v for k, v in new.items() if k != "teacher"} == {k: v for k, v in r.items() if k != "teacher"}
+        want = st.predict([(r["text_a"], t) for t in [r["text_b"], *r["text_n"]]])
+        np.testing.assert_allclose(new["teacher"], want, atol=1e-5)
+        assert np.ptp(new["teacher"]) > 0.1
+
     default = mine.mine_hard_negatives(enc, QUERIES, POSITIVES, num_negatives=2)  # corpus = the positives
     assert all(len(r["text_n"]) == 2 and len(r["teacher"]) == 3 for r in default)
     pool = {p for ps in POSITIVES for p in ps}
@@ -256,6 +268,9 @@ def test_script_end_to_end_and_bad_input(tiny_model, tmp_path):
     assert len(triplets) == 8  # 4 (query, positive) pairs x 2 negatives
     assert "3 queries" in proc.stdout and "6 negatives written (8 lines" in proc.stdout, proc.stdout
     assert "0 queries short" in proc.stdout
+
+    proc = _run("--model", tiny_model, "--pairs", pairs, "--output", out, "--flat", "--cross_encoder", tiny_model)
+    assert proc.returncode == 2 and "--flat triplets do not carry" in proc.stderr, proc.stderr[-3000:]
 
     missing = tmp_path / "nope.tsv"
     proc = _run("--model", tiny_model, "--pairs", missing, "--output", out)

@@ -25,13 +25,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from embedjax import similarity as sim
+
 ACTIVATIONS = ("identity", "sigmoid")
 LAMBDA_WEIGHTINGS = ("none", "ndcg_loss1", "ndcg_loss2", "lambdarank", "ndcg_loss2pp")
 _EPS = 1e-10
 
 
 def _f32(x):
-    return jnp.asarray(x, jnp.float32)
+    return sim.as_float32(x)  # float32 or wider: float64 checks stay float64
 
 
 def _mask(logits, mask):
@@ -164,7 +166,7 @@ def lambda_loss(logits, labels, *, mask=None, weighting: str = "ndcg_loss2pp", k
     s = jnp.take_along_axis(logits, order, axis=-1)
     y = jnp.take_along_axis(jnp.where(mask, jnp.maximum(_f32(labels), 0.0), 0.0), order, axis=-1)
     real = jnp.take_along_axis(mask, order, axis=-1)
-    discounts = jnp.log2(2.0 + jnp.arange(c, dtype=jnp.float32))[None, :]
+    discounts = jnp.log2(2.0 + jnp.arange(c, dtype=logits.dtype))[None, :]
     ideal = -jnp.sort(-y, axis=-1)
     max_dcg = jnp.maximum(jnp.sum(((2.0 ** ideal - 1.0) / discounts)[:, :k], axis=-1), _EPS)
     gains = (2.0 ** y - 1.0) / max_dcg[:, None]

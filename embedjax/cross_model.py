@@ -49,6 +49,8 @@ class CrossEncoder:
     activation: str = "sigmoid"
     template: str | None = None
     path: Path | None = None
+    # params replicated on the mesh predict() was last given: placed once, not on every call
+    _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_labels(self) -> int:
@@ -75,7 +77,11 @@ class CrossEncoder:
         out = np.empty((len(encodings), self.num_labels), np.float32)
         params, place = self.params, np.asarray
         if mesh is not None:
-            params = jax.device_put(self.params, NamedSharding(mesh, P()))
+            key = (mesh, id(self.params))  # a new params tree (model.params = ...) is placed anew
+            if key not in self._placed:
+                self._placed.clear()  # one copy at a time; the source tree is kept so its id stays unique
+                self._placed[key] = (self.params, jax.device_put(self.params, NamedSharding(mesh, P())))
+            params = self._placed[key][1]
             rows_sharding = NamedSharding(mesh, P(mesh.axis_names))
             place = lambda x: jax.device_put(x, rows_sharding)  # noqa: E731
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")

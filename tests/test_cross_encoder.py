@@ -54,6 +54,43 @@ def qwen3_classifier(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def xlmr_classifier(tmp_path_factory):
+    """A tiny XLMRobertaForSequenceClassification (3 labels: the classifier.dense / out_proj head,
+    RoBERTa positions) with a BPE tokenizer that writes pairs as <s> a </s></s> b </s>, as bge-reranker's."""
+    from tokenizers import processors
+
+    tok = tiny.train_tokenizer([t for pair in PAIRS for t in pair] * 4, 300)
+    tok.add_special_tokens(["<s>", "</s>"])  # the pad token is tiny.PAD, id 1 as XLM-R's
+    cls, sep = ("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))
+    tok.post_processor = processors.RobertaProcessing(sep, cls)
+    d = tmp_path_factory.mktemp("xlmr_cls")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                                                         "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+                                                         "pad_token": tiny.PAD, "model_max_length": 128}))
+    torch.manual_seed(0)
+    config = transformers.XLMRobertaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=130,
+                                           type_vocab_size=1, pad_token_id=tok.token_to_id(tiny.PAD), num_labels=3,
+                                           initializer_range=0.2)
+    transformers.XLMRobertaForSequenceClassification(config).eval().save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def test_xlm_roberta_head_scores_like_pytorch_and_exports_its_layout(xlmr_classifier, tmp_path):
+    model = load_cross_encoder(xlmr_classifier, max_length=MAX_LENGTH)
+    assert model.head.kind == "first_token" and model.num_labels == 3
+    expected = torch_logits(xlmr_classifier, [a for a, _ in PAIRS], [b for _, b in PAIRS])
+    assert np.ptp(expected) > 0.5
+    np.testing.assert_allclose(model.predict(PAIRS, activation=False), expected, atol=1e-5, rtol=1e-5)
+    out = save_cross_encoder(model, tmp_path / "export")
+    _, info = transformers.AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    assert {"classifier.dense.weight", "classifier.out_proj.bias"} <= set(load_file(str(out / "model.safetensors")))
+    np.testing.assert_allclose(torch_logits(out, [a for a, _ in PAIRS], [b for _, b in PAIRS]), expected, atol=1e-5)
+
+
 def torch_logits(directory, texts_a, texts_b=None):
     tok = transformers.AutoTokenizer.from_pretrained(directory)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(directory).eval()

@@ -10,7 +10,6 @@ layout back, which ``sentence_transformers.CrossEncoder`` and transformers'
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -23,7 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import cross_encoder as ce
 from embedjax import hf, tokenize
-from embedjax.export import TOKENIZER_FILES
+from embedjax.export import TOKENIZER_FILES, _write_json
+from embedjax.model import _progress
 
 ACTIVATIONS = ("sigmoid", "identity")
 _ST_ACTIVATION = {"sigmoid": "torch.nn.modules.activation.Sigmoid", "identity": "torch.nn.modules.linear.Identity"}
@@ -85,11 +85,7 @@ class CrossEncoder:
             rows_sharding = NamedSharding(mesh, P(mesh.axis_names))
             place = lambda x: jax.device_put(x, rows_sharding)  # noqa: E731
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
-        starts = range(0, len(order), batch_size)
-        if show_progress or (show_progress is None and len(order) > 16 * batch_size):
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="score pairs", unit="batch", disable=None if show_progress is None else False)
+        starts = _progress(range(0, len(order), batch_size), len(order), batch_size, show_progress)
         pending = []
         for start in starts:
             chunk = order[start:start + batch_size]
@@ -142,12 +138,6 @@ def _activation_of(config: dict, num_labels: int) -> str:
                 return name
         raise ValueError(f"activation_fn {saved!r} is not supported; embedjax applies {ACTIVATIONS}")
     return "sigmoid" if num_labels == 1 else "identity"
-
-
-def _num_labels_of(config: dict) -> int | None:
-    if "id2label" in config:
-        return len(config["id2label"])
-    return config.get("num_labels")
 
 
 def load_cross_encoder(name_or_path: str | os.PathLike, *, num_labels: int | None = None, max_length: int | None = None,
@@ -244,6 +234,3 @@ def save_cross_encoder(model: CrossEncoder, directory: str | os.PathLike, *, par
                  "embedjax_version": version})
     return directory
 
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")

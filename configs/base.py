@@ -54,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     c.model = hf.minilm_l6()      # a checkpoint directory or hub id
+    # "bi_encoder" embeds each text alone; "cross_encoder" reads (text_a, text_b) together and a head
+    # scores the pair (a reranker; embedjax/train/cross_objective.py for its losses and batches)
+    c.model_kind = "bi_encoder"
+    c.num_labels = 1              # cross_encoder: logits per pair (> 1: classes, objective.loss="cross_entropy")
+    c.pair_template = placeholder(str)  # cross_encoder on decoders: "Query: {first}\nDocument: {second}"; None = tokenizer pairs
     c.pooling = placeholder(str)  # the run's one pooling mode (train, eval, export); None = the checkpoint's
     c.max_length = placeholder(int)  # tokens per text; None = the checkpoint's max_seq_length
     c.dtype = "float32"           # compute dtype ("bfloat16" on TPU/GPU); params stay float32
@@ -149,6 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
         "every_positive": False,  # kind=beir: True: every positive of the query each step (m = the largest count)
         "hard_negatives": placeholder(str),  # kind=beir: mined negatives (scripts/mine.py --beir); None = in-batch only
         "num_negatives": 0,       # kind=beir: mined negatives per query and step (drawn from its list each epoch)
+        "in_batch_negatives": 0,  # cross_encoder: each group also pairs its query with this many other rows' positives
         # This source's instructions, {"query": ..., "document": ...} ({} or a missing key: the run's
         # prompts); "{task}" in either (or in the run's) is replaced by data.task. In a mixture each
         # source has its own; they are exported as prompts "<source>-query" / "<source>-document".

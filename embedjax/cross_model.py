@@ -234,3 +234,15 @@ def save_cross_encoder(model: CrossEncoder, directory: str | os.PathLike, *, par
                  "embedjax_version": version})
     return directory
 
+
+
+def save_trained(model: CrossEncoder, params, directory: str | os.PathLike) -> None:
+    """A trained cross-encoder's export (a run's, into its workdir, local or ``gs://``): LoRA
+    adapters merged into the weights, written by ``save_cross_encoder``."""
+    from embedjax import lora, paths
+
+    cfg = model.cfg
+    if cfg.lora is not None:
+        params, cfg = lora.merge(params, cfg)
+    with paths.staged(directory) as local:
+        save_cross_encoder(dataclasses.replace(model, cfg=cfg), local, params=params)

@@ -50,7 +50,7 @@ def rules_for(cfg, name: str) -> tuple:
     if name == "fsdp":
         from embedjax.encoders import registry
 
-        return (*POOLER_RULES, *registry.of(cfg).sharding_rules)
+        return (*POOLER_RULES, (r"^head/", P()), *registry.of(cfg).sharding_rules)  # a cross-encoder's head: small
     raise ValueError(f"unknown sharding_rules {name!r}; choose 'fsdp' or 'replicated'")
 
 

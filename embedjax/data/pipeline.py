@@ -417,6 +417,7 @@ def train_pipeline(
     prompts: Mapping[str, str] | None = None,
     task: str | None = None,
     include_prompt: bool = True,
+    pairs=None,
 ) -> DataIterator:
     """Shuffled, sharded, repeated training batches of ``global_batch_size / host count`` rows.
 
@@ -440,6 +441,8 @@ def train_pipeline(
       include_prompt: False: pooling skips each prompt's tokens (``{side}_pool`` / ``p_pool``
         batch fields; ``embedjax.train.objective`` reads them), as ``Encoder.encode`` does
         with the encoder's own ``include_prompt=False``.
+      pairs: a ``cross_batches.PairFormat``: cross-encoder batches of candidate groups
+        (``cross_batches.collate_pairs``) instead of texts; prompts do not apply.
     """
     index, count = _shard(shard_options)
     rows = _host_batch(global_batch_size, count)
@@ -454,12 +457,18 @@ def train_pipeline(
     # count; host h takes rows [h*B/c, (h+1)*B/c) of it (the h-th of every c consecutive
     # host-sized blocks). So 1 host and c hosts see the same global batches, step by step.
     ds = _shuffled(source, seed)[:batches * global_batch_size]
-    ds = ds.batch(rows, drop_remainder=True, batch_fn=lambda items: collate(items, tokenizer, rows, fields, preprocess,
-                                                                     common_length, packing, prompts,
-                                                                     include_prompt))
+    if pairs is not None:
+        from embedjax.data.cross_batches import collate_pairs
+
+        batch_fn = lambda items: collate_pairs(items, tokenizer, rows, pair_format=pairs,  # noqa: E731
+                                               preprocess=preprocess, packing=packing)
+    else:
+        batch_fn = lambda items: collate(items, tokenizer, rows, fields, preprocess, common_length,  # noqa: E731
+                                         packing, prompts, include_prompt)
+    ds = ds.batch(rows, drop_remainder=True, batch_fn=batch_fn)
     ds = ds[index::count].repeat(num_epochs)
     fingerprint = (f"train n={n} seed={seed} shard={index}/{count} host_batch={rows} "
-                   f"epochs={num_epochs} fields={','.join(fields)}")
+                   f"epochs={num_epochs} fields={','.join(fields)}" + ("" if pairs is None else f" pairs={pairs}"))
     return DataIterator(ds, batches_per_epoch=batches, num_epochs=num_epochs, fingerprint=fingerprint,
                         read_options=read_options)
 

@@ -103,9 +103,18 @@ class RerankEvaluator:
             out.append([ids[i] for i in np.argsort(-mine, kind="stable")])
         return out
 
-    def score(self, encoder, cross_encoder) -> dict[str, float]:
+    def first_stage_ranking(self, encoder) -> list[list[str]]:
+        """Each query's first-stage candidates (corpus ids, best first), deep enough for ``top_k``
+        and every cut-off."""
         stage = self.first_stage
-        ranked = stage.retrieve(stage.embed(encoder), depth=max(self.top_k, *stage.k_values))
+        return stage.retrieve(stage.embed(encoder), depth=max(self.top_k, *stage.k_values))
+
+    def score(self, encoder, cross_encoder) -> dict[str, float]:
+        return self.score_ranking(self.first_stage_ranking(encoder), cross_encoder)
+
+    def score_ranking(self, ranked: Sequence[Sequence[str]], cross_encoder) -> dict[str, float]:
+        """The first stage's metrics of ``ranked`` and the reranked top ``top_k``'s (``score``)."""
+        stage = self.first_stage
         ideal, n_relevant = ranking_metrics.ideal_relevance(stage._qrels)
         depth = max(stage.k_values)
 
@@ -119,3 +128,69 @@ class RerankEvaluator:
 
     def run(self, encoder, cross_encoder) -> Iterator[tuple[str, float]]:
         yield from base.prefixed(self.name, self.score(encoder, cross_encoder))
+
+
+@dataclasses.dataclass
+class FixedFirstStageRerank:
+    """``RerankEvaluator`` whose first stage is a fixed bi-encoder (``first_stage_model``, a path or
+    hub id): its candidates are retrieved once, on the first run, and every later run (each
+    evaluation of a cross-encoder in training) only reranks them. ``run(cross_encoder)``."""
+
+    rerank: RerankEvaluator
+    first_stage_model: str
+    _ranked: list | None = dataclasses.field(default=None, init=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.rerank.name
+
+    @property
+    def main_metric(self) -> str:
+        return self.rerank.main_metric
+
+    def run(self, cross_encoder) -> Iterator[tuple[str, float]]:
+        if self._ranked is None:
+            from embedjax.model import load_pretrained
+
+            self._ranked = self.rerank.first_stage_ranking(load_pretrained(self.first_stage_model))
+        yield from base.prefixed(self.name, self.rerank.score_ranking(self._ranked, cross_encoder))
+
+
+STS_KEYS = ("path", "format", "batch_size")
+RERANK_KEYS = ("first_stage", "top_k", "batch_size")
+
+
+def sts_from_spec(name: str, spec) -> CrossEncoderSTSEvaluator:
+    """``{"type": "cross_sts", "path": FILE, "format": "stsb" | "sick" | "scored", "batch_size"?}``:
+    a cross-encoder scores the file's pairs (``CrossEncoderSTSEvaluator``)."""
+    from pathlib import Path
+
+    from embedjax.data import read_scored_pairs
+    from embedjax.data.sts_readers import read_sick_sts, read_stsb_sts
+    from embedjax.eval.retrieval import check_options
+
+    spec = dict(spec)
+    check_options(name, spec, STS_KEYS)
+    readers = {"stsb": read_stsb_sts, "sick": read_sick_sts, "scored": read_scored_pairs}
+    if spec.get("format") not in readers or "path" not in spec:
+        raise ValueError(f"needs 'path' and 'format' one of {tuple(readers)}, got {spec}")
+    pairs = readers[spec["format"]](Path(spec["path"]))
+    return CrossEncoderSTSEvaluator(pairs, name=name, **({"batch_size": spec["batch_size"]} if "batch_size" in spec
+                                                         else {}))
+
+
+def rerank_from_spec(name: str, spec) -> FixedFirstStageRerank:
+    """``{"type": "rerank", "path": BEIR_DIR, "split": "dev", "first_stage": BI_ENCODER, "top_k": 100,
+    **RetrievalEvaluator options}``: the cross-encoder reranks ``first_stage``'s top ``top_k``
+    (``FixedFirstStageRerank``); keys ``{name}/ndcg@10`` (first stage) and
+    ``{name}/rerank@{top_k}/ndcg@10``."""
+    from embedjax.eval import retrieval
+
+    spec = dict(spec)
+    if "first_stage" not in spec:
+        raise ValueError("needs 'first_stage': the bi-encoder (path or hub id) whose candidates are reranked")
+    first_stage = spec.pop("first_stage")
+    top_k = int(spec.pop("top_k", 100))
+    batch_size = int(spec.get("batch_size", 64))
+    stage = retrieval.from_spec(name, spec)
+    return FixedFirstStageRerank(RerankEvaluator(stage, top_k=top_k, batch_size=batch_size), str(first_stage))

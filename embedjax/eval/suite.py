@@ -31,7 +31,11 @@ TYPES = {
     "reranking": "embedjax.eval.reranking",
     "pair_classification": "embedjax.eval.pair_classification",
     "csts": "embedjax.eval.csts",
+    # a cross-encoder run's evaluators (they score a CrossEncoder, not an Encoder)
+    "cross_sts": "embedjax.eval.cross:sts_from_spec",
+    "rerank": "embedjax.eval.cross:rerank_from_spec",
 }
+CROSS_TYPES = ("cross_sts", "rerank")
 WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
 
 
@@ -56,7 +60,8 @@ def build(name: str, spec: Mapping[str, Any]) -> Evaluator:
     dims = tuple(int(d) for d in as_tuple(spec.pop("dims", ())))
     quantize = as_tuple(spec.pop("quantize", ()))
     try:
-        evaluator = importlib.import_module(TYPES[kind]).from_spec(name, spec)
+        module, _, function = TYPES[kind].partition(":")
+        evaluator = getattr(importlib.import_module(module), function or "from_spec")(name, spec)
     except (TypeError, ValueError, KeyError) as err:
         raise ValueError(f"evaluator {name!r} ({kind}): {err}") from None
     if quantize:
@@ -84,14 +89,25 @@ def from_config(evals: Mapping[str, Mapping[str, Any]]) -> list[Evaluator]:
     return out
 
 
-def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc_cfg) -> list[Evaluator]:
+def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc_cfg,
+                 cross_encoder: bool = False) -> list[Evaluator]:
     """A training run's evaluators (``config.evals``): an entry without its own ``batch_size`` takes
     ``batch_size`` (``eval_batch_size``); grid depths and widths are checked against the model
     now, not after the first evaluation, and the full depth / width (always a cell) is not
-    listed twice."""
+    listed twice. A ``cross_encoder`` run takes only the ``CROSS_TYPES``, a bi-encoder run none."""
     entries = {}
     for name, spec in evals.items():
         spec = dict(spec)
+        if (spec.get("type") in CROSS_TYPES) != cross_encoder:
+            allowed = CROSS_TYPES if cross_encoder else sorted(set(TYPES) - set(CROSS_TYPES))
+            raise ValueError(f"evals.{name}: type {spec.get('type')!r} cannot evaluate a "
+                             f"{'cross' if cross_encoder else 'bi'}-encoder run; use one of {tuple(allowed)}")
+        if cross_encoder:
+            if any(spec.get(k) for k in WRAPPER_KEYS[1:]):
+                raise ValueError(f"evals.{name}: layers / dims / quantize grids are for bi-encoders")
+            spec.setdefault("batch_size", batch_size)
+            entries[name] = spec
+            continue
         layers = [int(k) for k in as_tuple(spec.get("layers", ()))]
         dims = [int(d) for d in as_tuple(spec.get("dims", ()))]
         for k in layers:

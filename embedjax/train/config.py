@@ -42,6 +42,7 @@ ATTENTION = ("causal", "bidirectional")
 DECAYS = ("linear", "cosine", "constant")
 EMA_SELECT = ("best", "ema", "raw")
 SHARDING_RULES = ("replicated", "fsdp")
+MODEL_KINDS = ("bi_encoder", "cross_encoder")
 INITIAL_TEACHER = "initial"  # objective.distill.teacher: the run's own starting model, frozen
 
 
@@ -116,6 +117,13 @@ class ModelConfig:
     pooler_init: dict = dataclasses.field(default_factory=dict)
     prompts: dict = dataclasses.field(default_factory=dict)  # {"query": ..., "document": ...}, the set ones
     include_prompt: bool = True
+    kind: str = "bi_encoder"          # or "cross_encoder": a head scores (text_a, text_b) read together
+    num_labels: int = 1               # cross_encoder: logits per pair
+    pair_template: str | None = None  # cross_encoder on decoders: "...{first}...{second}..."; None: the tokenizer's pairs
+
+    @property
+    def cross_encoder(self) -> bool:
+        return self.kind == "cross_encoder"
 
     @classmethod
     def from_config(cls, config) -> ModelConfig:
@@ -134,7 +142,15 @@ class ModelConfig:
             raise ValueError(f"prompts has unknown keys {unknown}; it takes 'query' and 'document'")
         prompts = {side: text for side, text in (("query", config.prompts.query), ("document", config.prompts.document))
                    if text}
-        return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
+        kind = _choice(config.get("model_kind", "bi_encoder"), MODEL_KINDS, "model_kind")
+        cross = {}
+        if kind == "cross_encoder":
+            if prompts or config.pooling is not None:
+                raise ValueError("prompts and pooling apply to bi-encoders; a cross-encoder reads the pair whole "
+                                 "(decoders: pair_template)")
+            cross = dict(num_labels=_integer(config.get("num_labels", 1), "num_labels", minimum=1),
+                         pair_template=_optional(config.get("pair_template"), str, "pair_template"))
+        return cls(kind=kind, **cross,path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
                    max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
                    attention=_choice(config.attention, ATTENTION, "attention", optional=True),
                    pooler_init=dict(config.pooler_init or {}), prompts=prompts,
@@ -201,6 +217,7 @@ class DataConfig:
     buckets: tuple = (16, 32, 64, 128, 256)
     pack_length: int = 64                     # 0: pad each side instead of packing
     pack_rows_multiple: int = 2
+    in_batch_negatives: int = 0               # cross_encoder: other rows' positives added to each candidate group
 
     @classmethod
     def from_config(cls, data) -> DataConfig:
@@ -240,7 +257,9 @@ class DataConfig:
                    min_grade=_integer(data.get("min_grade", 1), "data.min_grade", minimum=1), positives=positives,
                    hard_negatives=hard_negatives, num_negatives=num_negatives, prompts=prompts, task=task,
                    pack_length=_integer(data["pack_length"], "data.pack_length", minimum=0),
-                   pack_rows_multiple=_integer(data["pack_rows_multiple"], "data.pack_rows_multiple", minimum=1))
+                   pack_rows_multiple=_integer(data["pack_rows_multiple"], "data.pack_rows_multiple", minimum=1),
+                   in_batch_negatives=_integer(data.get("in_batch_negatives", 0), "data.in_batch_negatives",
+                                               minimum=0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,25 +317,34 @@ def source_sections(data: Mapping[str, Any], objective: Mapping[str, Any]) -> di
     return out
 
 
-def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any]) -> dict[str, SourceConfig]:
+def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any], *, num_labels: int | None = None
+                  ) -> dict[str, SourceConfig]:
     """Every training source of a config, parsed: the one of ``data`` / ``objective``, or each
-    ``data.mixture`` entry over them (``source_sections``); an entry's errors name it."""
+    ``data.mixture`` entry over them (``source_sections``); an entry's errors name it. ``num_labels``: a
+    cross-encoder run's head width (its objectives are checked as cross-encoder losses)."""
     sections = source_sections(data, objective)
     if not data["mixture"]:
-        return {"train": _source("train", data, objective, 1.0)}
+        return {"train": _source("train", data, objective, 1.0, num_labels)}
     out = {}
     for name, (entry_data, entry_objective, weight) in sections.items():
         try:
-            out[name] = _source(name, entry_data, entry_objective, weight)
+            out[name] = _source(name, entry_data, entry_objective, weight, num_labels)
         except ValueError as err:
             raise ValueError(f"data.mixture.{name}: {err}") from None
     return out
 
 
-def _source(name: str, data: Mapping[str, Any], objective: Mapping[str, Any], weight: float) -> SourceConfig:
-    from embedjax.train.objective import Objective
+def _source(name: str, data: Mapping[str, Any], objective: Mapping[str, Any], weight: float,
+            num_labels: int | None = None) -> SourceConfig:
+    if num_labels is None:
+        from embedjax.train.objective import Objective
 
-    Objective.check_section(objective)
+        Objective.check_section(objective)
+    else:
+        from embedjax.cross_encoder import HeadSpec
+        from embedjax.train.cross_objective import CrossObjective
+
+        CrossObjective.from_config(objective, HeadSpec("first_token", num_labels))
     return SourceConfig(name, DataConfig.from_config(data), as_dict(objective), weight)
 
 
@@ -403,7 +431,9 @@ class TrainConfig:
     def from_config(cls, config) -> TrainConfig:
         """Every section of ``config`` (an ``ml_collections.ConfigDict`` or nested mapping with the
         keys of configs/base.py) parsed and checked; a ValueError names the key and what it takes."""
-        sources = parse_sources(config.data, config.objective)
+        model = ModelConfig.from_config(config)
+        sources = parse_sources(config.data, config.objective,
+                                num_labels=model.num_labels if model.cross_encoder else None)
         teachers = {s.teacher for s in sources.values()} - {None}
         if len(teachers) > 1:
             raise ValueError(f"one frozen model (distillation teacher / guide) per run; the sources name "
@@ -422,7 +452,7 @@ class TrainConfig:
         from embedjax.train.selection import parse_select_metric
 
         parse_select_metric(str(config.select_metric))  # its form, before any model loads
-        return cls(model=ModelConfig.from_config(config), lora=LoraConfig.from_config(config.lora), sources=sources,
+        return cls(model=model, lora=LoraConfig.from_config(config.lora), sources=sources,
                    mixture_mode=config.data.mixture_mode if config.data.mixture else None,
                    optim=OptimConfig.from_config(config.optim), seed=_integer(config.seed, "seed", minimum=0),
                    batch_size=_integer(config.batch_size, "batch_size", minimum=1),

@@ -45,11 +45,12 @@ def training_cfg(encoder: Encoder, model: ModelConfig):
 
 
 def split_trainable(params, adapters_only: bool):
-    """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters and the pooler's own
-    params (latent attention) train and the base is frozen; without, everything trains."""
+    """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters, the pooler's own
+    params (latent attention) and a cross-encoder's head train and the base is frozen; without,
+    everything trains."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
-    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith("pooler/")  # noqa: E731
+    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(("pooler/", "head/"))  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 
 
@@ -64,6 +65,15 @@ def trainable_params(lora_config: LoraConfig, encoder: Encoder, *, seed: int = 0
         params, cfg = lora.attach(params, cfg, lora_config.spec(), jax.random.key(seed + 1))
     trainable, frozen = split_trainable(params, cfg.lora is not None)
     return trainable, frozen, dataclasses.replace(encoder, params=params, cfg=cfg)
+
+
+def load_cross_model(model: ModelConfig, *, seed: int = 0):
+    """A cross-encoder run's starting model (``embedjax.cross_model.load_cross_encoder``): the
+    checkpoint's head, or a fresh one of ``model.num_labels`` logits seeded by ``seed``."""
+    from embedjax.cross_model import load_cross_encoder
+
+    return load_cross_encoder(model.path, num_labels=model.num_labels, max_length=model.max_length,
+                              template=model.pair_template, seed=seed)
 
 
 def load_teacher(name: str | None, student: Encoder, model: ModelConfig, *, seed: int = 0) -> Encoder | None:

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import lora, sharding
 from embedjax.train import memory
+from embedjax.train.cross_objective import CrossObjective, cross_batch_loss
 from embedjax.train.objective import Objective, batch_loss
 from embedjax.train.optim import ema_update
 from embedjax.train.state import TrainState
@@ -34,10 +35,11 @@ def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, 
     NaN guard reads them).
     """
     key = jax.random.fold_in(state.rng, state.step)
+    loss_fn = cross_batch_loss if isinstance(objective, CrossObjective) else batch_loss
 
     def loss_of(trainable):
         params = trainable if frozen is None else lora.combine(trainable, frozen)
-        return batch_loss(params, enc_cfg, objective, batch, key, teacher=teacher)
+        return loss_fn(params, enc_cfg, objective, batch, key, teacher=teacher)
 
     loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

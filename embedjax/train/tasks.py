@@ -86,7 +86,10 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
                  prompts: Mapping[str, str], mixture: bool = False) -> TrainingSource:
     """One ``TrainingSource``: records read and checked against its objective (errors name the
     mixture entry), and its batch iterator (seeded by ``seed``). ``prompts``: the run's
-    ``{"query", "document"}`` instructions (a source's own ``data.prompts`` win)."""
+    ``{"query", "document"}`` instructions (a source's own ``data.prompts`` win). A cross-encoder
+    (``embedjax.cross_model.CrossEncoder``) gets batches of candidate groups and a ``CrossObjective``."""
+    if hasattr(encoder, "head"):
+        return _cross_source(spec, encoder, batch_size=batch_size, seed=seed, mixture=mixture)
     objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher)  # the run's one pooling
     try:
         side_prompts = by_side(source_prompts(prompts, spec.data))
@@ -101,6 +104,28 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
                                        preprocess=str.lower if encoder.lowercase else None, common_length=True,
                                        packing=packing_for(spec.data, objective), prompts=side_prompts,
                                        include_prompt=encoder.include_prompt)
+    return TrainingSource(spec.name, spec.data, objective, records, iterator, spec.weight)
+
+
+def _cross_source(spec: SourceConfig, model, *, batch_size: int, seed: int, mixture: bool) -> TrainingSource:
+    from embedjax.data.cross_batches import PairFormat
+    from embedjax.train.cross_objective import CrossObjective, check_cross_data
+
+    try:
+        if spec.data.prompts or spec.data.task is not None:
+            raise ValueError("data.prompts / data.task apply to bi-encoders; a cross-encoder reads the pair whole")
+        objective = CrossObjective.from_config(spec.objective, model.head)
+        records = sources.train_source(spec.data)
+        check_cross_data(objective, pipeline.fields_of(records), sources.scores_of(records),
+                         spec.data.in_batch_negatives)
+        pairs = PairFormat(template=model.template, in_batch_negatives=spec.data.in_batch_negatives)
+    except ValueError as err:
+        if not mixture:
+            raise
+        raise ValueError(f"data.mixture.{spec.name}: {err}") from None
+    tokenizer = model.tokenizer.replace(buckets=spec.data.buckets)
+    iterator = pipeline.train_pipeline(records, tokenizer, global_batch_size=batch_size, seed=seed,
+                                       packing=packing_for(spec.data, objective), pairs=pairs)
     return TrainingSource(spec.name, spec.data, objective, records, iterator, spec.weight)
 
 

@@ -37,6 +37,7 @@ VARIANTS = [
     "beir_ir", "beir_ir:smoke", "beir_ir:fn=none,guide=1,negatives=0,nf_negatives=2,all=1,positives=2,lr=1e-5,epochs=2",
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
     "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1,anchor=10",
+    "stsb_cross_encoder", "stsb_cross_encoder:smoke", "stsb_cross_encoder:epochs=1,seed=2",
 ]
 
 
@@ -470,8 +471,10 @@ def mined_beir(tmp_path_factory, stsb_dir) -> Path:
 @pytest.mark.parametrize("name", [v for v in VARIANTS if "file=" not in v])
 def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined_file, mined_beir):
     """Every source of every shipped config (each mixture entry too) reads and suits its objective."""
+    from embedjax.cross_encoder import HeadSpec
     from embedjax.train import encoders
     from embedjax.train.config import INITIAL_TEACHER, DataConfig, ModelConfig, source_sections
+    from embedjax.train.cross_objective import CrossObjective, check_cross_data
 
     c = load(name)
     if name.startswith("mined_distill"):
@@ -486,9 +489,14 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
     teacher = (encoders.load_teacher(INITIAL_TEACHER, None, ModelConfig.from_config(c))
                if frozen == {INITIAL_TEACHER} else None)
     for data, objective_cfg, _ in sections.values():
-        source = sources.train_source(DataConfig.from_config(data))
+        data = DataConfig.from_config(data)
+        source = sources.train_source(data)
         fields, scores = pipeline.fields_of(source), sources.scores_of(source)
         assert (scores is None) == ("score" not in fields)
         if scores is not None:
             assert len(scores) == len(source) and np.isfinite(scores).all()
-        check_objective_data(Objective.from_config(objective_cfg, "mean", teacher=teacher), fields, scores)
+        if c.model_kind == "cross_encoder":
+            objective = CrossObjective.from_config(objective_cfg, HeadSpec("first_token", c.num_labels))
+            check_cross_data(objective, fields, scores, data.in_batch_negatives)
+        else:
+            check_objective_data(Objective.from_config(objective_cfg, "mean", teacher=teacher), fields, scores)

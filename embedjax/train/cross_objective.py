@@ -6,8 +6,8 @@ the batch, the head gives one logit per pair (or ``num_labels``), and the loss c
 group's logits with its labels or a teacher's scores. Groups are independent, so the loss over
 a batch sharded across devices is the same as on one device: nothing is gathered.
 
-``CROSS_LOSSES`` are the losses of ``embedjax.losses.rerank`` (docs/losses.md, "Cross-encoder
-losses") by config name; ``cross_entropy`` trains an n-class head on integer labels.
+``CROSS_LOSSES`` are the losses of ``embedjax.losses.rerank`` (docs/losses.md, section
+"Cross-encoder losses (`embedjax.losses.rerank`)") by config name; ``cross_entropy`` trains an n-class head on integer labels.
 """
 
 from __future__ import annotations

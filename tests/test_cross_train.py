@@ -1,0 +1,227 @@
+"""Cross-encoder training in the loop: candidate-group batches, the batch loss against
+transformers' logits and NumPy losses, exact resume after SIGKILL, 8 devices == 1 device, and
+the export scoring in sentence-transformers' CrossEncoder as it did in training."""
+
+import json
+import signal
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import embedjax
+from embedjax.cross_encoder import HeadSpec
+from embedjax.data import pipeline
+from embedjax.data.cross_batches import PairFormat, candidate_groups, collate_pairs
+from embedjax.train.cross_objective import CrossObjective, check_cross_data, cross_batch_loss
+from test_train import REPO, final_params, loss_curve, run_train
+
+pytestmark = pytest.mark.fast_compile
+
+TRIPLETS = [
+    {"text_a": "what do cats eat", "text_b": "Cats eat fish and mice.", "text_n": ("Dogs bark.", "The sky is blue.")},
+    {"text_a": "capital of france", "text_b": "Paris is the capital of France.",
+     "text_n": ("Berlin is in Germany.", "Cats eat fish and mice.")},
+    {"text_a": "how tall is everest", "text_b": "Everest is 8,849 metres high.",
+     "text_n": ("The Alps are in Europe.", "Paris is the capital of France.")},
+]
+
+
+def test_candidate_groups_label_and_mask_every_candidate():
+    records = [pipeline.as_record(r) for r in TRIPLETS]
+    records[1]["relevant"] = (pipeline.text_hash("Everest is 8,849 metres high."),)  # row 2's positive: relevant to row 1
+    groups = candidate_groups(records, [0, 1, 2], in_batch_negatives=2)
+    texts, labels, hashes = groups[1]
+    assert texts == ["Paris is the capital of France.", "Berlin is in Germany.", "Cats eat fish and mice.",
+                     "Everest is 8,849 metres high.", "Cats eat fish and mice."]  # rows 2 and 0's positives follow
+    assert labels == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert hashes[3] == 0 and hashes[4] == pipeline.text_hash("Cats eat fish and mice.")  # judged relevant: masked
+    # a row's own positive coming back as an in-batch negative is masked too
+    dup = [pipeline.as_record(r) for r in [TRIPLETS[0], {**TRIPLETS[0], "text_a": "cat food"}]]
+    assert candidate_groups(dup, [0, 1], in_batch_negatives=1)[0][2][-1] == 0
+    scored = [pipeline.as_record({"text_a": "a", "text_b": "b", "score": 3.5})]
+    assert candidate_groups(scored, [7]) == [(["b"], [3.5], [pipeline.text_hash("b")])]
+    with pytest.raises(ValueError, match="record 9 gives 2 candidates"):
+        candidate_groups([records[0], pipeline.as_record({"text_a": "q", "text_b": "d", "text_n": ("n",)})], [0, 9])
+    with pytest.raises(ValueError, match="needs more than 3 records"):
+        candidate_groups(records, [0, 1, 2], in_batch_negatives=3)
+
+
+def test_cross_data_checks_name_the_fix():
+    head = HeadSpec("first_token")
+    bce = CrossObjective("bce", head)
+    with pytest.raises(ValueError, match="label_range"):
+        check_cross_data(bce, ("text_a", "text_b", "score"), [0.0, 5.0])
+    with pytest.raises(ValueError, match="hard negatives"):
+        check_cross_data(CrossObjective("mnrl", head), ("text_a", "text_b"), None)
+    check_cross_data(CrossObjective("mnrl", head), ("text_a", "text_b"), None, in_batch_negatives=3)
+    with pytest.raises(ValueError, match="teacher scores"):
+        check_cross_data(CrossObjective("margin_mse", head), ("text_a", "text_b", "text_n"), None)
+    with pytest.raises(ValueError, match="bi-encoders"):
+        CrossObjective.from_config({**_objective_section("bce"), "matryoshka_dims": (8,)}, head)
+    with pytest.raises(ValueError, match="not a cross-encoder loss"):
+        CrossObjective.from_config(_objective_section("infonce"), head)
+
+
+def _objective_section(loss, **kwargs):
+    sys.path.insert(0, str(REPO))
+    from configs import base
+
+    section = base.base_config().objective.to_dict()
+    return {**section, "loss": loss, "loss_kwargs": kwargs}
+
+
+def _torch_logits(model_dir, records, in_batch_negatives=0):
+    """transformers' logits of every (query, candidate) pair, grouped as the batch groups them."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    groups = candidate_groups([pipeline.as_record(r) for r in records], list(range(len(records))), in_batch_negatives)
+    out = []
+    for record, (texts, _, _) in zip(records, groups):
+        enc = tok([record["text_a"]] * len(texts), texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            out.append(model(**enc).logits[:, 0].double().numpy())
+    return np.stack(out)
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cross_batch_loss_matches_transformers_logits_and_numpy_losses(tiny_cross_encoder, packed):
+    model = embedjax.load_cross_encoder(tiny_cross_encoder)
+    logits = _torch_logits(tiny_cross_encoder, TRIPLETS, in_batch_negatives=1)  # (3, 1 + 2 + 1)
+    labels = np.array([[1.0, 0, 0, 0]] * 3)
+    packing = pipeline.Packing(length=64) if packed else None
+    batch = collate_pairs(list(enumerate(TRIPLETS)), model.tokenizer, 3, packing=packing,
+                          pair_format=PairFormat(in_batch_negatives=1)).model_inputs()
+    mask = np.asarray(batch.a.hashes) != 0
+    assert mask.all()  # no in-batch negative here is a positive of its row
+    sigmoid = 1 / (1 + np.exp(-logits))
+    expected = {
+        "bce": -np.mean(labels * np.log(sigmoid) + (1 - labels) * np.log(1 - sigmoid)),
+        "mnrl": -np.mean(_log_softmax(10 * sigmoid)[:, 0]),  # sentence-transformers' CrossEncoder MNRL
+        "listnet": -np.mean(np.sum(np.exp(_log_softmax(labels)) * _log_softmax(logits), -1)),
+    }
+    kwargs = {"mnrl": {"activation": "sigmoid", "scale": 10.0}}
+    for loss, want in expected.items():
+        objective = CrossObjective(loss, model.head, loss_kwargs=tuple(sorted(kwargs.get(loss, {}).items())),
+                                   dropout=False)
+        got = cross_batch_loss(model.params, model.cfg, objective, batch, jax.random.key(0))
+        np.testing.assert_allclose(float(got), want, rtol=2e-5, err_msg=loss)
+
+
+def test_teacher_and_class_losses_read_their_fields(tiny_cross_encoder, minilm_path, tmp_path):
+    from conftest import write_tiny_cross_encoder
+
+    model = embedjax.load_cross_encoder(tiny_cross_encoder)
+    distill = [{**r, "teacher": (3.0, 1.0, -2.0)} for r in TRIPLETS]
+    batch = collate_pairs(list(enumerate(distill)), model.tokenizer, 3).model_inputs()
+    s = _torch_logits(tiny_cross_encoder, TRIPLETS)
+    t = np.array([3.0, 1.0, -2.0])
+    want = np.mean(((s[:, :1] - s[:, 1:]) - (t[:1] - t[1:])) ** 2)
+    got = cross_batch_loss(model.params, model.cfg, CrossObjective("margin_mse", model.head, dropout=False), batch,
+                           jax.random.key(0))
+    np.testing.assert_allclose(float(got), want, rtol=2e-5)
+    three = write_tiny_cross_encoder(tmp_path / "three", minilm_path, num_labels=3)
+    model3 = embedjax.load_cross_encoder(three)
+    nli = [{"text_a": r["text_a"], "text_b": r["text_b"], "score": float(i)} for i, r in enumerate(TRIPLETS)]
+    batch = collate_pairs(list(enumerate(nli)), model3.tokenizer, 3).model_inputs()
+    tok = transformers.AutoTokenizer.from_pretrained(three)
+    torch_model = transformers.AutoModelForSequenceClassification.from_pretrained(three).eval()
+    with torch.no_grad():
+        z = torch_model(**tok([r["text_a"] for r in nli], [r["text_b"] for r in nli], padding=True,
+                              return_tensors="pt")).logits.double().numpy()
+    want = -np.mean(_log_softmax(z)[np.arange(3), [0, 1, 2]])
+    got = cross_batch_loss(model3.params, model3.cfg, CrossObjective("cross_entropy", model3.head, dropout=False),
+                           batch, jax.random.key(0))
+    np.testing.assert_allclose(float(got), want, rtol=2e-5)
+
+
+def test_reranking_a_fixed_first_stage_retrieves_once(tiny_model, tiny_cross_encoder, small_beir, monkeypatch):
+    from embedjax import model as model_lib
+    from embedjax.eval import cross, suite
+
+    loads = []
+    real = model_lib.load_pretrained
+    monkeypatch.setattr(model_lib, "load_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    (evaluator,) = suite.for_training({"beir": {"type": "rerank", "path": str(small_beir), "split": "dev",
+                                                "first_stage": str(tiny_model), "top_k": 5}},
+                                      batch_size=32, enc_cfg=None, cross_encoder=True)
+    ce = embedjax.load_cross_encoder(tiny_cross_encoder)
+    first = dict(evaluator.run(ce))
+    again = dict(evaluator.run(ce))
+    assert len(loads) == 1 and first == again
+    assert {"beir/ndcg@10", "beir/rerank@5/ndcg@10", "beir/rerank@5/recall@100"} <= set(first)
+    # the same figures as the two-stage evaluator given the bi-encoder itself
+    stage = cross.RerankEvaluator(evaluator.rerank.first_stage, top_k=5)
+    assert stage.score(real(tiny_model), ce) == {k.removeprefix("beir/"): v for k, v in first.items()}
+    with pytest.raises(ValueError, match="cannot evaluate a cross-encoder run"):
+        suite.for_training({"dev": {"type": "sts", "path": "x", "format": "stsb"}}, batch_size=8, enc_cfg=None,
+                           cross_encoder=True)
+
+
+# ---------------------------------------------------------------------------- the loop, end to end
+
+
+@pytest.fixture(scope="module")
+def cross_overrides(tiny_cross_encoder, small_dev):
+    """configs/stsb_cross_encoder.py:smoke on the tiny cross-encoder: 8 steps of 16, a loss every
+    step, dev every 4 steps, a checkpoint every 2 (all kept)."""
+    return {"model": tiny_cross_encoder, "evals.dev.path": small_dev, "evals.sick_trial.path": small_dev,
+            "evals.sick_trial.format": "stsb", "num_steps": 8, "batch_size": 16, "log_every": 1, "eval_every": 4,
+            "checkpoint.every": 2, "checkpoint.keep": 10, "optim.learning_rate": 1e-3, "optim.warmup": 0,
+            "data.pack_rows_multiple": 8}
+
+
+@pytest.fixture(scope="module")
+def cross_run(cross_overrides, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cross") / "straight"
+    run_train(workdir, cross_overrides, config="stsb_cross_encoder.py:smoke")
+    return workdir
+
+
+def test_cross_encoder_resume_after_sigkill_is_bitwise_exact(cross_run, cross_overrides, tmp_path):
+    workdir = tmp_path / "killed"
+    killed = run_train(workdir, cross_overrides, check=False, kill_at=5, config="stsb_cross_encoder.py:smoke")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_train(workdir, cross_overrides, config="stsb_cross_encoder.py:smoke")
+    straight, resumed = loss_curve(cross_run), loss_curve(workdir)
+    assert sorted(straight) == sorted(resumed) == list(range(1, 9))
+    assert straight == resumed
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(final_params(cross_run, 8)),
+                            jax.tree.leaves(final_params(workdir, 8))):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_cross_encoder_eight_devices_give_the_one_device_loss_curve(cross_run, cross_overrides, tmp_path):
+    # packed rows in multiples of 8 on both: one layout, so dropout draws the same masks however sharded
+    one = tmp_path / "one"
+    run_train(one, {**cross_overrides, "checkpoint.every": 8, "eval_every": 8}, devices=1,
+              config="stsb_cross_encoder.py:smoke")
+    ref, curve = loss_curve(one), loss_curve(cross_run)
+    np.testing.assert_allclose([curve[s] for s in sorted(curve)], [ref[s] for s in sorted(ref)], rtol=2e-5)
+    assert len(set(ref.values())) > 4
+
+
+def test_cross_encoder_export_scores_the_same_in_sentence_transformers(cross_run, small_dev):
+    from sentence_transformers import CrossEncoder as STCrossEncoder
+
+    from embedjax.data import read_stsb
+    from embedjax.eval.cross import CrossEncoderSTSEvaluator
+
+    summary = json.loads((cross_run / "summary.json").read_text())
+    ours = embedjax.load_cross_encoder(cross_run)
+    pairs = read_stsb(small_dev)
+    texts = [(p.text_a, p.text_b) for p in pairs]
+    theirs = STCrossEncoder(str(cross_run)).predict(texts, batch_size=64)
+    np.testing.assert_allclose(ours.predict(texts), theirs, atol=1e-5)
+    # what the loop reported for the export is what the export scores
+    assert summary["after"]["dev/spearman"] == pytest.approx(dict(CrossEncoderSTSEvaluator(pairs, name="dev").run(ours))
+                                                             ["dev/spearman"], abs=1e-6)
+    assert summary["best_step"] in (0, 4, 8) and set(summary["after"]) >= {"dev/spearman", "sick_trial/pearson"}

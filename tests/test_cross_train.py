@@ -225,3 +225,41 @@ def test_cross_encoder_export_scores_the_same_in_sentence_transformers(cross_run
     assert summary["after"]["dev/spearman"] == pytest.approx(dict(CrossEncoderSTSEvaluator(pairs, name="dev").run(ours))
                                                              ["dev/spearman"], abs=1e-6)
     assert summary["best_step"] in (0, 4, 8) and set(summary["after"]) >= {"dev/spearman", "sick_trial/pearson"}
+
+
+def test_lora_decoder_reranker_trains_its_adapters_and_head_on_beir_groups(small_beir, tmp_path):
+    """A decoder reranker (last-token head, pair template) with LoRA, on BEIR records with in-batch
+    negatives: one real train step moves the adapters and the head, and nothing else trains."""
+    import functools
+
+    from embedjax import tiny
+    from embedjax.data.retrieval_training import read_beir_training
+    from embedjax.train import encoders, optim
+    from embedjax.train.config import LoraConfig
+    from embedjax.train.state import TrainState
+    from embedjax.train.step import train_step
+
+    records = read_beir_training(small_beir, "dev")
+    texts = [records[i]["text_a"] for i in range(len(records))] + [records[i]["text_b"] for i in range(len(records))]
+    base = tiny.write_random_checkpoint(tmp_path / "qwen3", "qwen3", texts=texts)
+    template = "Query: {first}\nDocument: {second}"
+    model = embedjax.load_cross_encoder(base, template=template)
+    assert model.head.kind == "last_token"
+    trainable, frozen, model = encoders.trainable_params(LoraConfig(rank=4), model)
+    trained_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)}
+    assert any("head" in p for p in trained_paths) and all("head" in p or "lora" in p for p in trained_paths)
+    it = pipeline.train_pipeline(records, model.tokenizer, global_batch_size=8, seed=0, packing=pipeline.Packing(64),
+                                 pairs=PairFormat(template=template, in_batch_negatives=3))
+    batch = next(it).model_inputs()
+    assert batch.a.text_index.shape == (8, 4) and batch.labels[:, 0].tolist() == [1.0] * 8
+    objective = CrossObjective("mnrl", model.head, loss_kwargs=(("activation", "sigmoid"), ("scale", 10.0)))
+    tx, _ = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-2, warmup=0, decay="constant", weight_decay=0.0,
+                                                   clip_norm=1.0, accumulate=1, b1=0.9, b2=0.999, eps=1e-6), 10)
+    step = jax.jit(functools.partial(train_step, enc_cfg=model.cfg, objective=objective, tx=tx))
+    state = TrainState.create(trainable, tx, 0)
+    new_state, metrics = step(state, batch, frozen)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    moved = {jax.tree_util.keystr(p): float(np.abs(np.asarray(a) - np.asarray(b)).max()) for (p, a), b in
+             zip(jax.tree_util.tree_leaves_with_path(new_state.params), jax.tree.leaves(state.params))}
+    # the head and every adapter's B move (A gets no gradient while B is still 0, as LoRA starts)
+    assert all(v > 0 for p, v in moved.items() if "head" in p or "lora_b" in p), moved

@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
         "skip_bad": False,        # skip (and count) malformed rows instead of stopping at the first
         # kind=beir: train is a BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv);
         # one record per query with all its relevant documents (embedjax/data/retrieval_training.py)
-        "split": "train",         # kind=beir: the qrels split to train on
+        "split": "train",         # kind=beir: the qrels split to train on; kind=csts: train | dev | all (carved by pair)
         "min_grade": 1,           # kind=beir: relevance >= min_grade is a positive (every grade > 0 is never a negative)
         "positives": 1,           # kind=beir: positives per query and step: 1 or m (drawn each epoch)
         "every_positive": False,  # kind=beir: True: every positive of the query each step (m = the largest count)

@@ -38,6 +38,7 @@ VARIANTS = [
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
     "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1,anchor=10",
     "stsb_cross_encoder", "stsb_cross_encoder:smoke", "stsb_cross_encoder:epochs=1,seed=2",
+    "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2",
 ]
 
 

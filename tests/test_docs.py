@@ -231,7 +231,7 @@ def test_every_evaluator_type_and_option_is_documented():
     assert "`grid`" in text and "`quantized`" in text and "MTEBEncoder" in text
     options = {"sts": sts.SPEC_KEYS, "retrieval": retrieval.OPTIONS, "reranking": reranking.OPTIONS,
                "pair_classification": pair_classification.SPEC_KEYS, "csts": csts.OPTIONS,
-               "cross_sts": cross.STS_KEYS, "rerank": cross.RERANK_KEYS, "wrappers": suite.WRAPPER_KEYS}
+               "cross_sts": cross.STS_KEYS, "cross_csts": cross.CSTS_KEYS, "rerank": cross.RERANK_KEYS, "wrappers": suite.WRAPPER_KEYS}
     assert set(options) - {"wrappers"} == set(suite.TYPES), "a new evaluator type: list its options here"
     undocumented = {kind: [k for k in keys if f"`{k}" not in text and f'"{k}"' not in text]
                     for kind, keys in options.items()}

@@ -157,6 +157,7 @@ class FixedFirstStageRerank:
 
 
 STS_KEYS = ("path", "format", "batch_size")
+CSTS_KEYS = ("path", "split", "dev_fraction", "seed", "template", "batch_size")
 RERANK_KEYS = ("first_stage", "top_k", "batch_size")
 
 
@@ -175,6 +176,20 @@ def sts_from_spec(name: str, spec) -> CrossEncoderSTSEvaluator:
     if spec.get("format") not in readers or "path" not in spec:
         raise ValueError(f"needs 'path' and 'format' one of {tuple(readers)}, got {spec}")
     pairs = readers[spec["format"]](Path(spec["path"]))
+    return CrossEncoderSTSEvaluator(pairs, name=name, **({"batch_size": spec["batch_size"]} if "batch_size" in spec
+                                                         else {}))
+
+
+def csts_from_spec(name: str, spec) -> CrossEncoderSTSEvaluator:
+    """``{"type": "cross_csts", "path": C-STS CSV, "split": "dev", ...}``: the pairs the ``csts``
+    evaluator scores (each sentence written with its condition, the same split carved by sentence
+    pair), scored by a cross-encoder that reads both together."""
+    from embedjax.data.csts import DEFAULT_TEMPLATE, conditioned_pairs
+    from embedjax.eval.csts import examples_of
+    from embedjax.eval.retrieval import check_options
+
+    check_options(name, spec, CSTS_KEYS)
+    pairs = conditioned_pairs(examples_of(spec), spec.get("template", DEFAULT_TEMPLATE))
     return CrossEncoderSTSEvaluator(pairs, name=name, **({"batch_size": spec["batch_size"]} if "batch_size" in spec
                                                          else {}))
 

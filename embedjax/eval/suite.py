@@ -33,9 +33,10 @@ TYPES = {
     "csts": "embedjax.eval.csts",
     # a cross-encoder run's evaluators (they score a CrossEncoder, not an Encoder)
     "cross_sts": "embedjax.eval.cross:sts_from_spec",
+    "cross_csts": "embedjax.eval.cross:csts_from_spec",
     "rerank": "embedjax.eval.cross:rerank_from_spec",
 }
-CROSS_TYPES = ("cross_sts", "rerank")
+CROSS_TYPES = ("cross_sts", "cross_csts", "rerank")
 WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
 
 

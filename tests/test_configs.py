@@ -38,6 +38,7 @@ VARIANTS = [
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
     "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1,anchor=10",
     "stsb_cross_encoder", "stsb_cross_encoder:smoke", "stsb_cross_encoder:epochs=1,seed=2",
+    "stsb_augsbert", "stsb_augsbert:smoke", "stsb_augsbert:silver=/tmp/silver.tsv",
     "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2",
 ]
 
@@ -479,7 +480,11 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
 
     c = load(name)
     if name.startswith("mined_distill"):
-        c.data.train = str(mined_file)  # the config's default path is what scripts/mine.py writes first
+        c.data.train = str(mined_file)
+    if name.startswith("stsb_augsbert"):  # scripts/augment.py writes it first: a few lines in its format
+        silver = mined_file.parent / "silver.tsv"
+        silver.write_text("A man plays a guitar.\tSomeone plays an instrument.\t3.9\nA cat.\tThe market fell.\t0.21\n")
+        c.data.train = str(silver)  # the config's default path is what scripts/mine.py writes first
     if name.startswith(("beir_ir", "ir_sts")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
         for entry in c.data.mixture.values():
             if entry.get("hard_negatives"):

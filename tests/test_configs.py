@@ -39,6 +39,7 @@ VARIANTS = [
     "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1,anchor=10",
     "stsb_cross_encoder", "stsb_cross_encoder:smoke", "stsb_cross_encoder:epochs=1,seed=2",
     "stsb_augsbert", "stsb_augsbert:smoke", "stsb_augsbert:silver=/tmp/silver.tsv",
+    "beir_reranker", "beir_reranker:smoke", "beir_reranker:loss=bce,in_batch=1,negatives=0,top_k=20,lr=1e-5,seed=1,epochs=2",
     "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2",
 ]
 
@@ -485,7 +486,7 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
         silver = mined_file.parent / "silver.tsv"
         silver.write_text("A man plays a guitar.\tSomeone plays an instrument.\t3.9\nA cat.\tThe market fell.\t0.21\n")
         c.data.train = str(silver)  # the config's default path is what scripts/mine.py writes first
-    if name.startswith(("beir_ir", "ir_sts")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
+    if name.startswith(("beir_ir", "ir_sts", "beir_reranker")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
         for entry in c.data.mixture.values():
             if entry.get("hard_negatives"):
                 entry.hard_negatives = str(mined_beir / Path(entry.hard_negatives).name)

@@ -1,0 +1,49 @@
+"""A reranker: all-MiniLM-L6-v2's backbone with a fresh one-logit head trained as a cross-encoder on
+SciFact + NFCorpus train (BEIR), then reranking all-MiniLM-L6-v2's top 100 on SciFact dev and
+NFCorpus dev; selected on the mean of the reranked nDCG@10 (one evaluation, after the last step).
+
+Each training query is a candidate group: its positive (one judged-relevant document, drawn anew
+each epoch), SciFact's mined hard negative (configs/beir_ir.py's file; its docstring has the
+``scripts/mine.py --beir`` command) and 3 other queries' positives from the same corpus, with
+every judged-relevant document masked; sentence-transformers' CrossEncoder
+MultipleNegativesRankingLoss (sigmoid scores x 10, softmax over the group). One source per batch,
+sampled by size, as configs/beir_ir.py.
+
+    python scripts/train.py --config configs/beir_reranker.py --workdir workdirs/beir_reranker
+
+Variants: ``:seed=N``, ``:lr=X``, ``:epochs=E``, ``:in_batch=K``, ``:negatives=K`` (SciFact's mined
+negatives per step), ``:loss=mnrl|bce|listnet|lambda``, ``:top_k=K``, ``:smoke``.
+"""
+
+from configs import base, beir_ir
+from embedjax import hf
+
+
+def get_config(arg: str | None = None):
+    args = base.parse_arg(arg, allowed=("seed", "lr", "epochs", "in_batch", "negatives", "loss", "top_k", "smoke"))
+    c = base.base_config()
+    c.model_kind = "cross_encoder"
+    c.seed = int(args.get("seed", 0))
+    c.max_length = 256  # query + abstract
+    loss = args.get("loss", "mnrl")
+    c.objective.loss = loss
+    c.objective.loss_kwargs = {"activation": "sigmoid", "scale": 10.0} if loss == "mnrl" else {}
+    c.optim.learning_rate = float(args.get("lr", 2e-5))
+    c.num_epochs = float(args.get("epochs", 1.0))
+    c.batch_size = 16
+    c.data.kind = "beir"
+    c.data.train = str(base.DATA / "beir" / "scifact")
+    c.data.mixture = beir_ir.retrieval_sources({"negatives": args.get("negatives", 1)})
+    c.data.mixture_mode = "sampled"
+    c.data.in_batch_negatives = int(args.get("in_batch", 3))
+    c.data.pack_length = 256
+    c.data.buckets = (64, 128, 192, 256, 384, 512)
+    top_k = int(args.get("top_k", 100))
+    c.evals = {name: {**spec, "type": "rerank", "first_stage": hf.minilm_l6(), "top_k": top_k}
+               for name, spec in beir_ir.RETRIEVAL_EVALS.items()}
+    c.select_metric = "+".join(f"{name}/rerank@{top_k}/ndcg@10" for name in beir_ir.RETRIEVAL_EVALS)
+    c.eval_every = 10_000  # one evaluation, after the last step (each reranks 44,100 pairs)
+    c.eval_start = False   # a fresh head ranks at random
+    c.eval_export = False
+    c.checkpoint.every = 50
+    return base.maybe_smoke(c, args)

@@ -263,3 +263,24 @@ def test_lora_decoder_reranker_trains_its_adapters_and_head_on_beir_groups(small
              zip(jax.tree_util.tree_leaves_with_path(new_state.params), jax.tree.leaves(state.params))}
     # the head and every adapter's B move (A gets no gradient while B is still 0, as LoRA starts)
     assert all(v > 0 for p, v in moved.items() if "head" in p or "lora_b" in p), moved
+
+
+def test_plan_sizes_a_decoder_reranker_step_by_its_candidate_groups():
+    """plan.step_memory on a cross-encoder config: the run's own step (head, LoRA, sharded), from a
+    config.json alone; a group of 8 pairs per query costs more than one pair."""
+    from embedjax.train import plan
+
+    sys.path.insert(0, str(REPO))
+    from configs import beir_reranker
+
+    qwen = {"model_type": "qwen3", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "max_position_embeddings": 512, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+    sizes = {}
+    for in_batch in (0, 7):
+        c = beir_reranker.get_config(f"in_batch={in_batch},negatives=0")
+        c.data.mixture = {}  # one source (plan reads the first)
+        c.lora.rank, c.max_length, c.mesh.data, c.mesh.fsdp = 4, 64, 4, 2
+        c.sharding_rules = "fsdp"
+        sizes[in_batch] = plan.step_memory(c, qwen).temporaries
+    assert 0 < sizes[0] < sizes[7]

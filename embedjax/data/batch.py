@@ -21,6 +21,10 @@ judged relevant to the row's query (retrieval records; 0 = no document), never i
 and two host-side fields the model never reads,
 ``valid`` (B,) False on padding rows and ``index`` (B,) each row's record index (-1: padding).
 
+A cross-encoder batch (``embedjax.data.cross_batches``) has one side, ``a``: the (query, candidate)
+pairs of each row's candidate group, lead ``(B, G)``, hashed by candidate (0: masked), with
+``labels`` ``(B, G)``.
+
 Every class is a registered pytree (absent fields are None, empty subtrees), so a batch goes
 through ``jax.jit``, ``jax.tree.map`` and ``sharding.to_global`` as one argument. What is
 specific to a field (how it pads when hosts agree on shapes, which fields an encoder reads)

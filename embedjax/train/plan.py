@@ -8,7 +8,8 @@ model's ``config.json`` alone (no weights downloaded, nothing allocated).
 Everything is abstract (``jax.ShapeDtypeStruct``) and goes through the run's own builders
 (``TrainConfig``, ``state.state_shardings``, ``step.jit_train_step``, ``encoders.split_trainable``,
 ``lora.attach``, ``Objective``, the optimizer), so the compiled program is the one the run would
-execute on its first batch of the longest length. ``benchmarks/llm_memory.py`` uses it for a Mistral-7B-shaped LoRA step
+execute on its first batch of the longest length. A cross-encoder config (``model_kind``) is
+planned on padded candidate groups of its size. ``benchmarks/llm_memory.py`` uses it for a Mistral-7B-shaped LoRA step
 on 8 simulated devices.
 """
 
@@ -21,11 +22,13 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from embedjax import cross_encoder as ce
 from embedjax import hf, lora, pooling as pooling_lib, sharding
 from embedjax.data.batch import Batch, Side
 from embedjax.encoders import registry
 from embedjax.train import encoders, memory, optim
 from embedjax.train.config import ModelConfig, TrainConfig
+from embedjax.train.cross_objective import CrossObjective
 from embedjax.train.objective import Objective
 from embedjax.train.state import TrainState, state_shardings
 from embedjax.train.step import jit_train_step
@@ -52,6 +55,14 @@ def abstract_batch(batch_size: int, length: int, *, negatives: bool, pool_mask: 
     return Batch(a=side(pool_mask), b=side(), n=side() if negatives else None)
 
 
+def abstract_pair_batch(batch_size: int, group: int, length: int) -> Batch:
+    """A cross-encoder's padded batch (``embedjax.data.cross_batches``): ``group`` pairs per row."""
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    pairs = Side(hashes=ints(batch_size, group), ids=ints(batch_size, group, length),
+                 mask=ints(batch_size, group, length), types=ints(batch_size, group, length))
+    return Batch(a=pairs, labels=jax.ShapeDtypeStruct((batch_size, group), jnp.float32))
+
+
 def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None, length: int | None = None,
                 negatives: bool | None = None, total_steps: int = 1000) -> memory.StepMemory:
     """Per-device memory of ``config``'s train step (``memory.StepMemory``).
@@ -73,13 +84,18 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     if model.attention:
         cfg = dataclasses.replace(cfg, attention=model.attention)
     params = _abstract_params(cfg, model)
+    head = None
+    if model.cross_encoder:
+        head = ce.HeadSpec(ce.head_kind_for(cfg), model.num_labels)
+        params = {**params, "head": jax.eval_shape(lambda k: ce.init_head(cfg, head, k), jax.random.key(0))}
     spec = run.lora.spec()
     if spec is not None:
         params = jax.eval_shape(lambda p: lora.attach(p, cfg, spec, jax.random.key(0))[0], params)
         cfg = dataclasses.replace(cfg, lora=spec)
     trainable, frozen = encoders.split_trainable(params, spec is not None)
     source = next(iter(run.sources.values()))  # a mixture's first source
-    objective = Objective.from_config(source.objective, model.pooling or "mean")
+    objective = (CrossObjective.from_config(source.objective, head) if head is not None
+                 else Objective.from_config(source.objective, model.pooling or "mean"))
     tx, _ = optim.make_optimizer(run.optim, total_steps - total_steps % run.optim.accumulate,
                                  no_decay=registry.of(cfg).no_decay)
     mesh = mesh or sharding.mesh_from_config(run.mesh)
@@ -90,8 +106,15 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shards)
     if negatives is None:
         negatives = source.data.kind in ("triplets", "sick_triplets")
-    batch = abstract_batch(run.batch_size, int(length or model.max_length or cfg.max_length), negatives=negatives,
-                           pool_mask=bool(model.prompts) and not model.include_prompt)
+    length = int(length or model.max_length or cfg.max_length)
+    if head is not None:  # a candidate group: the positive, its hard negatives, the in-batch ones
+        group = 1 + source.data.num_negatives * (source.data.kind == "beir") + int(negatives) + source.data.in_batch_negatives
+        batch = abstract_pair_batch(run.batch_size, group, length)
+        if objective.reads == "teacher":
+            batch = dataclasses.replace(batch, teacher=jax.ShapeDtypeStruct((run.batch_size, group), jnp.float32))
+    else:
+        batch = abstract_batch(run.batch_size, length, negatives=negatives,
+                               pool_mask=bool(model.prompts) and not model.include_prompt)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
                          batch)
     step = jit_train_step(cfg, objective, tx, state_shards, frozen_shards, mesh)

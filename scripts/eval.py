@@ -11,10 +11,11 @@ MODEL_OR_WORKDIR: a checkpoint directory or hub id, or a training workdir (its e
 the run finished; before that, its best checkpoint so far). Default: all-MiniLM-L6-v2.
 
 --task TYPE:PATH [key=value ...] (one quoted argument; repeatable). TYPE is sts, retrieval,
-reranking or pair_classification; PATH a file (STS, reranking jsonl, labelled pairs) or directory
+reranking, pair_classification or csts; or, for a cross-encoder MODEL, cross_sts, cross_csts or rerank
+("rerank:data/scifact split=dev first_stage=all-MiniLM-L6-v2 top_k=100"); PATH a file (STS, reranking jsonl, labelled pairs) or directory
 (BEIR: corpus.jsonl, queries.jsonl, qrels/<split>.tsv; SentEval STS12-16 layout). key=value pairs
 are the evaluator's options (embedjax/eval/<type>.py, ``from_spec``), values typed like config
-variants; ``name=...`` names the task (default: the file or directory name). An STS file's format
+variants; ``name=...`` names the task (default: the file or directory name). An STS (or cross_sts) file's format
 is inferred (a directory: senteval; a name with "sick": sick; else stsb) unless format= is given.
 Default task: sts on $EMBEDJAX_DATA/stsb/sts-dev.csv, else ../shared/data/stsb/sts-dev.csv beside
 the repository (as configs/base.py).
@@ -73,7 +74,7 @@ def parse_task(text: str) -> tuple[str, dict]:
             raise ValueError(f"--task {text!r}: option {option!r} is not key=value")
         spec[key] = value if key == "name" else _option_value(key, value)
     name = spec.pop("name", None) or Path(path.rstrip("/")).stem or kind
-    if kind == "sts" and "format" not in spec:
+    if kind in ("sts", "cross_sts") and "format" not in spec:
         p = Path(path)
         spec["format"] = "senteval" if p.is_dir() else "sick" if "sick" in p.name.lower() else "stsb"
     return name, spec
@@ -107,6 +108,18 @@ def default_grid(num_layers: int, width: int) -> tuple[list[int], list[int]]:
         dims.append(d)
         d //= 2
     return list(range(num_layers, 0, -1)), dims
+
+
+def load_cross_model(path: str):
+    """A ``CrossEncoder`` from a checkpoint / hub id or a finished cross-encoder run's workdir."""
+    import embedjax
+    from embedjax.train import encoders
+
+    p = Path(path)
+    if encoders.is_workdir(p) and not (p / "config.json").is_file():
+        raise ValueError(f"{p}: this cross-encoder run has not exported a model yet (its checkpoints are evaluated "
+                         "during training; the export appears when the run finishes)")
+    return embedjax.load_cross_encoder(path)
 
 
 def load_model(path: str):
@@ -151,9 +164,15 @@ def main(argv=None) -> dict:
         if quantize:
             spec["quantize"] = quantize
     evaluators = suite.from_config(tasks)  # reads every file: bad input fails before the model loads
-
-    encoder = load_model(model)
     grid = args.grid or args.layers or args.dims
+    cross = {spec["type"] in suite.CROSS_TYPES for spec in tasks.values()}
+    if len(cross) > 1:
+        raise ValueError(f"--task: {'/'.join(suite.CROSS_TYPES)} tasks score a cross-encoder and the others a "
+                         "bi-encoder: evaluate them in separate runs")
+    if cross == {True} and (grid or quantize):
+        raise ValueError("--grid / --layers / --dims / --quantize apply to bi-encoders, not to cross-encoder tasks")
+
+    encoder = load_cross_model(model) if cross == {True} else load_model(model)
     if grid:
         check_range("--dims", args.dims, encoder.dim, f"the model's width is {encoder.dim}")
         check_range("--layers", args.layers, encoder.cfg.num_layers, f"the model has {encoder.cfg.num_layers} layers")

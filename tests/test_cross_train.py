@@ -292,3 +292,18 @@ def test_plan_sizes_a_decoder_reranker_step_by_its_candidate_groups():
         c.sharding_rules = "fsdp"
         sizes[in_batch] = plan.step_memory(c, qwen).temporaries
     assert 0 < sizes[0] < sizes[7]
+
+
+def test_eval_cli_scores_a_cross_encoder(tiny_cross_encoder, small_dev, capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import eval as eval_cli
+
+    from embedjax.data import read_stsb
+    from embedjax.eval.cross import CrossEncoderSTSEvaluator
+
+    got = eval_cli.main([str(tiny_cross_encoder), "--task", f"cross_sts:{small_dev} name=dev"])
+    want = dict(CrossEncoderSTSEvaluator(read_stsb(small_dev), name="dev").run(
+        embedjax.load_cross_encoder(tiny_cross_encoder)))
+    assert got == pytest.approx(want, abs=1e-4) and "dev/spearman" in capsys.readouterr().out  # batch 128 vs 64
+    with pytest.raises(ValueError, match="separate runs"):
+        eval_cli.main([str(tiny_cross_encoder), "--task", f"cross_sts:{small_dev}", "--task", f"sts:{small_dev}"])

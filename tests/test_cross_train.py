@@ -307,3 +307,16 @@ def test_eval_cli_scores_a_cross_encoder(tiny_cross_encoder, small_dev, capsys):
     assert got == pytest.approx(want, abs=1e-4) and "dev/spearman" in capsys.readouterr().out  # batch 128 vs 64
     with pytest.raises(ValueError, match="separate runs"):
         eval_cli.main([str(tiny_cross_encoder), "--task", f"cross_sts:{small_dev}", "--task", f"sts:{small_dev}"])
+
+
+def test_mnrl_never_takes_a_second_positive_for_a_negative(tiny_cross_encoder):
+    model = embedjax.load_cross_encoder(tiny_cross_encoder)
+    two = [{**r, "text_b": (r["text_b"], r["text_n"][1])} for r in TRIPLETS]  # m = 2 positive slots
+    two = [{k: v for k, v in r.items() if k != "text_n"} | {"text_n": (r["text_n"][0],)} for r in two]
+    batch = collate_pairs(list(enumerate(two)), model.tokenizer, 3).model_inputs()
+    s = 1 / (1 + np.exp(-_torch_logits(tiny_cross_encoder, two)))  # columns: positive, positive, negative
+    want = -np.mean(_log_softmax(10 * s[:, [0, 2]])[:, 0])
+    objective = CrossObjective("mnrl", model.head, loss_kwargs=(("activation", "sigmoid"), ("scale", 10.0)),
+                               dropout=False)
+    np.testing.assert_allclose(float(cross_batch_loss(model.params, model.cfg, objective, batch, jax.random.key(0))),
+                               want, rtol=2e-5)

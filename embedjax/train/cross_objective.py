@@ -157,8 +157,9 @@ def cross_batch_loss(params, cfg, objective: CrossObjective, batch: Batch, key, 
     if reads == "teacher":
         k = batch.teacher.shape[-1]
         return fn(logits[:, :k], batch.teacher, mask=mask[:, :k], **kwargs)
-    if reads == "groups":
-        return fn(logits, mask=mask, **kwargs)
+    if reads == "groups":  # column 0 against the negatives: a query's other positives are never its negatives
+        other_positive = (batch.labels > 0) & (jnp.arange(logits.shape[-1]) > 0)
+        return fn(logits, mask=mask & ~other_positive, **kwargs)
     labels = batch.labels
     if objective.label_range is not None:
         lo, hi = objective.label_range

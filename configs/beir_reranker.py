@@ -37,6 +37,7 @@ def get_config(arg: str | None = None):
     c.data.mixture_mode = "sampled"
     c.data.in_batch_negatives = int(args.get("in_batch", 3))
     c.data.pack_length = 256
+    c.data.pack_rows_multiple = 16  # ~64-80 packed rows a batch: a few compiled shapes, not one per even count
     c.data.buckets = (64, 128, 192, 256, 384, 512)
     top_k = int(args.get("top_k", 100))
     c.evals = {name: {**spec, "type": "rerank", "first_stage": hf.minilm_l6(), "top_k": top_k}

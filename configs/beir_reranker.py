@@ -11,6 +11,10 @@ sampled by size, as configs/beir_ir.py.
 
     python scripts/train.py --config configs/beir_reranker.py --workdir workdirs/beir_reranker
 
+Cost: an accelerator job. On the 2-core CPU of benchmarks/README.md a step (16 groups of 4-5 pairs
+of up to 256 tokens, ~20k tokens forward and backward) took about 20 s while other work shared the
+CPU, so the 204 steps and the reranking of 44,100 (query, abstract) pairs take hours there.
+
 Variants: ``:seed=N``, ``:lr=X``, ``:epochs=E``, ``:in_batch=K``, ``:negatives=K`` (SciFact's mined
 negatives per step), ``:loss=mnrl|bce|listnet|lambda``, ``:top_k=K``, ``:smoke``.
 """

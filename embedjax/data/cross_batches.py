@@ -97,13 +97,12 @@ def candidate_groups(records: Sequence[dict], indices: Sequence[int], in_batch_n
 
 def collate_pairs(items: Sequence[tuple[int, Any]], tokenizer: Tokenizer, rows: int, *,
                   pair_format: PairFormat = PairFormat(), preprocess: Callable[[str], str] | None = None,
-                  packing: Packing | None = None, common_length: bool = True) -> Batch:
+                  packing: Packing | None = None) -> Batch:
     """(index, record) pairs -> one cross-encoder ``Batch`` of ``rows`` rows (module docstring).
 
-    ``preprocess`` (e.g. lower-casing) applies to both texts of a pair, not to the hashes;
-    ``common_length`` is accepted for symmetry with ``pipeline.collate`` (a group is one side).
+    ``preprocess`` (e.g. lower-casing) applies to both texts of a pair, not to the hashes. Every
+    pair of the batch is padded to one length (the bucket of the longest), or packed.
     """
-    del common_length  # every pair of a batch is on one side: one padded length already
     n = len(items)
     if n > rows:
         raise ValueError(f"{n} records do not fit in a batch of {rows} rows")

@@ -150,11 +150,11 @@ class ModelConfig:
                                  "(decoders: pair_template)")
             cross = dict(num_labels=_integer(config.get("num_labels", 1), "num_labels", minimum=1),
                          pair_template=_optional(config.get("pair_template"), str, "pair_template"))
-        return cls(kind=kind, **cross,path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
+        return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
                    max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
                    attention=_choice(config.attention, ATTENTION, "attention", optional=True),
                    pooler_init=dict(config.pooler_init or {}), prompts=prompts,
-                   include_prompt=bool(config.include_prompt), **rates)
+                   include_prompt=bool(config.include_prompt), kind=kind, **cross, **rates)
 
 
 def by_side(prompts: Mapping[str, str]) -> dict[str, str]:

@@ -108,7 +108,8 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
         negatives = source.data.kind in ("triplets", "sick_triplets")
     length = int(length or model.max_length or cfg.max_length)
     if head is not None:  # a candidate group: the positive, its hard negatives, the in-batch ones
-        group = 1 + source.data.num_negatives * (source.data.kind == "beir") + int(negatives) + source.data.in_batch_negatives
+        data = source.data
+        group = 1 + data.num_negatives * (data.kind == "beir") + int(negatives) + data.in_batch_negatives
         batch = abstract_pair_batch(run.batch_size, group, length)
         if objective.reads == "teacher":
             batch = dataclasses.replace(batch, teacher=jax.ShapeDtypeStruct((run.batch_size, group), jnp.float32))

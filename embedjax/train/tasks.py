@@ -88,7 +88,9 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
     mixture entry), and its batch iterator (seeded by ``seed``). ``prompts``: the run's
     ``{"query", "document"}`` instructions (a source's own ``data.prompts`` win). A cross-encoder
     (``embedjax.cross_model.CrossEncoder``) gets batches of candidate groups and a ``CrossObjective``."""
-    if hasattr(encoder, "head"):
+    from embedjax.cross_model import CrossEncoder
+
+    if isinstance(encoder, CrossEncoder):
         return _cross_source(spec, encoder, batch_size=batch_size, seed=seed, mixture=mixture)
     objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher)  # the run's one pooling
     try:

@@ -39,7 +39,7 @@ VARIANTS = [
     "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1,anchor=10",
     "stsb_cross_encoder", "stsb_cross_encoder:smoke", "stsb_cross_encoder:epochs=1,seed=2",
     "stsb_augsbert", "stsb_augsbert:smoke", "stsb_augsbert:silver=/tmp/silver.tsv",
-    "beir_reranker", "beir_reranker:smoke", "beir_reranker:loss=bce,in_batch=1,negatives=0,top_k=20,lr=1e-5,seed=1,epochs=2",
+    "beir_reranker", "beir_reranker:smoke", "beir_reranker:cpu,seed=2", "beir_reranker:loss=bce,in_batch=1,negatives=0,top_k=20,lr=1e-5,seed=1,epochs=2",
     "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2",
 ]
 

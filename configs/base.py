@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_kind = "bi_encoder"
     c.num_labels = 1              # cross_encoder: logits per pair (> 1: classes, objective.loss="cross_entropy")
     c.pair_template = placeholder(str)  # cross_encoder on decoders: "Query: {first}\nDocument: {second}"; None = tokenizer pairs
+    c.tri_head = "hadamard"       # tri_encoder (C-STS): how the condition conditions each sentence: hadamard | concat
     c.pooling = placeholder(str)  # the run's one pooling mode (train, eval, export); None = the checkpoint's
     c.max_length = placeholder(int)  # tokens per text; None = the checkpoint's max_seq_length
     c.dtype = "float32"           # compute dtype ("bfloat16" on TPU/GPU); params stay float32
@@ -155,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
         "hard_negatives": placeholder(str),  # kind=beir: mined negatives (scripts/mine.py --beir); None = in-batch only
         "num_negatives": 0,       # kind=beir: mined negatives per query and step (drawn from its list each epoch)
         "in_batch_negatives": 0,  # cross_encoder: each group also pairs its query with this many other rows' positives
+        # kind=csts: conditioned (scored pairs, each sentence with its condition) | tri (sentences and condition
+        # apart: model_kind=tri_encoder) | conditioned_quadruplets | tri_quadruplets (objective.loss=quadruplet)
+        "csts_records": "conditioned",
         # This source's instructions, {"query": ..., "document": ...} ({} or a missing key: the run's
         # prompts); "{task}" in either (or in the run's) is replaced by data.task. In a mixture each
         # source has its own; they are exported as prompts "<source>-query" / "<source>-document".

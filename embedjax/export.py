@@ -3,7 +3,8 @@
 The directory holds ``config.json`` + ``model.safetensors`` (loadable by transformers'
 ``AutoModel``), the tokenizer files, embedjax's record of how the encoder embeds
 (``embedjax_config.json``: pooling, normalize, include_prompt, the EOS the tokenizer appends,
-a trainable pooler's shape, with its params in ``pooler.safetensors``) and the
+a trainable pooler's shape, with its params in ``pooler.safetensors``; a C-STS tri-encoder's head
+kind, with its params in ``tri_head.safetensors``) and the
 sentence-transformers modules (Transformer, Pooling, [Dense], Normalize), so
 ``SentenceTransformer(dir)`` and ``embedjax.load_pretrained(dir)`` both give the
 encoder's embeddings, with no pooling argument needed on either side.
@@ -21,7 +22,7 @@ import jax
 from etils import epath
 from safetensors.numpy import save_file
 
-from embedjax import hf, paths
+from embedjax import hf, paths, tri_head
 from embedjax import pooling as pooling_lib
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ ST_POOLING = {
 _LEGACY_FLAG = {name: flag for flag, name in hf._ST_LEGACY_FLAGS.items()}
 _ST_MODULES = "sentence_transformers.models."
 # Files an earlier export to the same directory may have left that describe another model.
-STALE_FILES = (hf.POOLER_FILE, "modules.json")
+STALE_FILES = (*hf.EMBEDJAX_FILES, "modules.json")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -137,7 +138,8 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
     cfg = encoder.cfg
     tmp = directory / "model.safetensors.tmp"
     pooler = params.get("pooler") if encoder.pooling in pooling_lib.PARAMETRIC else None
-    backbone = {k: v for k, v in params.items() if k != "pooler"}
+    tri = params.get(tri_head.KEY)
+    backbone = {k: v for k, v in params.items() if k not in ("pooler", tri_head.KEY)}
     state = {**hf.unused_tensors(cfg, encoder.path), **hf.state_dict_from_params(backbone, cfg)}
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / "model.safetensors")  # atomic: never a half-written model file
@@ -149,6 +151,14 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
         pooler_record = {"pooler": pooling_lib.latent_attention_shape(pooler)}
     elif (directory / hf.POOLER_FILE).is_file():
         (directory / hf.POOLER_FILE).unlink()  # left by an earlier export of another pooling
+    tri_record = {}
+    if tri is not None:  # read by embedjax only: sentence-transformers loads the backbone, as a bi-encoder
+        tmp = directory / (hf.TRI_HEAD_FILE + ".tmp")
+        save_file(hf.flatten_params(jax.device_get(tri)), str(tmp), metadata={"format": "embedjax"})
+        tmp.replace(directory / hf.TRI_HEAD_FILE)
+        tri_record = {"tri_head": tri_head.kind_of(tri)}
+    elif (directory / hf.TRI_HEAD_FILE).is_file():
+        (directory / hf.TRI_HEAD_FILE).unlink()
     tokenizer = encoder.tokenizer
     eos = tokenizer.eos_token_id if getattr(tokenizer, "appends_eos", False) else None
     _write_json(directory / "config.json", {**cfg.to_hf(), "torch_dtype": "float32"})
@@ -161,7 +171,7 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
     version = __import__("embedjax").__version__
     _write_json(directory / hf.EMBEDJAX_CONFIG,
                 {"pooling": encoder.pooling, "normalize": normalize, "include_prompt": encoder.include_prompt,
-                 "append_eos_token_id": eos, **pooler_record,
+                 "append_eos_token_id": eos, **pooler_record, **tri_record,
                  **({"attention": cfg.attention} if hasattr(cfg, "attention") else {}),
                  "sentence_transformers": bool(sentence_transformers), "embedjax_version": version})
     _write_json(directory / "sentence_bert_config.json",

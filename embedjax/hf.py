@@ -83,8 +83,8 @@ def load_state_dict(directory: Path) -> dict[str, np.ndarray]:
         files = sorted(set(index["weight_map"].values()))
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
-    else:  # an exported pooler's params are not the backbone's
-        files = sorted(p.name for p in directory.glob("*.safetensors") if p.name != POOLER_FILE)
+    else:  # an exported pooler's or tri-encoder head's params are not the backbone's
+        files = sorted(p.name for p in directory.glob("*.safetensors") if p.name not in EMBEDJAX_FILES)
     if not files:
         found = sorted(p.name for p in directory.iterdir())
         raise CheckpointError(
@@ -113,7 +113,7 @@ def unused_tensors(cfg, source: str | os.PathLike | None) -> dict[str, np.ndarra
     directory = Path(source) if source is not None else None
     files = sorted(directory.glob("*.safetensors")) if directory is not None and directory.is_dir() else []
     for path in files:
-        if path.name == POOLER_FILE:
+        if path.name in EMBEDJAX_FILES:
             continue
         with safe_open(str(path), "numpy") as f:
             for key in f.keys():
@@ -164,6 +164,8 @@ _ST_LEGACY_FLAGS = {
 }
 EMBEDJAX_CONFIG = "embedjax_config.json"
 POOLER_FILE = "pooler.safetensors"  # a trainable pooler's params (latent attention), '/'-joined param paths
+TRI_HEAD_FILE = "tri_head.safetensors"  # a C-STS tri-encoder's head (embedjax.tri_head), likewise
+EMBEDJAX_FILES = (POOLER_FILE, TRI_HEAD_FILE)  # embedjax's own params beside a backbone: never the backbone's
 
 
 def _st_pooling_modes(cfg: dict) -> tuple:
@@ -274,6 +276,9 @@ def read_embedjax_config(directory: Path) -> dict:
     if record.get("pooling") in pooling_lib.PARAMETRIC and not isinstance(record.get("pooler"), dict):
         raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: pooling {record['pooling']!r} needs the pooler's "
                               "shape ('pooler': {...}) and its params in " + POOLER_FILE)
+    if record.get("tri_head") not in (None, "hadamard", "concat"):
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: tri_head must be 'hadamard' or 'concat', "
+                              f"got {record['tri_head']!r}")
     return record
 
 
@@ -299,6 +304,20 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> dict:
             node = node.setdefault(name, {})
         node[leaf] = value
     return tree
+
+
+def read_tri_head(directory: Path, record: dict) -> dict | None:
+    """A C-STS tri-encoder's head (``embedjax.tri_head``) an export saved (``tri_head.safetensors``),
+    or None when its ``embedjax_config.json`` records none."""
+    if record.get("tri_head") is None:
+        return None
+    path = directory / TRI_HEAD_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: a {record['tri_head']} tri-encoder head is recorded but {TRI_HEAD_FILE} "
+                              "is missing")
+    from safetensors.numpy import load_file
+
+    return unflatten_params(load_file(str(path)))
 
 
 def read_pooler(directory: Path, record: dict) -> dict | None:

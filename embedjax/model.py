@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from embedjax import hf, tokenize
 from embedjax.embed import embed_jit
 from embedjax import pooling as pooling_lib
+from embedjax import tri_head as tri_head_lib
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ def load_pretrained(
     append_eos: bool | None = None,
     pooler_init: Mapping[str, Any] | None = None,
     attention: str | None = None,
+    tri_head: str | None = None,
     seed: int = 0,
 ) -> Encoder:
     """Loads a Hugging Face / sentence-transformers checkpoint as an ``Encoder``.
@@ -218,6 +220,9 @@ def load_pretrained(
       pooler_init: with ``latent_attention`` pooling and no exported pooler in the checkpoint,
         ``pooling.init_latent_attention``'s keyword arguments for a fresh one (default: 512
         latents, 8 heads), initialised from ``seed``; an export's pooler is loaded instead.
+      tri_head: a C-STS tri-encoder's head (``embedjax.tri_head.KINDS``) as ``params["tri_head"]``:
+        the export's (``tri_head.safetensors``, loaded whenever the export has one), else a fresh
+        one seeded by ``seed``.
 
     ``Encoder.normalize`` (what ``encode`` does by default) and ``include_prompt``
     come from the same places: the embedjax record, else the sentence-transformers
@@ -244,6 +249,9 @@ def load_pretrained(
         tokenizer = tokenizer.replace(eos_token_id=eos)
     if pooling in pooling_lib.PARAMETRIC:
         params = {**params, "pooler": _pooler(directory, record, pooling, cfg.hidden_size, pooler_init, seed)}
+    head = _tri_head(directory, record, tri_head, cfg.hidden_size, seed)
+    if head is not None:
+        params = {**params, tri_head_lib.KEY: head}
     return Encoder(
         params=jax.device_put(params),
         cfg=cfg,
@@ -289,6 +297,17 @@ def _eos_to_append(directory: Path, tokenizer: tokenize.Tokenizer, record: dict,
                              "(config.json eos_token_id, tokenizer_config.json eos_token)")
         return None
     return eos
+
+
+def _tri_head(directory: Path, record: dict, kind: str | None, hidden: int, seed: int) -> dict | None:
+    saved = hf.read_tri_head(directory, record)
+    if saved is not None:
+        if kind is not None and kind != record["tri_head"]:
+            raise ValueError(f"{directory}: the export's tri-encoder head is {record['tri_head']!r}, not {kind!r}")
+        return jax.tree.map(jnp.asarray, saved)
+    if kind is None:
+        return None
+    return tri_head_lib.init(jax.random.fold_in(jax.random.key(seed), 3), hidden, kind)
 
 
 def _pooler(directory: Path, record: dict, pooling: str, hidden: int, pooler_init, seed: int) -> dict:

@@ -40,7 +40,8 @@ VARIANTS = [
     "stsb_cross_encoder", "stsb_cross_encoder:smoke", "stsb_cross_encoder:epochs=1,seed=2",
     "stsb_augsbert", "stsb_augsbert:smoke", "stsb_augsbert:silver=/tmp/silver.tsv",
     "beir_reranker", "beir_reranker:smoke", "beir_reranker:cpu,seed=2", "beir_reranker:loss=bce,in_batch=1,negatives=0,top_k=20,lr=1e-5,seed=1,epochs=2",
-    "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2",
+    "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2", "csts:family=tri",
+    "csts:family=tri,head=concat,loss=quadruplet,smoke", "csts:loss=quadruplet",
 ]
 
 
@@ -487,7 +488,7 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
         silver.write_text("A man plays a guitar.\tSomeone plays an instrument.\t3.9\nA cat.\tThe market fell.\t0.21\n")
         c.data.train = str(silver)  # the config's default path is what scripts/mine.py writes first
     if name.startswith(("beir_ir", "ir_sts", "beir_reranker")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
-        for entry in c.data.mixture.values():
+        for entry in (*c.data.mixture.values(), c.data):
             if entry.get("hard_negatives"):
                 entry.hard_negatives = str(mined_beir / Path(entry.hard_negatives).name)
     sections = source_sections(c.data, c.objective)
@@ -506,4 +507,6 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
             objective = CrossObjective.from_config(objective_cfg, HeadSpec("first_token", c.num_labels))
             check_cross_data(objective, fields, scores, data.in_batch_negatives)
         else:
-            check_objective_data(Objective.from_config(objective_cfg, "mean", teacher=teacher), fields, scores)
+            objective = Objective.from_config(objective_cfg, "mean", teacher=teacher,
+                                              tri_head=c.model_kind == "tri_encoder")
+            check_objective_data(objective, fields, scores)

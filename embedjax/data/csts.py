@@ -7,7 +7,8 @@ conditions with different scores. ``read_csts`` reads the CSV layout the task sh
 file:line errors; ``split_by_pair`` carves a dev split so that both conditions of a pair fall
 on the same side; ``conditioned_pairs`` turns the examples into scored text pairs, each
 sentence written with its condition (``template``), which the STS evaluators and losses take:
-the bi-encoder family of the paper.
+the bi-encoder family of the paper. ``training_records`` builds the other families' records: the
+tri-encoder's (sentences and condition apart) and the quadruplets of a pair's two conditions.
 """
 
 from __future__ import annotations
@@ -130,9 +131,77 @@ def split_by_pair(examples: Sequence[CSTSExample], *, dev_fraction: float = 0.1,
 def conditioned_pairs(examples: Sequence[CSTSExample], template: str = DEFAULT_TEMPLATE) -> list[ScoredPair]:
     """Each example as a ``ScoredPair`` of its two sentences written with the condition
     (``template.format(sentence=..., condition=...)``), scored by its label."""
+    _check_template(template)
+    return [ScoredPair(template.format(sentence=e.sentence1, condition=e.condition),
+                       template.format(sentence=e.sentence2, condition=e.condition), e.label) for e in examples]
+
+
+RECORDS = ("conditioned", "tri", "conditioned_quadruplets", "tri_quadruplets")
+
+
+def _check_template(template: str) -> None:
     try:
         template.format(sentence="", condition="")
     except (KeyError, IndexError) as err:
         raise ValueError(f"template {template!r} may only use the fields {{sentence}} and {{condition}}") from err
-    return [ScoredPair(template.format(sentence=e.sentence1, condition=e.condition),
-                       template.format(sentence=e.sentence2, condition=e.condition), e.label) for e in examples]
+
+
+def tri_records(examples: Sequence[CSTSExample]) -> list[dict]:
+    """The tri-encoder's training records: ``{text_a: sentence1, text_b: sentence2, text_n:
+    condition, score: label}`` (side n carries the condition; ``embedjax.tri_head``)."""
+    return [{"text_a": e.sentence1, "text_b": e.sentence2, "text_n": e.condition, "score": e.label} for e in examples]
+
+
+def condition_pairs(examples: Sequence[CSTSExample]) -> list[tuple[CSTSExample, CSTSExample]]:
+    """``(higher, lower)``: each sentence pair's two conditions, the higher-scored first (the
+    quadruplet objective's unit). Pairs whose conditions score alike, or that come with one
+    condition or more than two, are left out (counted in the log)."""
+    by_pair: dict[tuple[str, str], list[CSTSExample]] = {}
+    for e in examples:
+        by_pair.setdefault(_pair_key(e), []).append(e)
+    out, skipped = [], 0
+    for group in by_pair.values():
+        if len(group) != 2 or group[0].label == group[1].label:
+            skipped += 1
+            continue
+        high, low = sorted(group, key=lambda e: -e.label)
+        out.append((high, low))
+    if skipped:
+        log.info("C-STS condition pairs: %d sentence pairs kept, %d left out (not two conditions of different "
+                 "scores)", len(out), skipped)
+    return out
+
+
+def quadruplet_records(examples: Sequence[CSTSExample], *, separate: bool,
+                       template: str = DEFAULT_TEMPLATE) -> list[dict]:
+    """One record per sentence pair for ``objective.loss="quadruplet"`` (``condition_pairs``):
+    ``text_a`` / ``text_b`` the two sentences under the higher-scored condition, ``text_n`` the
+    lower-scored side. Conditioned (``separate=False``, the bi-encoder family): each text written
+    with its condition, ``text_n`` = (sentence1 | low, sentence2 | low). Separate (the tri-encoder):
+    the bare sentences, ``text_n`` = (condition high, condition low). Sentences are taken from the
+    higher-scored row (the two rows of a pair may list them in either order)."""
+    _check_template(template)
+    records = []
+    for high, low in condition_pairs(examples):
+        s1, s2 = high.sentence1, high.sentence2
+        if separate:
+            records.append({"text_a": s1, "text_b": s2, "text_n": (high.condition, low.condition)})
+        else:
+            put = lambda s, e: template.format(sentence=s, condition=e.condition)  # noqa: E731
+            records.append({"text_a": put(s1, high), "text_b": put(s2, high),
+                            "text_n": (put(s1, low), put(s2, low))})
+    return records
+
+
+def training_records(examples: Sequence[CSTSExample], records: str = "conditioned",
+                     template: str = DEFAULT_TEMPLATE) -> list:
+    """The C-STS training records of one of ``RECORDS`` (``data.csts_records``): ``conditioned``
+    scored pairs (bi-encoder, cross-encoder), ``tri`` records (tri-encoder), or either family's
+    quadruplets."""
+    if records == "conditioned":
+        return conditioned_pairs(examples, template)
+    if records == "tri":
+        return tri_records(examples)
+    if records in ("conditioned_quadruplets", "tri_quadruplets"):
+        return quadruplet_records(examples, separate=records == "tri_quadruplets", template=template)
+    raise ValueError(f"data.csts_records must be one of {RECORDS}, got {records!r}")

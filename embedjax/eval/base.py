@@ -62,11 +62,11 @@ def as_scorable(x: np.ndarray) -> np.ndarray:
 
 
 def encode(encoder, texts: Sequence[str], *, batch_size: int = 128, prompt: str | None = None,
-           num_layers: int | None = None, mesh=None) -> np.ndarray:
+           num_layers: int | None = None, mesh=None, normalize: bool | None = None) -> np.ndarray:
     """Evaluation's encoding: float32 ``(N, D)`` in the order of ``texts``.
 
     Normalised as the checkpoint says (``Encoder.normalize``, as ``SentenceTransformer.encode``
-    does), so scores match sentence-transformers' evaluators. Each batch is split over every
+    does), so scores match sentence-transformers' evaluators; ``normalize`` overrides it. Each batch is split over every
     local device (``mesh``, default ``embedjax.sharding.local_mesh()``); on several hosts each
     host encodes a strided share of the texts and the shares are gathered, so every host
     returns the same full array.
@@ -74,7 +74,7 @@ def encode(encoder, texts: Sequence[str], *, batch_size: int = 128, prompt: str 
     from embedjax import sharding
 
     mesh = sharding.local_mesh() if mesh is None else mesh
-    kw = dict(batch_size=batch_size, prompt=prompt, num_layers=num_layers, mesh=mesh, normalize=None)
+    kw = dict(batch_size=batch_size, prompt=prompt, num_layers=num_layers, mesh=mesh, normalize=normalize)
     return on_every_host(lambda share: encoder.encode(share, **kw), list(texts), filler="")
 
 

@@ -17,7 +17,7 @@ from embedjax.losses.angle import (
 from embedjax.losses import rerank  # cross-encoder losses of logits (margin_mse, listwise_kl of groups)
 from embedjax.losses.cosent import cosent, ranking_loss
 from embedjax.losses.correlation import pearson_loss, rank_consistency_loss
-from embedjax.losses.cosine import cosine_mse
+from embedjax.losses.cosine import cosine_mse, quadruplet
 from embedjax.losses.distill import (
     embedding_cosine,
     embedding_mse,

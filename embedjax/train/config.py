@@ -42,7 +42,7 @@ ATTENTION = ("causal", "bidirectional")
 DECAYS = ("linear", "cosine", "constant")
 EMA_SELECT = ("best", "ema", "raw")
 SHARDING_RULES = ("replicated", "fsdp")
-MODEL_KINDS = ("bi_encoder", "cross_encoder")
+MODEL_KINDS = ("bi_encoder", "cross_encoder", "tri_encoder")
 INITIAL_TEACHER = "initial"  # objective.distill.teacher: the run's own starting model, frozen
 
 
@@ -120,6 +120,7 @@ class ModelConfig:
     kind: str = "bi_encoder"          # or "cross_encoder": a head scores (text_a, text_b) read together
     num_labels: int = 1               # cross_encoder: logits per pair
     pair_template: str | None = None  # cross_encoder on decoders: "...{first}...{second}..."; None: the tokenizer's pairs
+    tri_head: str | None = None       # tri_encoder: embedjax.tri_head.KINDS (a bi-encoder plus a condition head)
 
     @property
     def cross_encoder(self) -> bool:
@@ -150,6 +151,10 @@ class ModelConfig:
                                  "(decoders: pair_template)")
             cross = dict(num_labels=_integer(config.get("num_labels", 1), "num_labels", minimum=1),
                          pair_template=_optional(config.get("pair_template"), str, "pair_template"))
+        elif kind == "tri_encoder":
+            from embedjax import tri_head
+
+            cross = dict(tri_head=_choice(config.get("tri_head", "hadamard"), tri_head.KINDS, "tri_head"))
         return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
                    max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
                    attention=_choice(config.attention, ATTENTION, "attention", optional=True),
@@ -218,9 +223,11 @@ class DataConfig:
     pack_length: int = 64                     # 0: pad each side instead of packing
     pack_rows_multiple: int = 2
     in_batch_negatives: int = 0               # cross_encoder: other rows' positives added to each candidate group
+    csts_records: str = "conditioned"         # kind=csts: embedjax.data.csts.RECORDS
 
     @classmethod
     def from_config(cls, data) -> DataConfig:
+        from embedjax.data.csts import RECORDS as CSTS_RECORDS
         from embedjax.data import readers
         from embedjax.train import sources
 
@@ -259,7 +266,8 @@ class DataConfig:
                    pack_length=_integer(data["pack_length"], "data.pack_length", minimum=0),
                    pack_rows_multiple=_integer(data["pack_rows_multiple"], "data.pack_rows_multiple", minimum=1),
                    in_batch_negatives=_integer(data.get("in_batch_negatives", 0), "data.in_batch_negatives",
-                                               minimum=0))
+                                               minimum=0),
+                   csts_records=_choice(data.get("csts_records", "conditioned"), CSTS_RECORDS, "data.csts_records"))
 
 
 @dataclasses.dataclass(frozen=True)

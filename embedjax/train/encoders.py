@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 def load_model(model: ModelConfig, *, seed: int = 0) -> Encoder:
     """The run's starting encoder: the checkpoint with the run's pooling, length, attention, a
-    fresh trainable pooler's initialisation (seeded by ``seed``) and the run's prompts."""
+    fresh trainable pooler's or tri-encoder head's initialisation (seeded by ``seed``) and the run's
+    prompts."""
     encoder = load_pretrained(model.path, pooling=model.pooling, max_length=model.max_length,
-                              attention=model.attention, pooler_init=model.pooler_init or None, seed=seed)
+                              attention=model.attention, pooler_init=model.pooler_init or None,
+                              tri_head=model.tri_head, seed=seed)
     if model.prompts:  # the run's instructions: trained, evaluated, exported
         encoder = dataclasses.replace(encoder, prompts=dict(model.prompts), include_prompt=model.include_prompt)
     return encoder
@@ -46,11 +48,11 @@ def training_cfg(encoder: Encoder, model: ModelConfig):
 
 def split_trainable(params, adapters_only: bool):
     """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters, the pooler's own
-    params (latent attention) and a cross-encoder's head train and the base is frozen; without,
-    everything trains."""
+    params (latent attention), a cross-encoder's head and a tri-encoder's head train and the base is
+    frozen; without, everything trains."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
-    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(("pooler/", "head/"))  # noqa: E731
+    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(("pooler/", "head/", "tri_head/"))  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 
 

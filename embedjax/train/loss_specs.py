@@ -14,6 +14,7 @@ and the lists the docs and configs refer to (``AUX_LOSSES``) all follow from the
 | ``rank_consistency`` | ``losses.rank_consistency_loss`` | scored pairs | a, b, gold scores |
 | ``infonce`` | ``losses.infonce`` | pairs / triplets / BEIR queries | a, b (or m positive slots), [hard negatives], text hashes, [relevant sets, guide] |
 | ``simcse_unsup`` | ``losses.infonce`` on two dropout views | sentences | a twice, text hashes |
+| ``quadruplet`` | ``losses.quadruplet`` | C-STS condition pairs | a, b, the same pair under the lower-scored condition |
 | ``margin_mse`` | ``losses.margin_mse`` | distillation records | a, b, negatives, teacher scores |
 | ``listwise_kl`` | ``losses.listwise_kl`` | distillation records | a, b, negatives, teacher scores |
 
@@ -140,6 +141,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     # unsupervised SimCSE: InfoNCE between two dropout views of the same texts (zb is side a again)
     LossSpec("simcse_unsup", losses.infonce, ("za", "zb"), "sentences", keywords=_CONTRASTIVE_HASHES[:2],
              single_texts=True),
+    # C-STS: (a, b) under the higher-scored condition, n = (a, b) under the lower (data.csts_records)
+    LossSpec("quadruplet", losses.quadruplet, ("za", "zb", "zn"), "C-STS condition pairs", suggested=False),
     LossSpec("margin_mse", losses.margin_mse, _TEACHER, "distillation records"),
     LossSpec("listwise_kl", losses.listwise_kl, _TEACHER, "distillation records"),
 )}
@@ -197,6 +200,12 @@ def check_objective_data(objective, fields: Sequence[str], scores: Sequence[floa
     """
     fields = tuple(fields)
     spec = LOSSES[objective.loss]
+    if getattr(objective, "tri_head", False):  # text_n is the condition (or the pair's two), not a negative
+        if "text_n" not in fields:
+            raise ValueError(f"a tri-encoder reads each record's condition from text_n, but the records have only "
+                             f"{fields}: use data.kind=csts with data.csts_records=tri (or tri_quadruplets)")
+        if spec.name != "quadruplet":
+            fields = tuple(f for f in fields if f != "text_n")
     loss, has_score = spec.name, "score" in fields
     if "relevant" in fields and not spec.reads_relevant:
         raise ValueError(

@@ -4,7 +4,8 @@ An ``Objective`` is a frozen (hashable) description built from a config's object
 the pure ``batch_loss(params, enc_cfg, objective, batch, key)`` embeds an
 ``embedjax.data.batch.Batch`` with the shared ``embed`` (``embed_packed`` for packed rows) and
 applies the loss. What each loss reads, and which data it refuses, is its row in
-``embedjax.train.loss_specs.LOSSES``.
+``embedjax.train.loss_specs.LOSSES``. A C-STS tri-encoder (``Objective.tri_head``) conditions the
+two sentences' embeddings on side n's condition (``condition_embeddings``) before the loss.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from embedjax import gradcache, losses
+from embedjax import tri_head as tri_head_lib
 from embedjax.data.batch import Batch, Side
 from embedjax.embed import embed, embed_packed
 from embedjax.train.loss_specs import AUX_LOSSES, DISTILL_LOSSES, LAYER_MODES, LOSSES
@@ -43,6 +45,7 @@ class Objective:
     guide: bool = False              # the frozen model's embeddings decide the in-batch false negatives (GISTEmbed)
     teacher_cfg: Any = None          # the frozen model's (static) config: distillation teacher and/or guide
     teacher_pooling: str = ""
+    tri_head: bool = False           # a C-STS tri-encoder: side n is the condition, params["tri_head"] conditions a and b
 
     @property
     def uses_teacher(self) -> bool:
@@ -51,14 +54,15 @@ class Objective:
         return bool(self.distill_loss) or self.guide
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], pooling: str, teacher=None) -> "Objective":
+    def from_config(cls, cfg: Mapping[str, Any], pooling: str, teacher=None, tri_head: bool = False) -> "Objective":
         """From the ``objective`` section of a config (configs/base.py declares every key; a
         missing key raises KeyError, an unknown one ValueError).
 
         ``pooling`` is the run's resolved pooling mode (the encoder's, after ``config.pooling``
         overrode the checkpoint's): a run has one pooling setting, used by training,
         evaluation and export alike. ``teacher``: the ``Encoder`` named by ``distill.teacher``
-        (loaded by the caller), when ``distill.weight`` > 0.
+        (loaded by the caller), when ``distill.weight`` > 0. ``tri_head``: the encoder is a C-STS
+        tri-encoder (its params hold ``embedjax.tri_head``'s head).
         """
         fields = cls.check_section(cfg)
         if not pooling:
@@ -68,8 +72,11 @@ class Objective:
         if frozen and teacher is None:
             name = distill["teacher"] if fields["distill_loss"] else cfg["guide"]
             raise ValueError(f"objective reads the frozen model {name!r}: pass the loaded teacher encoder (teacher=)")
+        if tri_head and (fields["layers"] or fields["matryoshka_dims"] or frozen):
+            raise ValueError("a tri-encoder scores the conditioned embeddings through its head: objective.layers, "
+                             "matryoshka_dims, distill and guide do not apply")
         return cls(pooling=pooling, teacher_cfg=teacher.cfg if frozen else None,
-                   teacher_pooling=teacher.pooling if frozen else "", **fields)
+                   teacher_pooling=teacher.pooling if frozen else "", tri_head=tri_head, **fields)
 
     @staticmethod
     def check_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,6 +230,22 @@ def embed_batch(params, enc_cfg, objective: Objective, batch: Batch, key):
     return za, zb, zn
 
 
+def condition_embeddings(params, za, zb, zn):
+    """A tri-encoder's batch (``embedjax.tri_head``): side n holds each example's condition, or its
+    two conditions, the higher-scored first (``data.csts_records=tri_quadruplets``); returns the
+    conditioned ``(za, zb, zn)``: ``zn`` None, or the pair under the lower-scored condition
+    ``(B, 2, D)`` (what ``losses.quadruplet`` takes)."""
+    head = params[tri_head_lib.KEY]
+    if zn is None:
+        raise ValueError("a tri-encoder batch carries each example's condition as side n (data.kind=csts with "
+                         "data.csts_records=tri or tri_quadruplets)")
+    if zn.ndim == za.ndim + 1:
+        high, low = zn[..., 0, :], zn[..., 1, :]
+        under_low = jnp.stack([tri_head_lib.condition(head, za, low), tri_head_lib.condition(head, zb, low)], axis=-2)
+        return tri_head_lib.condition(head, za, high), tri_head_lib.condition(head, zb, high), under_low
+    return tri_head_lib.condition(head, za, zn), tri_head_lib.condition(head, zb, zn), None
+
+
 def distill_function(objective: Objective):
     """``fn(student, teacher) -> scalar`` for ``objective.distill_loss`` (``loss_specs.DISTILL_LOSSES``):
     student (B, D), or a per-layer stack (L, B, D) whose every layer is taught (the mean over
@@ -271,8 +294,10 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Batch, key, teacher
         za, zb, zn = embed_all(params, batch.token_inputs(), k_embed)
     else:
         za, zb, zn = embed_batch(params, enc_cfg, objective, batch, k_embed)
+    if objective.tri_head:
+        za, zb, zn = condition_embeddings(params, za, zb, zn)
     kwargs = dict(a_hash=batch.a.hashes, b_hash=batch.positive_hashes,
-                  n_hash=None if batch.n is None else batch.n.hashes)
+                  n_hash=None if batch.n is None or zn is None else batch.n.hashes)
     if batch.teacher is not None:
         kwargs["teacher_scores"] = batch.teacher
     if batch.relevant is not None:

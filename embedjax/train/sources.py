@@ -14,8 +14,9 @@
                    relevant document (data.min_grade, data.positives / every_positive per step, data.hard_negatives mined by
                    scripts/mine.py --beir, data.num_negatives per step) -> RetrievalRecords
     csts           a C-STS CSV file (data.train) and its split (data.split: train | dev | all, carved by
-                   sentence pair as the csts evaluator carves it): each sentence written with its
-                   condition ("{sentence} {condition}"), scored 1-5          -> ScoredPair
+                   sentence pair as the csts evaluator carves it), as data.csts_records says: each
+                   sentence written with its condition ("{sentence} {condition}"), scored 1-5 -> ScoredPair;
+                   or the tri-encoder's records, or either family's quadruplets (embedjax.data.csts)
     tfds           any TFDS dataset by name (data.tfds_name, data.tfds_split, data.columns, data.tfds_data_dir)
 
 ``data.columns`` maps fields (text_a, text_b, text_n, score) to a file's columns (header names
@@ -55,10 +56,10 @@ def train_source(data: DataConfig):
         return read_beir_training(data.train, data.split, min_grade=data.min_grade, positives=data.positives,
                                   hard_negatives=data.hard_negatives, num_negatives=data.num_negatives)
     if kind == "csts":
-        from embedjax.data.csts import conditioned_pairs
+        from embedjax.data.csts import training_records
         from embedjax.eval.csts import examples_of
 
-        return conditioned_pairs(examples_of({"path": data.train, "split": data.split}))
+        return training_records(examples_of({"path": data.train, "split": data.split}), data.csts_records)
     from embedjax.data.tfds_builders import tfds_source  # kind == "tfds"
 
     return tfds_source(data.tfds_name, data.tfds_split, columns, data_dir=data.tfds_data_dir)

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import jax
 
+from embedjax import tri_head
 from embedjax.data import pipeline
 from embedjax.data.batch import Batch
 from embedjax.model import Encoder
@@ -92,7 +93,8 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
 
     if isinstance(encoder, CrossEncoder):
         return _cross_source(spec, encoder, batch_size=batch_size, seed=seed, mixture=mixture)
-    objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher)  # the run's one pooling
+    objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher,  # the run's one pooling
+                                      tri_head=tri_head.KEY in encoder.params)
     try:
         side_prompts = by_side(source_prompts(prompts, spec.data))
         records = sources.train_source(spec.data)

@@ -276,8 +276,10 @@ def read_embedjax_config(directory: Path) -> dict:
     if record.get("pooling") in pooling_lib.PARAMETRIC and not isinstance(record.get("pooler"), dict):
         raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: pooling {record['pooling']!r} needs the pooler's "
                               "shape ('pooler': {...}) and its params in " + POOLER_FILE)
-    if record.get("tri_head") not in (None, "hadamard", "concat"):
-        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: tri_head must be 'hadamard' or 'concat', "
+    from embedjax import tri_head
+
+    if record.get("tri_head") not in (None, *tri_head.KINDS):
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: tri_head must be one of {tri_head.KINDS}, "
                               f"got {record['tri_head']!r}")
     return record
 

@@ -66,10 +66,10 @@ def encode(encoder, texts: Sequence[str], *, batch_size: int = 128, prompt: str 
     """Evaluation's encoding: float32 ``(N, D)`` in the order of ``texts``.
 
     Normalised as the checkpoint says (``Encoder.normalize``, as ``SentenceTransformer.encode``
-    does), so scores match sentence-transformers' evaluators; ``normalize`` overrides it. Each batch is split over every
-    local device (``mesh``, default ``embedjax.sharding.local_mesh()``); on several hosts each
-    host encodes a strided share of the texts and the shares are gathered, so every host
-    returns the same full array.
+    does), so scores match sentence-transformers' evaluators; ``normalize`` overrides it. Each
+    batch is split over every local device (``mesh``, default ``embedjax.sharding.local_mesh()``);
+    on several hosts each host encodes a strided share of the texts and the shares are gathered,
+    so every host returns the same full array.
     """
     from embedjax import sharding
 

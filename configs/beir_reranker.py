@@ -16,7 +16,7 @@ of up to 256 tokens, ~20k tokens forward and backward) took about 20 s while oth
 CPU, so the 204 steps and the reranking of 44,100 (query, abstract) pairs take hours there.
 
 The CPU-sized run (``:cpu``): SciFact train only, 160 tokens a pair, the mined negative and one
-in-batch negative per group, 3 epochs (132 steps), reranking MiniLM's top 20 on SciFact dev:
+in-batch negative per group, 3 epochs (129 steps), reranking MiniLM's top 20 on SciFact dev:
 
     python scripts/train.py --config configs/beir_reranker.py:cpu,seed=0 --workdir workdirs/beir_reranker_cpu/seed0
 

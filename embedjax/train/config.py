@@ -144,22 +144,22 @@ class ModelConfig:
         prompts = {side: text for side, text in (("query", config.prompts.query), ("document", config.prompts.document))
                    if text}
         kind = _choice(config.get("model_kind", "bi_encoder"), MODEL_KINDS, "model_kind")
-        cross = {}
+        by_kind = {}
         if kind == "cross_encoder":
             if prompts or config.pooling is not None:
                 raise ValueError("prompts and pooling apply to bi-encoders; a cross-encoder reads the pair whole "
                                  "(decoders: pair_template)")
-            cross = dict(num_labels=_integer(config.get("num_labels", 1), "num_labels", minimum=1),
-                         pair_template=_optional(config.get("pair_template"), str, "pair_template"))
+            by_kind = dict(num_labels=_integer(config.get("num_labels", 1), "num_labels", minimum=1),
+                           pair_template=_optional(config.get("pair_template"), str, "pair_template"))
         elif kind == "tri_encoder":
             from embedjax import tri_head
 
-            cross = dict(tri_head=_choice(config.get("tri_head", "hadamard"), tri_head.KINDS, "tri_head"))
+            by_kind = dict(tri_head=_choice(config.get("tri_head", "hadamard"), tri_head.KINDS, "tri_head"))
         return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
                    max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
                    attention=_choice(config.attention, ATTENTION, "attention", optional=True),
                    pooler_init=dict(config.pooler_init or {}), prompts=prompts,
-                   include_prompt=bool(config.include_prompt), kind=kind, **cross, **rates)
+                   include_prompt=bool(config.include_prompt), kind=kind, **by_kind, **rates)
 
 
 def by_side(prompts: Mapping[str, str]) -> dict[str, str]:

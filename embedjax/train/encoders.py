@@ -52,7 +52,8 @@ def split_trainable(params, adapters_only: bool):
     frozen; without, everything trains."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
-    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(("pooler/", "head/", "tri_head/"))  # noqa: E731
+    own_params = ("pooler/", "head/", "tri_head/")  # trainable pooler, cross-encoder head, tri-encoder head
+    trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(own_params)  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 
 

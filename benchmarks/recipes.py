@@ -46,7 +46,7 @@ RECIPES: dict[str, tuple[str, list[str], str]] = {
                  "best by STS-B dev (the new default)"),
     "augsbert": ("configs/stsb_augsbert.py", [],
                  "Augmented SBERT: anchored, on STS-B gold + silver pairs labelled by configs/stsb_cross_encoder.py "
-                 "(scripts/augment.py --top_k 1 --random_pairs 1 --include_gold), best by STS-B dev"),
+                 "(scripts/augment.py --top_k 1 --random_pairs 0 --include_gold), best by STS-B dev"),
     "stsb_pearson": ("configs/stsb_sick.py:sick_weight=0,pearson=1.0", ["eval_every=20"],
                      "STS-B alone, AnglE + Pearson loss (weight 1), best by the mean of STS-B dev and SICK trial"),
     "stsb_lr2e-5_ema": ("configs/stsb_sick.py:sick_weight=0,lr=2e-5,ema=0.99", ["eval_every=20"],

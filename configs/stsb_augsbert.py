@@ -2,12 +2,14 @@
 gold pairs plus silver pairs that a cross-encoder labelled; selected on STS-B dev, SICK trial beside it.
 
 The silver file comes first (the gold pairs first in it, then new pairs of the same sentences:
-each sentence with its nearest by all-MiniLM-L6-v2 and a random partner, labelled by the
-cross-encoder of configs/stsb_cross_encoder.py on the 0-5 scale):
+each sentence with its nearest by all-MiniLM-L6-v2, labelled by the cross-encoder of
+configs/stsb_cross_encoder.py on the 0-5 scale). Semantic-search sampling only: random partners
+(``--random_pairs``) were the paper's weakest strategy and would double the run (~2x the gold
+steps as it is):
 
     python scripts/train.py --config configs/stsb_cross_encoder.py --workdir workdirs/stsb_cross_encoder
     python scripts/augment.py --pairs $EMBEDJAX_DATA/stsb/sts-train.csv --cross_encoder workdirs/stsb_cross_encoder \
-        --output workdirs/augsbert/stsb_silver.tsv --top_k 1 --random_pairs 1 --include_gold
+        --output workdirs/augsbert/stsb_silver.tsv --top_k 1 --random_pairs 0 --include_gold
     python scripts/train.py --config configs/stsb_augsbert.py --workdir workdirs/stsb_augsbert
 
 Variants: ``:silver=PATH`` (another silver file), ``:smoke``.

@@ -4,7 +4,7 @@ gold pairs plus silver pairs that a cross-encoder labelled; selected on STS-B de
 The silver file comes first (the gold pairs first in it, then new pairs of the same sentences:
 each sentence with its nearest by all-MiniLM-L6-v2, labelled by the cross-encoder of
 configs/stsb_cross_encoder.py on the 0-5 scale). Semantic-search sampling only: random partners
-(``--random_pairs``) were the paper's weakest strategy and would double the run (~2x the gold
+(``--random_pairs``) were the paper's weakest strategy and would double the run (1.7x the gold
 steps as it is):
 
     python scripts/train.py --config configs/stsb_cross_encoder.py --workdir workdirs/stsb_cross_encoder

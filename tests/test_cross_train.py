@@ -184,15 +184,15 @@ def cross_overrides(tiny_cross_encoder, small_dev):
 
 @pytest.fixture(scope="module")
 def two_host_run(cross_overrides, tmp_path_factory):
-    """configs/stsb_cross_encoder.py:smoke as 2 processes x 4 devices, both SIGKILLed after step 5
+    """configs/stsb_cross_encoder.py:smoke as 2 processes x 2 devices, both SIGKILLed after step 5
     and resumed by the same command: the workdir and the killed launch's loss curve."""
     from test_multihost import launch
 
     workdir, config = tmp_path_factory.mktemp("cross") / "two", "stsb_cross_encoder.py:smoke"
-    killed = launch(workdir, config, cross_overrides, processes=2, kill_at=5)
+    killed = launch(workdir, config, cross_overrides, processes=2, devices=4, kill_at=5)
     assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 2, [err[-3000:] for _, err in killed]
     before_kill = loss_curve(workdir)
-    for rc, err in launch(workdir, config, cross_overrides, processes=2):
+    for rc, err in launch(workdir, config, cross_overrides, processes=2, devices=4):
         assert rc == 0, err[-4000:]
     return workdir, before_kill
 

@@ -259,16 +259,16 @@ def test_mined_negatives_train_with_distillation_losses(variant, tiny_model, sma
 
 
 def test_mixture_on_two_hosts_killed_and_resumed_trains_like_one_host(mixture_run, mixture_overrides, tmp_path):
-    """2 processes x 4 devices, SIGKILLed after step 5 and resumed by the same command: every step
+    """2 processes x 2 devices, SIGKILLed after step 5 and resumed by the same command: every step
     trains the same source (each source's data position restored on both hosts) and the loss curve
     (teacher and EMA included) and the exported model equal the 1-process, 8-device run's."""
     import embedjax
     from test_multihost import launch
 
     config = "stsb_sick.py:smoke,pearson=1.0"
-    killed = launch(tmp_path / "two", config, mixture_overrides, processes=2, kill_at=5)
+    killed = launch(tmp_path / "two", config, mixture_overrides, processes=2, devices=4, kill_at=5)
     assert [rc for rc, _ in killed] == [-signal.SIGKILL] * 2, [err[-3000:] for _, err in killed]
-    for rc, err in launch(tmp_path / "two", config, mixture_overrides, processes=2):
+    for rc, err in launch(tmp_path / "two", config, mixture_overrides, processes=2, devices=4):
         assert rc == 0, err[-4000:]
     assert per_step_sources(tmp_path / "two") == per_step_sources(mixture_run)
     ref, got = loss_curve(mixture_run), loss_curve(tmp_path / "two")

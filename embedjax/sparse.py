@@ -1,0 +1,105 @@
+"""Learned sparse (SPLADE) representations as pure functions: the MLM head, SPLADE pooling over
+the vocabulary, top-k pruning and the FLOPS regulariser with its warm-up.
+
+A SPLADE model (arXiv:2107.05720, SPLADE v2 arXiv:2109.10086) scores every vocabulary term for a
+text: the backbone's token states go through the masked-language-model head to per-token logits
+(B, T, V), and pooling over tokens keeps, per term j,
+
+    w_j = max_i log(1 + ReLU(logit_ij))      (``pooling="max"``, SPLADE v2 and later)
+    w_j = sum_i log(1 + ReLU(logit_ij))      (``pooling="sum"``, the first SPLADE)
+
+over the tokens i the mask keeps. The head is BERT's ``BertForMaskedLM`` one
+(``cls.predictions.*``): a dense layer, the backbone's activation and a layer norm, then the
+word-embedding matrix (tied) and a bias. Its params are ``{"transform": {"kernel", "bias"},
+"norm": {"scale", "bias"}, "bias"}``; the decoder kernel is ``params["embeddings"]["word"]``.
+
+The FLOPS regulariser (arXiv:2004.05665) is sum_j (mean over the batch of w_j)^2, the
+expected number of floating-point operations of a sparse dot product, made differentiable;
+SPLADE weights it separately for queries and documents and warms the weights up
+quadratically from 0.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from embedjax.encoders import layers as L
+
+POOLINGS = ("max", "sum")
+ACTIVATIONS = ("relu", "log1p_relu")  # log1p_relu: a second log1p (OpenSearch's SPLADE models)
+
+
+def init_mlm_head(hidden_size: int, vocab_size: int, key) -> dict:
+    """Fresh MLM-head params, as transformers initialises ``BertOnlyMLMHead``: normal(0, 0.02)
+    dense kernel, zero biases, unit layer-norm scale. Used when a checkpoint carries no head
+    (a plain ``BertModel``): the term scores then start from the tied word embeddings alone."""
+    return {"transform": {"kernel": 0.02 * jax.random.normal(key, (hidden_size, hidden_size), jnp.float32),
+                          "bias": jnp.zeros((hidden_size,), jnp.float32)},
+            "norm": {"scale": jnp.ones((hidden_size,), jnp.float32), "bias": jnp.zeros((hidden_size,), jnp.float32)},
+            "bias": jnp.zeros((vocab_size,), jnp.float32)}
+
+
+def mlm_logits(head: dict, word_embeddings, hidden, *, act: str = "gelu", eps: float = 1e-12):
+    """Per-token vocabulary logits (B, T, V) float32 from token states (B, T, H):
+    ``LayerNorm(act(hidden @ W + b)) @ word_embeddings.T + bias``."""
+    x = hidden.astype(jnp.float32) @ head["transform"]["kernel"] + head["transform"]["bias"]
+    x = L.layer_norm(head["norm"], L.activation(act)(x), eps)
+    return x @ word_embeddings.astype(jnp.float32).T + head["bias"]
+
+
+def splade_pool(logits, mask, *, pooling: str = "max", activation: str = "relu"):
+    """SPLADE term weights (B, V) from MLM logits (B, T, V) and the (B, T) 0/1 mask.
+
+    Masked tokens contribute 0 (every kept token's weight is >= 0, so 0 never wins a max it
+    should not); a row with no kept token is all 0.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown SPLADE pooling {pooling!r}; choose one of {POOLINGS}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown SPLADE activation {activation!r}; choose one of {ACTIVATIONS}")
+    w = jnp.log1p(jax.nn.relu(logits.astype(jnp.float32) * mask[..., None].astype(jnp.float32)))
+    if activation == "log1p_relu":
+        w = jnp.log1p(w)
+    return w.max(axis=1) if pooling == "max" else w.sum(axis=1)
+
+
+def top_k(weights, k: int):
+    """Keeps each row's ``k`` largest weights and zeroes the rest (ties at the k-th value: the
+    lower vocabulary ids win, as ``jax.lax.top_k``); ``k <= 0`` or ``k >= V`` keeps all."""
+    if k <= 0 or k >= weights.shape[-1]:
+        return weights
+    _, idx = jax.lax.top_k(weights, k)
+    keep = jnp.zeros(weights.shape, bool).at[jnp.arange(weights.shape[0])[:, None], idx].set(True)
+    return jnp.where(keep, weights, 0.0)
+
+
+def flops(weights, *, threshold: int | None = None):
+    """The FLOPS regulariser: sum over terms of the squared batch-mean weight.
+
+    ``threshold``: only rows with more than this many non-zero terms count (the others are
+    zeroed, still dividing the mean by the whole batch), as sentence-transformers' ``FlopsLoss``
+    (arXiv:2504.14839's l0 masking).
+    """
+    w = weights.astype(jnp.float32)
+    if threshold is not None:
+        active = jnp.sum(w != 0, axis=-1)
+        w = w * (active > threshold)[:, None].astype(w.dtype)
+    return jnp.sum(jnp.mean(w, axis=0) ** 2)
+
+
+def regulariser_weight(step, max_weight: float, warmup_steps: int, *, schedule: str = "quadratic"):
+    """The regulariser's weight at ``step``: ``max_weight * (step / warmup_steps) ** 2`` (or
+    linear) before ``warmup_steps``, ``max_weight`` from then on (SPLADE's quadratic warm-up,
+    as sentence-transformers' ``SpladeRegularizerWeightSchedulerCallback``). Traceable in ``step``."""
+    if schedule not in ("quadratic", "linear"):
+        raise ValueError(f"unknown warm-up schedule {schedule!r}; choose 'quadratic' or 'linear'")
+    if warmup_steps <= 0:
+        return jnp.asarray(max_weight, jnp.float32)
+    ratio = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
+    return max_weight * (ratio ** 2 if schedule == "quadratic" else ratio)
+
+
+def active_terms(weights) -> jax.Array:
+    """Non-zero terms per row (B,): the per-text cost a sparse index pays."""
+    return jnp.sum(weights != 0, axis=-1)

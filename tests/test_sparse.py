@@ -1,0 +1,159 @@
+"""SPLADE's pure functions (embedjax/sparse.py) against naive NumPy loops written here, against
+sentence-transformers' SpladePooling and FlopsLoss, and the MLM head against transformers'
+BertForMaskedLM on a tiny random model; gradients checked numerically."""
+
+import numpy as np
+import pytest
+import torch
+from jax.test_util import check_grads
+from sentence_transformers.sparse_encoder.losses import FlopsLoss
+from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+from embedjax import sparse
+
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed (conftest.py)
+
+
+def _logits_and_mask(seed=0, b=4, t=6, v=11):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(b, t, v)).astype(np.float32) * 2
+    mask = np.ones((b, t), np.int32)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0
+    mask[3, :] = 0  # a row with no kept token
+    return logits, mask
+
+
+def naive_splade(logits, mask, pooling, activation):
+    b, t, v = logits.shape
+    out = np.zeros((b, v), np.float64)
+    for i in range(b):
+        for j in range(v):
+            values = []
+            for k in range(t):
+                if mask[i, k]:
+                    w = np.log1p(max(float(logits[i, k, j]), 0.0))
+                    values.append(np.log1p(w) if activation == "log1p_relu" else w)
+            if values:
+                out[i, j] = max(values) if pooling == "max" else sum(values)
+    return out
+
+
+@pytest.mark.parametrize("pooling", sparse.POOLINGS)
+@pytest.mark.parametrize("activation", sparse.ACTIVATIONS)
+def test_splade_pool_equals_a_loop_and_sentence_transformers(pooling, activation):
+    logits, mask = _logits_and_mask()
+    got = np.asarray(sparse.splade_pool(logits, mask, pooling=pooling, activation=activation))
+    np.testing.assert_allclose(got, naive_splade(logits, mask, pooling, activation), rtol=1e-6, atol=1e-6)
+    assert (got[3] == 0).all() and (got >= 0).all()
+
+    module = SpladePooling(pooling_strategy=pooling, activation_function=activation).eval()
+    with torch.no_grad():
+        theirs = module({"token_embeddings": torch.from_numpy(logits),
+                         "attention_mask": torch.from_numpy(mask)})["sentence_embedding"].numpy()
+    np.testing.assert_allclose(got, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_splade_pool_refuses_unknown_modes():
+    logits, mask = _logits_and_mask()
+    with pytest.raises(ValueError, match="unknown SPLADE pooling 'mean'"):
+        sparse.splade_pool(logits, mask, pooling="mean")
+    with pytest.raises(ValueError, match="unknown SPLADE activation 'gelu'"):
+        sparse.splade_pool(logits, mask, activation="gelu")
+
+
+def test_splade_pool_gradients():
+    # Logits away from 0 (ReLU's kink) and distinct per column (max's ties): finite differences hold.
+    rng = np.random.default_rng(1)
+    logits = ((rng.permutation(3 * 5 * 7).reshape(3, 5, 7) / 20.0) - 2.0 + 0.013).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int32)
+    for pooling in sparse.POOLINGS:
+        check_grads(lambda x: sparse.splade_pool(x, mask, pooling=pooling), (logits,),
+                    order=1, modes=("rev",), atol=1e-2, rtol=1e-2, eps=1e-3)
+
+
+def naive_flops(w, threshold=None):
+    w = np.asarray(w, np.float64).copy()
+    if threshold is not None:
+        for i in range(w.shape[0]):
+            if np.count_nonzero(w[i]) <= threshold:
+                w[i] = 0.0
+    total = 0.0
+    for j in range(w.shape[1]):
+        total += (sum(w[i, j] for i in range(w.shape[0])) / w.shape[0]) ** 2
+    return total
+
+
+@pytest.mark.parametrize("threshold", [None, 3])
+def test_flops_equals_a_loop_and_sentence_transformers(threshold):
+    logits, mask = _logits_and_mask(seed=2, b=5, t=4, v=9)
+    weights = np.array(sparse.splade_pool(logits, np.ones_like(mask)))
+    weights[0, :7] = 0.0  # 2 active terms: below the threshold
+    got = float(sparse.flops(weights, threshold=threshold))
+    assert got == pytest.approx(naive_flops(weights, threshold), rel=1e-6)
+    theirs = FlopsLoss(model=None, threshold=threshold).compute_loss_from_embeddings(torch.from_numpy(weights))
+    assert got == pytest.approx(float(theirs), rel=1e-6)
+    if threshold is not None:
+        assert got != pytest.approx(naive_flops(weights), rel=1e-3)  # the masked row mattered
+
+
+def test_flops_gradient_is_twice_the_mean_over_the_batch():
+    w = np.abs(np.random.default_rng(3).normal(size=(4, 6)))
+    check_grads(sparse.flops, (w,), order=2, modes=("rev",))
+    import jax
+
+    grad = np.asarray(jax.grad(sparse.flops)(w))
+    np.testing.assert_allclose(grad, np.broadcast_to(2 * w.mean(0) / w.shape[0], w.shape), rtol=1e-6)
+
+
+def test_top_k_keeps_the_k_largest_of_each_row():
+    w = np.abs(np.random.default_rng(4).normal(size=(3, 10))).astype(np.float32)
+    w[1, 5:] = 0.0
+    got = np.asarray(sparse.top_k(w, 3))
+    for i in range(3):
+        keep = np.argsort(-w[i], kind="stable")[:3]
+        want = np.zeros(10, np.float32)
+        want[keep] = w[i, keep]
+        np.testing.assert_array_equal(got[i], want)
+    assert (np.asarray(sparse.active_terms(got)) == 3).all()
+    np.testing.assert_array_equal(np.asarray(sparse.top_k(w, 0)), w)
+    np.testing.assert_array_equal(np.asarray(sparse.top_k(w, 10)), w)
+
+
+@pytest.mark.parametrize("schedule", ["quadratic", "linear"])
+def test_regulariser_weight_warms_up_to_its_maximum(schedule):
+    power = 2 if schedule == "quadratic" else 1
+    for step in range(0, 15):
+        want = 5e-3 * (step / 10) ** power if step < 10 else 5e-3
+        assert float(sparse.regulariser_weight(step, 5e-3, 10, schedule=schedule)) == pytest.approx(want, rel=1e-6)
+    assert float(sparse.regulariser_weight(0, 5e-3, 0)) == pytest.approx(5e-3)
+    with pytest.raises(ValueError, match="unknown warm-up schedule 'cosine'"):
+        sparse.regulariser_weight(1, 1.0, 10, schedule="cosine")
+
+
+def test_mlm_head_equals_bert_for_masked_lm():
+    """The head over transformers' own last hidden states gives BertForMaskedLM's logits."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    model = BertForMaskedLM(cfg).eval()
+    with torch.no_grad():  # a non-zero bias and LayerNorm, so that each term is exercised
+        model.cls.predictions.bias.normal_()
+        model.cls.predictions.transform.LayerNorm.weight.normal_()
+        model.cls.predictions.transform.LayerNorm.bias.normal_()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    t = model.cls.predictions.transform
+    head = {"transform": {"kernel": t.dense.weight.detach().numpy().T, "bias": t.dense.bias.detach().numpy()},
+            "norm": {"scale": t.LayerNorm.weight.detach().numpy(), "bias": t.LayerNorm.bias.detach().numpy()},
+            "bias": model.cls.predictions.bias.detach().numpy()}
+    words = model.bert.embeddings.word_embeddings.weight.detach().numpy()
+    got = sparse.mlm_logits(head, words, out.hidden_states[-1].numpy(), act=cfg.hidden_act, eps=cfg.layer_norm_eps)
+    np.testing.assert_allclose(np.asarray(got), out.logits.numpy(), rtol=1e-5, atol=1e-5)
+
+    fresh = sparse.init_mlm_head(16, 50, __import__("jax").random.PRNGKey(0))
+    assert fresh["transform"]["kernel"].shape == (16, 16) and fresh["bias"].shape == (50,)
+    assert float(np.abs(fresh["bias"]).max()) == 0.0 and float(np.std(fresh["transform"]["kernel"])) == pytest.approx(0.02, rel=0.2)

@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from embedjax.encoders import layers as L
+from embedjax.encoders import registry
+from embedjax.encoders.statedict import CheckpointError
 
 POOLINGS = ("max", "sum")
 ACTIVATIONS = ("relu", "log1p_relu")  # log1p_relu: a second log1p (OpenSearch's SPLADE models)
@@ -38,6 +41,46 @@ def init_mlm_head(hidden_size: int, vocab_size: int, key) -> dict:
                           "bias": jnp.zeros((hidden_size,), jnp.float32)},
             "norm": {"scale": jnp.ones((hidden_size,), jnp.float32), "bias": jnp.zeros((hidden_size,), jnp.float32)},
             "bias": jnp.zeros((vocab_size,), jnp.float32)}
+
+
+# BertForMaskedLM's names for the head (``cls.predictions.decoder.weight`` is the tied word matrix).
+_HEAD_NAMES = {("transform", "kernel"): "cls.predictions.transform.dense.weight",
+               ("transform", "bias"): "cls.predictions.transform.dense.bias",
+               ("norm", "scale"): "cls.predictions.transform.LayerNorm.weight",
+               ("norm", "bias"): "cls.predictions.transform.LayerNorm.bias",
+               ("bias",): "cls.predictions.bias"}
+
+
+def mlm_head_from_state_dict(state: dict[str, np.ndarray], where: str = "the checkpoint") -> dict | None:
+    """The MLM head of a ``BertForMaskedLM`` state dict (``cls.predictions.*``, PyTorch names), or
+    None when it carries none; ``CheckpointError`` naming the missing tensors when it carries part."""
+    aliases = {"cls.predictions.bias": "cls.predictions.decoder.bias"}  # older checkpoints name the bias there
+    found = {path: state.get(name, state.get(aliases.get(name, name))) for path, name in _HEAD_NAMES.items()}
+    if all(v is None for v in found.values()):
+        return None
+    missing = [_HEAD_NAMES[p] for p, v in found.items() if v is None]
+    if missing:
+        raise CheckpointError(f"{where}: an incomplete MLM head (cls.predictions.*): missing {missing}")
+    head: dict = {}
+    for path, value in found.items():
+        value = np.asarray(value, np.float32)
+        node = head
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value.T if path == ("transform", "kernel") else value
+    return head
+
+
+def mlm_head_to_state_dict(head: dict) -> dict[str, np.ndarray]:
+    """``mlm_head_from_state_dict``'s inverse (the tied decoder weight is the backbone's to write)."""
+    out = {}
+    for path, name in _HEAD_NAMES.items():
+        value = head
+        for key in path:
+            value = value[key]
+        value = np.asarray(value, np.float32)
+        out[name] = np.ascontiguousarray(value.T) if path == ("transform", "kernel") else value
+    return out
 
 
 def mlm_logits(head: dict, word_embeddings, hidden, *, act: str = "gelu", eps: float = 1e-12):
@@ -62,6 +105,17 @@ def splade_pool(logits, mask, *, pooling: str = "max", activation: str = "relu")
     if activation == "log1p_relu":
         w = jnp.log1p(w)
     return w.max(axis=1) if pooling == "max" else w.sum(axis=1)
+
+
+def splade_embed(params, cfg, head: dict, input_ids, attention_mask, *, token_type_ids=None,
+                 pooling: str = "max", activation: str = "relu", k: int = 0, dropout_key=None,
+                 remat: bool | str = False, unroll: bool | int = True):
+    """Token ids (B, T) -> SPLADE term weights (B, V) float32: the backbone (``params``, any BERT-family
+    ``cfg``), the MLM head tied to its word embeddings, SPLADE pooling, then ``top_k`` (``k`` > 0)."""
+    hidden = registry.of(cfg).apply(params, cfg, input_ids, attention_mask, token_type_ids=token_type_ids,
+                                    all_layers=False, dropout_key=dropout_key, remat=remat, unroll=unroll)
+    logits = mlm_logits(head, params["embeddings"]["word"], hidden, act=cfg.hidden_act, eps=cfg.layer_norm_eps)
+    return top_k(splade_pool(logits, attention_mask, pooling=pooling, activation=activation), k)
 
 
 def top_k(weights, k: int):

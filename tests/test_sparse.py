@@ -10,6 +10,7 @@ from sentence_transformers.sparse_encoder.losses import FlopsLoss
 from sentence_transformers.sparse_encoder.modules import SpladePooling
 
 from embedjax import sparse
+from embedjax.encoders.statedict import CheckpointError
 
 pytestmark = pytest.mark.fast_compile  # checks logic, not speed (conftest.py)
 
@@ -157,3 +158,49 @@ def test_mlm_head_equals_bert_for_masked_lm():
     fresh = sparse.init_mlm_head(16, 50, __import__("jax").random.PRNGKey(0))
     assert fresh["transform"]["kernel"].shape == (16, 16) and fresh["bias"].shape == (50,)
     assert float(np.abs(fresh["bias"]).max()) == 0.0 and float(np.std(fresh["transform"]["kernel"])) == pytest.approx(0.02, rel=0.2)
+
+
+def test_splade_embed_of_a_saved_bert_for_masked_lm_equals_sparse_encoder(tmp_path, minilm_path):
+    """A tiny random BertForMaskedLM saved here (MiniLM's tokenizer): its backbone and MLM head
+    loaded from the files encode to sentence-transformers' SparseEncoder vectors (1e-5)."""
+    import shutil
+
+    import transformers
+    from sentence_transformers import SparseEncoder
+
+    from embedjax import hf, tokenize
+    from conftest import TINY_TOKENIZER_FILES
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.2)
+    model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()  # terms of both signs
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    for name in TINY_TOKENIZER_FILES:
+        shutil.copyfile(minilm_path / name, tmp_path / name)
+
+    texts = ["A man is playing a flute.", "Two dogs run on the beach in the evening sun.", "Hi"]
+    theirs = SparseEncoder(str(tmp_path), device="cpu").encode(texts, convert_to_tensor=True).to_dense().numpy()
+
+    params, cfg, _ = hf.load_checkpoint(tmp_path)
+    head = sparse.mlm_head_from_state_dict(hf.load_state_dict(tmp_path), str(tmp_path))
+    tok = tokenize.Tokenizer.from_directory(tmp_path, 128, 0)
+    batch = tok(texts)
+    got = np.asarray(sparse.splade_embed(params, cfg, head, batch.input_ids, batch.attention_mask,
+                                         token_type_ids=batch.token_type_ids))[: len(texts)]
+    assert 0 < (got > 0).sum(axis=1).min() < 30522  # sparse, not empty
+    np.testing.assert_allclose(got, theirs, rtol=1e-5, atol=1e-5)
+    pruned = np.asarray(sparse.splade_embed(params, cfg, head, batch.input_ids, batch.attention_mask,
+                                            token_type_ids=batch.token_type_ids, k=5))[: len(texts)]
+    assert (np.count_nonzero(pruned, axis=1) == 5).all()
+
+    # the head's names round-trip; a partial head is refused, naming what is missing
+    state = sparse.mlm_head_to_state_dict(head)
+    np.testing.assert_array_equal(state["cls.predictions.transform.dense.weight"],
+                                  model.cls.predictions.transform.dense.weight.detach().numpy())
+    assert sparse.mlm_head_from_state_dict({"bert.embeddings.word_embeddings.weight": np.zeros(1)}) is None
+    del state["cls.predictions.bias"]
+    with pytest.raises(CheckpointError, match=r"incomplete MLM head .*cls\.predictions\.bias"):
+        sparse.mlm_head_from_state_dict(state, "x")

@@ -67,12 +67,6 @@ class SparseIndex:
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top-k of a dense block, ties by the lower column (a stable sort of the candidates)."""
-    if k < scores.shape[1]:
-        # every column scoring at least the k-th largest value is a candidate (ties included)
-        kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]
-        masked = np.where(scores >= kth, scores, -np.inf)
-    else:
-        masked = scores
-    order = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    """Row-wise top-k of a dense block, equal scores by the lower column (a stable sort)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, axis=1), order

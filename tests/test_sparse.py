@@ -204,3 +204,29 @@ def test_splade_embed_of_a_saved_bert_for_masked_lm_equals_sparse_encoder(tmp_pa
     del state["cls.predictions.bias"]
     with pytest.raises(CheckpointError, match=r"incomplete MLM head .*cls\.predictions\.bias"):
         sparse.mlm_head_from_state_dict(state, "x")
+
+
+def naive_splade_loss(q, d, n, wq, wd):
+    q, d, n = (np.asarray(x, np.float64) for x in (q, d, n))
+    cands = np.concatenate([d, n.reshape(-1, q.shape[1])])
+    total = 0.0
+    for i in range(len(q)):
+        scores = [float(q[i] @ c) for c in cands]
+        top = max(scores)
+        total += top + np.log(sum(np.exp(s - top) for s in scores)) - scores[i]
+    return total / len(q) + wq * naive_flops(q) + wd * naive_flops(cands)
+
+
+def test_splade_loss_is_sparse_infonce_plus_weighted_flops():
+    from embedjax.losses.splade import splade_loss
+
+    rng = np.random.default_rng(5)
+    q, d, n = (np.abs(rng.normal(size=s)).astype(np.float32) * 0.5 for s in ((4, 9), (4, 9), (4, 2, 9)))
+    total, parts = splade_loss(q, d, n, query_weight=3e-2, document_weight=5e-2)
+    assert float(total) == pytest.approx(naive_splade_loss(q, d, n, 3e-2, 5e-2), rel=1e-5)
+    assert float(parts["query_flops"]) == pytest.approx(naive_flops(q), rel=1e-5)
+    docs_only, parts = splade_loss(q, d, n, query_weight=None, document_weight=5e-2)
+    assert "query_flops" not in parts
+    assert float(docs_only) == pytest.approx(naive_splade_loss(q, d, n, 0.0, 5e-2), rel=1e-5)
+    check_grads(lambda a, b, c: splade_loss(a, b, c, query_weight=3e-2, document_weight=5e-2)[0], (q, d, n),
+                order=1, modes=("rev",), atol=1e-2, rtol=1e-2)

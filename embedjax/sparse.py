@@ -1,5 +1,6 @@
 """Learned sparse (SPLADE) representations as pure functions: the MLM head, SPLADE pooling over
-the vocabulary, top-k pruning and the FLOPS regulariser with its warm-up.
+the vocabulary, top-k pruning, the FLOPS regulariser with its warm-up, and the inference-free
+query side (a term-weight lookup, IDF to start).
 
 A SPLADE model (arXiv:2107.05720, SPLADE v2 arXiv:2109.10086) scores every vocabulary term for a
 text: the backbone's token states go through the masked-language-model head to per-token logits
@@ -152,6 +153,28 @@ def regulariser_weight(step, max_weight: float, warmup_steps: int, *, schedule: 
         return jnp.asarray(max_weight, jnp.float32)
     ratio = jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)
     return max_weight * (ratio ** 2 if schedule == "quadratic" else ratio)
+
+
+def static_query_weights(term_weights, input_ids, attention_mask):
+    """The inference-free query side (SPLADE-doc, sentence-transformers' ``SparseStaticEmbedding``):
+    no transformer, a query's vector is ``term_weights`` (V,) on the vocabulary ids it contains
+    (each id once, however often it occurs) and 0 elsewhere; (B, V) float32 from (B, T) ids.
+    ``term_weights`` may be trained (its gradient flows) or fixed, e.g. ``idf``."""
+    b = input_ids.shape[0]
+    present = jnp.zeros((b, term_weights.shape[-1]), jnp.float32).at[
+        jnp.arange(b)[:, None], input_ids].max(attention_mask.astype(jnp.float32))
+    return present * term_weights.astype(jnp.float32)
+
+
+def idf(token_ids, vocab_size: int) -> np.ndarray:
+    """BM25's inverse document frequency per vocabulary id, ``log(1 + (N - df + 0.5) / (df + 0.5))``,
+    from a corpus's token-id lists (``df``: documents containing the id); a start for the static
+    query weights."""
+    df = np.zeros(vocab_size, np.float64)
+    for ids in token_ids:
+        df[np.unique(np.asarray(ids, np.int64))] += 1
+    n = len(token_ids)
+    return np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)
 
 
 def active_terms(weights) -> jax.Array:

@@ -230,3 +230,36 @@ def test_splade_loss_is_sparse_infonce_plus_weighted_flops():
     assert float(docs_only) == pytest.approx(naive_splade_loss(q, d, n, 0.0, 5e-2), rel=1e-5)
     check_grads(lambda a, b, c: splade_loss(a, b, c, query_weight=3e-2, document_weight=5e-2)[0], (q, d, n),
                 order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+
+
+def test_static_query_side_equals_sparse_static_embedding_and_idf_a_loop():
+    from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding
+
+    rng = np.random.default_rng(6)
+    vocab = 20
+    ids = np.array([[3, 5, 5, 9, 0, 0], [7, 3, 3, 3, 2, 1], [4, 0, 0, 0, 0, 0]], np.int64)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], np.int64)
+    weights = rng.uniform(0.1, 2.0, size=vocab).astype(np.float32)
+    got = np.asarray(sparse.static_query_weights(weights, ids, mask))
+    want = np.zeros((3, vocab), np.float32)
+    for i in range(3):
+        for t, m in zip(ids[i], mask[i]):
+            if m:
+                want[i, t] = weights[t]
+    np.testing.assert_array_equal(got, want)
+
+    class Tok:  # SparseStaticEmbedding only stores it (and reads its length limit)
+        model_max_length = 16
+
+        def get_vocab(self):
+            return {str(i): i for i in range(vocab)}
+
+    module = SparseStaticEmbedding(tokenizer=Tok(), weight=torch.from_numpy(weights))
+    theirs = module({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
+    np.testing.assert_allclose(got, theirs["sentence_embedding"].detach().numpy(), rtol=1e-6)
+
+    corpus = [[1, 2, 2, 3], [2, 4], [2], [5, 1]]
+    n = len(corpus)
+    for term in range(7):
+        df = sum(term in doc for doc in corpus)
+        assert sparse.idf(corpus, 7)[term] == pytest.approx(np.log(1 + (n - df + 0.5) / (df + 0.5)), rel=1e-6)

@@ -63,6 +63,29 @@ ST = {
 
 
 # --------------------------------------------------------------------------- shared
+def parse_method(method: str) -> tuple[str, str, dict]:
+    """``method`` -> (family "start" / "st" / "embedjax", base name, options).
+
+    Besides the named methods, ``st:<loss>,lr=X`` trains a sentence-transformers loss at another
+    peak learning rate, and ``<recipe>:<variant>`` runs any variant of ``configs/<recipe>.py`` (the
+    config's own ``:name=value,...`` syntax), so a recipe search needs no edit here.
+    """
+    if method == "start":
+        return "start", method, {}
+    name, _, options = method.partition(",")
+    if name in ST:
+        opts = dict(o.split("=", 1) for o in options.split(",") if o)
+        if set(opts) - {"lr"}:
+            raise ValueError(f"{method}: sentence-transformers methods take only lr=X, not {sorted(set(opts) - {'lr'})}")
+        return "st", name, {k: float(v) for k, v in opts.items()}
+    recipe, _, variant = method.partition(":")
+    if method in EMBEDJAX or recipe in EMBEDJAX:
+        config = EMBEDJAX[method][0] if method in EMBEDJAX else f"configs/{recipe}.py:{variant}"
+        return "embedjax", recipe, {"config": config}
+    raise ValueError(f"unknown method {method!r}; known: start, {[*ST, *EMBEDJAX]}, "
+                     "st:<loss>,lr=X and <recipe>:<variant>")
+
+
 def recipe_config(spec: str, seed: int):
     """The embedjax config of ``configs/<file>.py[:variant]`` with this seed, at 128 tokens."""
     import importlib.util
@@ -130,7 +153,7 @@ def same_batches(seed: int, batch_size: int) -> tuple[list[str], dict[str, list[
 
 
 # --------------------------------------------------------------------------- one run (in a subprocess)
-def run_st(method: str, seed: int, workdir: Path, batch_size: int) -> dict:
+def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -196,7 +219,7 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int) -> dict:
     steps = len(plan)
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(workdir / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=recipe_config(EMBEDJAX["beir_ir"][0], seed).optim.learning_rate,
+        learning_rate=lr or recipe_config(EMBEDJAX["beir_ir"][0], seed).optim.learning_rate,
         warmup_steps=int(round(0.1 * steps)), lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0,
         seed=seed, dataloader_drop_last=True, eval_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, use_cpu=True)
@@ -211,10 +234,10 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int) -> dict:
             **score(str(workdir / "export"))}
 
 
-def run_embedjax(method: str, seed: int, workdir: Path, batch_size: int) -> dict:
+def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict:
     from embedjax.train.loop import train_and_evaluate
 
-    c = recipe_config(EMBEDJAX[method][0], seed)
+    c = recipe_config(config, seed)
     c.batch_size = batch_size
     c.log_every = 1  # every step's time in metrics.jsonl
     c.eval_start, c.eval_export = False, False
@@ -239,14 +262,15 @@ def run_one(method: str, seed: int, root: Path, batch_size: int) -> dict:
 
         shutil.rmtree(workdir)  # an unfinished run starts over
     workdir.mkdir(parents=True)
-    if method == "start":
+    family, name, options = parse_method(method)
+    if family == "start":
         from embedjax import hf
 
         row = {"steps": 0, "train_s": 0.0, "step_s": None, **score(str(hf.minilm_l6()))}
-    elif method in ST:
-        row = run_st(method, seed, workdir, batch_size)
+    elif family == "st":
+        row = run_st(name, seed, workdir, batch_size, lr=options.get("lr"))
     else:
-        row = run_embedjax(method, seed, workdir, batch_size)
+        row = run_embedjax(options["config"], seed, workdir, batch_size)
     return {"method": method, "seed": seed, **row}
 
 
@@ -300,9 +324,11 @@ def main() -> None:
     # the most telling first: a stopped benchmark still compares the two best-known recipes
     methods = args.methods or ["start", "st:mnrl", "beir_ir", "st:gist", "beir_ir:guide=1", "beir_ir:fn=0.1",
                                "ir_sts", "stsb_anchored", "beir_ir:anchor=10", "st:cmnrl"]
-    unknown = [m for m in methods if m not in ST and m not in EMBEDJAX and m != "start"]
-    if unknown:
-        ap.error(f"unknown methods {unknown}; known: start, {[*ST, *EMBEDJAX]}")
+    for m in methods:
+        try:
+            parse_method(m)
+        except ValueError as e:
+            ap.error(str(e))
     if not args.table_only:
         done = {(r["method"], r["seed"]) for r in load_rows(results)}
         # seed-major: every method's seed 0 first, so a stopped benchmark has comparable rows
@@ -317,7 +343,7 @@ def main() -> None:
     print(table(rows))
     legend = {"start": "all-MiniLM-L6-v2, not trained", **ST, **{m: what for m, (_, what) in EMBEDJAX.items()}}
     for method in dict.fromkeys(r["method"] for r in rows):
-        print(f"  {method}: {legend[method]}")
+        print(f"  {method}: {legend.get(method) or legend[parse_method(method)[1]] + ' (' + method + ')'}")
 
 
 def machine() -> str:

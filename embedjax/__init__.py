@@ -8,6 +8,7 @@ Public API::
     loss = embedjax.losses.infonce(za, zb)                        # pure losses of embeddings
     s = embedjax.similarity.matrix(za, zb)                        # the shared similarity core
     scores = embedjax.load_cross_encoder(path).predict([("a query", "a document")])  # cross-encoders
+    terms = embedjax.load_sparse_encoder(path).encode(["a query"])  # SPLADE: scipy CSR (1, vocabulary)
 """
 
 from embedjax import losses, pooling, similarity
@@ -16,8 +17,10 @@ from embedjax.embed import embed
 from embedjax.encoders.bert import BertConfig
 from embedjax.export import save_pretrained
 from embedjax.model import Encoder, load_pretrained
+from embedjax.sparse_model import SparseEncoder, load_sparse_encoder, save_sparse_encoder
 
 __version__ = "0.1.0"
 
 __all__ = ["BertConfig", "CrossEncoder", "Encoder", "embed", "load_cross_encoder", "load_pretrained", "losses", "pooling",
-           "save_cross_encoder", "save_pretrained", "similarity", "__version__"]
+           "save_cross_encoder", "save_pretrained", "similarity", "SparseEncoder", "load_sparse_encoder",
+           "save_sparse_encoder", "__version__"]

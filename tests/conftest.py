@@ -246,6 +246,32 @@ def tiny_cross_encoder(tmp_path_factory, minilm_path) -> Path:
     return shared(tmp_path_factory, "tiny_cross_encoder", lambda d: write_tiny_cross_encoder(d, minilm_path))
 
 
+def write_tiny_masked_lm(d: Path, minilm_path: Path) -> Path:
+    """A random 2-layer ``BertForMaskedLM`` (hidden 32, transformers' init with std 0.2, MLM bias
+    drawn from N(0, 1) so terms of both signs) with MiniLM's tokenizer: a bare SPLADE backbone."""
+    import shutil
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.2)
+    model = transformers.BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias.normal_()
+    model.save_pretrained(d, safe_serialization=True)
+    for name in TINY_TOKENIZER_FILES:
+        shutil.copyfile(minilm_path / name, d / name)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_masked_lm(tmp_path_factory, minilm_path) -> Path:
+    """``write_tiny_masked_lm``, once per session."""
+    return shared(tmp_path_factory, "tiny_masked_lm", lambda d: write_tiny_masked_lm(d, minilm_path))
+
+
 @pytest.fixture(scope="session")
 def small_dev(tmp_path_factory, stsb_dir) -> Path:
     """The first 200 pairs of STS-B dev."""

@@ -160,27 +160,16 @@ def test_mlm_head_equals_bert_for_masked_lm():
     assert float(np.abs(fresh["bias"]).max()) == 0.0 and float(np.std(fresh["transform"]["kernel"])) == pytest.approx(0.02, rel=0.2)
 
 
-def test_splade_embed_of_a_saved_bert_for_masked_lm_equals_sparse_encoder(tmp_path, minilm_path):
-    """A tiny random BertForMaskedLM saved here (MiniLM's tokenizer): its backbone and MLM head
-    loaded from the files encode to sentence-transformers' SparseEncoder vectors (1e-5)."""
-    import shutil
-
+def test_splade_embed_of_a_saved_bert_for_masked_lm_equals_sparse_encoder(tiny_masked_lm):
+    """A tiny random BertForMaskedLM saved by transformers (MiniLM's tokenizer): its backbone and
+    MLM head loaded from the files encode to sentence-transformers' SparseEncoder vectors (1e-5)."""
     import transformers
     from sentence_transformers import SparseEncoder
 
     from embedjax import hf, tokenize
-    from conftest import TINY_TOKENIZER_FILES
 
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.2)
-    model = transformers.BertForMaskedLM(config).eval()
-    with torch.no_grad():
-        model.cls.predictions.bias.normal_()  # terms of both signs
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    for name in TINY_TOKENIZER_FILES:
-        shutil.copyfile(minilm_path / name, tmp_path / name)
-
+    tmp_path = tiny_masked_lm
+    model = transformers.BertForMaskedLM.from_pretrained(tmp_path).eval()
     texts = ["A man is playing a flute.", "Two dogs run on the beach in the evening sun.", "Hi"]
     theirs = SparseEncoder(str(tmp_path), device="cpu").encode(texts, convert_to_tensor=True).to_dense().numpy()
 

@@ -31,12 +31,15 @@ TYPES = {
     "reranking": "embedjax.eval.reranking",
     "pair_classification": "embedjax.eval.pair_classification",
     "csts": "embedjax.eval.csts",
+    # a SPLADE model's (it scores a SparseEncoder)
+    "sparse_retrieval": "embedjax.eval.sparse_retrieval",
     # a cross-encoder run's evaluators (they score a CrossEncoder, not an Encoder)
     "cross_sts": "embedjax.eval.cross:sts_from_spec",
     "cross_csts": "embedjax.eval.cross:csts_from_spec",
     "rerank": "embedjax.eval.cross:rerank_from_spec",
 }
 CROSS_TYPES = ("cross_sts", "cross_csts", "rerank")
+SPARSE_TYPES = ("sparse_retrieval",)
 WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
 
 
@@ -99,6 +102,9 @@ def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc
     entries = {}
     for name, spec in evals.items():
         spec = dict(spec)
+        if spec.get("type") in SPARSE_TYPES:
+            raise ValueError(f"evals.{name}: type {spec['type']!r} scores a SPLADE model (SparseEncoder), "
+                             "not this run's encoder")
         if (spec.get("type") in CROSS_TYPES) != cross_encoder:
             allowed = CROSS_TYPES if cross_encoder else sorted(set(TYPES) - set(CROSS_TYPES))
             raise ValueError(f"evals.{name}: type {spec.get('type')!r} cannot evaluate a "

@@ -55,11 +55,23 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = hf.minilm_l6()      # a checkpoint directory or hub id
     # "bi_encoder" embeds each text alone; "cross_encoder" reads (text_a, text_b) together and a head
-    # scores the pair (a reranker; embedjax/train/cross_objective.py for its losses and batches)
+    # scores the pair (a reranker; embedjax/train/cross_objective.py for its losses and batches);
+    # "splade" embeds each text as vocabulary term weights (the splade section below)
     c.model_kind = "bi_encoder"
     c.num_labels = 1              # cross_encoder: logits per pair (> 1: classes, objective.loss="cross_entropy")
     c.pair_template = placeholder(str)  # cross_encoder on decoders: "Query: {first}\nDocument: {second}"; None = tokenizer pairs
     c.tri_head = "hadamard"       # tri_encoder (C-STS): how the condition conditions each sentence: hadamard | concat
+    # model_kind="splade": a learned sparse model (the checkpoint's MLM head; embedjax/train/sparse_objective.py)
+    c.splade = ml_collections.ConfigDict({
+        "pooling": "max",         # over tokens of log(1 + ReLU(logits)): max (SPLADE v2) | sum
+        "activation": "relu",     # relu | log1p_relu (a second log1p)
+        "query_weight": 5e-5,     # FLOPS regulariser weight on the queries; 0 = off (inference-free query side)
+        "document_weight": 3e-5,  # ... on the documents (positives and hard negatives)
+        "warmup": 1 / 3,          # the weights grow from 0 over this fraction of the run's steps
+        "schedule": "quadratic",  # quadratic (SPLADE) | linear
+        "query_threshold": placeholder(int),  # FLOPS counts only rows with more active terms; None = every row
+        "document_threshold": placeholder(int),
+    })
     c.pooling = placeholder(str)  # the run's one pooling mode (train, eval, export); None = the checkpoint's
     c.max_length = placeholder(int)  # tokens per text; None = the checkpoint's max_seq_length
     c.dtype = "float32"           # compute dtype ("bfloat16" on TPU/GPU); params stay float32

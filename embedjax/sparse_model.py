@@ -260,3 +260,15 @@ def save_sparse_encoder(model: SparseEncoder, directory: str | os.PathLike, *, p
     _write_json(directory / SPARSE_ENCODER_RECORD,
                 {"max_length": model.max_length, "top_k": model.top_k, "embedjax_version": version})
     return directory
+
+
+def save_trained(model: SparseEncoder, params, directory: str | os.PathLike) -> None:
+    """A trained SPLADE model's export (a run's, into its workdir, local or ``gs://``): LoRA
+    adapters merged into the weights, written by ``save_sparse_encoder``."""
+    from embedjax import lora, paths
+
+    cfg = model.cfg
+    if cfg.lora is not None:
+        params, cfg = lora.merge(params, cfg)
+    with paths.staged(directory) as local:
+        save_sparse_encoder(dataclasses.replace(model, cfg=cfg), local, params=params)

@@ -42,6 +42,7 @@ VARIANTS = [
     "beir_reranker", "beir_reranker:smoke", "beir_reranker:cpu,seed=2", "beir_reranker:loss=bce,in_batch=1,negatives=0,top_k=20,lr=1e-5,seed=1,epochs=2",
     "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2", "csts:family=tri",
     "csts:family=tri,head=concat,loss=quadruplet,smoke", "csts:loss=quadruplet",
+    "beir_splade", "beir_splade:smoke", "beir_splade:qw=0,dw=1e-4,lr=5e-5,epochs=2,seed=1,negatives=0,top_k=64",
 ]
 
 
@@ -487,7 +488,7 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
         silver = mined_file.parent / "silver.tsv"
         silver.write_text("A man plays a guitar.\tSomeone plays an instrument.\t3.9\nA cat.\tThe market fell.\t0.21\n")
         c.data.train = str(silver)  # the config's default path is what scripts/mine.py writes first
-    if name.startswith(("beir_ir", "ir_sts", "beir_reranker")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
+    if name.startswith(("beir_ir", "ir_sts", "beir_reranker", "beir_splade")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
         for entry in (*c.data.mixture.values(), c.data):
             if entry.get("hard_negatives"):
                 entry.hard_negatives = str(mined_beir / Path(entry.hard_negatives).name)
@@ -506,6 +507,11 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
         if c.model_kind == "cross_encoder":
             objective = CrossObjective.from_config(objective_cfg, HeadSpec("first_token", c.num_labels))
             check_cross_data(objective, fields, scores, data.in_batch_negatives)
+        elif c.model_kind == "splade":
+            from embedjax.train.sparse_objective import SparseObjective
+
+            objective = SparseObjective.from_config(objective_cfg, c.splade.to_dict())
+            check_objective_data(objective, fields, scores)
         else:
             objective = Objective.from_config(objective_cfg, "mean", teacher=teacher,
                                               tri_head=c.model_kind == "tri_encoder")

@@ -94,17 +94,25 @@ def from_config(evals: Mapping[str, Mapping[str, Any]]) -> list[Evaluator]:
 
 
 def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc_cfg,
-                 cross_encoder: bool = False) -> list[Evaluator]:
+                 cross_encoder: bool = False, sparse: bool = False) -> list[Evaluator]:
     """A training run's evaluators (``config.evals``): an entry without its own ``batch_size`` takes
     ``batch_size`` (``eval_batch_size``); grid depths and widths are checked against the model
     now, not after the first evaluation, and the full depth / width (always a cell) is not
-    listed twice. A ``cross_encoder`` run takes only the ``CROSS_TYPES``, a bi-encoder run none."""
+    listed twice. A ``cross_encoder`` run takes only the ``CROSS_TYPES``, a ``sparse`` (SPLADE) run
+    only the ``SPARSE_TYPES``, a bi-encoder run neither."""
     entries = {}
     for name, spec in evals.items():
         spec = dict(spec)
-        if spec.get("type") in SPARSE_TYPES:
+        if (spec.get("type") in SPARSE_TYPES) != sparse:
+            if sparse:
+                raise ValueError(f"evals.{name}: a SPLADE run is evaluated by {SPARSE_TYPES}, not "
+                                 f"{spec.get('type')!r}")
             raise ValueError(f"evals.{name}: type {spec['type']!r} scores a SPLADE model (SparseEncoder), "
                              "not this run's encoder")
+        if sparse:
+            spec.setdefault("batch_size", batch_size)
+            entries[name] = spec
+            continue
         if (spec.get("type") in CROSS_TYPES) != cross_encoder:
             allowed = CROSS_TYPES if cross_encoder else sorted(set(TYPES) - set(CROSS_TYPES))
             raise ValueError(f"evals.{name}: type {spec.get('type')!r} cannot evaluate a "

@@ -42,7 +42,7 @@ ATTENTION = ("causal", "bidirectional")
 DECAYS = ("linear", "cosine", "constant")
 EMA_SELECT = ("best", "ema", "raw")
 SHARDING_RULES = ("replicated", "fsdp")
-MODEL_KINDS = ("bi_encoder", "cross_encoder", "tri_encoder")
+MODEL_KINDS = ("bi_encoder", "cross_encoder", "tri_encoder", "splade")
 INITIAL_TEACHER = "initial"  # objective.distill.teacher: the run's own starting model, frozen
 
 
@@ -121,10 +121,16 @@ class ModelConfig:
     num_labels: int = 1               # cross_encoder: logits per pair
     pair_template: str | None = None  # cross_encoder on decoders: "...{first}...{second}..."; None: the tokenizer's pairs
     tri_head: str | None = None       # tri_encoder: embedjax.tri_head.KINDS (a bi-encoder plus a condition head)
+    splade: dict | None = None        # splade: the run's splade section (pooling, FLOPS regulariser; sparse_objective.py)
 
     @property
     def cross_encoder(self) -> bool:
         return self.kind == "cross_encoder"
+
+    @property
+    def sparse(self) -> bool:
+        """A SPLADE run (``embedjax.sparse_model.SparseEncoder``)."""
+        return self.kind == "splade"
 
     @classmethod
     def from_config(cls, config) -> ModelConfig:
@@ -155,11 +161,22 @@ class ModelConfig:
             from embedjax import tri_head
 
             by_kind = dict(tri_head=_choice(config.get("tri_head", "hadamard"), tri_head.KINDS, "tri_head"))
+        elif kind == "splade":
+            if config.pooling is not None:
+                raise ValueError("pooling is a dense encoder's; a SPLADE run pools with splade.pooling")
+            by_kind = dict(splade=_splade_section(config.splade))
         return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
                    max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
                    attention=_choice(config.attention, ATTENTION, "attention", optional=True),
                    pooler_init=dict(config.pooler_init or {}), prompts=prompts,
                    include_prompt=bool(config.include_prompt), kind=kind, **by_kind, **rates)
+
+
+def _splade_section(splade) -> dict:
+    """A SPLADE run's ``splade`` section as a plain dict (checked by ``SparseObjective.from_config``)."""
+    return {"pooling": splade.pooling, "activation": splade.activation, "query_weight": splade.query_weight,
+            "document_weight": splade.document_weight, "warmup": splade.warmup, "schedule": splade.schedule,
+            "query_threshold": splade.query_threshold, "document_threshold": splade.document_threshold}
 
 
 def by_side(prompts: Mapping[str, str]) -> dict[str, str]:
@@ -325,26 +342,31 @@ def source_sections(data: Mapping[str, Any], objective: Mapping[str, Any]) -> di
     return out
 
 
-def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any], *, num_labels: int | None = None
-                  ) -> dict[str, SourceConfig]:
+def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any], *, num_labels: int | None = None,
+                  splade: Mapping[str, Any] | None = None) -> dict[str, SourceConfig]:
     """Every training source of a config, parsed: the one of ``data`` / ``objective``, or each
     ``data.mixture`` entry over them (``source_sections``); an entry's errors name it. ``num_labels``: a
-    cross-encoder run's head width (its objectives are checked as cross-encoder losses)."""
+    cross-encoder run's head width (its objectives are checked as cross-encoder losses); ``splade``:
+    a SPLADE run's section (its objectives are checked as SPLADE losses)."""
     sections = source_sections(data, objective)
     if not data["mixture"]:
-        return {"train": _source("train", data, objective, 1.0, num_labels)}
+        return {"train": _source("train", data, objective, 1.0, num_labels, splade)}
     out = {}
     for name, (entry_data, entry_objective, weight) in sections.items():
         try:
-            out[name] = _source(name, entry_data, entry_objective, weight, num_labels)
+            out[name] = _source(name, entry_data, entry_objective, weight, num_labels, splade)
         except ValueError as err:
             raise ValueError(f"data.mixture.{name}: {err}") from None
     return out
 
 
 def _source(name: str, data: Mapping[str, Any], objective: Mapping[str, Any], weight: float,
-            num_labels: int | None = None) -> SourceConfig:
-    if num_labels is None:
+            num_labels: int | None = None, splade: Mapping[str, Any] | None = None) -> SourceConfig:
+    if splade is not None:
+        from embedjax.train.sparse_objective import SparseObjective
+
+        SparseObjective.from_config(objective, splade)
+    elif num_labels is None:
         from embedjax.train.objective import Objective
 
         Objective.check_section(objective)
@@ -441,7 +463,7 @@ class TrainConfig:
         keys of configs/base.py) parsed and checked; a ValueError names the key and what it takes."""
         model = ModelConfig.from_config(config)
         sources = parse_sources(config.data, config.objective,
-                                num_labels=model.num_labels if model.cross_encoder else None)
+                                num_labels=model.num_labels if model.cross_encoder else None, splade=model.splade)
         teachers = {s.teacher for s in sources.values()} - {None}
         if len(teachers) > 1:
             raise ValueError(f"one frozen model (distillation teacher / guide) per run; the sources name "

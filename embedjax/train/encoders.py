@@ -49,10 +49,10 @@ def training_cfg(encoder: Encoder, model: ModelConfig):
 def split_trainable(params, adapters_only: bool):
     """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters, the pooler's own
     params (latent attention), a cross-encoder's head and a tri-encoder's head train and the base is
-    frozen; without, everything trains."""
+    frozen (and a SPLADE model's MLM head); without, everything trains."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
-    own_params = ("pooler/", "head/", "tri_head/")  # trainable pooler, cross-encoder head, tri-encoder head
+    own_params = ("pooler/", "head/", "tri_head/", "mlm_head/")  # trainable pooler, cross / tri-encoder / MLM heads
     trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(own_params)  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 
@@ -77,6 +77,19 @@ def load_cross_model(model: ModelConfig, *, seed: int = 0):
 
     return load_cross_encoder(model.path, num_labels=model.num_labels, max_length=model.max_length,
                               template=model.pair_template, seed=seed)
+
+
+def load_sparse_model(model: ModelConfig, *, seed: int = 0):
+    """A SPLADE run's starting model (``embedjax.sparse_model.load_sparse_encoder``) with the run's
+    length, pooling and prompts: the checkpoint's MLM head, or a fresh one seeded by ``seed``."""
+    from embedjax.sparse_model import load_sparse_encoder
+
+    splade = model.splade or {}
+    encoder = load_sparse_encoder(model.path, max_length=model.max_length, pooling=splade.get("pooling"),
+                                  activation=splade.get("activation"), seed=seed)
+    if model.prompts:
+        encoder = dataclasses.replace(encoder, prompts=dict(model.prompts))
+    return encoder
 
 
 def load_teacher(name: str | None, student: Encoder, model: ModelConfig, *, seed: int = 0) -> Encoder | None:

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import jax
 from etils import epath
 
-from embedjax import cross_model, distributed, export, lora, paths, sharding
+from embedjax import cross_model, distributed, export, lora, paths, sharding, sparse_model
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.encoders import registry
 from embedjax.eval import suite
@@ -80,25 +80,31 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
     # ------------------------------------------------------------------ mesh, encoders, data, evaluators
     mesh = sharding.mesh_from_config(run.mesh)
     cross = run.model.cross_encoder  # a cross-encoder (embedjax.cross_model) where the story says encoder
-    encoder = (encoders.load_cross_model if cross else encoders.load_model)(run.model, seed=run.seed)
+    sparse = run.model.sparse  # a SPLADE encoder (embedjax.sparse_model) where the story says encoder
+    load = encoders.load_cross_model if cross else encoders.load_sparse_model if sparse else encoders.load_model
+    encoder = load(run.model, seed=run.seed)
     params, frozen, encoder = encoders.trainable_params(run.lora, encoder, seed=run.seed)
     enc_cfg = encoders.training_cfg(encoder, run.model)
     teacher = encoders.load_teacher(run.teacher, encoder, run.model, seed=run.seed)
-    st_problem = None if cross else export.sentence_transformers_problem(encoder.pooling, encoder.include_prompt,
+    st_problem = None if cross or sparse else export.sentence_transformers_problem(encoder.pooling, encoder.include_prompt,
                                                                           encoder.tokenizer.appends_eos)
     if st_problem:  # said now, not after hours of training
         log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
                     st_problem)
     training_sources = tasks.build_sources(run.sources, encoder, teacher=teacher, batch_size=run.batch_size,
                                            seed=run.seed, prompts=run.model.prompts,
-                                           mixture=run.mixture_mode is not None)
+                                           mixture=run.mixture_mode is not None, splade=run.model.splade)
     if not cross and (encoder.prompts or any(s.data.prompts or s.data.task for s in run.sources.values())):
         # evaluated and exported with what it was trained with, each source's prompts by name
         encoder = dataclasses.replace(encoder, prompts=tasks.exported_prompts(run.model.prompts, run.sources))
     batches = tasks.SourceStream(training_sources, mixture_mode=run.mixture_mode, seed=run.seed)
     total_steps = tasks.total_train_steps(run.num_steps, run.num_epochs, training_sources, batch_size=run.batch_size,
                                           accumulate=run.optim.accumulate)
-    evaluators = suite.for_training(run.evals, batch_size=run.eval_batch_size, enc_cfg=encoder.cfg, cross_encoder=cross)
+    if sparse:  # the FLOPS regulariser warms up over a fraction of the run's steps
+        for source in training_sources.values():
+            source.objective = source.objective.for_run(total_steps)
+    evaluators = suite.for_training(run.evals, batch_size=run.eval_batch_size, enc_cfg=encoder.cfg, cross_encoder=cross,
+                                    sparse=sparse)
     select = Selection(run.select_metric, run.optim.ema_select, ema=run.optim.ema > 0)
 
     # ------------------------------------------------------------------ optimizer, shardings, placement
@@ -119,8 +125,8 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
     def evaluate(trained) -> dict[str, float]:
         # normalize=True: scored as the export (save_pretrained(normalize=True)) will embed
         full = lora.combine(_local(trained), frozen_local)
-        scored = dataclasses.replace(encoder, params=full) if cross else dataclasses.replace(encoder, params=full,
-                                                                                                normalize=True)
+        scored = (dataclasses.replace(encoder, params=full) if cross or sparse
+                  else dataclasses.replace(encoder, params=full, normalize=True))
         metrics = suite.run_all(evaluators, scored)
         metrics = add_select_metric(run.select_metric, metrics)
         check_select_metric(run.select_metric, metrics)
@@ -202,13 +208,17 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         writer.close()
     if jax.process_index() == 0 and cross:
         cross_model.save_trained(encoder, best_params, workdir)
+    elif jax.process_index() == 0 and sparse:
+        sparse_model.save_trained(encoder, best_params, workdir)
     elif jax.process_index() == 0:
         export.save_trained(encoder, best_params, workdir, sentence_transformers=not st_problem,
                             peft_adapter=run.lora.save_peft, base_model=run.model.path)
     distributed.barrier("exported")  # every host evaluates the file process 0 wrote
     if run.eval_export:
         with paths.local_copy(workdir) as exported:  # a gs:// workdir's export, downloaded
-            reloaded = cross_model.load_cross_encoder(exported) if cross else load_pretrained(exported)
+            reload = (cross_model.load_cross_encoder if cross else sparse_model.load_sparse_encoder if sparse
+                      else load_pretrained)
+            reloaded = reload(exported)
             after = add_select_metric(run.select_metric, suite.run_all(evaluators, reloaded))
     else:  # the exported params, evaluated in memory when they were selected
         after = {k: v for k, v in best_metrics.items() if k != "selected_ema"}

@@ -15,6 +15,7 @@ from embedjax import lora, sharding
 from embedjax.train import memory
 from embedjax.train.cross_objective import CrossObjective, cross_batch_loss
 from embedjax.train.objective import Objective, batch_loss
+from embedjax.train.sparse_objective import SparseObjective, sparse_batch_loss
 from embedjax.train.optim import ema_update
 from embedjax.train.state import TrainState
 
@@ -32,22 +33,30 @@ def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, 
     (``optim.ema_update``).
 
     Metrics: loss, grad_norm and param_norm (global L2 norms of the trained params; the loop's
-    NaN guard reads them).
+    NaN guard reads them); a SPLADE objective adds its loss's parts (FLOPS terms, active terms).
     """
     key = jax.random.fold_in(state.rng, state.step)
-    loss_fn = cross_batch_loss if isinstance(objective, CrossObjective) else batch_loss
+    sparse_run = isinstance(objective, SparseObjective)
+    if sparse_run:  # its regulariser warms up with the step
+        loss_fn = functools.partial(sparse_batch_loss, step=state.step)
+    else:
+        loss_fn = cross_batch_loss if isinstance(objective, CrossObjective) else batch_loss
 
     def loss_of(trainable):
         params = trainable if frozen is None else lora.combine(trainable, frozen)
         return loss_fn(params, enc_cfg, objective, batch, key, teacher=teacher)
 
-    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    if sparse_run:
+        (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    else:
+        (loss, grads), parts = jax.value_and_grad(loss_of)(state.params), {}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
+        **parts,
     }
     ema = state.ema if state.ema is None else ema_update(state.ema, params, ema_decay)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics

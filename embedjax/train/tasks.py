@@ -84,17 +84,28 @@ def exported_prompts(run_prompts: Mapping[str, str], specs: Mapping[str, SourceC
 
 
 def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | None, batch_size: int, seed: int,
-                 prompts: Mapping[str, str], mixture: bool = False) -> TrainingSource:
+                 prompts: Mapping[str, str], mixture: bool = False,
+                 splade: Mapping[str, Any] | None = None) -> TrainingSource:
     """One ``TrainingSource``: records read and checked against its objective (errors name the
     mixture entry), and its batch iterator (seeded by ``seed``). ``prompts``: the run's
     ``{"query", "document"}`` instructions (a source's own ``data.prompts`` win). A cross-encoder
-    (``embedjax.cross_model.CrossEncoder``) gets batches of candidate groups and a ``CrossObjective``."""
+    (``embedjax.cross_model.CrossEncoder``) gets batches of candidate groups and a ``CrossObjective``;
+    a SPLADE encoder (``embedjax.sparse_model.SparseEncoder``) a ``SparseObjective`` from ``splade``
+    (the run's section) and padded batches."""
     from embedjax.cross_model import CrossEncoder
+    from embedjax.sparse_model import SparseEncoder
 
     if isinstance(encoder, CrossEncoder):
         return _cross_source(spec, encoder, batch_size=batch_size, seed=seed, mixture=mixture)
-    objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher,  # the run's one pooling
-                                      tri_head=tri_head.KEY in encoder.params)
+    if isinstance(encoder, SparseEncoder):
+        from embedjax.train.sparse_objective import SparseObjective
+
+        objective = SparseObjective.from_config(spec.objective, splade)
+        if spec.data.pack_length:
+            raise ValueError("a SPLADE run reads padded batches: set data.pack_length=0")
+    else:
+        objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher,  # the run's one pooling
+                                          tri_head=tri_head.KEY in encoder.params)
     try:
         side_prompts = by_side(source_prompts(prompts, spec.data))
         records = sources.train_source(spec.data)
@@ -105,9 +116,9 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
         raise ValueError(f"data.mixture.{spec.name}: {err}") from None
     tokenizer = encoder.tokenizer.replace(buckets=spec.data.buckets)  # keeps an appended EOS
     iterator = pipeline.train_pipeline(records, tokenizer, global_batch_size=batch_size, seed=seed,
-                                       preprocess=str.lower if encoder.lowercase else None, common_length=True,
-                                       packing=packing_for(spec.data, objective), prompts=side_prompts,
-                                       include_prompt=encoder.include_prompt)
+                                       preprocess=str.lower if getattr(encoder, "lowercase", False) else None,
+                                       common_length=True, packing=packing_for(spec.data, objective),
+                                       prompts=side_prompts, include_prompt=getattr(encoder, "include_prompt", True))
     return TrainingSource(spec.name, spec.data, objective, records, iterator, spec.weight)
 
 
@@ -134,11 +145,12 @@ def _cross_source(spec: SourceConfig, model, *, batch_size: int, seed: int, mixt
 
 
 def build_sources(specs: Mapping[str, SourceConfig], encoder: Encoder, *, teacher: Encoder | None, batch_size: int,
-                  seed: int, prompts: Mapping[str, str], mixture: bool) -> dict[str, TrainingSource]:
+                  seed: int, prompts: Mapping[str, str], mixture: bool,
+                  splade: Mapping[str, Any] | None = None) -> dict[str, TrainingSource]:
     """Every source of the run (``mixture``: the entries of ``data.mixture``); the i-th shuffles
     with ``seed + i``."""
     return {name: build_source(spec, encoder, teacher=teacher, batch_size=batch_size, seed=seed + i, prompts=prompts,
-                               mixture=mixture)
+                               mixture=mixture, splade=splade)
             for i, (name, spec) in enumerate(specs.items())}
 
 

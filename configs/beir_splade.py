@@ -1,0 +1,60 @@
+"""A SPLADE model (learned sparse retrieval, arXiv:2107.05720 / 2109.10086): all-MiniLM-L6-v2 with an MLM
+head over its tied word embeddings, trained on SciFact + NFCorpus train (BEIR) with InfoNCE on sparse
+dot products plus the FLOPS regulariser, evaluated by exact inverted-index search on SciFact dev and
+NFCorpus dev (nDCG@10, active terms per query and document, FLOPS), selected on their mean.
+
+all-MiniLM-L6-v2 ships no MLM head (it is a ``BertModel``): the head starts fresh
+(``embedjax.sparse.init_mlm_head``, transformers' initialisation), so the vectors start nearly dense
+and the regulariser makes them sparse as it warms up (quadratically over the first third of the
+steps). The data, order and hard negatives are configs/beir_ir.py's (first mine its negatives: its
+docstring has the ``scripts/mine.py --beir`` command):
+
+    python scripts/train.py --config configs/beir_splade.py --workdir workdirs/beir_splade
+
+Variants: ``:seed=N``, ``:lr=X``, ``:epochs=E``, ``:qw=X`` / ``:dw=X`` (the query / document FLOPS
+weights; ``qw=0`` leaves the queries unregularised), ``:negatives=K`` / ``:nf_negatives=K`` (mined
+negatives per query and step, as configs/beir_ir.py), ``:mined=DIR``, ``:top_k=K`` (evaluation keeps
+each vector's K largest terms; default all), ``:smoke``. Any other BEIR directory: ``:beir=DIR`` trains
+on its ``split`` (``:split=S``, default train) with in-batch negatives and evaluates on its dev split:
+
+    python scripts/train.py --config configs/beir_splade.py:beir=data/my_beir --workdir workdirs/my_splade
+"""
+
+from configs import base, beir_ir
+
+
+def get_config(arg: str | None = None):
+    args = base.parse_arg(arg, allowed=("seed", "lr", "epochs", "qw", "dw", "negatives", "nf_negatives", "mined",
+                                        "top_k", "beir", "split", "smoke"))
+    c = base.base_config()
+    c.model_kind = "splade"
+    c.seed = int(args.get("seed", 0))
+    c.max_length = 128  # all-MiniLM-L6-v2 was trained at 128 tokens; abstracts are cut there
+    c.objective.loss = "infonce"
+    c.objective.loss_kwargs = {"scale": 1.0, "similarity": "dot"}  # SparseMultipleNegativesRankingLoss's
+    c.objective.dropout = False
+    c.splade.query_weight = float(args.get("qw", 5e-5))
+    c.splade.document_weight = float(args.get("dw", 3e-5))
+    c.optim.learning_rate = float(args.get("lr", 2e-5))
+    c.num_epochs = float(args.get("epochs", 1.0))
+    c.data.kind = "beir"
+    c.data.pack_length = 0  # SPLADE reads padded batches
+    c.data.buckets = (16, 32, 64, 128, 192, 256)
+    top_k = int(args.get("top_k", 0))
+    if args.get("beir"):  # one BEIR directory: train on a split, evaluate on its dev split
+        c.data.train, c.data.split = str(args["beir"]), str(args.get("split", "train"))
+        evals = {"dev": {"path": str(args["beir"]), "split": "dev"}}
+        c.select_metric = "dev/ndcg@10"
+    else:
+        c.data.train = str(base.DATA / "beir" / "scifact")
+        c.data.mixture = beir_ir.retrieval_sources(args)
+        c.data.mixture_mode = "sampled"
+        evals = beir_ir.RETRIEVAL_EVALS
+        c.select_metric = beir_ir.RETRIEVAL_SELECT
+    c.evals = {name: {**spec, "type": "sparse_retrieval", **({"top_k": top_k} if top_k else {})}
+               for name, spec in evals.items()}
+    c.eval_every = 10_000  # one evaluation, after the last step (as configs/beir_ir.py)
+    c.eval_start = False   # the fresh head's vectors are nearly dense: an index of them is huge and meaningless
+    c.eval_export = False
+    c.checkpoint.every = 50
+    return base.maybe_smoke(c, args)

@@ -1,4 +1,5 @@
-"""Retrieval fine-tuning side by side: sentence-transformers' MNRL, CachedMNRL and GISTEmbed vs embedjax's recipes.
+"""Retrieval fine-tuning side by side: sentence-transformers' MNRL, CachedMNRL, GISTEmbed and SPLADE
+(SparseEncoder) vs embedjax's recipes.
 
 The same model (all-MiniLM-L6-v2, 128 tokens), the same records in the same order, batch, steps
 and learning-rate schedule: every trainer gets the batches ``configs/beir_ir.py`` trains on with
@@ -13,6 +14,10 @@ exported model is the last step's, like sentence-transformers' final weights).
 
 Every exported model, and the start, is scored with the same embedjax evaluators, 128 tokens:
 SciFact dev and NFCorpus dev nDCG@10 (full corpora), STS-B dev and SICK trial cosine Spearman.
+SPLADE rows (``beir_splade``, ``st:splade``: the same batches, InfoNCE at scale 1 on sparse dot
+products, FLOPS weights 5e-5 / 3e-5 warmed up quadratically over a third of the steps, a fresh MLM
+head on MiniLM) are scored by ``embedjax.eval.sparse_retrieval`` (exact inverted-index search) on
+the same two corpora, with SciFact's mean active terms per query and document; no STS columns.
 Each (method, seed) runs in its own subprocess, one after the other; its row is appended to
 ``ROOT/results.jsonl`` and a rerun skips what is there (so a long benchmark can be resumed).
 
@@ -50,6 +55,7 @@ EMBEDJAX = {
     "beir_ir:fn=0.1": ("configs/beir_ir.py:fn=0.1", "+ in-batch candidates above s_pos + 0.1 masked (Qwen3-Embedding)"),
     "beir_ir:guide=1": ("configs/beir_ir.py:guide=1", "+ false negatives decided by the initial model (GISTEmbed)"),
     "beir_ir:anchor=10": ("configs/beir_ir.py:anchor=10", "beir_ir + every text anchored to the initial model (cosine, weight 10)"),
+    "beir_splade": ("configs/beir_splade.py", "SPLADE: InfoNCE on sparse dots + FLOPS 5e-5 / 3e-5, quadratic warm-up"),
     # not the same batches: the retrieval batches of beir_ir and STS-B train's between them
     "ir_sts": ("configs/ir_sts.py", "retrieval + anchored STS-B AnglE (CoDiEmb); 280 steps, more data"),
     # the STS-only recipe, for what ir_sts must match on STS: STS-B train only, 180 steps, its last step
@@ -59,7 +65,9 @@ ST = {
     "st:mnrl": "MultipleNegativesRankingLoss (scale 20)",
     "st:cmnrl": "CachedMultipleNegativesRankingLoss (scale 20, mini-batch 8)",
     "st:gist": "GISTEmbedLoss (initial model as guide, temperature 0.05)",
+    "st:splade": "SparseEncoder: SpladeLoss(SparseMultipleNegativesRankingLoss), FLOPS 5e-5 / 3e-5, quadratic warm-up",
 }
+SPARSE = ("beir_splade", "st:splade")  # scored as SPLADE models
 
 
 # --------------------------------------------------------------------------- shared
@@ -118,6 +126,26 @@ def score(path: str) -> dict[str, float]:
     out = {name: float(metrics[key]) for name, key in SCORES.items()}
     for name in ("scifact", "nfcorpus"):
         out[name] *= 100  # nDCG in points, like Spearman x100
+    out["ir_mean"] = (out["scifact"] + out["nfcorpus"]) / 2
+    return out
+
+
+def score_sparse(path: str) -> dict[str, float]:
+    """A SPLADE export's columns: nDCG@10 on both corpora by exact sparse search, SciFact's mean
+    active terms per query and document; no STS (a sparse model is not scored by cosine here)."""
+    from embedjax.data.retrieval_readers import read_beir
+    from embedjax.eval.sparse_retrieval import SparseRetrievalEvaluator
+    from embedjax.sparse_model import load_sparse_encoder
+
+    model = load_sparse_encoder(path, max_length=MAX_LENGTH)
+    out = {"stsb": float("nan"), "sick": float("nan")}
+    top_k = 64 if SMOKE_STEPS else None  # a check of the script: a barely trained head's vectors are nearly dense
+    for name in ("scifact", "nfcorpus"):
+        metrics = SparseRetrievalEvaluator(read_beir(DATA / "beir" / name, "dev"), name=name, top_k=top_k)(model)
+        out[name] = 100 * metrics[f"{name}/ndcg@10"]
+        if name == "scifact":
+            out["query_terms"] = metrics[f"{name}/query_active_terms"]
+            out["document_terms"] = metrics[f"{name}/document_active_terms"]
     out["ir_mean"] = (out["scifact"] + out["nfcorpus"]) / 2
     return out
 
@@ -200,16 +228,29 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
 
     replay = Replay()
 
-    class Trainer(SentenceTransformerTrainer):
+    if method == "st:splade":
+        from sentence_transformers import SparseEncoder, SparseEncoderTrainer
+        from sentence_transformers.sparse_encoder import losses as sparse_losses
+        from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+        base_trainer = SparseEncoderTrainer
+        # MiniLM is a BertModel: transformers gives the MLM head its own initialisation, as embedjax does
+        model = SparseEncoder(modules=[MLMTransformer(hf.minilm_l6(), max_seq_length=MAX_LENGTH),
+                                       SpladePooling("max")], device="cpu")
+        loss = sparse_losses.SpladeLoss(model, sparse_losses.SparseMultipleNegativesRankingLoss(model),
+                                        query_regularizer_weight=5e-5, document_regularizer_weight=3e-5)
+    else:
+        base_trainer = SentenceTransformerTrainer
+        model = SentenceTransformer(hf.minilm_l6(), device="cpu")
+        model.max_seq_length = MAX_LENGTH
+        loss = {"st:mnrl": lambda: losses.MultipleNegativesRankingLoss(model, scale=20.0),
+                "st:cmnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=8),
+                "st:gist": lambda: losses.GISTEmbedLoss(model, SentenceTransformer(hf.minilm_l6(), device="cpu"),
+                                                        temperature=0.05)}[method]()
+
+    class Trainer(base_trainer):
         def get_multi_dataset_batch_sampler(self, *args, **kwargs):
             return replay
-
-    model = SentenceTransformer(hf.minilm_l6(), device="cpu")
-    model.max_seq_length = MAX_LENGTH
-    loss = {"st:mnrl": lambda: losses.MultipleNegativesRankingLoss(model, scale=20.0),
-            "st:cmnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=8),
-            "st:gist": lambda: losses.GISTEmbedLoss(model, SentenceTransformer(hf.minilm_l6(), device="cpu"),
-                                                    temperature=0.05)}[method]()
     stamps: list[float] = []
 
     class Timer(TrainerCallback):
@@ -230,8 +271,8 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
         raise RuntimeError(f"the trainer took {replay.served} planned batches and ran {len(stamps)} steps, not {steps}")
     model.save(str(workdir / "export"))
     times = list(np.diff(stamps))[min(5, steps // 2):]  # the first steps warm up
-    return {"steps": steps, "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3),
-            **score(str(workdir / "export"))}
+    scores = score_sparse(str(workdir / "export")) if method in SPARSE else score(str(workdir / "export"))
+    return {"steps": steps, "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3), **scores}
 
 
 def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict:
@@ -244,15 +285,21 @@ def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict
     c.eval_every = 10**9  # only after the last step: the export is the last step, as sentence-transformers'
     c.num_steps = SMOKE_STEPS or None
     c.checkpoint.every = 10**9
-    c.evals = {"stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"}}
-    c.select_metric = "stsb_dev/cosine_spearman"
+    sparse = c.model_kind == "splade"
+    if not sparse:  # a SPLADE run keeps its own (sparse) evaluators; score_sparse scores its export
+        c.evals = {"stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"}}
+        c.select_metric = "stsb_dev/cosine_spearman"
+    if sparse and SMOKE_STEPS:
+        c.evals = {"scifact_dev": {**c.evals["scifact_dev"], "top_k": 64}}
+        c.select_metric = "scifact_dev/ndcg@10"
     t0 = time.perf_counter()
     summary = train_and_evaluate(c, workdir / "export")
     train_s = time.perf_counter() - t0
     logged = [json.loads(line) for line in (workdir / "export" / "metrics.jsonl").read_text().splitlines()]
     times = [c.batch_size / r["examples_per_s"] for r in logged if "examples_per_s" in r]
+    scores = score_sparse(str(workdir / "export")) if sparse else score(str(workdir / "export"))
     return {"steps": summary["steps"], "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3),
-            **score(str(workdir / "export"))}
+            **scores}
 
 
 def run_one(method: str, seed: int, root: Path, batch_size: int) -> dict:
@@ -285,15 +332,15 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    columns = ("ir_mean", "scifact", "nfcorpus", "stsb", "sick")
+    columns = ("ir_mean", "scifact", "nfcorpus", "stsb", "sick", "query_terms", "document_terms")
     lines = ["| method | seeds | " + " | ".join(f"{c} mean +- spread" for c in columns) + " | step s | train s |",
              "|---|---|" + "---:|" * (len(columns) + 2)]
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
         cells = []
         for c in columns:
-            values = [r[c] for r in mine]
-            cells.append(f"{statistics.fmean(values):.2f} +- {max(values) - min(values):.2f}")
+            values = [r[c] for r in mine if c in r and r[c] == r[c]]  # a dense row has no terms, a sparse one no STS
+            cells.append(f"{statistics.fmean(values):.2f} +- {max(values) - min(values):.2f}" if values else "-")
         step = [r["step_s"] for r in mine if r["step_s"] is not None]
         step_cell = f"{statistics.median(step):.2f}" if step else "-"
         train = statistics.fmean(r["train_s"] for r in mine)

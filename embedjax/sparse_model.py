@@ -146,20 +146,27 @@ def splade_jit(params, cfg, input_ids, attention_mask, token_type_ids, *, poolin
 
 
 def _modules(directory: Path) -> tuple[dict, dict | None]:
-    """(SpladePooling's config, the MLMTransformer's sentence_bert_config) of a sentence-transformers
-    SparseEncoder directory; ({}, None) for a bare checkpoint. Other module stacks are refused."""
+    """(SpladePooling's config, the transformer's sentence_bert_config) of a sentence-transformers
+    directory; ({}, None) for a bare checkpoint. A dense SentenceTransformer (a ``Transformer`` then
+    pooling modules) gives its backbone only (a SPLADE model to train from it); other module stacks
+    are refused."""
     modules = hf.read_json(directory / "modules.json")
     if modules is None:
         return {}, None
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
-    if kinds != ["MLMTransformer", "SpladePooling"]:
-        raise CheckpointError(f"{directory / 'modules.json'}: modules {kinds}; embedjax loads SparseEncoders made of "
-                              "['MLMTransformer', 'SpladePooling'] (an inference-free Router is not supported yet)")
-    if modules[0].get("path", "") not in ("", "."):
-        raise CheckpointError(f"{directory / 'modules.json'}: the MLMTransformer must be at the top level, "
+    if modules and modules[0].get("path", "") not in ("", ".") and kinds[0] in ("MLMTransformer", "Transformer"):
+        raise CheckpointError(f"{directory / 'modules.json'}: the {kinds[0]} must be at the top level, "
                               f"not in {modules[0]['path']!r}")
-    pooling = hf.read_json(directory / modules[1]["path"] / "config.json") or {}
-    return pooling, hf.read_json(directory / "sentence_bert_config.json") or {}
+    st_config = hf.read_json(directory / "sentence_bert_config.json") or {}
+    if kinds == ["MLMTransformer", "SpladePooling"]:
+        return hf.read_json(directory / modules[1]["path"] / "config.json") or {}, st_config
+    if kinds and kinds[0] == "Transformer" and not {"MLMTransformer", "SpladePooling", "Router"} & set(kinds):
+        log.info("%s is a dense SentenceTransformer (%s): its backbone is read, its pooling modules are not",
+                 directory, kinds)
+        return {}, st_config
+    raise CheckpointError(f"{directory / 'modules.json'}: modules {kinds}; embedjax loads SparseEncoders made of "
+                          "['MLMTransformer', 'SpladePooling'] (an inference-free Router is not supported yet), "
+                          "or a dense SentenceTransformer's backbone")
 
 
 def load_sparse_encoder(name_or_path: str | os.PathLike, *, max_length: int | None = None, top_k: int | None = None,
@@ -169,8 +176,8 @@ def load_sparse_encoder(name_or_path: str | os.PathLike, *, max_length: int | No
 
     Args:
       name_or_path: a sentence-transformers SparseEncoder (MLMTransformer + SpladePooling), a
-        ``BertForMaskedLM`` (its head is loaded) or a ``BertModel`` (a fresh MLM head from
-        ``seed``, logged: its vectors are meaningless until trained).
+        ``BertForMaskedLM`` (its head is loaded) or a ``BertModel`` / dense SentenceTransformer
+        (a fresh MLM head from ``seed``, logged: its vectors are meaningless until trained).
       max_length: truncation in tokens; default: the saved one, else min(512, the model's limit).
       top_k: keep each vector's k largest terms (default: the saved value, else all).
       pooling / activation: override the saved SpladePooling (default max / relu).

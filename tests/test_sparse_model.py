@@ -83,13 +83,11 @@ def test_loading_refuses_what_it_cannot_read(tiny_masked_lm, tiny_model, tmp_pat
         load_sparse_encoder(d)
     with pytest.raises(ValueError, match="max_length must be in 1..128"):
         load_sparse_encoder(tiny_masked_lm, max_length=1000)
-    # a bare BertModel: a fresh head, said in the log
-    d = tmp_path / "bare"
-    shutil.copytree(tiny_model, d)
-    (d / "modules.json").unlink()
+    # a dense SentenceTransformer (Transformer, Pooling): its backbone and a fresh head, said in the log
     with caplog.at_level(logging.WARNING, logger="embedjax.sparse_model"):
-        fresh = load_sparse_encoder(d)
+        fresh = load_sparse_encoder(tiny_model)
     assert "no MLM head" in caplog.text and float(np.abs(fresh.params["mlm_head"]["bias"]).max()) == 0.0
+    assert fresh.max_length == 64  # its sentence_bert_config.json's max_seq_length
 
 
 def smaller_beir(small_beir, d, n_queries=24, n_docs=60):

@@ -106,8 +106,10 @@ class SparseObjective:
                    dropout=fields["dropout"], **thresholds)
 
     def for_run(self, total_steps: int) -> SparseObjective:
-        """This objective with its warm-up in steps of a run of ``total_steps``."""
-        return dataclasses.replace(self, warmup_steps=int(round(self.warmup * total_steps)))
+        """This objective with its warm-up in steps of a run of ``total_steps``: ``int(warmup * total_steps)``
+        (at least 1 when ``warmup`` > 0), as sentence-transformers' SpladeRegularizerWeightSchedulerCallback."""
+        steps = int(self.warmup * total_steps)
+        return dataclasses.replace(self, warmup_steps=max(steps, 1) if self.warmup > 0 else 0)
 
 
 def splade_side(params, cfg, objective: SparseObjective, side: Side, key):

@@ -12,6 +12,10 @@ convention: **higher means more similar**, so distances come back negated
 * ``hamming_pairwise`` / ``hamming_matrix`` (metric ``"hamming"``): negative Hamming distance of
   packed sign bits (uint8, 8 dimensions per byte; ``embedjax.eval.quantize.binary``).
 * ``topk``: chunked top-k over a large corpus, never materialising the (Q, N) score matrix.
+* ``maxsim_pairwise`` / ``maxsim_matrix`` / ``maxsim_segments``: late interaction (ColBERT,
+  arXiv:2004.12832): a query of token vectors scores a document by the sum over its tokens of
+  the best dot product with any document token; padded (token masks) or packed (flat tokens
+  with a text id each) rows.
 """
 from __future__ import annotations
 
@@ -193,6 +197,54 @@ def matrix(a, b, metric="cosine"):
     except KeyError:
         raise ValueError(f"unknown metric {metric!r}; choose from {tuple(_MATRIX)}") from None
     return fn(a, b)
+
+
+# ---------------------------------------------------------------- late interaction (MaxSim)
+
+
+def _masked_max(scores, d_mask, masked_as_zero: bool):
+    """Max over the last axis (document tokens) of the kept ones; 0 where none is kept.
+    ``masked_as_zero``: masked tokens score 0 instead of being left out (ColBERT's and PyLate's
+    zeroed padding: a query token whose every real match is negative then gets 0)."""
+    if d_mask is not None:
+        scores = jnp.where(d_mask.astype(bool), scores, 0.0 if masked_as_zero else -jnp.inf)
+    best = jnp.max(scores, axis=-1)
+    return jnp.where(jnp.isfinite(best), best, 0.0)
+
+
+def maxsim_pairwise(q, d, q_mask=None, d_mask=None, *, masked_as_zero: bool = False):
+    """MaxSim of q_i and d_i: ``(..., Tq, D), (..., Td, D) -> (...)``, the sum over the kept query
+    tokens (``q_mask`` (..., Tq), 1 = kept) of the best dot product with a kept document token
+    (``d_mask`` (..., Td)). Normalise the token vectors first for ColBERT's cosine MaxSim."""
+    best = _masked_max(jnp.einsum("...qh,...th->...qt", as_float32(q), as_float32(d)),
+                       None if d_mask is None else d_mask[..., None, :], masked_as_zero)
+    if q_mask is not None:
+        best = best * q_mask.astype(best.dtype)
+    return jnp.sum(best, axis=-1)
+
+
+def maxsim_matrix(q, d, q_mask=None, d_mask=None, *, masked_as_zero: bool = False):
+    """MaxSim of every query with every document: ``(N, Tq, D), (M, Td, D) -> (N, M)`` (masks
+    ``(N, Tq)``, ``(M, Td)``). Holds an (N, M, Tq, Td) block: sized for a batch's in-batch
+    negatives; search a corpus chunk by chunk with it, never as one block."""
+    scores = jnp.einsum("nqh,mth->nmqt", as_float32(q), as_float32(d))
+    best = _masked_max(scores, None if d_mask is None else d_mask[None, :, None, :], masked_as_zero)
+    if q_mask is not None:
+        best = best * q_mask[:, None, :].astype(best.dtype)
+    return jnp.sum(best, axis=-1)
+
+
+def maxsim_segments(q_tokens, q_ids, d_tokens, d_ids, num_queries: int, num_documents: int):
+    """MaxSim of packed rows: flat token vectors ``q_tokens (Nq, D)``, ``d_tokens (Nd, D)`` with the
+    index of their text (``q_ids`` (Nq,), ``d_ids`` (Nd,); an id outside [0, num) is padding) ->
+    ``(num_queries, num_documents)``. Each text's tokens are its own, wherever they sit in the
+    rows; the cost is one (Nq, Nd) token-score block."""
+    scores = as_float32(q_tokens) @ as_float32(d_tokens).T  # (Nq, Nd)
+    d_seg = jnp.where((d_ids >= 0) & (d_ids < num_documents), d_ids, num_documents)
+    best = jax.ops.segment_max(scores.T, d_seg, num_segments=num_documents + 1)[:num_documents]  # (M, Nq)
+    best = jnp.where(jnp.isfinite(best), best, 0.0)  # a document with no token
+    q_seg = jnp.where((q_ids >= 0) & (q_ids < num_queries), q_ids, num_queries)
+    return jax.ops.segment_sum(best.T, q_seg, num_segments=num_queries + 1)[:num_queries]
 
 
 # ---------------------------------------------------------------- chunked top-k

@@ -246,23 +246,34 @@ def tiny_cross_encoder(tmp_path_factory, minilm_path) -> Path:
     return shared(tmp_path_factory, "tiny_cross_encoder", lambda d: write_tiny_cross_encoder(d, minilm_path))
 
 
+TINY_MLM_VOCAB = 3000  # MiniLM's first 3,000 word pieces: the specials, the characters and ~1,000 common words
+
+
 def write_tiny_masked_lm(d: Path, minilm_path: Path) -> Path:
     """A random 2-layer ``BertForMaskedLM`` (hidden 32, transformers' init with std 0.2, MLM bias
-    drawn from N(0, 1) so terms of both signs) with MiniLM's tokenizer: a bare SPLADE backbone."""
-    import shutil
-
+    drawn from N(0, 1) so terms of both signs) over MiniLM's tokenizer cut to its first
+    ``TINY_MLM_VOCAB`` word pieces (the rest read as [UNK]): a bare SPLADE backbone whose
+    vocabulary-wide head costs a tenth of a real one's."""
     import torch
     import transformers
 
+    tokenizer = json.loads((minilm_path / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    tokenizer["model"]["vocab"] = {t: i for t, i in vocab.items() if i < TINY_MLM_VOCAB}
+    (d / "tokenizer.json").write_text(json.dumps(tokenizer))
+    words = (minilm_path / "vocab.txt").read_text().splitlines()[:TINY_MLM_VOCAB]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (minilm_path / name).is_file():
+            (d / name).write_bytes((minilm_path / name).read_bytes())
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.2)
+    config = transformers.BertConfig(vocab_size=TINY_MLM_VOCAB, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+                                     initializer_range=0.2)
     model = transformers.BertForMaskedLM(config).eval()
     with torch.no_grad():
         model.cls.predictions.bias.normal_()
     model.save_pretrained(d, safe_serialization=True)
-    for name in TINY_TOKENIZER_FILES:
-        shutil.copyfile(minilm_path / name, d / name)
     return d
 
 

@@ -179,7 +179,7 @@ def test_splade_embed_of_a_saved_bert_for_masked_lm_equals_sparse_encoder(tiny_m
     batch = tok(texts)
     got = np.asarray(sparse.splade_embed(params, cfg, head, batch.input_ids, batch.attention_mask,
                                          token_type_ids=batch.token_type_ids))[: len(texts)]
-    assert 0 < (got > 0).sum(axis=1).min() < 30522  # sparse, not empty
+    assert 0 < (got > 0).sum(axis=1).min() < got.shape[1]  # sparse, not empty
     np.testing.assert_allclose(got, theirs, rtol=1e-5, atol=1e-5)
     pruned = np.asarray(sparse.splade_embed(params, cfg, head, batch.input_ids, batch.attention_mask,
                                             token_type_ids=batch.token_type_ids, k=5))[: len(texts)]

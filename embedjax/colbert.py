@@ -1,0 +1,109 @@
+"""ColBERT (late interaction, arXiv:2004.12832; ColBERTv2 arXiv:2112.01488) as pure functions: the
+per-token projection, the query and document inputs (marker token, query augmentation with mask
+tokens, the punctuation skiplist), and token vectors; scoring is the similarity core's MaxSim
+(``embedjax.similarity.maxsim_*``).
+
+The layout follows PyLate's ``ColBERT`` (what its checkpoints hold):
+
+* a marker token id is inserted right after ``[CLS]``: ``[Q] `` for queries, ``[D] `` for
+  documents (so the tokenizer truncates at ``length - 1``);
+* a query is padded to ``query_length`` with ``[MASK]`` tokens (query augmentation): they are not
+  attended to (unless ``attend_to_expansion``) but their output vectors all score;
+* a document keeps its real tokens except the skiplist's (punctuation), which do not score;
+* every token's hidden state goes through a linear projection without bias (128 wide by
+  default) and is L2-normalised, so MaxSim sums cosines.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embedjax import similarity
+from embedjax.encoders import registry
+
+DEFAULT_DIM = 128
+SKIPLIST_WORDS = tuple(string.punctuation)  # PyLate's default skiplist: ASCII punctuation
+
+
+def init_projection(hidden_size: int, dim: int = DEFAULT_DIM, key=None) -> dict:
+    """A fresh projection ``{"kernel": (hidden_size, dim)}``, as ``torch.nn.Linear`` initialises
+    one (uniform in +-1/sqrt(hidden_size)): what PyLate's Dense starts from on a plain backbone."""
+    key = jax.random.key(0) if key is None else key
+    bound = 1.0 / np.sqrt(hidden_size)
+    return {"kernel": jax.random.uniform(key, (hidden_size, dim), jnp.float32, -bound, bound)}
+
+
+def projection_from_state_dict(state: dict[str, np.ndarray]) -> dict:
+    """PyLate's Dense module (``linear.weight`` (dim, hidden), no bias) as ``{"kernel": (hidden, dim)}``."""
+    if "linear.weight" not in state:
+        raise KeyError(f"a ColBERT projection holds 'linear.weight', found {sorted(state)}")
+    if "linear.bias" in state:
+        raise ValueError("this ColBERT projection has a bias; embedjax reads PyLate's bias-free Dense")
+    return {"kernel": np.ascontiguousarray(np.asarray(state["linear.weight"], np.float32).T)}
+
+
+def projection_to_state_dict(projection: dict) -> dict[str, np.ndarray]:
+    """``projection_from_state_dict``'s inverse."""
+    return {"linear.weight": np.ascontiguousarray(np.asarray(projection["kernel"], np.float32).T)}
+
+
+def token_vectors(params, cfg, projection: dict, input_ids, attention_mask, *, token_type_ids=None,
+                  dropout_key=None, remat: bool | str = False, unroll: bool | int = True):
+    """Token ids (B, T) -> unit token vectors (B, T, dim) float32: the backbone's last hidden
+    states, projected and L2-normalised (padding positions too: masks decide what scores)."""
+    hidden = registry.of(cfg).apply(params, cfg, input_ids, attention_mask, token_type_ids=token_type_ids,
+                                    all_layers=False, dropout_key=dropout_key, remat=remat, unroll=unroll)
+    return similarity.l2_normalize(hidden.astype(jnp.float32) @ projection["kernel"])
+
+
+def insert_marker(ids: Sequence[int], marker_id: int | None) -> list[int]:
+    """``ids`` with the query / document marker right after the first ([CLS]) token; unchanged
+    when ``marker_id`` is None (a model without markers)."""
+    ids = list(ids)
+    return ids if marker_id is None else ids[:1] + [int(marker_id)] + ids[1:]
+
+
+def query_inputs(ids: Sequence[int], query_length: int, *, marker_id: int | None, mask_token_id: int,
+                 attend_to_expansion: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One query's ``(input_ids, attention_mask, score_mask)``, each (query_length,): its tokens
+    (already truncated to ``query_length - 1`` with the marker, ``query_length`` without), padded
+    with ``mask_token_id`` (query augmentation), the marker inserted. The mask tokens are attended
+    to only with ``attend_to_expansion``; every position scores."""
+    room = query_length - (marker_id is not None)
+    if len(ids) > room:
+        raise ValueError(f"a query of {len(ids)} tokens does not fit query_length={query_length} "
+                         f"({room} tokens before the marker): truncate it when tokenizing")
+    padded = list(ids) + [int(mask_token_id)] * (room - len(ids))
+    attended = [1] * len(ids) + [int(attend_to_expansion)] * (room - len(ids))
+    out_ids = np.asarray(insert_marker(padded, marker_id), np.int32)
+    mask = np.asarray(attended[:1] + [1] + attended[1:] if marker_id is not None else attended, np.int32)
+    return out_ids, mask, np.ones(query_length, np.int32)
+
+
+def document_inputs(ids: Sequence[int], *, marker_id: int | None, skiplist_ids: Sequence[int] = ()
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One document's ``(input_ids, attention_mask, score_mask)``: its tokens with the marker
+    inserted, all attended to; the skiplist's tokens do not score."""
+    out_ids = np.asarray(insert_marker(ids, marker_id), np.int32)
+    attention = np.ones(len(out_ids), np.int32)
+    return out_ids, attention, skiplist_mask(out_ids, attention, skiplist_ids)
+
+
+def skiplist_mask(input_ids, attention_mask, skiplist_ids: Sequence[int]):
+    """``attention_mask`` with the positions holding a skiplist id set to 0 (NumPy or jnp arrays)."""
+    xp = jnp if isinstance(input_ids, jax.Array) else np
+    if len(skiplist_ids) == 0:
+        return attention_mask
+    skipped = xp.isin(input_ids, xp.asarray(list(skiplist_ids)))
+    return xp.where(skipped, 0, attention_mask).astype(attention_mask.dtype)
+
+
+def skiplist_ids(vocab: dict[str, int], words: Sequence[str] = SKIPLIST_WORDS) -> tuple[int, ...]:
+    """The token ids of the skiplist's words that the vocabulary holds (PyLate's
+    ``convert_tokens_to_ids`` of each; a word it lacks is dropped rather than mapped to [UNK])."""
+    return tuple(sorted({vocab[w] for w in words if w in vocab}))

@@ -283,6 +283,27 @@ def tiny_masked_lm(tmp_path_factory, minilm_path) -> Path:
     return shared(tmp_path_factory, "tiny_masked_lm", lambda d: write_tiny_masked_lm(d, minilm_path))
 
 
+PYLATE_PYTHON = Path(os.environ.get("EMBEDJAX_PYLATE_PYTHON", REPO / ".venv-pylate" / "bin" / "python"))
+
+
+def pylate_oracle(request: dict, tmp_path: Path) -> dict:
+    """tests/pylate_oracle.py's answer to ``request`` (run in PyLate's virtualenv, ``make oracles``)."""
+    import subprocess
+
+    import numpy as np
+
+    if not PYLATE_PYTHON.is_file():
+        raise FileNotFoundError(f"{PYLATE_PYTHON}: PyLate's virtualenv (the ColBERT oracle) is missing; run `make oracles`")
+    request_path, output = tmp_path / "pylate_request.json", tmp_path / "pylate_output.npz"
+    request_path.write_text(json.dumps(request))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    done = subprocess.run([str(PYLATE_PYTHON), str(REPO / "tests" / "pylate_oracle.py"), str(request_path), str(output)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    with np.load(output) as data:
+        return dict(data)
+
+
 @pytest.fixture(scope="session")
 def small_dev(tmp_path_factory, stsb_dir) -> Path:
     """The first 200 pairs of STS-B dev."""

@@ -1,0 +1,72 @@
+"""ColbertEncoder (embedjax/colbert_model.py) against PyLate (run in its own virtualenv by
+tests/pylate_oracle.py): a tiny ColBERT that PyLate builds and saves encodes to the same token
+vectors here and scores the same by MaxSim; our export loads in PyLate and encodes the same."""
+
+import numpy as np
+import pytest
+
+from conftest import pylate_oracle
+from embedjax import similarity
+from embedjax.colbert_model import load_colbert, save_colbert
+from embedjax.encoders.statedict import CheckpointError
+
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed (conftest.py)
+
+QUERIES = ["How many legs has a spider?", "flute", "a very long query " * 8]
+DOCUMENTS = ["A spider has eight legs, and most have eight eyes.", "Hi!", "The man plays the flute; " * 10]
+
+
+@pytest.fixture(scope="module")
+def pylate_model(tiny_masked_lm, tmp_path_factory):
+    """PyLate's ColBERT on the tiny MLM's backbone (16-wide projection, queries of 12 tokens,
+    documents of 24), saved, and its encodings and scores of the texts."""
+    d = tmp_path_factory.mktemp("colbert")
+    answer = pylate_oracle({"model": str(d / "model"), "queries": QUERIES, "documents": DOCUMENTS,
+                            "create": {"base": str(tiny_masked_lm), "embedding_size": 16, "query_length": 12,
+                                       "document_length": 24}}, d)
+    return d / "model", answer
+
+
+def test_colbert_encodes_and_scores_like_pylate(pylate_model):
+    path, theirs = pylate_model
+    model = load_colbert(path)
+    assert (model.query_length, model.document_length, model.dim) == (12, 24, 16)
+    queries, documents = model.encode_queries(QUERIES), model.encode_documents(DOCUMENTS)
+    for i, q in enumerate(queries):
+        assert q.shape == (12, 16)  # mask-token expansion to query_length
+        np.testing.assert_allclose(q, theirs[f"q{i}"], atol=1e-5)
+    for j, d in enumerate(documents):
+        assert d.shape == theirs[f"d{j}"].shape  # the same tokens kept (skiplist, truncation)
+        np.testing.assert_allclose(d, theirs[f"d{j}"], atol=1e-5)
+    for text, d in zip(DOCUMENTS[1:], documents[1:]):  # the marker in, punctuation out, 24 tokens at most
+        ids = model.document_tokenizer.encode([text])[0].ids
+        assert len(ids) <= 23 and len(d) == len(ids) + 1 - sum(i in model.skiplist_ids for i in ids) < len(ids) + 1
+    assert len(model.document_tokenizer.encode([DOCUMENTS[2]])[0].ids) == 23  # truncated
+
+    width = max(len(d) for d in documents)
+    padded = np.stack([np.pad(d, ((0, width - len(d)), (0, 0))) for d in documents])
+    mask = np.stack([np.arange(width) < len(d) for d in documents]).astype(np.int32)
+    zeroed = np.asarray(similarity.maxsim_matrix(np.stack(queries), padded, None, mask, masked_as_zero=True))
+    np.testing.assert_allclose(zeroed, theirs["scores"], rtol=1e-5, atol=1e-5)
+    exact = np.asarray(similarity.maxsim_matrix(np.stack(queries), padded, None, mask))
+    for j, d in enumerate(documents):  # exact MaxSim: each document alone, no padding
+        np.testing.assert_allclose(exact[:, j], [float(np.sum(np.max(q @ d.T, axis=1))) for q in queries], rtol=1e-5)
+
+
+def test_export_loads_in_pylate_and_encodes_the_same(pylate_model, tmp_path):
+    path, _ = pylate_model
+    model = load_colbert(path)
+    out = save_colbert(model, tmp_path / "export")
+    theirs = pylate_oracle({"model": str(out), "queries": QUERIES[:2], "documents": DOCUMENTS[:2]}, tmp_path)
+    for i, q in enumerate(model.encode_queries(QUERIES[:2])):
+        np.testing.assert_allclose(q, theirs[f"q{i}"], atol=1e-5)
+    for j, d in enumerate(model.encode_documents(DOCUMENTS[:2])):
+        np.testing.assert_allclose(d, theirs[f"d{j}"], atol=1e-5)
+    back = load_colbert(out)
+    assert (back.query_marker_id, back.document_marker_id, back.skiplist_ids) == \
+        (model.query_marker_id, model.document_marker_id, model.skiplist_ids)
+
+
+def test_load_colbert_refuses_other_layouts(tiny_model):
+    with pytest.raises(CheckpointError, match=r"modules \['Transformer', 'Pooling', 'Normalize'\]; a ColBERT checkpoint"):
+        load_colbert(tiny_model)

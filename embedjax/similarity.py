@@ -11,7 +11,7 @@ convention: **higher means more similar**, so distances come back negated
 * ``angle_pairwise``: the AnglE angle similarity (docs/losses.md, "AnglE").
 * ``hamming_pairwise`` / ``hamming_matrix`` (metric ``"hamming"``): negative Hamming distance of
   packed sign bits (uint8, 8 dimensions per byte; ``embedjax.eval.quantize.binary``).
-* ``topk``: chunked top-k over a large corpus, never materialising the (Q, N) score matrix.
+* ``topk`` / ``maxsim_topk``: chunked top-k over a large corpus, never materialising the (Q, N) score matrix.
 * ``maxsim_pairwise`` / ``maxsim_matrix`` / ``maxsim_segments``: late interaction (ColBERT,
   arXiv:2004.12832): a query of token vectors scores a document by the sum over its tokens of
   the best dot product with any document token; padded (token masks) or packed (flat tokens
@@ -260,26 +260,40 @@ def topk(queries, corpus, k, *, metric="cosine", chunk_size=4096):
     O(Q * (k + chunk_size)), never the (Q, N) matrix. ``k`` may exceed ``chunk_size`` but not N.
     Ties go to the lower corpus index.
     """
-    n, d = corpus.shape
+    return chunked_topk(lambda chunk: matrix(queries, chunk, metric), corpus, queries.shape[0], k,
+                        chunk_size=chunk_size, dtype=jnp.result_type(queries.dtype, corpus.dtype, jnp.float32))
+
+
+def maxsim_topk(queries, query_mask, documents, document_mask, k, *, chunk_size=256, masked_as_zero=False):
+    """Top-``k`` documents for every query by MaxSim (``maxsim_matrix``), the corpus scanned in
+    chunks of ``chunk_size`` documents as ``topk`` does: ``queries (Q, Tq, D)``, ``query_mask
+    (Q, Tq)``, ``documents (N, Td, D)``, ``document_mask (N, Td)`` -> ``(scores (Q, k), indices
+    (Q, k))``. Peak extra memory O(Q * chunk_size * Tq * Td), never a (Q, N, Tq, Td) block."""
+    return chunked_topk(lambda chunk: maxsim_matrix(queries, chunk[0], query_mask, chunk[1],
+                                                    masked_as_zero=masked_as_zero),
+                        (documents, document_mask), queries.shape[0], k, chunk_size=chunk_size,
+                        dtype=jnp.result_type(queries.dtype, documents.dtype, jnp.float32))
+
+
+def chunked_topk(score_chunk, corpus, num_queries: int, k: int, *, chunk_size: int, dtype=jnp.float32):
+    """The chunked top-k scan behind ``topk`` and ``maxsim_topk``: ``corpus`` is an array or a tuple
+    of arrays with the documents on axis 0, ``score_chunk(chunk) -> (num_queries, chunk rows)``."""
+    leaves = corpus if isinstance(corpus, tuple) else (corpus,)
+    n = leaves[0].shape[0]
     if not 0 < k <= n:
         raise ValueError(f"need 0 < k <= corpus size, got k={k}, N={n}")
     chunk_size = min(chunk_size, n)
     n_chunks = math.ceil(n / chunk_size)
-    padded = jnp.pad(corpus, ((0, n_chunks * chunk_size - n), (0, 0)))
-    chunks = padded.reshape(n_chunks, chunk_size, d)
+    chunks = tuple(jnp.pad(x, ((0, n_chunks * chunk_size - n),) + ((0, 0),) * (x.ndim - 1))
+                   .reshape(n_chunks, chunk_size, *x.shape[1:]) for x in leaves)
     starts = jnp.arange(n_chunks, dtype=jnp.int32) * chunk_size
-
-    q = queries.shape[0]
-    score_dtype = jnp.result_type(queries.dtype, corpus.dtype, jnp.float32)
-    init = (
-        jnp.full((q, k), -jnp.inf, score_dtype),
-        jnp.full((q, k), -1, jnp.int32),
-    )
+    q = num_queries
+    init = (jnp.full((q, k), -jnp.inf, dtype), jnp.full((q, k), -1, jnp.int32))
 
     def step(carry, chunk_and_start):
         best_scores, best_idx = carry
         chunk, start = chunk_and_start
-        scores = matrix(queries, chunk, metric).astype(score_dtype)  # (Q, chunk)
+        scores = score_chunk(chunk if isinstance(corpus, tuple) else chunk[0]).astype(dtype)  # (Q, chunk)
         idx = start + jnp.arange(chunk_size, dtype=jnp.int32)
         scores = jnp.where(idx[None, :] < n, scores, -jnp.inf)
         # Running best first, so on ties the earlier (lower) index wins.

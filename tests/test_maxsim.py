@@ -104,3 +104,25 @@ def test_maxsim_matrix_sharded_over_eight_devices_equals_one():
     sharded = fn(*(jax.device_put(x, rows) for x in (q, d, q_mask, d_mask)))
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(fn(q, d, q_mask, d_mask)), rtol=1e-6, atol=1e-6)
     assert len(jnp.asarray(sharded).sharding.device_set) == jax.device_count()
+
+
+@pytest.mark.parametrize("n", [1, 13, 40])
+def test_sharded_maxsim_search_on_eight_devices_equals_one_and_brute_force(n):
+    """Exact MaxSim top-k over documents of different lengths, the corpus split over 8 devices
+    (with padding rows when n is not a multiple) and on one: the same as scoring every pair."""
+    from embedjax.eval import search
+
+    rng = np.random.default_rng(n)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    queries = [unit(rng.normal(size=(4, 6))).astype(np.float32) for _ in range(5)]
+    documents = [unit(rng.normal(size=(int(rng.integers(1, 9)), 6))).astype(np.float32) for _ in range(n)]
+    k = min(7, n)
+    s8, i8 = search.sharded_maxsim_topk(queries, documents, k, chunk_size=3, query_chunk_size=2)
+    one = jax.make_mesh((1,), ("corpus",), devices=jax.devices()[:1])
+    s1, i1 = search.sharded_maxsim_topk(queries, documents, k, mesh=one)
+    np.testing.assert_array_equal(i8, i1)
+    np.testing.assert_allclose(s8, s1, rtol=1e-6)
+    brute = np.array([[np.sum(np.max(q @ d.T, axis=1)) for d in documents] for q in queries])
+    want = np.argsort(-brute, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(i8, want)
+    np.testing.assert_allclose(s8, np.take_along_axis(brute, want, axis=1), rtol=1e-5)

@@ -11,6 +11,10 @@ so a zero row that outscores real ones on its shard can never push a needed row 
 go to the lower global index (within a shard ``similarity.topk`` prefers the lower index,
 and the gathered candidates are laid out shard by shard), so any device count gives the
 same indices.
+
+``sharded_maxsim_topk`` does the same for ColBERT's late interaction: each text is a set of token
+vectors, each device scans its documents' tokens in chunks by MaxSim (``similarity.maxsim_topk``),
+and the shards' candidates merge the same way.
 """
 
 from __future__ import annotations
@@ -32,23 +36,43 @@ def default_mesh() -> Mesh:
     return jax.make_mesh((len(devices),), ("corpus",), axis_types=(AxisType.Auto,), devices=devices)
 
 
+def _merge_shards(scores, idx, *, axes, n: int, per_shard: int, k: int):
+    """Inside ``shard_map``: a shard's local top-k made global (indices shifted, padding rows at
+    -inf), gathered from every shard and merged into the global top-``k`` (replicated)."""
+    idx = idx + jax.lax.axis_index(axes) * per_shard
+    scores = jnp.where(idx < n, scores, -jnp.inf)  # zero padding never wins
+    scores = jax.lax.all_gather(scores, axes, axis=1, tiled=True)  # (Q, devices * k_local), shard-major
+    idx = jax.lax.all_gather(idx, axes, axis=1, tiled=True)
+    top, pos = jax.lax.top_k(scores, k)  # ties: earlier position = lower global index
+    return top, jnp.take_along_axis(idx, pos, axis=1)
+
+
 @functools.lru_cache(maxsize=32)
 def _search_fn(mesh: Mesh, n: int, per_shard: int, k: int, k_local: int, metric: str, chunk_size: int):
     axes = tuple(mesh.axis_names)
 
     def shard_topk(q, c):
         scores, idx = similarity.topk(q, c, k_local, metric=metric, chunk_size=chunk_size)
-        idx = idx + jax.lax.axis_index(axes) * per_shard
-        scores = jnp.where(idx < n, scores, -jnp.inf)  # zero padding never wins
-        scores = jax.lax.all_gather(scores, axes, axis=1, tiled=True)  # (Q, devices * k_local), shard-major
-        idx = jax.lax.all_gather(idx, axes, axis=1, tiled=True)
-        top, pos = jax.lax.top_k(scores, k)  # ties: earlier position = lower global index
-        return top, jnp.take_along_axis(idx, pos, axis=1)
+        return _merge_shards(scores, idx, axes=axes, n=n, per_shard=per_shard, k=k)
 
     # check_vma=False: similarity.topk's scan starts from invariant constants and carries
     # per-shard (varying) values; the output is replicated by construction (after all_gather).
     return jax.jit(jax.shard_map(shard_topk, mesh=mesh, in_specs=(P(), P(axes)), out_specs=(P(), P()),
                                  check_vma=False))
+
+
+@functools.lru_cache(maxsize=32)
+def _maxsim_search_fn(mesh: Mesh, n: int, per_shard: int, k: int, k_local: int, chunk_size: int,
+                      masked_as_zero: bool):
+    axes = tuple(mesh.axis_names)
+
+    def shard_topk(q, q_mask, docs, d_mask):
+        scores, idx = similarity.maxsim_topk(q, q_mask, docs, d_mask, k_local, chunk_size=chunk_size,
+                                             masked_as_zero=masked_as_zero)
+        return _merge_shards(scores, idx, axes=axes, n=n, per_shard=per_shard, k=k)
+
+    return jax.jit(jax.shard_map(shard_topk, mesh=mesh, in_specs=(P(), P(), P(axes), P(axes)),
+                                 out_specs=(P(), P()), check_vma=False))
 
 
 def _global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -107,4 +131,60 @@ def sharded_topk(queries, corpus, k: int, *, mesh: Mesh | None = None, metric: s
         indices.append(_local(i)[: len(chunk)])
     if not scores:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    return np.concatenate(scores).astype(np.float32), np.concatenate(indices).astype(np.int32)
+
+
+def pad_tokens(vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Texts' token vectors (a list of (n_i, D) arrays, or an (N, T, D) array with no padding) as
+    ``(tokens (N, T, D) float32, mask (N, T) int32)``, zero-padded to the longest."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 3:
+        return vectors.astype(np.float32), np.ones(vectors.shape[:2], np.int32)
+    vectors = [np.asarray(v, np.float32) for v in vectors]
+    if not vectors or any(v.ndim != 2 or v.shape[1] != vectors[0].shape[1] for v in vectors):
+        raise ValueError("need a non-empty list of (tokens, D) arrays of one width D")
+    width = max(1, max(len(v) for v in vectors))
+    tokens = np.zeros((len(vectors), width, vectors[0].shape[1]), np.float32)
+    mask = np.zeros((len(vectors), width), np.int32)
+    for i, v in enumerate(vectors):
+        tokens[i, : len(v)], mask[i, : len(v)] = v, 1
+    return tokens, mask
+
+
+def sharded_maxsim_topk(queries, documents, k: int, *, mesh: Mesh | None = None, chunk_size: int = 64,
+                        query_chunk_size: int = 64, masked_as_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` documents for every query by ColBERT's MaxSim, the corpus's token vectors split over
+    every device of ``mesh``: ``(scores (Q, k) float32, indices (Q, k) int32)``, best first.
+
+    ``queries`` / ``documents``: each text's token vectors (lists of (n_i, D) arrays, as
+    ``ColbertEncoder.encode_*`` returns them, or (N, T, D) arrays); documents are zero-padded to the
+    longest with a mask, so padding never scores (``masked_as_zero``: it scores 0, PyLate's
+    padded scoring). Each device scans its documents ``chunk_size`` at a time against
+    ``query_chunk_size`` queries: its peak is one (queries, chunk, Tq, Td) block, never a
+    queries x corpus x tokens one. Ties go to the lower corpus index on any device count.
+    """
+    q_tokens, q_mask = pad_tokens(queries)
+    d_tokens, d_mask = pad_tokens(documents)
+    if q_tokens.shape[2] != d_tokens.shape[2]:
+        raise ValueError(f"queries have {q_tokens.shape[2]}-wide token vectors, documents {d_tokens.shape[2]}")
+    n = d_tokens.shape[0]
+    if not 0 < k <= n:
+        raise ValueError(f"need 0 < k <= corpus size, got k={k}, N={n}")
+    mesh = default_mesh() if mesh is None else mesh
+    per_shard = math.ceil(n / mesh.size)
+    padding = per_shard * mesh.size - n
+    k_local = min(k + padding, per_shard)
+    fn = _maxsim_search_fn(mesh, n, per_shard, k, k_local, min(chunk_size, per_shard), masked_as_zero)
+    rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    replicated = NamedSharding(mesh, P())
+    docs_dev = _global(np.pad(d_tokens, ((0, padding), (0, 0), (0, 0))), rows)
+    mask_dev = _global(np.pad(d_mask, ((0, padding), (0, 0))), rows)
+    step = max(1, min(query_chunk_size, len(q_tokens)))
+    scores, indices = [], []
+    for start in range(0, len(q_tokens), step):
+        chunk, chunk_mask = q_tokens[start : start + step], q_mask[start : start + step]
+        pad = ((0, step - len(chunk)),)
+        s, i = fn(_global(np.pad(chunk, pad + ((0, 0), (0, 0))), replicated),
+                  _global(np.pad(chunk_mask, pad + ((0, 0),)), replicated), docs_dev, mask_dev)
+        scores.append(_local(s)[: len(chunk)])
+        indices.append(_local(i)[: len(chunk)])
     return np.concatenate(scores).astype(np.float32), np.concatenate(indices).astype(np.int32)

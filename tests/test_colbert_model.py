@@ -17,11 +17,24 @@ DOCUMENTS = ["A spider has eight legs, and most have eight eyes.", "Hi!", "The m
 
 
 @pytest.fixture(scope="module")
-def pylate_model(tiny_masked_lm, tmp_path_factory):
+def beir(small_beir, tmp_path_factory):
+    """A small BEIR task: 60 documents, 24 queries (tests/test_sparse_model.py's)."""
+    from embedjax.data.retrieval_readers import read_beir
+    from test_sparse_model import smaller_beir
+
+    path = smaller_beir(small_beir, tmp_path_factory.mktemp("colbert_beir") / "beir")
+    return path, read_beir(path, "dev")
+
+
+@pytest.fixture(scope="module")
+def pylate_model(tiny_masked_lm, beir, tmp_path_factory):
     """PyLate's ColBERT on the tiny MLM's backbone (16-wide projection, queries of 12 tokens,
-    documents of 24), saved, and its encodings and scores of the texts."""
+    documents of 24), saved, and its encodings and scores of the texts, then of the BEIR task's
+    queries and documents (one oracle run)."""
+    _, data = beir
     d = tmp_path_factory.mktemp("colbert")
-    answer = pylate_oracle({"model": str(d / "model"), "queries": QUERIES, "documents": DOCUMENTS,
+    answer = pylate_oracle({"model": str(d / "model"), "queries": QUERIES + list(data.query_texts),
+                            "documents": DOCUMENTS + list(data.corpus_texts),
                             "create": {"base": str(tiny_masked_lm), "embedding_size": 16, "query_length": 12,
                                        "document_length": 24}}, d)
     return d / "model", answer
@@ -43,11 +56,12 @@ def test_colbert_encodes_and_scores_like_pylate(pylate_model):
         assert len(ids) <= 23 and len(d) == len(ids) + 1 - sum(i in model.skiplist_ids for i in ids) < len(ids) + 1
     assert len(model.document_tokenizer.encode([DOCUMENTS[2]])[0].ids) == 23  # truncated
 
-    width = max(len(d) for d in documents)
+    # PyLate pads every document it encoded (the BEIR task's too) to the longest, with zeros
+    width = max(len(theirs[f"d{j}"]) for j in range(theirs["scores"].shape[1]))
     padded = np.stack([np.pad(d, ((0, width - len(d)), (0, 0))) for d in documents])
     mask = np.stack([np.arange(width) < len(d) for d in documents]).astype(np.int32)
     zeroed = np.asarray(similarity.maxsim_matrix(np.stack(queries), padded, None, mask, masked_as_zero=True))
-    np.testing.assert_allclose(zeroed, theirs["scores"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(zeroed, theirs["scores"][: len(QUERIES), : len(DOCUMENTS)], rtol=1e-5, atol=1e-5)
     exact = np.asarray(similarity.maxsim_matrix(np.stack(queries), padded, None, mask))
     for j, d in enumerate(documents):  # exact MaxSim: each document alone, no padding
         np.testing.assert_allclose(exact[:, j], [float(np.sum(np.max(q @ d.T, axis=1))) for q in queries], rtol=1e-5)
@@ -70,3 +84,33 @@ def test_export_loads_in_pylate_and_encodes_the_same(pylate_model, tmp_path):
 def test_load_colbert_refuses_other_layouts(tiny_model):
     with pytest.raises(CheckpointError, match=r"modules \['Transformer', 'Pooling', 'Normalize'\]; a ColBERT checkpoint"):
         load_colbert(tiny_model)
+
+
+def test_colbert_retrieval_evaluator_ranks_by_maxsim(pylate_model, beir):
+    """The evaluator's ranking is the brute-force MaxSim ranking (NumPy) of PyLate's own token
+    vectors, and its metrics are what that ranking scores."""
+    from embedjax.eval import ranking_metrics, suite
+    from embedjax.eval.late_retrieval import LateRetrievalEvaluator
+
+    path, theirs = pylate_model
+    beir, data = beir
+    model = load_colbert(path)
+    evaluator = LateRetrievalEvaluator(data, name="tiny", k_values=(1, 10), chunk_size=7, query_chunk_size=5)
+    embeddings = evaluator.embed(model)
+    got = evaluator.score(embeddings)
+
+    position = {text: i for i, text in enumerate(data.query_texts)}  # the scored queries, in the oracle's order
+    their_queries = [theirs[f"q{len(QUERIES) + position[t]}"] for t in evaluator._queries.query_texts]
+    docs = [theirs[f"d{len(DOCUMENTS) + j}"] for j in range(len(data.corpus_ids))]
+    brute = np.array([[np.sum(np.max(q @ d.T, axis=1)) for d in docs] for q in their_queries])
+    ranked = [[data.corpus_ids[j] for j in np.argsort(-row, kind="stable")[:10]] for row in brute]
+    assert evaluator.retrieve(embeddings, depth=10) == ranked
+    qrels = evaluator._queries._qrels
+    ideal, n_relevant = ranking_metrics.ideal_relevance(qrels)
+    want = ranking_metrics.retrieval_scores(ranking_metrics.ranked_relevance(ranked, qrels, 10), ideal, n_relevant, (1, 10))
+    assert got["ndcg@10"] == pytest.approx(want["ndcg@10"]) and got["recall@10"] == pytest.approx(want["recall@10"])
+    assert got["document_tokens"] == pytest.approx(np.mean([len(d) for d in docs]))
+    [built] = suite.from_config({"c": {"type": "colbert_retrieval", "path": str(beir), "split": "dev", "chunk_size": 8}})
+    assert built.chunk_size == 8
+    with pytest.raises(ValueError, match="scores a ColBERT model"):
+        suite.for_training({"c": {"type": "colbert_retrieval", "path": str(beir)}}, batch_size=8, enc_cfg=None)

@@ -31,8 +31,9 @@ TYPES = {
     "reranking": "embedjax.eval.reranking",
     "pair_classification": "embedjax.eval.pair_classification",
     "csts": "embedjax.eval.csts",
-    # a SPLADE model's (it scores a SparseEncoder)
+    # a SPLADE model's (it scores a SparseEncoder) and a ColBERT model's (a ColbertEncoder)
     "sparse_retrieval": "embedjax.eval.sparse_retrieval",
+    "colbert_retrieval": "embedjax.eval.late_retrieval",
     # a cross-encoder run's evaluators (they score a CrossEncoder, not an Encoder)
     "cross_sts": "embedjax.eval.cross:sts_from_spec",
     "cross_csts": "embedjax.eval.cross:csts_from_spec",
@@ -40,6 +41,7 @@ TYPES = {
 }
 CROSS_TYPES = ("cross_sts", "cross_csts", "rerank")
 SPARSE_TYPES = ("sparse_retrieval",)
+LATE_TYPES = ("colbert_retrieval",)  # evaluate a ColbertEncoder; no training run's model yet
 WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
 
 
@@ -103,6 +105,9 @@ def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc
     entries = {}
     for name, spec in evals.items():
         spec = dict(spec)
+        if spec.get("type") in LATE_TYPES:
+            raise ValueError(f"evals.{name}: type {spec['type']!r} scores a ColBERT model (ColbertEncoder), "
+                             "not this run's encoder")
         if (spec.get("type") in SPARSE_TYPES) != sparse:
             if sparse:
                 raise ValueError(f"evals.{name}: a SPLADE run is evaluated by {SPARSE_TYPES}, not "

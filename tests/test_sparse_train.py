@@ -98,6 +98,17 @@ def test_sparse_objective_refuses_dense_options_and_bad_sections():
         SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "warmup": 2})
     with pytest.raises(ValueError, match="splade.pooling"):
         SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "pooling": "mean"})
+    from configs import beir_splade
+    from embedjax.train import plan
+    from embedjax.train.config import TrainConfig
+
+    config = beir_splade.get_config("smoke")
+    with pytest.raises(ValueError, match="a SPLADE run pools with splade.pooling"):
+        config.pooling = "mean"
+        TrainConfig.from_config(config)
+    config.pooling = None
+    with pytest.raises(NotImplementedError, match="not planned yet"):  # said, not a dense step's figure
+        plan.step_memory(config, {"model_type": "bert"})
 
 
 def test_sparse_steps_on_eight_devices_equal_one_device(tiny_masked_lm, small_beir):

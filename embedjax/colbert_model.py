@@ -111,7 +111,8 @@ def _token_vectors_jit(params, cfg, input_ids, attention_mask):
 
 
 def load_colbert(name_or_path: str | os.PathLike, *, query_length: int | None = None,
-                 document_length: int | None = None, buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS) -> ColbertEncoder:
+                 document_length: int | None = None,
+                 buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS) -> ColbertEncoder:
     """Loads a ColBERT model saved in PyLate's layout (a ``Transformer`` then PyLate's ``Dense``).
     ``query_length`` / ``document_length``: override the saved ones (tokens, markers included)."""
     from safetensors.numpy import load_file

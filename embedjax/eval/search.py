@@ -117,18 +117,25 @@ def sharded_topk(queries, corpus, k: int, *, mesh: Mesh | None = None, metric: s
     k_local = min(k + padding, per_shard)
     fn = _search_fn(mesh, n, per_shard, k, k_local, metric, min(chunk_size, per_shard))
 
+    return _by_query_chunks(fn, (queries,), (corpus,), padding, mesh, k, query_chunk_size)
+
+
+def _by_query_chunks(fn, queries: tuple, corpus: tuple, padding: int, mesh: Mesh, k: int, query_chunk_size: int):
+    """``fn(*query arrays, *corpus arrays)`` over the queries ``query_chunk_size`` at a time (the
+    last chunk padded: one compile), the corpus arrays zero-padded by ``padding`` rows and split
+    over the mesh once; ``(scores (Q, k) float32, indices (Q, k) int32)``."""
     rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     replicated = NamedSharding(mesh, P())
-    corpus_dev = _global(np.pad(corpus, ((0, padding), (0, 0))), rows)
-    q_total = queries.shape[0]
+    pad_rows = lambda x, n: np.pad(x, ((0, n),) + ((0, 0),) * (x.ndim - 1))  # noqa: E731
+    corpus_dev = [_global(pad_rows(x, padding), rows) for x in corpus]
+    q_total = queries[0].shape[0]
     step = max(1, min(query_chunk_size, q_total))
     scores, indices = [], []
     for start in range(0, q_total, step):
-        chunk = queries[start : start + step]
-        padded = np.pad(chunk, ((0, step - len(chunk)), (0, 0)))
-        s, i = fn(_global(padded, replicated), corpus_dev)
-        scores.append(_local(s)[: len(chunk)])
-        indices.append(_local(i)[: len(chunk)])
+        chunk = [x[start : start + step] for x in queries]
+        s, i = fn(*[_global(pad_rows(x, step - len(x)), replicated) for x in chunk], *corpus_dev)
+        scores.append(_local(s)[: len(chunk[0])])
+        indices.append(_local(i)[: len(chunk[0])])
     if not scores:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
     return np.concatenate(scores).astype(np.float32), np.concatenate(indices).astype(np.int32)
@@ -174,17 +181,4 @@ def sharded_maxsim_topk(queries, documents, k: int, *, mesh: Mesh | None = None,
     padding = per_shard * mesh.size - n
     k_local = min(k + padding, per_shard)
     fn = _maxsim_search_fn(mesh, n, per_shard, k, k_local, min(chunk_size, per_shard), masked_as_zero)
-    rows = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    replicated = NamedSharding(mesh, P())
-    docs_dev = _global(np.pad(d_tokens, ((0, padding), (0, 0), (0, 0))), rows)
-    mask_dev = _global(np.pad(d_mask, ((0, padding), (0, 0))), rows)
-    step = max(1, min(query_chunk_size, len(q_tokens)))
-    scores, indices = [], []
-    for start in range(0, len(q_tokens), step):
-        chunk, chunk_mask = q_tokens[start : start + step], q_mask[start : start + step]
-        pad = ((0, step - len(chunk)),)
-        s, i = fn(_global(np.pad(chunk, pad + ((0, 0), (0, 0))), replicated),
-                  _global(np.pad(chunk_mask, pad + ((0, 0),)), replicated), docs_dev, mask_dev)
-        scores.append(_local(s)[: len(chunk)])
-        indices.append(_local(i)[: len(chunk)])
-    return np.concatenate(scores).astype(np.float32), np.concatenate(indices).astype(np.int32)
+    return _by_query_chunks(fn, (q_tokens, q_mask), (d_tokens, d_mask), padding, mesh, k, query_chunk_size)

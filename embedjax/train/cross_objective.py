@@ -59,13 +59,10 @@ class CrossObjective:
     def from_config(cls, cfg: Mapping[str, Any], head: ce.HeadSpec) -> CrossObjective:
         """From a config's ``objective`` section (``loss`` one of ``CROSS_LOSSES``;
         ``loss_kwargs.label_range`` rescales labels, the rest go to the loss)."""
-        from embedjax.train.objective import Objective
+        from embedjax.train.objective import Objective, dense_only_options
 
         fields = Objective.check_section({**dict(cfg), "loss": "infonce"})  # the section's own checks
-        used = {"matryoshka_dims": fields["matryoshka_dims"], "layers": fields["layers"],
-                "gradcache_chunk": fields["gradcache_chunk"], "aux_losses": fields["aux_losses"],
-                "distill.teacher": fields["distill_loss"], "guide": fields["guide"]}
-        changed = sorted(k for k, v in used.items() if v)
+        changed = dense_only_options(fields)
         if changed:
             raise ValueError(f"objective {changed} apply to bi-encoders; a cross-encoder run reads only "
                              f"objective.{{{', '.join(_USED_KEYS)}}}")

@@ -127,6 +127,16 @@ class Objective:
         )
 
 
+def dense_only_options(fields: Mapping[str, Any]) -> list[str]:
+    """The wrappers set in a checked objective section (``Objective.check_section``'s fields) that
+    only a bi-encoder run applies (Matryoshka, layers, GradCache, auxiliary losses, distillation,
+    guide): what a cross-encoder or SPLADE run must refuse."""
+    used = {"matryoshka_dims": fields["matryoshka_dims"], "layers": fields["layers"],
+            "gradcache_chunk": fields["gradcache_chunk"], "aux_losses": fields["aux_losses"],
+            "distill.teacher": fields["distill_loss"], "guide": fields["guide"]}
+    return sorted(k for k, v in used.items() if v)
+
+
 # The keys of a config's ``objective`` section (configs/base.py).
 OBJECTIVE_KEYS = frozenset({"loss", "loss_kwargs", "matryoshka_dims", "matryoshka_weights", "matryoshka_n_per_step",
                             "layers", "layer_kwargs", "remat", "unroll", "dropout", "gradcache_chunk", "aux_losses",

@@ -62,13 +62,10 @@ class SparseObjective:
     @classmethod
     def from_config(cls, objective: Mapping[str, Any], splade: Mapping[str, Any]) -> SparseObjective:
         """From a config's ``objective`` section (the base loss) and its ``splade`` section."""
-        from embedjax.train.objective import Objective
+        from embedjax.train.objective import Objective, dense_only_options
 
         fields = Objective.check_section({**dict(objective), "loss": "infonce"})
-        dense_only = {"matryoshka_dims": fields["matryoshka_dims"], "layers": fields["layers"],
-                      "gradcache_chunk": fields["gradcache_chunk"], "aux_losses": fields["aux_losses"],
-                      "distill.teacher": fields["distill_loss"], "guide": fields["guide"]}
-        changed = sorted(k for k, v in dense_only.items() if v)
+        changed = dense_only_options(fields)
         if changed:
             raise ValueError(f"objective {changed} apply to dense runs; a SPLADE run reads objective.{{loss, "
                              "loss_kwargs, remat, unroll, dropout}} and the splade section")

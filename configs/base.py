@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = hf.minilm_l6()      # a checkpoint directory or hub id
     # "bi_encoder" embeds each text alone; "cross_encoder" reads (text_a, text_b) together and a head
     # scores the pair (a reranker; embedjax/train/cross_objective.py for its losses and batches);
-    # "splade" embeds each text as vocabulary term weights (the splade section below)
+    # "splade" embeds each text as vocabulary term weights (the splade section below); "colbert" keeps a
+    # vector per token (the colbert section below)
     c.model_kind = "bi_encoder"
     c.num_labels = 1              # cross_encoder: logits per pair (> 1: classes, objective.loss="cross_entropy")
     c.pair_template = placeholder(str)  # cross_encoder on decoders: "Query: {first}\nDocument: {second}"; None = tokenizer pairs
@@ -71,6 +72,12 @@ def base_config() -> ml_collections.ConfigDict:
         "schedule": "quadratic",  # quadratic (SPLADE) | linear
         "query_threshold": placeholder(int),  # FLOPS counts only rows with more active terms; None = every row
         "document_threshold": placeholder(int),
+    })
+    # model_kind="colbert": token vectors scored by MaxSim (embedjax/colbert_model.py, train/colbert_objective.py)
+    c.colbert = ml_collections.ConfigDict({
+        "dim": placeholder(int),              # projection width; None = the checkpoint's (128 on a plain backbone)
+        "query_length": placeholder(int),     # tokens per query, [MASK]-expanded; None = the checkpoint's (32)
+        "document_length": placeholder(int),  # tokens per document at most; None = the checkpoint's (180)
     })
     c.pooling = placeholder(str)  # the run's one pooling mode (train, eval, export); None = the checkpoint's
     c.max_length = placeholder(int)  # tokens per text; None = the checkpoint's max_seq_length

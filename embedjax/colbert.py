@@ -16,6 +16,7 @@ The layout follows PyLate's ``ColBERT`` (what its checkpoints hold):
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from typing import Sequence
 
@@ -107,3 +108,64 @@ def skiplist_ids(vocab: dict[str, int], words: Sequence[str] = SKIPLIST_WORDS) -
     """The token ids of the skiplist's words that the vocabulary holds (PyLate's
     ``convert_tokens_to_ids`` of each; a word it lacks is dropped rather than mapped to [UNK])."""
     return tuple(sorted({vocab[w] for w in words if w in vocab}))
+
+
+@dataclasses.dataclass(frozen=True)
+class ColbertFormat:
+    """Training batches in ColBERT's layout, made on the host from padded batches
+    (``embedjax.data.batch.Batch``): side ``a`` holds queries (``query_inputs``: the marker,
+    expansion to ``query_length``), sides ``b`` and ``n`` documents (``document_inputs``: the
+    marker, the skiplist). Each side's ``pool`` becomes its score mask (1 on the tokens whose
+    vectors score), which the ColBERT objective reads.
+
+    The batches come tokenized at the documents' length; a longer query is cut to
+    ``query_length`` tokens keeping its last token ([SEP]), as the query tokenizer's own
+    truncation does (``ColbertEncoder.encode_queries``).
+    """
+
+    query_length: int
+    query_marker_id: int | None
+    document_marker_id: int | None
+    mask_token_id: int
+    skiplist_ids: tuple = ()
+    attend_to_expansion: bool = False
+    do_query_expansion: bool = True
+    pad_token_id: int = 0
+
+    def __call__(self, batch):
+        sides = {"a": self._side(batch.a, query=True)}
+        for name in ("b", "n"):
+            if getattr(batch, name) is not None:
+                sides[name] = self._side(getattr(batch, name), query=False)
+        return dataclasses.replace(batch, **sides)
+
+    def query_row(self, ids: Sequence[int]):
+        """One query's ``(input_ids, attention_mask, score_mask)``."""
+        room = self.query_length - (self.query_marker_id is not None)
+        ids = list(ids) if len(ids) <= room else list(ids[:room - 1]) + [ids[-1]]
+        if self.do_query_expansion:
+            return query_inputs(ids, self.query_length, marker_id=self.query_marker_id,
+                                mask_token_id=self.mask_token_id, attend_to_expansion=self.attend_to_expansion)
+        out_ids, attention, _ = document_inputs(ids, marker_id=self.query_marker_id)
+        return out_ids, attention, attention
+
+    def document_row(self, ids: Sequence[int]):
+        """One document's ``(input_ids, attention_mask, score_mask)``."""
+        return document_inputs(ids, marker_id=self.document_marker_id, skiplist_ids=self.skiplist_ids)
+
+    def _side(self, side, *, query: bool):
+        if side.packed:
+            raise ValueError("a ColBERT run reads padded batches: set data.pack_length=0")
+        ids, mask = np.asarray(side.ids), np.asarray(side.mask)
+        lead, width = ids.shape[:-1], ids.shape[-1]
+        rows = [(self.query_row if query else self.document_row)(r[m.astype(bool)])
+                for r, m in zip(ids.reshape(-1, width), mask.reshape(-1, width))]
+        out_width = self.query_length if query and self.do_query_expansion else width + (
+            (self.query_marker_id if query else self.document_marker_id) is not None)
+        out = [np.zeros((len(rows), out_width), np.int32) for _ in range(3)]
+        out[0][:] = self.pad_token_id
+        for i, row in enumerate(rows):
+            for buffer, values in zip(out, row):
+                buffer[i, :len(values)] = values
+        new_ids, attention, score = (x.reshape(*lead, out_width) for x in out)
+        return dataclasses.replace(side, ids=new_ids, mask=attention, types=np.zeros_like(new_ids), pool=score)

@@ -57,6 +57,20 @@ class ColbertEncoder:
     path: Path | None = None
 
     @property
+    def tokenizer(self) -> tokenize.Tokenizer:
+        """The documents' tokenizer: what training batches are tokenized with (``batch_format``
+        then cuts the queries)."""
+        return self.document_tokenizer
+
+    def batch_format(self) -> colbert.ColbertFormat:
+        """The host transform that lays training batches out as this model encodes (``colbert.ColbertFormat``)."""
+        return colbert.ColbertFormat(
+            query_length=self.query_length, query_marker_id=self.query_marker_id,
+            document_marker_id=self.document_marker_id, mask_token_id=self.mask_token_id,
+            skiplist_ids=tuple(self.skiplist_ids), attend_to_expansion=self.attend_to_expansion,
+            do_query_expansion=self.do_query_expansion, pad_token_id=self.cfg.pad_token_id)
+
+    @property
     def dim(self) -> int:
         return int(self.params["projection"]["kernel"].shape[1])
 
@@ -64,23 +78,16 @@ class ColbertEncoder:
                        show_progress: bool | None = None) -> list[np.ndarray]:
         """Each query's (query_length, dim) float32 unit token vectors (without query expansion:
         its real tokens only)."""
-        rows = []
-        for e in self.query_tokenizer.encode(_check_texts(texts)):
-            if self.do_query_expansion:
-                rows.append(colbert.query_inputs(e.ids, self.query_length, marker_id=self.query_marker_id,
-                                                 mask_token_id=self.mask_token_id,
-                                                 attend_to_expansion=self.attend_to_expansion))
-            else:
-                ids, attention, _ = colbert.document_inputs(e.ids, marker_id=self.query_marker_id)
-                rows.append((ids, attention, attention))
+        layout = self.batch_format()  # one definition of a query's inputs: encoding and training
+        rows = [layout.query_row(e.ids) for e in self.query_tokenizer.encode(_check_texts(texts))]
         return self._vectors(rows, batch_size, show_progress)
 
     def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32,
                          show_progress: bool | None = None) -> list[np.ndarray]:
         """Each document's (scoring tokens, dim) float32 unit token vectors: padding and the
         skiplist's tokens removed."""
-        rows = [colbert.document_inputs(e.ids, marker_id=self.document_marker_id, skiplist_ids=self.skiplist_ids)
-                for e in self.document_tokenizer.encode(_check_texts(texts))]
+        layout = self.batch_format()
+        rows = [layout.document_row(e.ids) for e in self.document_tokenizer.encode(_check_texts(texts))]
         return self._vectors(rows, batch_size, show_progress)
 
     def _vectors(self, rows, batch_size: int, show_progress: bool | None) -> list[np.ndarray]:
@@ -110,11 +117,21 @@ def _token_vectors_jit(params, cfg, input_ids, attention_mask):
                                  token_type_ids=jnp.zeros_like(input_ids))
 
 
+def is_colbert_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a ColBERT model (PyLate's ``model_type``, or its ``Dense`` module)."""
+    settings = hf.read_json(directory / "config_sentence_transformers.json") or {}
+    modules = hf.read_json(directory / "modules.json") or []
+    return settings.get("model_type") == "ColBERT" or any(m.get("type") == _PYLATE_DENSE for m in modules)
+
+
 def load_colbert(name_or_path: str | os.PathLike, *, query_length: int | None = None,
-                 document_length: int | None = None,
+                 document_length: int | None = None, dim: int | None = None, seed: int = 0,
                  buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS) -> ColbertEncoder:
-    """Loads a ColBERT model saved in PyLate's layout (a ``Transformer`` then PyLate's ``Dense``).
-    ``query_length`` / ``document_length``: override the saved ones (tokens, markers included)."""
+    """Loads a ColBERT model saved in PyLate's layout (a ``Transformer`` then PyLate's ``Dense``),
+    or starts one from any other BERT-family checkpoint (``colbert_from_backbone``: what
+    ``pylate.models.ColBERT`` does with a plain encoder). ``query_length`` / ``document_length``:
+    override the saved ones (tokens, markers included; 32 / 180 for a fresh model); ``dim`` and
+    ``seed``: a fresh projection's width (default 128) and initialisation."""
     from safetensors.numpy import load_file
 
     from embedjax.encoders import registry
@@ -122,12 +139,13 @@ def load_colbert(name_or_path: str | os.PathLike, *, query_length: int | None = 
     directory = hf.resolve(name_or_path)
     modules = hf.read_json(directory / "modules.json")
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules or []]
+    settings = hf.read_json(directory / "config_sentence_transformers.json") or {}
+    if not is_colbert_checkpoint(directory):
+        return colbert_from_backbone(directory, query_length=query_length or 32,
+                                     document_length=document_length or 180, dim=dim, seed=seed, buckets=buckets)
     if kinds != ["Transformer", "Dense"] or modules[0].get("path", "") not in ("", "."):
         raise CheckpointError(f"{directory}: modules {kinds}; a ColBERT checkpoint in PyLate's layout is "
                               "['Transformer' (top level), 'Dense']")
-    settings = hf.read_json(directory / "config_sentence_transformers.json") or {}
-    if settings.get("model_type") not in (None, "ColBERT"):
-        raise CheckpointError(f"{directory}: model_type {settings.get('model_type')!r}, not a ColBERT model")
     config = hf.read_json(directory / "config.json")
     cfg = registry.config_from_hf(config)
     params = hf.params_from_state_dict(hf.load_state_dict(directory), cfg)
@@ -142,6 +160,9 @@ def load_colbert(name_or_path: str | os.PathLike, *, query_length: int | None = 
         raise CheckpointError(f"{dense_dir}: activation {dense_config['activation_function']!r}; embedjax "
                               "reads identity projections")
     projection = colbert.projection_from_state_dict(load_file(str(dense_files[0])))
+    if dim is not None and dim != projection["kernel"].shape[1]:
+        raise CheckpointError(f"{dense_dir}: a projection to {projection['kernel'].shape[1]} dimensions, not dim={dim} "
+                              "(leave dim unset for a ColBERT checkpoint)")
     query_length = int(query_length or settings.get("query_length") or 32)
     document_length = int(document_length or settings.get("document_length") or 180)
     tokenizers = {}
@@ -164,6 +185,57 @@ def load_colbert(name_or_path: str | os.PathLike, *, query_length: int | None = 
         skiplist_ids=colbert.skiplist_ids(vocab, settings.get("skiplist_words", colbert.SKIPLIST_WORDS)),
         attend_to_expansion=bool(settings.get("attend_to_expansion_tokens", False)),
         do_query_expansion=bool(settings.get("do_query_expansion", True)), settings=settings, path=directory)
+
+
+MARKERS = ("[Q] ", "[D] ")  # PyLate's query and document prefixes, added to a plain backbone's vocabulary
+
+
+def colbert_from_backbone(directory: Path, *, query_length: int = 32, document_length: int = 180,
+                          dim: int | None = None, seed: int = 0,
+                          buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS) -> ColbertEncoder:
+    """A fresh ColBERT model on a plain checkpoint's backbone (a BERT-family ``transformers`` model or a
+    dense SentenceTransformer's), as ``pylate.models.ColBERT`` starts one: the markers ``[Q] `` and
+    ``[D] `` appended to the vocabulary (their embedding rows the mean of the existing rows, where
+    PyLate's ``resize_token_embeddings`` draws them at random around that mean), a bias-free
+    projection to ``dim`` (default 128) initialised as ``torch.nn.Linear`` from ``seed``, queries
+    expanded with ``[MASK]`` and the punctuation skiplist."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from embedjax.model import load_pretrained
+
+    backbone = load_pretrained(directory, buckets=buckets)
+    params, cfg = backbone.params, backbone.cfg
+    word = params.get("embeddings", {}).get("word") if isinstance(params, dict) else None
+    if word is None or not hasattr(cfg, "vocab_size"):
+        raise CheckpointError(f"{directory}: a ColBERT model starts from a BERT-family encoder "
+                              "(word embeddings under params['embeddings']['word'])")
+    source = backbone.tokenizer.backend.to_str()
+    backends = []
+    for _ in range(2):  # one backend per side: each tokenizer sets its own truncation on it
+        backend = HFTokenizer.from_str(source)
+        backend.add_tokens([AddedToken(marker, normalized=True) for marker in MARKERS])
+        backends.append(backend)
+    markers = [backends[0].token_to_id(m) for m in MARKERS]
+    mask_id = backends[0].token_to_id("[MASK]")
+    if mask_id is None:
+        raise CheckpointError(f"{directory}: the tokenizer has no [MASK] token for query expansion")
+    vocab = max(max(markers) + 1, int(word.shape[0]))
+    word = np.asarray(word, np.float32)
+    grown = np.concatenate([word, np.broadcast_to(word.mean(axis=0), (vocab - word.shape[0], word.shape[1]))])
+    params = {**params, "embeddings": {**params["embeddings"], "word": grown}}
+    cfg = dataclasses.replace(cfg, vocab_size=vocab)
+    projection = colbert.init_projection(cfg.hidden_size, dim or colbert.DEFAULT_DIM, key=jax.random.key(seed))
+    query_tok = tokenize.Tokenizer(backends[0], query_length - 1, cfg.pad_token_id, buckets=buckets)
+    document_tok = tokenize.Tokenizer(backends[1], document_length - 1, cfg.pad_token_id, buckets=buckets)
+    settings = {"query_prefix": MARKERS[0], "document_prefix": MARKERS[1],
+                "skiplist_words": list(colbert.SKIPLIST_WORDS)}
+    return ColbertEncoder(
+        params=jax.device_put({**params, "projection": projection}), cfg=cfg, query_tokenizer=query_tok,
+        document_tokenizer=document_tok, query_length=query_length, document_length=document_length,
+        query_marker_id=markers[0], document_marker_id=markers[1], mask_token_id=mask_id,
+        skiplist_ids=colbert.skiplist_ids(backends[1].get_vocab(), colbert.SKIPLIST_WORDS),
+        settings=settings, path=directory)
 
 
 def save_colbert(model: ColbertEncoder, directory: str | os.PathLike, *, params=None) -> Path:
@@ -196,7 +268,23 @@ def save_colbert(model: ColbertEncoder, directory: str | os.PathLike, *, params=
         for name in TOKENIZER_FILES:
             if (Path(model.path) / name).is_file():
                 shutil.copyfile(Path(model.path) / name, directory / name)
+    _save_tokenizer(model.document_tokenizer.backend, directory / "tokenizer.json")  # the markers a fresh model added
     return directory
 
 
-__all__ = ["ColbertEncoder", "load_colbert", "save_colbert"]
+def _save_tokenizer(backend, path: Path) -> None:
+    """``backend`` as a ``tokenizer.json`` without the truncation our tokenizers set on it."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    clean = HFTokenizer.from_str(backend.to_str())
+    clean.no_truncation()
+    clean.no_padding()
+    clean.save(str(path))
+
+
+def save_trained(model: ColbertEncoder, params, directory: str | os.PathLike) -> None:
+    """A ColBERT training run's export: the trained ``params`` in PyLate's layout in ``directory``."""
+    save_colbert(model, directory, params=params)
+
+
+__all__ = ["ColbertEncoder", "colbert_from_backbone", "is_colbert_checkpoint", "load_colbert", "save_colbert", "save_trained"]

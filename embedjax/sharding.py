@@ -50,8 +50,8 @@ def rules_for(cfg, name: str) -> tuple:
     if name == "fsdp":
         from embedjax.encoders import registry
 
-        # a cross-encoder's head, a tri-encoder's and a SPLADE model's MLM head: small, replicated
-        return (*POOLER_RULES, (r"^(tri_|mlm_)?head/", P()), *registry.of(cfg).sharding_rules)
+        # a cross-encoder's head, a tri-encoder's, a SPLADE model's MLM head, a ColBERT projection: small, replicated
+        return (*POOLER_RULES, (r"^(tri_|mlm_)?head/", P()), (r"^projection/", P()), *registry.of(cfg).sharding_rules)
     raise ValueError(f"unknown sharding_rules {name!r}; choose 'fsdp' or 'replicated'")
 
 

@@ -15,10 +15,13 @@ convention: **higher means more similar**, so distances come back negated
 * ``maxsim_pairwise`` / ``maxsim_matrix`` / ``maxsim_segments``: late interaction (ColBERT,
   arXiv:2004.12832): a query of token vectors scores a document by the sum over its tokens of
   the best dot product with any document token; padded (token masks) or packed (flat tokens
-  with a text id each) rows.
+  with a text id each) rows. ``TokenMaxSim(dim)`` is MaxSim as a metric of ``matrix`` and
+  ``pairwise`` (each text's token vectors flattened to one row), so every loss that takes a
+  metric trains a ColBERT model unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -127,7 +130,10 @@ _PAIRWISE = {
 
 
 def pairwise(a, b, metric="cosine"):
-    """Similarity of a_i and b_i with ``metric`` in ``PAIRWISE_METRICS``: ``(..., D) -> (...)``."""
+    """Similarity of a_i and b_i with ``metric`` in ``PAIRWISE_METRICS`` (or a ``TokenMaxSim``):
+    ``(..., D) -> (...)``."""
+    if isinstance(metric, TokenMaxSim):
+        return metric.pairwise(a, b)
     try:
         fn = _PAIRWISE[metric]
     except KeyError:
@@ -191,7 +197,10 @@ _MATRIX = {
 
 
 def matrix(a, b, metric="cosine"):
-    """All-pairs similarity with ``metric`` in ``METRICS`` or ``"hamming"``: ``(N, D), (M, D) -> (N, M)``."""
+    """All-pairs similarity with ``metric`` in ``METRICS`` or ``"hamming"`` (or a ``TokenMaxSim``):
+    ``(N, D), (M, D) -> (N, M)``."""
+    if isinstance(metric, TokenMaxSim):
+        return metric.matrix(a, b)
     try:
         fn = _MATRIX[metric]
     except KeyError:
@@ -245,6 +254,36 @@ def maxsim_segments(q_tokens, q_ids, d_tokens, d_ids, num_queries: int, num_docu
     best = jnp.where(jnp.isfinite(best), best, 0.0)  # a document with no token
     q_seg = jnp.where((q_ids >= 0) & (q_ids < num_queries), q_ids, num_queries)
     return jax.ops.segment_sum(best.T, q_seg, num_segments=num_queries + 1)[:num_queries]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMaxSim:
+    """MaxSim as a metric of ``matrix`` / ``pairwise``: a text is its ``T`` token vectors of width
+    ``dim`` flattened to one row ``(..., T * dim)``, the tokens that do not score zeroed. A zero
+    document token scores 0 and a zero query token adds 0: PyLate's masked-as-zero padding
+    (``maxsim_*(..., masked_as_zero=True)``). Queries and documents may hold different token
+    counts. Not symmetric: ``a`` holds the queries. Hashable, so it can sit in a loss's static
+    keyword arguments."""
+
+    dim: int
+
+    def tokens(self, x):
+        """``(..., T * dim) -> (..., T, dim)``."""
+        if x.shape[-1] % self.dim:
+            raise ValueError(f"TokenMaxSim(dim={self.dim}): a row of {x.shape[-1]} values is not whole tokens")
+        return x.reshape(*x.shape[:-1], x.shape[-1] // self.dim, self.dim)
+
+    def flatten(self, tokens, score_mask=None):
+        """``(..., T, dim)`` token vectors (their ``score_mask`` (..., T): 1 = scores) -> ``(..., T * dim)``."""
+        if score_mask is not None:
+            tokens = tokens * score_mask[..., None].astype(tokens.dtype)
+        return tokens.reshape(*tokens.shape[:-2], tokens.shape[-2] * tokens.shape[-1])
+
+    def matrix(self, a, b):
+        return maxsim_matrix(self.tokens(a), self.tokens(b))
+
+    def pairwise(self, a, b):
+        return maxsim_pairwise(self.tokens(a), self.tokens(b))
 
 
 # ---------------------------------------------------------------- chunked top-k

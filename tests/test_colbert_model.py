@@ -81,9 +81,35 @@ def test_export_loads_in_pylate_and_encodes_the_same(pylate_model, tmp_path):
         (model.query_marker_id, model.document_marker_id, model.skiplist_ids)
 
 
-def test_load_colbert_refuses_other_layouts(tiny_model):
-    with pytest.raises(CheckpointError, match=r"modules \['Transformer', 'Pooling', 'Normalize'\]; a ColBERT checkpoint"):
-        load_colbert(tiny_model)
+def test_a_plain_backbone_starts_a_colbert_model_laid_out_as_pylate_starts_one(pylate_model, tiny_masked_lm):
+    """PyLate's model above was built on the same backbone: the same vocabulary with the markers
+    appended, the same marker, mask and skiplist ids and the same query and document rows; only the
+    projection (random) and the markers' embeddings (PyLate draws them around the mean) differ."""
+    path, _ = pylate_model
+    theirs, ours = load_colbert(path), load_colbert(tiny_masked_lm, query_length=12, document_length=24, dim=16)
+    assert ours.cfg.vocab_size == theirs.cfg.vocab_size and ours.dim == 16
+    assert (ours.query_marker_id, ours.document_marker_id, ours.mask_token_id, ours.skiplist_ids) == \
+        (theirs.query_marker_id, theirs.document_marker_id, theirs.mask_token_id, theirs.skiplist_ids)
+    for text in QUERIES + DOCUMENTS:
+        for side in ("query", "document"):
+            rows = [getattr(m.batch_format(), f"{side}_row")(getattr(m, f"{side}_tokenizer").encode([text])[0].ids)
+                    for m in (ours, theirs)]
+            for a, b in zip(*rows):
+                np.testing.assert_array_equal(a, b)
+    word = np.asarray(ours.params["embeddings"]["word"])
+    np.testing.assert_allclose(word[ours.query_marker_id], word[:ours.query_marker_id].mean(axis=0), atol=1e-6)
+
+
+def test_load_colbert_refuses_a_projection_it_cannot_read(pylate_model, tmp_path):
+    import json
+    import shutil
+
+    path, _ = pylate_model
+    shutil.copytree(path, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "1_Dense" / "config.json").read_text())
+    (tmp_path / "m" / "1_Dense" / "config.json").write_text(json.dumps({**config, "bias": True}))
+    with pytest.raises(CheckpointError, match="a projection with a bias"):
+        load_colbert(tmp_path / "m")
 
 
 def test_colbert_retrieval_evaluator_ranks_by_maxsim(pylate_model, beir):

@@ -43,6 +43,7 @@ VARIANTS = [
     "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2", "csts:family=tri",
     "csts:family=tri,head=concat,loss=quadruplet,smoke", "csts:loss=quadruplet",
     "beir_splade", "beir_splade:smoke", "beir_splade:qw=0,dw=1e-4,lr=5e-5,epochs=2,seed=1,negatives=0,top_k=64",
+    "beir_colbert", "beir_colbert:smoke", "beir_colbert:dim=96,doc_length=180,gradcache=8,lr=5e-5,epochs=2,seed=1,negatives=0",
 ]
 
 
@@ -488,7 +489,7 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
         silver = mined_file.parent / "silver.tsv"
         silver.write_text("A man plays a guitar.\tSomeone plays an instrument.\t3.9\nA cat.\tThe market fell.\t0.21\n")
         c.data.train = str(silver)  # the config's default path is what scripts/mine.py writes first
-    if name.startswith(("beir_ir", "ir_sts", "beir_reranker", "beir_splade")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
+    if name.startswith(("beir_ir", "ir_sts", "beir_reranker", "beir_splade", "beir_colbert")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
         for entry in (*c.data.mixture.values(), c.data):
             if entry.get("hard_negatives"):
                 entry.hard_negatives = str(mined_beir / Path(entry.hard_negatives).name)

@@ -418,6 +418,7 @@ def train_pipeline(
     task: str | None = None,
     include_prompt: bool = True,
     pairs=None,
+    transform: Callable[[Batch], Batch] | None = None,
 ) -> DataIterator:
     """Shuffled, sharded, repeated training batches of ``global_batch_size / host count`` rows.
 
@@ -443,6 +444,8 @@ def train_pipeline(
         with the encoder's own ``include_prompt=False``.
       pairs: a ``cross_batches.PairFormat``: cross-encoder batches of candidate groups
         (``cross_batches.collate_pairs``) instead of texts; prompts do not apply.
+      transform: applied to every host batch, e.g. ``colbert.ColbertFormat`` (ColBERT's markers,
+        query expansion and score masks).
     """
     index, count = _shard(shard_options)
     rows = _host_batch(global_batch_size, count)
@@ -465,10 +468,14 @@ def train_pipeline(
     else:
         batch_fn = lambda items: collate(items, tokenizer, rows, fields, preprocess, common_length,  # noqa: E731
                                          packing, prompts, include_prompt)
+    if transform is not None:
+        collated = batch_fn
+        batch_fn = lambda items: transform(collated(items))  # noqa: E731
     ds = ds.batch(rows, drop_remainder=True, batch_fn=batch_fn)
     ds = ds[index::count].repeat(num_epochs)
     fingerprint = (f"train n={n} seed={seed} shard={index}/{count} host_batch={rows} "
-                   f"epochs={num_epochs} fields={','.join(fields)}" + ("" if pairs is None else f" pairs={pairs}"))
+                   f"epochs={num_epochs} fields={','.join(fields)}" + ("" if pairs is None else f" pairs={pairs}")
+                   + ("" if transform is None else f" transform={transform}"))
     return DataIterator(ds, batches_per_epoch=batches, num_epochs=num_epochs, fingerprint=fingerprint,
                         read_options=read_options)
 

@@ -41,7 +41,7 @@ TYPES = {
 }
 CROSS_TYPES = ("cross_sts", "cross_csts", "rerank")
 SPARSE_TYPES = ("sparse_retrieval",)
-LATE_TYPES = ("colbert_retrieval",)  # evaluate a ColbertEncoder; no training run's model yet
+LATE_TYPES = ("colbert_retrieval",)  # a ColBERT model's (it scores a ColbertEncoder)
 WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
 
 
@@ -96,18 +96,24 @@ def from_config(evals: Mapping[str, Mapping[str, Any]]) -> list[Evaluator]:
 
 
 def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc_cfg,
-                 cross_encoder: bool = False, sparse: bool = False) -> list[Evaluator]:
+                 cross_encoder: bool = False, sparse: bool = False, late: bool = False) -> list[Evaluator]:
     """A training run's evaluators (``config.evals``): an entry without its own ``batch_size`` takes
     ``batch_size`` (``eval_batch_size``); grid depths and widths are checked against the model
     now, not after the first evaluation, and the full depth / width (always a cell) is not
     listed twice. A ``cross_encoder`` run takes only the ``CROSS_TYPES``, a ``sparse`` (SPLADE) run
-    only the ``SPARSE_TYPES``, a bi-encoder run neither."""
+    only the ``SPARSE_TYPES``, a ``late`` (ColBERT) run only the ``LATE_TYPES``, a bi-encoder run none of them."""
     entries = {}
     for name, spec in evals.items():
         spec = dict(spec)
-        if spec.get("type") in LATE_TYPES:
+        if (spec.get("type") in LATE_TYPES) != late:
+            if late:
+                raise ValueError(f"evals.{name}: a ColBERT run is evaluated by {LATE_TYPES}, not {spec.get('type')!r}")
             raise ValueError(f"evals.{name}: type {spec['type']!r} scores a ColBERT model (ColbertEncoder), "
                              "not this run's encoder")
+        if late:
+            spec.setdefault("batch_size", batch_size)
+            entries[name] = spec
+            continue
         if (spec.get("type") in SPARSE_TYPES) != sparse:
             if sparse:
                 raise ValueError(f"evals.{name}: a SPLADE run is evaluated by {SPARSE_TYPES}, not "

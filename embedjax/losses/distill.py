@@ -31,16 +31,18 @@ def _target(x):
     return jax.lax.stop_gradient(sim.as_float32(x))
 
 
-def _candidates(name, q, p, n):
-    """``(B, 1 + k, D)``: the positive then the k negatives of every query."""
+def _candidates(name, q, p, n, similarity=None):
+    """``(B, 1 + k, D)``: the positive then the k negatives of every query. With a token metric
+    (``similarity.TokenMaxSim``) the documents' width may differ from the queries'."""
     if n is None:
         raise ValueError(f"{name}: needs negatives n, (B, D) or (B, k, D); got None")
-    if q.ndim != 2 or p.shape != q.shape:
+    same_width = not isinstance(similarity, sim.TokenMaxSim)
+    if q.ndim != 2 or p.ndim != 2 or p.shape[0] != q.shape[0] or (same_width and p.shape != q.shape):
         raise ValueError(f"{name}: q and p must both be (B, D) embeddings, got {q.shape} and {p.shape}")
     if n.ndim == 2:
         n = n[:, None, :]
-    if n.ndim != 3 or n.shape[0] != q.shape[0] or n.shape[2] != q.shape[1]:
-        raise ValueError(f"{name}: n must be (B, D) or (B, k, D) with B={q.shape[0]}, D={q.shape[1]}; "
+    if n.ndim != 3 or n.shape[0] != q.shape[0] or n.shape[2] != p.shape[1]:
+        raise ValueError(f"{name}: n must be (B, D) or (B, k, D) with B={q.shape[0]}, D={p.shape[1]}; "
                          f"got {n.shape}")
     return jnp.concatenate([p[:, None, :], n], axis=1)
 
@@ -70,7 +72,7 @@ def margin_mse(q, p, n, teacher, *, similarity="dot"):
     Returns:
       The scalar mean squared margin error.
     """
-    cands = _candidates("margin_mse", q, p, n)
+    cands = _candidates("margin_mse", q, p, n, similarity)
     b, k = cands.shape[0], cands.shape[1] - 1
     t = _target(teacher)
     if t.shape == (b, k + 1):
@@ -85,7 +87,8 @@ def margin_mse(q, p, n, teacher, *, similarity="dot"):
     return jnp.mean(jnp.square(margins - t))
 
 
-def listwise_kl(q, p, n, teacher, *, scale=20.0, teacher_temperature=1.0, similarity="cosine"):
+def listwise_kl(q, p, n, teacher, *, scale=20.0, teacher_temperature=1.0, similarity="cosine",
+                normalize_scores=False):
     """Listwise score distillation: per query, KL from the teacher's to the student's softmax.
 
         L = mean_i KL( softmax(t_i / teacher_temperature) || softmax(scale * s(q_i, c_i)) )
@@ -109,18 +112,20 @@ def listwise_kl(q, p, n, teacher, *, scale=20.0, teacher_temperature=1.0, simila
       scale: multiplies the student scores (1 / student temperature).
       teacher_temperature: divides the teacher scores; match it to their spread.
       similarity: a ``embedjax.similarity.pairwise`` metric for the student.
+      normalize_scores: min-max normalise each query's student scores to [0, 1] before the
+        scale (PyLate's ``Distillation(normalize_scores=True)``, its default for ColBERT).
 
     Returns:
       The scalar mean over queries of the KL divergence (>= 0).
     """
-    cands = _candidates("listwise_kl", q, p, n)
+    cands = _candidates("listwise_kl", q, p, n, similarity)
     b, m = cands.shape[:2]
     t = _target(teacher)
     if t.shape != (b, m):
         raise ValueError(f"listwise_kl: teacher must be ({b}, {m}) scores [t(q,p), t(q,n_1..n_{m - 1})]; "
                          f"got {t.shape}")
     return rerank.listwise_kl(_student_scores(q, cands, similarity), t, scale=scale,
-                              teacher_temperature=teacher_temperature)
+                              teacher_temperature=teacher_temperature, normalize_scores=normalize_scores)
 
 
 def _check_same_width(name, student, teacher):

@@ -130,11 +130,12 @@ def _embeddings(x, b, width, name):
 
 
 def _layout(anchors, positives, negatives, positive_mask, anchor_ids, positive_ids, negative_ids,
-            relevant_ids, relevant_mask):
+            relevant_ids, relevant_mask, doc_width=None):
     anchors = sim.as_float32(anchors)
     if anchors.ndim != 2:
         raise ValueError(f"anchors: expected (B, D), got shape {anchors.shape}")
     b, d = anchors.shape
+    d = d if doc_width is None else doc_width  # a token metric: documents hold their own token count
     pos = _embeddings(positives, b, d, "positives")
     m = pos.shape[1]
     slots = pos.reshape(b * m, d)
@@ -406,7 +407,9 @@ def infonce(
         sentence-transformers' MultipleNegativesSymmetricRankingLoss. Only with m = 1 and
         ``directions=("query_to_doc",)``; the b->a half masks by ``anchor_ids`` only.
       similarity: metric of ``embedjax.similarity.matrix`` ("cosine", "dot", "euclidean",
-        "manhattan"); also the metric of the false-negative rule (guide included).
+        "manhattan"); also the metric of the false-negative rule (guide included). A
+        ``similarity.TokenMaxSim`` trains ColBERT: the rows are flattened token vectors, the
+        documents' token count may differ from the queries', query_to_doc only.
       anchor_ids, positive_ids: optional (B,) int ids of the texts (e.g. a hash); positive_ids
         (B, m) with m slots. negative_ids: optional (B, k) (or (B,)) ids. Identical texts in a
         batch must not act as each other's negatives: for row i, every candidate whose id equals
@@ -458,10 +461,14 @@ def infonce(
     Returns:
       scalar mean cross-entropy.
     """
+    token_metric = isinstance(similarity, sim.TokenMaxSim)
     batch = _layout(anchors, positives, negatives, positive_mask, anchor_ids, positive_ids, negative_ids,
-                    relevant_ids, relevant_mask)
+                    relevant_ids, relevant_mask, doc_width=jnp.shape(positives)[-1] if token_metric else None)
     directions = _check_options(directions, symmetric, all_positives, batch.m, hardness, hardness_mode,
                                 in_batch_negatives)
+    if token_metric and (directions != (Q2D,) or symmetric or guide is not None):
+        raise ValueError("MaxSim (TokenMaxSim) scores a query against documents: only directions=('query_to_doc',), "
+                         "symmetric=False and no guide")
     if guide is not None and fn_margin is None and fn_relative is None:
         fn_margin = 0.0
     rows = _rows(batch, all_positives and batch.m > 1)  # one slot: "each" and "all" coincide

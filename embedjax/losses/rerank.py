@@ -189,13 +189,20 @@ def margin_mse(logits, teacher, *, mask=None):
     return _masked_mean(jnp.square(err), _mask(logits, mask)[:, 1:])
 
 
-def listwise_kl(logits, teacher, *, mask=None, scale: float = 1.0, teacher_temperature: float = 1.0):
+def listwise_kl(logits, teacher, *, mask=None, scale: float = 1.0, teacher_temperature: float = 1.0,
+                normalize_scores: bool = False):
     """Mean over groups of ``KL(softmax(t / teacher_temperature) || softmax(scale * s))`` over the
-    real candidates; a teacher score of -inf also excludes a candidate (zero target mass)."""
+    real candidates; a teacher score of -inf also excludes a candidate (zero target mass).
+    ``normalize_scores``: each group's real scores min-max normalised first, ``(s - min) / (max -
+    min + 1e-8)`` (PyLate's ``Distillation``)."""
     logits, teacher, mask = _as_groups("listwise_kl", logits, teacher, mask)
     if not teacher_temperature > 0:
         raise ValueError(f"listwise_kl: teacher_temperature must be > 0, got {teacher_temperature}")
     mask = _mask(logits, mask)
+    if normalize_scores:
+        low = jnp.min(jnp.where(mask, logits, jnp.inf), axis=-1, keepdims=True)
+        high = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
+        logits = (logits - low) / (high - low + 1e-8)
     t = jax.lax.stop_gradient(_f32(teacher))
     log_target = jax.nn.log_softmax(jnp.where(mask, t / teacher_temperature, -jnp.inf), axis=-1)
     log_pred = jax.nn.log_softmax(jnp.where(mask, scale * logits, -jnp.inf), axis=-1)

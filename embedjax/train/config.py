@@ -42,7 +42,7 @@ ATTENTION = ("causal", "bidirectional")
 DECAYS = ("linear", "cosine", "constant")
 EMA_SELECT = ("best", "ema", "raw")
 SHARDING_RULES = ("replicated", "fsdp")
-MODEL_KINDS = ("bi_encoder", "cross_encoder", "tri_encoder", "splade")
+MODEL_KINDS = ("bi_encoder", "cross_encoder", "tri_encoder", "splade", "colbert")
 INITIAL_TEACHER = "initial"  # objective.distill.teacher: the run's own starting model, frozen
 
 
@@ -122,6 +122,7 @@ class ModelConfig:
     pair_template: str | None = None  # cross_encoder on decoders: "...{first}...{second}..."; None: the tokenizer's pairs
     tri_head: str | None = None       # tri_encoder: embedjax.tri_head.KINDS (a bi-encoder plus a condition head)
     splade: dict | None = None        # splade: the run's splade section (pooling, FLOPS regulariser; sparse_objective.py)
+    colbert: dict | None = None       # colbert: the run's colbert section (dim, query / document length; colbert_model.py)
 
     @property
     def cross_encoder(self) -> bool:
@@ -131,6 +132,11 @@ class ModelConfig:
     def sparse(self) -> bool:
         """A SPLADE run (``embedjax.sparse_model.SparseEncoder``)."""
         return self.kind == "splade"
+
+    @property
+    def late(self) -> bool:
+        """A ColBERT (late-interaction) run (``embedjax.colbert_model.ColbertEncoder``)."""
+        return self.kind == "colbert"
 
     @classmethod
     def from_config(cls, config) -> ModelConfig:
@@ -165,11 +171,29 @@ class ModelConfig:
             if config.pooling is not None:
                 raise ValueError("pooling is a dense encoder's; a SPLADE run pools with splade.pooling")
             by_kind = dict(splade=_splade_section(config.splade))
+        elif kind == "colbert":
+            if config.pooling is not None or prompts:
+                raise ValueError("pooling and prompts apply to single-vector encoders; a ColBERT run keeps every "
+                                 "token (its markers [Q] / [D] tell queries from documents)")
+            if max_length is not None:
+                raise ValueError("max_length: a ColBERT run sets colbert.query_length and colbert.document_length")
+            by_kind = dict(colbert=_colbert_section(config.colbert))
         return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
                    max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
                    attention=_choice(config.attention, ATTENTION, "attention", optional=True),
                    pooler_init=dict(config.pooler_init or {}), prompts=prompts,
                    include_prompt=bool(config.include_prompt), kind=kind, **by_kind, **rates)
+
+
+def _colbert_section(section) -> dict:
+    """A ColBERT run's ``colbert`` section as a plain dict: None keeps the checkpoint's value (a fresh
+    model on a plain backbone: 128 wide, queries of 32 tokens, documents of 180, as PyLate)."""
+    out = {"dim": section.dim, "query_length": section.query_length, "document_length": section.document_length}
+    for name, value in out.items():
+        out[name] = _optional(value, int, f"colbert.{name}")
+        if out[name] is not None and out[name] < 2:
+            raise ValueError(f"colbert.{name} must be >= 2, or None, got {value}")
+    return out
 
 
 def _splade_section(splade) -> dict:
@@ -343,26 +367,32 @@ def source_sections(data: Mapping[str, Any], objective: Mapping[str, Any]) -> di
 
 
 def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any], *, num_labels: int | None = None,
-                  splade: Mapping[str, Any] | None = None) -> dict[str, SourceConfig]:
+                  splade: Mapping[str, Any] | None = None, colbert: bool = False) -> dict[str, SourceConfig]:
     """Every training source of a config, parsed: the one of ``data`` / ``objective``, or each
     ``data.mixture`` entry over them (``source_sections``); an entry's errors name it. ``num_labels``: a
     cross-encoder run's head width (its objectives are checked as cross-encoder losses); ``splade``:
-    a SPLADE run's section (its objectives are checked as SPLADE losses)."""
+    a SPLADE run's section (its objectives are checked as SPLADE losses); ``colbert``: a ColBERT run
+    (its objectives are checked as ColBERT losses)."""
     sections = source_sections(data, objective)
     if not data["mixture"]:
-        return {"train": _source("train", data, objective, 1.0, num_labels, splade)}
+        return {"train": _source("train", data, objective, 1.0, num_labels, splade, colbert)}
     out = {}
     for name, (entry_data, entry_objective, weight) in sections.items():
         try:
-            out[name] = _source(name, entry_data, entry_objective, weight, num_labels, splade)
+            out[name] = _source(name, entry_data, entry_objective, weight, num_labels, splade, colbert)
         except ValueError as err:
             raise ValueError(f"data.mixture.{name}: {err}") from None
     return out
 
 
 def _source(name: str, data: Mapping[str, Any], objective: Mapping[str, Any], weight: float,
-            num_labels: int | None = None, splade: Mapping[str, Any] | None = None) -> SourceConfig:
-    if splade is not None:
+            num_labels: int | None = None, splade: Mapping[str, Any] | None = None,
+            colbert: bool = False) -> SourceConfig:
+    if colbert:
+        from embedjax.train.colbert_objective import ColbertObjective
+
+        ColbertObjective.check_section(objective)
+    elif splade is not None:
         from embedjax.train.sparse_objective import SparseObjective
 
         SparseObjective.from_config(objective, splade)
@@ -463,7 +493,8 @@ class TrainConfig:
         keys of configs/base.py) parsed and checked; a ValueError names the key and what it takes."""
         model = ModelConfig.from_config(config)
         sources = parse_sources(config.data, config.objective,
-                                num_labels=model.num_labels if model.cross_encoder else None, splade=model.splade)
+                                num_labels=model.num_labels if model.cross_encoder else None, splade=model.splade,
+                                colbert=model.late)
         teachers = {s.teacher for s in sources.values()} - {None}
         if len(teachers) > 1:
             raise ValueError(f"one frozen model (distillation teacher / guide) per run; the sources name "

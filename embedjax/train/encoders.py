@@ -49,10 +49,10 @@ def training_cfg(encoder: Encoder, model: ModelConfig):
 def split_trainable(params, adapters_only: bool):
     """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters, the pooler's own
     params (latent attention), a cross-encoder's head and a tri-encoder's head train and the base is
-    frozen (and a SPLADE model's MLM head); without, everything trains."""
+    frozen (and a SPLADE model's MLM head, a ColBERT model's projection); without, everything trains."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
-    own_params = ("pooler/", "head/", "tri_head/", "mlm_head/")  # trainable pooler, cross / tri-encoder / MLM heads
+    own_params = ("pooler/", "head/", "tri_head/", "mlm_head/", "projection/")  # pooler, heads, ColBERT projection
     trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(own_params)  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 
@@ -77,6 +77,15 @@ def load_cross_model(model: ModelConfig, *, seed: int = 0):
 
     return load_cross_encoder(model.path, num_labels=model.num_labels, max_length=model.max_length,
                               template=model.pair_template, seed=seed)
+
+
+def load_colbert_model(model: ModelConfig, *, seed: int = 0):
+    """A ColBERT run's starting model (``embedjax.colbert_model.load_colbert``): a PyLate checkpoint,
+    or a fresh model on a plain backbone (its projection seeded by ``seed``), with the run's
+    ``colbert`` section's lengths and width."""
+    from embedjax.colbert_model import load_colbert
+
+    return load_colbert(model.path, seed=seed, **(model.colbert or {}))
 
 
 def load_sparse_model(model: ModelConfig, *, seed: int = 0):

@@ -78,6 +78,9 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     """
     run = config if isinstance(config, TrainConfig) else TrainConfig.from_config(config)
     model = run.model
+    if model.late:
+        raise NotImplementedError("step_memory sizes bi- and cross-encoder steps; a ColBERT run's (its "
+                                  "(queries x documents x tokens x tokens) MaxSim block) is not modelled yet")
     if model.sparse:
         raise NotImplementedError("step_memory sizes bi- and cross-encoder steps; a SPLADE run's (its vocabulary-wide "
                                   "logits) is not planned yet: its first step's compiled memory is logged and checked")

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import lora, sharding
 from embedjax.train import memory
+from embedjax.train.colbert_objective import ColbertObjective, colbert_batch_loss
 from embedjax.train.cross_objective import CrossObjective, cross_batch_loss
 from embedjax.train.objective import Objective, batch_loss
 from embedjax.train.sparse_objective import SparseObjective, sparse_batch_loss
@@ -39,6 +40,8 @@ def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, 
     sparse_run = isinstance(objective, SparseObjective)
     if sparse_run:  # its regulariser warms up with the step
         loss_fn = functools.partial(sparse_batch_loss, step=state.step)
+    elif isinstance(objective, ColbertObjective):
+        loss_fn = colbert_batch_loss
     else:
         loss_fn = cross_batch_loss if isinstance(objective, CrossObjective) else batch_loss
 

@@ -91,13 +91,24 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
     ``{"query", "document"}`` instructions (a source's own ``data.prompts`` win). A cross-encoder
     (``embedjax.cross_model.CrossEncoder``) gets batches of candidate groups and a ``CrossObjective``;
     a SPLADE encoder (``embedjax.sparse_model.SparseEncoder``) a ``SparseObjective`` from ``splade``
-    (the run's section) and padded batches."""
+    (the run's section) and padded batches; a ColBERT encoder (``embedjax.colbert_model.ColbertEncoder``)
+    a ``ColbertObjective`` and padded batches in its layout (``ColbertEncoder.batch_format``)."""
+    from embedjax.colbert_model import ColbertEncoder
     from embedjax.cross_model import CrossEncoder
     from embedjax.sparse_model import SparseEncoder
 
     if isinstance(encoder, CrossEncoder):
         return _cross_source(spec, encoder, batch_size=batch_size, seed=seed, mixture=mixture)
-    if isinstance(encoder, SparseEncoder):
+    transform = None
+    if isinstance(encoder, ColbertEncoder):
+        from embedjax.train.colbert_objective import ColbertObjective
+
+        objective = ColbertObjective.from_config(spec.objective, dim=encoder.dim)
+        if spec.data.pack_length or spec.data.prompts or spec.data.task is not None:
+            raise ValueError("a ColBERT run reads padded batches without prompts: set data.pack_length=0 and leave "
+                             "data.prompts / data.task unset")
+        transform = encoder.batch_format()
+    elif isinstance(encoder, SparseEncoder):
         from embedjax.train.sparse_objective import SparseObjective
 
         objective = SparseObjective.from_config(spec.objective, splade)
@@ -118,7 +129,8 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
     iterator = pipeline.train_pipeline(records, tokenizer, global_batch_size=batch_size, seed=seed,
                                        preprocess=str.lower if getattr(encoder, "lowercase", False) else None,
                                        common_length=True, packing=packing_for(spec.data, objective),
-                                       prompts=side_prompts, include_prompt=getattr(encoder, "include_prompt", True))
+                                       prompts=side_prompts, include_prompt=getattr(encoder, "include_prompt", True),
+                                       transform=transform)
     return TrainingSource(spec.name, spec.data, objective, records, iterator, spec.weight)
 
 

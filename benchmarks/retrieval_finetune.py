@@ -1,5 +1,5 @@
 """Retrieval fine-tuning side by side: sentence-transformers' MNRL, CachedMNRL, GISTEmbed and SPLADE
-(SparseEncoder) vs embedjax's recipes.
+(SparseEncoder), and PyLate's ColBERT, vs embedjax's recipes.
 
 The same model (all-MiniLM-L6-v2, 128 tokens), the same records in the same order, batch, steps
 and learning-rate schedule: every trainer gets the batches ``configs/beir_ir.py`` trains on with
@@ -18,6 +18,11 @@ SPLADE rows (``beir_splade``, ``st:splade``: the same batches, InfoNCE at scale 
 products, FLOPS weights 5e-5 / 3e-5 warmed up quadratically over a third of the steps, a fresh MLM
 head on MiniLM) are scored by ``embedjax.eval.sparse_retrieval`` (exact inverted-index search) on
 the same two corpora, with SciFact's mean active terms per query and document; no STS columns.
+ColBERT rows (``beir_colbert``, ``pylate:contrastive``: the same batches, PyLate's markers and a fresh
+128-wide projection on MiniLM, queries of 32 tokens and documents of 128, Contrastive at temperature 1,
+lr 3e-5) are scored by ``embedjax.eval.late_retrieval`` (exact MaxSim search) for both, with SciFact's
+mean token vectors per document in the document_terms column. PyLate runs in its own virtualenv
+(``make oracles``: it pins older sentence-transformers and transformers).
 Each (method, seed) runs in its own subprocess, one after the other; its row is appended to
 ``ROOT/results.jsonl`` and a rerun skips what is there (so a long benchmark can be resumed).
 
@@ -56,6 +61,7 @@ EMBEDJAX = {
     "beir_ir:guide=1": ("configs/beir_ir.py:guide=1", "+ false negatives decided by the initial model (GISTEmbed)"),
     "beir_ir:anchor=10": ("configs/beir_ir.py:anchor=10", "beir_ir + every text anchored to the initial model (cosine, weight 10)"),
     "beir_splade": ("configs/beir_splade.py", "SPLADE: InfoNCE on sparse dots + FLOPS 5e-5 / 3e-5, quadratic warm-up"),
+    "beir_colbert": ("configs/beir_colbert.py", "ColBERT: InfoNCE on MaxSim (temperature 1), fresh 128-wide projection"),
     # not the same batches: the retrieval batches of beir_ir and STS-B train's between them
     "ir_sts": ("configs/ir_sts.py", "retrieval + anchored STS-B AnglE (CoDiEmb); 280 steps, more data"),
     # the STS-only recipe, for what ir_sts must match on STS: STS-B train only, 180 steps, its last step
@@ -66,8 +72,12 @@ ST = {
     "st:cmnrl": "CachedMultipleNegativesRankingLoss (scale 20, mini-batch 8)",
     "st:gist": "GISTEmbedLoss (initial model as guide, temperature 0.05)",
     "st:splade": "SparseEncoder: SpladeLoss(SparseMultipleNegativesRankingLoss), FLOPS 5e-5 / 3e-5, quadratic warm-up",
+    "pylate:contrastive": "PyLate ColBERT: Contrastive (temperature 1), fresh 128-wide projection",
 }
 SPARSE = ("beir_splade", "st:splade")  # scored as SPLADE models
+LATE = ("beir_colbert", "pylate:contrastive")  # scored as ColBERT models
+# PyLate pins older sentence-transformers / transformers: its runs use its own virtualenv (make oracles)
+PYLATE_PYTHON = Path(os.environ.get("EMBEDJAX_PYLATE_PYTHON", ROOT / ".venv-pylate" / "bin" / "python"))
 
 
 # --------------------------------------------------------------------------- shared
@@ -150,6 +160,28 @@ def score_sparse(path: str) -> dict[str, float]:
     return out
 
 
+def score_late(path: str) -> dict[str, float]:
+    """A ColBERT export's columns: nDCG@10 on both corpora by exact MaxSim search (embedjax's
+    ``LateRetrievalEvaluator`` for both trainers), SciFact's mean token vectors per document."""
+    from embedjax.colbert_model import load_colbert
+    from embedjax.data.retrieval_readers import read_beir
+    from embedjax.eval.late_retrieval import LateRetrievalEvaluator
+
+    model = load_colbert(path)
+    out = {"stsb": float("nan"), "sick": float("nan")}
+    for name in ("scifact", "nfcorpus"):
+        metrics = LateRetrievalEvaluator(read_beir(DATA / "beir" / name, "dev"), name=name)(model)
+        out[name] = 100 * metrics[f"{name}/ndcg@10"]
+        if name == "scifact":
+            out["document_terms"] = metrics[f"{name}/document_tokens"]
+    out["ir_mean"] = (out["scifact"] + out["nfcorpus"]) / 2
+    return out
+
+
+def scorer(method: str):
+    return score_sparse if method in SPARSE else score_late if method in LATE else score
+
+
 def same_batches(seed: int, batch_size: int) -> tuple[list[str], dict[str, list[dict]]]:
     """What configs/beir_ir.py trains on with ``seed`` and ``batch_size``: the source of every step
     and each source's records in the order it is read (embedjax's own pipeline order)."""
@@ -181,19 +213,12 @@ def same_batches(seed: int, batch_size: int) -> tuple[list[str], dict[str, list[
 
 
 # --------------------------------------------------------------------------- one run (in a subprocess)
-def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | None = None) -> dict:
+def replayed_datasets(seed: int, batch_size: int):
+    """``(datasets, replay)``: each source's records as a ``datasets.Dataset`` (anchor, positive,
+    negative_j) and a batch sampler that replays configs/beir_ir.py's batches in order (indices into
+    the trainer's concatenation of the sources)."""
     import numpy as np
-    import torch
-
-    torch.set_num_threads(2)
-    torch.manual_seed(seed)
-    from datasets import Dataset, DatasetDict
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
-    from sentence_transformers.sentence_transformer import losses
-    from sentence_transformers.training_args import SentenceTransformerTrainingArguments
-    from transformers import TrainerCallback
-
-    from embedjax import hf
+    from datasets import Dataset
 
     plan, rows = same_batches(seed, batch_size)
     names = list(rows)
@@ -226,38 +251,30 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
         def __len__(self):
             return len(self.batches)
 
-    replay = Replay()
+    return datasets, Replay()
 
-    if method == "st:splade":
-        from sentence_transformers import SparseEncoder, SparseEncoderTrainer
-        from sentence_transformers.sparse_encoder import losses as sparse_losses
-        from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
 
-        base_trainer = SparseEncoderTrainer
-        # MiniLM is a BertModel: transformers gives the MLM head its own initialisation, as embedjax does
-        model = SparseEncoder(modules=[MLMTransformer(hf.minilm_l6(), max_seq_length=MAX_LENGTH),
-                                       SpladePooling("max")], device="cpu")
-        loss = sparse_losses.SpladeLoss(model, sparse_losses.SparseMultipleNegativesRankingLoss(model),
-                                        query_regularizer_weight=5e-5, document_regularizer_weight=3e-5)
-    else:
-        base_trainer = SentenceTransformerTrainer
-        model = SentenceTransformer(hf.minilm_l6(), device="cpu")
-        model.max_seq_length = MAX_LENGTH
-        loss = {"st:mnrl": lambda: losses.MultipleNegativesRankingLoss(model, scale=20.0),
-                "st:cmnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=8),
-                "st:gist": lambda: losses.GISTEmbedLoss(model, SentenceTransformer(hf.minilm_l6(), device="cpu"),
-                                                        temperature=0.05)}[method]()
+def train_replayed(trainer_class, model, loss, seed: int, workdir: Path, batch_size: int, lr: float | None,
+                   **trainer_kwargs) -> dict:
+    """Trains ``model`` with a sentence-transformers-style trainer on the replayed batches (the
+    schedule of the module docstring), saves it to ``workdir/export`` and returns its timings."""
+    import numpy as np
+    from datasets import DatasetDict
+    from sentence_transformers.training_args import SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
 
-    class Trainer(base_trainer):
+    datasets, replay = replayed_datasets(seed, batch_size)
+    stamps: list[float] = []
+
+    class Trainer(trainer_class):
         def get_multi_dataset_batch_sampler(self, *args, **kwargs):
             return replay
-    stamps: list[float] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):
             stamps.append(time.perf_counter())
 
-    steps = len(plan)
+    steps = len(replay)
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(workdir / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=lr or recipe_config(EMBEDJAX["beir_ir"][0], seed).optim.learning_rate,
@@ -265,14 +282,67 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
         seed=seed, dataloader_drop_last=True, eval_strategy="no", save_strategy="no", report_to="none",
         disable_tqdm=True, use_cpu=True)
     t0 = time.perf_counter()
-    Trainer(model=model, args=targs, train_dataset=DatasetDict(datasets), loss=loss, callbacks=[Timer()]).train()
+    Trainer(model=model, args=targs, train_dataset=DatasetDict(datasets), loss=loss, callbacks=[Timer()],
+            **trainer_kwargs).train()
     train_s = time.perf_counter() - t0
     if replay.served != steps or len(stamps) != steps:
         raise RuntimeError(f"the trainer took {replay.served} planned batches and ran {len(stamps)} steps, not {steps}")
     model.save(str(workdir / "export"))
     times = list(np.diff(stamps))[min(5, steps // 2):]  # the first steps warm up
-    scores = score_sparse(str(workdir / "export")) if method in SPARSE else score(str(workdir / "export"))
-    return {"steps": steps, "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3), **scores}
+    return {"steps": steps, "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3)}
+
+
+def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | None = None) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer import losses
+
+    from embedjax import hf
+
+    if method == "st:splade":
+        from sentence_transformers import SparseEncoder, SparseEncoderTrainer
+        from sentence_transformers.sparse_encoder import losses as sparse_losses
+        from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+        trainer_class = SparseEncoderTrainer
+        # MiniLM is a BertModel: transformers gives the MLM head its own initialisation, as embedjax does
+        model = SparseEncoder(modules=[MLMTransformer(hf.minilm_l6(), max_seq_length=MAX_LENGTH),
+                                       SpladePooling("max")], device="cpu")
+        loss = sparse_losses.SpladeLoss(model, sparse_losses.SparseMultipleNegativesRankingLoss(model),
+                                        query_regularizer_weight=5e-5, document_regularizer_weight=3e-5)
+    else:
+        trainer_class = SentenceTransformerTrainer
+        model = SentenceTransformer(hf.minilm_l6(), device="cpu")
+        model.max_seq_length = MAX_LENGTH
+        loss = {"st:mnrl": lambda: losses.MultipleNegativesRankingLoss(model, scale=20.0),
+                "st:cmnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=8),
+                "st:gist": lambda: losses.GISTEmbedLoss(model, SentenceTransformer(hf.minilm_l6(), device="cpu"),
+                                                        temperature=0.05)}[method]()
+    row = train_replayed(trainer_class, model, loss, seed, workdir, batch_size, lr)
+    return {**row, **scorer(method)(str(workdir / "export"))}
+
+
+def run_pylate(seed: int, workdir: Path, batch_size: int, lr: float | None = None) -> dict:
+    """PyLate's ColBERT on MiniLM (its [Q] / [D] markers, a fresh 128-wide projection, queries of 32
+    tokens, documents of 128: configs/beir_colbert.py's), Contrastive at temperature 1."""
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    from pylate import losses, models, utils
+    from sentence_transformers import SentenceTransformerTrainer
+
+    from embedjax import hf
+
+    model = models.ColBERT(str(hf.minilm_l6()), device="cpu", embedding_size=128, query_length=32,
+                           document_length=MAX_LENGTH)
+    lr = lr or recipe_config(EMBEDJAX["beir_colbert"][0], seed).optim.learning_rate
+    row = train_replayed(SentenceTransformerTrainer, model, losses.Contrastive(model), seed, workdir, batch_size, lr,
+                         data_collator=utils.ColBERTCollator(model.tokenize))
+    return {**row, **score_late(str(workdir / "export"))}
 
 
 def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict:
@@ -286,18 +356,20 @@ def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict
     c.num_steps = SMOKE_STEPS or None
     c.checkpoint.every = 10**9
     sparse = c.model_kind == "splade"
-    if not sparse:  # a SPLADE run keeps its own (sparse) evaluators; score_sparse scores its export
+    if c.model_kind not in ("splade", "colbert"):  # those keep their own evaluators; scorer() scores the export
         c.evals = {"stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"}}
         c.select_metric = "stsb_dev/cosine_spearman"
     if sparse and SMOKE_STEPS:
         c.evals = {"scifact_dev": {**c.evals["scifact_dev"], "top_k": 64}}
         c.select_metric = "scifact_dev/ndcg@10"
+    if c.model_kind == "colbert" and SMOKE_STEPS:
+        c.evals, c.select_metric = {}, ""
     t0 = time.perf_counter()
     summary = train_and_evaluate(c, workdir / "export")
     train_s = time.perf_counter() - t0
     logged = [json.loads(line) for line in (workdir / "export" / "metrics.jsonl").read_text().splitlines()]
     times = [c.batch_size / r["examples_per_s"] for r in logged if "examples_per_s" in r]
-    scores = score_sparse(str(workdir / "export")) if sparse else score(str(workdir / "export"))
+    scores = scorer({"splade": "beir_splade", "colbert": "beir_colbert"}.get(c.model_kind, ""))(str(workdir / "export"))
     return {"steps": summary["steps"], "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3),
             **scores}
 
@@ -314,6 +386,8 @@ def run_one(method: str, seed: int, root: Path, batch_size: int) -> dict:
         from embedjax import hf
 
         row = {"steps": 0, "train_s": 0.0, "step_s": None, **score(str(hf.minilm_l6()))}
+    elif family == "st" and name == "pylate:contrastive":
+        row = run_pylate(seed, workdir, batch_size, lr=options.get("lr"))
     elif family == "st":
         row = run_st(name, seed, workdir, batch_size, lr=options.get("lr"))
     else:
@@ -381,8 +455,8 @@ def main() -> None:
         # seed-major: every method's seed 0 first, so a stopped benchmark has comparable rows
         todo = [(m, s) for s in args.seeds for m in methods if (m, s) not in done and not (m == "start" and s != args.seeds[0])]
         for method, seed in todo:
-            cmd = [sys.executable, __file__, "--_run", method, str(seed), "--root", str(root),
-                   "--batch-size", str(args.batch_size)]
+            python = str(PYLATE_PYTHON) if method.startswith("pylate:") else sys.executable
+            cmd = [python, __file__, "--_run", method, str(seed), "--root", str(root), "--batch-size", str(args.batch_size)]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True, cwd=ROOT)
     print(f"machine: {machine()}")

@@ -110,6 +110,29 @@ def skiplist_ids(vocab: dict[str, int], words: Sequence[str] = SKIPLIST_WORDS) -
     return tuple(sorted({vocab[w] for w in words if w in vocab}))
 
 
+def pool_tokens(vectors: np.ndarray, pool_factor: int, *, protected: int = 1) -> np.ndarray:
+    """A document's token vectors ``(n, dim)`` shrunk about ``pool_factor``-fold for the index, as
+    PyLate's ``pool_embeddings_hierarchical`` (arXiv:2409.14683): the first ``protected`` tokens
+    (the [CLS]) are kept; the others are clustered (Ward linkage on cosine distance, cut at
+    ``(n - protected) // pool_factor`` clusters) and each cluster becomes its mean vector, in
+    cluster-label order. Unchanged when that would not shrink it."""
+    from scipy.cluster import hierarchy
+
+    if pool_factor < 1:
+        raise ValueError(f"pool_factor must be >= 1, got {pool_factor}")
+    vectors = np.asarray(vectors, np.float32)
+    kept, rest = vectors[:protected], vectors[protected:]
+    clusters = max(len(rest) // pool_factor, 1)
+    if clusters >= len(rest):
+        return vectors
+    distance = 1.0 - rest @ rest.T
+    labels = hierarchy.fcluster(hierarchy.linkage(distance[np.triu_indices(len(rest), k=1)], method="ward"),
+                                t=clusters, criterion="maxclust") - 1
+    used = np.unique(labels)  # fcluster may return fewer clusters than asked
+    means = np.stack([rest[labels == c].mean(axis=0) for c in used])
+    return np.concatenate([kept, means])
+
+
 @dataclasses.dataclass(frozen=True)
 class ColbertFormat:
     """Training batches in ColBERT's layout, made on the host from padded batches

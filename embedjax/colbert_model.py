@@ -82,13 +82,15 @@ class ColbertEncoder:
         rows = [layout.query_row(e.ids) for e in self.query_tokenizer.encode(_check_texts(texts))]
         return self._vectors(rows, batch_size, show_progress)
 
-    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32,
+    def encode_documents(self, texts: Sequence[str], *, batch_size: int = 32, pool_factor: int = 1,
                          show_progress: bool | None = None) -> list[np.ndarray]:
         """Each document's (scoring tokens, dim) float32 unit token vectors: padding and the
-        skiplist's tokens removed."""
+        skiplist's tokens removed; ``pool_factor`` > 1 clusters them about that many times fewer
+        (``colbert.pool_tokens``, PyLate's ``pool_factor``)."""
         layout = self.batch_format()
         rows = [layout.document_row(e.ids) for e in self.document_tokenizer.encode(_check_texts(texts))]
-        return self._vectors(rows, batch_size, show_progress)
+        vectors = self._vectors(rows, batch_size, show_progress)
+        return vectors if pool_factor == 1 else [colbert.pool_tokens(v, pool_factor) for v in vectors]
 
     def _vectors(self, rows, batch_size: int, show_progress: bool | None) -> list[np.ndarray]:
         if batch_size < 1:

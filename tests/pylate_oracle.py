@@ -3,7 +3,8 @@ sentence-transformers and transformers than the test extra). tests/test_colbert_
 
     .venv-pylate/bin/python tests/pylate_oracle.py REQUEST.json OUTPUT.npz
 
-REQUEST: ``{"model": DIR, "queries": [...], "documents": [...]}``, and optionally ``"create": {"base":
+REQUEST: ``{"model": DIR, "queries": [...], "documents": [...]}``, optionally ``"pool_factor": F`` (the
+documents encoded pooled too, as ``p{j}``), and optionally ``"create": {"base":
 DIR, "embedding_size": D, "query_length": Lq, "document_length": Ld}`` to build a ColBERT model on
 ``base`` first (PyLate adds its ``[Q] `` / ``[D] `` markers) and save it as ``model``. OUTPUT holds
 ``q{i}`` / ``d{j}`` (each text's token vectors, as ``ColBERT.encode`` returns them) and ``scores``
@@ -31,6 +32,9 @@ def main(request_path: str, output_path: str) -> None:
     queries = model.encode(request["queries"], is_query=True)
     documents = model.encode(request["documents"], is_query=False)
     out = {f"q{i}": q for i, q in enumerate(queries)} | {f"d{j}": d for j, d in enumerate(documents)}
+    if request.get("pool_factor", 1) > 1:  # token pooling of the documents (hierarchical clustering)
+        pooled = model.encode(request["documents"], is_query=False, pool_factor=request["pool_factor"])
+        out |= {f"p{j}": np.asarray(d) for j, d in enumerate(pooled)}
     width = max(d.shape[0] for d in documents)
     padded = np.zeros((len(documents), width, documents[0].shape[1]), np.float32)
     mask = np.zeros((len(documents), width), np.float32)

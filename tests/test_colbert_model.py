@@ -30,13 +30,13 @@ def beir(small_beir, tmp_path_factory):
 def pylate_model(tiny_masked_lm, beir, tmp_path_factory):
     """PyLate's ColBERT on the tiny MLM's backbone (16-wide projection, queries of 12 tokens,
     documents of 24), saved, and its encodings and scores of the texts, then of the BEIR task's
-    queries and documents (one oracle run)."""
+    queries and documents, the documents pooled by 2 too (one oracle run)."""
     _, data = beir
     d = tmp_path_factory.mktemp("colbert")
     answer = pylate_oracle({"model": str(d / "model"), "queries": QUERIES + list(data.query_texts),
                             "documents": DOCUMENTS + list(data.corpus_texts),
                             "create": {"base": str(tiny_masked_lm), "embedding_size": 16, "query_length": 12,
-                                       "document_length": 24}}, d)
+                                       "document_length": 24}, "pool_factor": 2}, d)
     return d / "model", answer
 
 
@@ -140,3 +140,49 @@ def test_colbert_retrieval_evaluator_ranks_by_maxsim(pylate_model, beir):
     assert built.chunk_size == 8
     with pytest.raises(ValueError, match="scores a ColBERT model"):
         suite.for_training({"c": {"type": "colbert_retrieval", "path": str(beir)}}, batch_size=8, enc_cfg=None)
+
+
+def test_token_pooling_is_pylates(pylate_model):
+    """pool_factor=2: the [CLS] kept, the other tokens clustered (Ward) into half as many means."""
+    path, theirs = pylate_model
+    model = load_colbert(path)
+    full = model.encode_documents(DOCUMENTS)
+    pooled = model.encode_documents(DOCUMENTS, pool_factor=2)
+    for j, (d, p) in enumerate(zip(full, pooled)):
+        assert p.shape == theirs[f"p{j}"].shape
+        np.testing.assert_allclose(p, theirs[f"p{j}"], atol=1e-5)
+        if len(d) > 3:
+            assert len(p) == 1 + (len(d) - 1) // 2 and np.allclose(p[0], d[0])
+    with pytest.raises(ValueError, match="pool_factor must be >= 1"):
+        model.encode_documents(DOCUMENTS, pool_factor=0)
+
+
+def test_colbert_reranks_a_dense_first_stage(pylate_model, beir, tiny_model):
+    """first_stage: the ColBERT model orders each query's top 10 dense candidates by MaxSim (NumPy
+    brute force over the same candidates), and the first stage's own figures are reported beside."""
+    from embedjax import load_pretrained
+    from embedjax.eval import ranking_metrics
+    from embedjax.eval.late_retrieval import LateRetrievalEvaluator
+    from embedjax.eval.retrieval import RetrievalEvaluator
+
+    path, _ = pylate_model
+    _, data = beir
+    model, dense = load_colbert(path), load_pretrained(tiny_model)
+    evaluator = LateRetrievalEvaluator(data, name="r", k_values=(1, 10), first_stage=dense, rerank_depth=10)
+    embeddings = evaluator.embed(model)
+    first = RetrievalEvaluator(data, k_values=(1, 10))
+    candidates = first.retrieve(first.embed(dense), depth=10)
+    assert evaluator.first_stage_ranking() == candidates
+    assert sum(v is not None for v in embeddings["corpus"]) == len({d for row in candidates for d in row})
+    position = {doc: i for i, doc in enumerate(data.corpus_ids)}
+    want = []
+    for q, row in zip(embeddings["queries"], candidates):
+        scores = [float(np.sum(np.max(q @ embeddings["corpus"][position[d]].T, axis=1))) for d in row]
+        want.append([row[i] for i in np.argsort(-np.array(scores), kind="stable")])
+    assert evaluator.retrieve(embeddings) == want
+    got = evaluator.score(embeddings)
+    assert got["first_stage/ndcg@10"] == pytest.approx(first.score(first.embed(dense))["ndcg@10"])
+    qrels = evaluator._queries._qrels
+    ideal, n_relevant = ranking_metrics.ideal_relevance(qrels)
+    rels = ranking_metrics.ranked_relevance(want, qrels, 10)
+    assert got["ndcg@10"] == pytest.approx(ranking_metrics.retrieval_scores(rels, ideal, n_relevant, (1, 10))["ndcg@10"])

@@ -4,14 +4,21 @@ token vectors, exact MaxSim search with the corpus sharded over every device
 
 The same conventions and metrics as ``embedjax.eval.retrieval`` (the same scored queries,
 self-hits removed, graded nDCG / MRR / recall / precision / MAP / accuracy at every k), plus
-``document_tokens``: the mean number of token vectors a document keeps in the index.
+``document_tokens``: the mean number of token vectors a document keeps in the index
+(``pool_factor`` > 1 shrinks it: ``colbert.pool_tokens``).
+
+With ``first_stage`` (a dense model) the ColBERT model reranks that model's top
+``rerank_depth`` documents per query instead of searching the whole corpus: only those documents
+are encoded, and ``first_stage/<metric>`` reports the first stage's own ranking beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Iterator, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from embedjax.data.retrieval_readers import BeirData, read_beir
@@ -30,6 +37,9 @@ class LateRetrievalEvaluator:
       batch_size: encode batch size.
       chunk_size / query_chunk_size: documents and queries scored at once per device
         (``sharded_maxsim_topk``: the peak is one (queries, documents, Tq, Td) block).
+      pool_factor: documents' token vectors clustered about this many times fewer (1: off).
+      first_stage: a dense model (an ``Encoder``, or a path ``load_pretrained`` reads) whose top
+        ``rerank_depth`` documents per query the ColBERT model reranks; None: exact search.
     """
 
     data: BeirData
@@ -38,15 +48,19 @@ class LateRetrievalEvaluator:
     batch_size: int = 32
     chunk_size: int = 64
     query_chunk_size: int = 64
+    pool_factor: int = 1
+    first_stage: Any = None
+    rerank_depth: int = 100
 
     def __post_init__(self):
         # the dense evaluator holds the scored queries and their qrels: one definition of both
         self._queries = RetrievalEvaluator(self.data, name=self.name, k_values=self.k_values,
                                            batch_size=self.batch_size)
         self.k_values = self._queries.k_values
-        for field in ("chunk_size", "query_chunk_size"):
+        for field in ("chunk_size", "query_chunk_size", "pool_factor", "rerank_depth"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        self._candidates = None  # the first stage's ranking: computed once, the same for every model scored
 
     @property
     def main_metric(self) -> str:
@@ -56,8 +70,30 @@ class LateRetrievalEvaluator:
         """``{"queries": [(Tq, D)], "corpus": [(n_i, D)]}``: each text's token vectors."""
         if num_layers is not None:
             raise ValueError("a ColBERT model has no layer grid: num_layers must be None")
-        return {"queries": encoder.encode_queries(list(self._queries.query_texts), batch_size=self.batch_size),
-                "corpus": encoder.encode_documents(list(self.data.corpus_texts), batch_size=self.batch_size)}
+        queries = encoder.encode_queries(list(self._queries.query_texts), batch_size=self.batch_size)
+        texts = list(self.data.corpus_texts)
+        if self.first_stage is None:
+            return {"queries": queries,
+                    "corpus": encoder.encode_documents(texts, batch_size=self.batch_size, pool_factor=self.pool_factor)}
+        position = {doc_id: i for i, doc_id in enumerate(self.data.corpus_ids)}
+        needed = sorted({position[d] for ranked in self.first_stage_ranking() for d in ranked})
+        vectors = encoder.encode_documents([texts[i] for i in needed], batch_size=self.batch_size,
+                                           pool_factor=self.pool_factor)
+        corpus: list = [None] * len(texts)  # only the candidates are encoded
+        for i, v in zip(needed, vectors):
+            corpus[i] = v
+        return {"queries": queries, "corpus": corpus}
+
+    def first_stage_ranking(self) -> list[list[str]]:
+        """The first stage's top ``rerank_depth`` corpus ids per scored query (self-hits removed)."""
+        if self._candidates is None:
+            model = self.first_stage
+            if isinstance(model, (str, os.PathLike)):
+                from embedjax.model import load_pretrained
+
+                model = load_pretrained(model)
+            self._candidates = self._queries.retrieve(self._queries.embed(model), depth=self.rerank_depth)
+        return self._candidates
 
     def retrieve(self, embeddings: Mapping[str, list], *, depth: int | None = None) -> list[list[str]]:
         """Each scored query's ranked corpus ids (self-hits removed), ``depth`` (default
@@ -67,6 +103,11 @@ class LateRetrievalEvaluator:
             raise ValueError(f"expected {len(ev.query_ids)} query and {len(self.data.corpus_ids)} corpus texts, got "
                              f"{len(embeddings['queries'])} and {len(corpus)}")
         depth = min(depth or max(self.k_values), len(corpus))
+        if self.first_stage is not None:
+            position = {doc_id: i for i, doc_id in enumerate(self.data.corpus_ids)}
+            candidates = [[position[d] for d in ranked] for ranked in self.first_stage_ranking()]
+            order = rerank_by_maxsim(embeddings["queries"], corpus, candidates)
+            return [[self.data.corpus_ids[i] for i in row][:depth] for row in order]
         wanted = min(depth + ev._self_hits, len(corpus))  # one more: the query's own document may be dropped
         _, indices = search.sharded_maxsim_topk(embeddings["queries"], corpus, wanted, chunk_size=self.chunk_size,
                                                 query_chunk_size=self.query_chunk_size)
@@ -78,8 +119,13 @@ class LateRetrievalEvaluator:
         qrels = self._queries._qrels
         rels = ranking_metrics.ranked_relevance(ranked, qrels, max(self.k_values))
         ideal, n_relevant = ranking_metrics.ideal_relevance(qrels)
-        return {**ranking_metrics.retrieval_scores(rels, ideal, n_relevant, self.k_values),
-                "document_tokens": float(np.mean([len(d) for d in embeddings["corpus"]]))}
+        out = {**ranking_metrics.retrieval_scores(rels, ideal, n_relevant, self.k_values),
+               "document_tokens": float(np.mean([len(d) for d in embeddings["corpus"] if d is not None]))}
+        if self.first_stage is not None:
+            first = ranking_metrics.ranked_relevance(self.first_stage_ranking(), qrels, max(self.k_values))
+            out.update({f"first_stage/{k}": v for k, v in
+                        ranking_metrics.retrieval_scores(first, ideal, n_relevant, self.k_values).items()})
+        return out
 
     def run(self, encoder) -> Iterator[tuple[str, float]]:
         yield from base.prefixed(self.name, self.score(self.embed(encoder)))
@@ -88,7 +134,28 @@ class LateRetrievalEvaluator:
         return dict(self.run(encoder))
 
 
-OPTIONS = ("path", "split", "k_values", "batch_size", "chunk_size", "query_chunk_size")
+def rerank_by_maxsim(queries: Sequence[np.ndarray], corpus: Sequence[np.ndarray | None],
+                     candidates: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each query's ``candidates`` (corpus indices) reordered by exact MaxSim (ties keep the given
+    order): ``queries[i]`` (Tq, D) token vectors, ``corpus[j]`` (n_j, D)."""
+    from embedjax import similarity
+
+    score = jax.jit(lambda q, d, m: similarity.maxsim_pairwise(q[None], d, None, m))
+    out = []
+    for q, row in zip(queries, candidates):
+        if not row:
+            out.append([])
+            continue
+        docs, mask = search.pad_tokens([corpus[j] for j in row])
+        width = -(-docs.shape[1] // 64) * 64  # a few padded shapes, a few compilations
+        docs, mask = (np.pad(x, ((0, 0), (0, width - x.shape[1])) + ((0, 0),) * (x.ndim - 2)) for x in (docs, mask))
+        scores = np.asarray(score(np.asarray(q, np.float32), docs, mask))
+        out.append([row[i] for i in np.argsort(-scores, kind="stable")])
+    return out
+
+
+OPTIONS = ("path", "split", "k_values", "batch_size", "chunk_size", "query_chunk_size", "pool_factor",
+           "first_stage", "rerank_depth")
 
 
 def from_spec(name: str, spec: Mapping[str, Any]) -> LateRetrievalEvaluator:

@@ -72,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
         "schedule": "quadratic",  # quadratic (SPLADE) | linear
         "query_threshold": placeholder(int),  # FLOPS counts only rows with more active terms; None = every row
         "document_threshold": placeholder(int),
+        "inference_free": False,  # True: queries are a learned weight per vocabulary id, no transformer (SPLADE-doc)
     })
     # model_kind="colbert": token vectors scored by MaxSim (embedjax/colbert_model.py, train/colbert_objective.py)
     c.colbert = ml_collections.ConfigDict({

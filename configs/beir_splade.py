@@ -14,7 +14,9 @@ docstring has the ``scripts/mine.py --beir`` command):
 Variants: ``:seed=N``, ``:lr=X``, ``:epochs=E``, ``:qw=X`` / ``:dw=X`` (the query / document FLOPS
 weights; ``qw=0`` leaves the queries unregularised), ``:negatives=K`` / ``:nf_negatives=K`` (mined
 negatives per query and step, as configs/beir_ir.py), ``:mined=DIR``, ``:top_k=K`` (evaluation keeps
-each vector's K largest terms; default all), ``:smoke``. Any other BEIR directory: ``:beir=DIR`` trains
+each vector's K largest terms; default all), ``:inference_free`` (queries are a learned weight per
+vocabulary id, no transformer: SPLADE-doc, sentence-transformers' SparseStaticEmbedding; the query
+FLOPS weight off), ``:smoke``. Any other BEIR directory: ``:beir=DIR`` trains
 on its ``split`` (``:split=S``, default train) with in-batch negatives and evaluates on its dev split:
 
     python scripts/train.py --config configs/beir_splade.py:beir=data/my_beir --workdir workdirs/my_splade
@@ -25,7 +27,7 @@ from configs import base, beir_ir
 
 def get_config(arg: str | None = None):
     args = base.parse_arg(arg, allowed=("seed", "lr", "epochs", "qw", "dw", "negatives", "nf_negatives", "mined",
-                                        "top_k", "beir", "split", "smoke"))
+                                        "top_k", "beir", "split", "inference_free", "smoke"))
     c = base.base_config()
     c.model_kind = "splade"
     c.seed = int(args.get("seed", 0))
@@ -33,7 +35,8 @@ def get_config(arg: str | None = None):
     c.objective.loss = "infonce"
     c.objective.loss_kwargs = {"scale": 1.0, "similarity": "dot"}  # SparseMultipleNegativesRankingLoss's
     c.objective.dropout = False
-    c.splade.query_weight = float(args.get("qw", 5e-5))
+    c.splade.inference_free = bool(args.get("inference_free", False))
+    c.splade.query_weight = float(args.get("qw", 0.0 if c.splade.inference_free else 5e-5))
     c.splade.document_weight = float(args.get("dw", 3e-5))
     c.optim.learning_rate = float(args.get("lr", 2e-5))
     c.num_epochs = float(args.get("epochs", 1.0))

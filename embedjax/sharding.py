@@ -51,7 +51,8 @@ def rules_for(cfg, name: str) -> tuple:
         from embedjax.encoders import registry
 
         # a cross-encoder's head, a tri-encoder's, a SPLADE model's MLM head, a ColBERT projection: small, replicated
-        return (*POOLER_RULES, (r"^(tri_|mlm_)?head/", P()), (r"^projection/", P()), *registry.of(cfg).sharding_rules)
+        return (*POOLER_RULES, (r"^(tri_|mlm_)?head/", P()), (r"^projection/", P()), (r"^query_static$", P()),
+                *registry.of(cfg).sharding_rules)
     raise ValueError(f"unknown sharding_rules {name!r}; choose 'fsdp' or 'replicated'")
 
 

@@ -10,6 +10,12 @@ scores the same, and which this module loads again.
 
 ``encode`` returns a scipy CSR matrix (texts x vocabulary): the vectors leave the device one
 batch at a time and are kept sparse from then on (``embedjax.sparse_index`` searches them).
+
+An inference-free model (SPLADE-doc; sentence-transformers' ``Router`` with a
+``SparseStaticEmbedding`` query route) encodes queries with no transformer at all: each query is
+a learned weight per vocabulary id on the ids it contains (``params["query_static"]``,
+``embedjax.sparse.static_query_weights``; its tokens read without [CLS] / [SEP]). That layout loads
+and saves too (``with_static_queries`` turns any SPLADE model into one).
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ SUPPORTED_MODEL_TYPES = ("bert",)  # the MLM-head names of embedjax.sparse are B
 # sentence-transformers 5's module paths: sentence-transformers 6 maps them to its own on load
 _ST_MLM = "sentence_transformers.sparse_encoder.models.MLMTransformer"
 _ST_POOLING = "sentence_transformers.sparse_encoder.models.SpladePooling"
+_ST_STATIC = "sentence_transformers.sparse_encoder.models.SparseStaticEmbedding"
+_ST_ROUTER = "sentence_transformers.models.Router"
+QUERY_STATIC = "query_static"  # params key of an inference-free query side's (V,) term weights
+# the Router's module folders, as sentence-transformers names them
+_ROUTER_FOLDERS = {"query": "query_0_SparseStaticEmbedding", "mlm": "document_0_MLMTransformer",
+                   "pooling": "document_1_SpladePooling"}
 
 
 @dataclasses.dataclass
@@ -63,6 +75,11 @@ class SparseEncoder:
     def vocab_size(self) -> int:
         """Width of the sparse vectors."""
         return int(self.params["embeddings"]["word"].shape[0])
+
+    @property
+    def inference_free(self) -> bool:
+        """Queries are encoded by a static term-weight table, not the transformer."""
+        return QUERY_STATIC in self.params
 
     def encode(self, texts: str | Sequence[str], *, batch_size: int = 32, prompt: str | None = None,
                prompt_name: str | None = None, top_k: int | None = None,
@@ -95,8 +112,23 @@ class SparseEncoder:
         return stacked[np.argsort(order, kind="stable")]  # back to the caller's order
 
     def encode_query(self, texts, **kw) -> sp.csr_matrix:
-        """``encode`` with the checkpoint's "query" prompt when it has one."""
-        return self.encode(texts, **_named_prompt(self.prompts, "query", kw))
+        """``encode`` with the checkpoint's "query" prompt when it has one; an inference-free model's
+        queries: each query's distinct token ids (no [CLS] / [SEP]) weighted by ``params["query_static"]``."""
+        if not self.inference_free:
+            return self.encode(texts, **_named_prompt(self.prompts, "query", kw))
+        kw = _named_prompt(self.prompts, "query", kw)
+        texts = _check_texts([texts] if isinstance(texts, str) else texts)
+        prefix = self._prompt(kw.get("prompt"), kw.get("prompt_name"))
+        weights = np.asarray(self.params[QUERY_STATIC], np.float32)
+        rows = np.zeros((len(texts), self.vocab_size), np.float32)
+        for row, e in zip(rows, self.tokenizer.backend.encode_batch([prefix + t for t in texts],
+                                                                    add_special_tokens=False)):
+            ids = np.unique(np.asarray(e.ids, np.int64))
+            row[ids] = weights[ids]
+        k = self.top_k if kw.get("top_k") is None else int(kw["top_k"])
+        if k:
+            rows = np.asarray(sparse.top_k(rows, k))
+        return sparse_index_rows(rows)
 
     def encode_document(self, texts, **kw) -> sp.csr_matrix:
         """``encode`` with the checkpoint's "document" prompt when it has one."""
@@ -137,7 +169,7 @@ def sparse_index_rows(weights: np.ndarray) -> sp.csr_matrix:
 @functools.partial(jax.jit, static_argnames=("cfg", "pooling", "activation", "k"))
 def splade_jit(params, cfg, input_ids, attention_mask, token_type_ids, *, pooling: str, activation: str, k: int):
     """``embedjax.sparse.splade_embed`` of ``params`` (with ``params["mlm_head"]``), compiled."""
-    backbone = {key: v for key, v in params.items() if key != "mlm_head"}
+    backbone = {key: v for key, v in params.items() if key not in ("mlm_head", QUERY_STATIC)}
     return sparse.splade_embed(backbone, cfg, params["mlm_head"], input_ids, attention_mask,
                                token_type_ids=token_type_ids, pooling=pooling, activation=activation, k=k)
 
@@ -145,28 +177,56 @@ def splade_jit(params, cfg, input_ids, attention_mask, token_type_ids, *, poolin
 # --------------------------------------------------------------------------- loading
 
 
-def _modules(directory: Path) -> tuple[dict, dict | None]:
-    """(SpladePooling's config, the transformer's sentence_bert_config) of a sentence-transformers
-    directory; ({}, None) for a bare checkpoint. A dense SentenceTransformer (a ``Transformer`` then
-    pooling modules) gives its backbone only (a SPLADE model to train from it); other module stacks
-    are refused."""
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where a SPLADE checkpoint keeps its parts."""
+
+    model_dir: Path              # the MLM transformer (config.json, weights, tokenizer)
+    pooling: dict                # SpladePooling's config ({}: max / relu)
+    st_config: dict | None       # the transformer's sentence_bert_config (None: a bare checkpoint)
+    static_dir: Path | None = None  # an inference-free query side's SparseStaticEmbedding
+
+
+def _router_layout(directory: Path) -> _Layout:
+    """A ``Router`` whose "query" route is a SparseStaticEmbedding and whose "document" route is
+    MLMTransformer + SpladePooling (sentence-transformers' inference-free SPLADE)."""
+    router = hf.read_json(directory / "router_config.json") or {}
+    structure, types = router.get("structure", {}), router.get("types", {})
+    kinds = {route: [types.get(m, "").rsplit(".", 1)[-1] for m in structure.get(route, [])]
+             for route in ("query", "document")}
+    if kinds != {"query": ["SparseStaticEmbedding"], "document": ["MLMTransformer", "SpladePooling"]} or \
+            set(structure) != {"query", "document"}:
+        raise CheckpointError(f"{directory / 'router_config.json'}: routes {kinds}; embedjax loads the "
+                              "inference-free layout: query ['SparseStaticEmbedding'], document "
+                              "['MLMTransformer', 'SpladePooling']")
+    mlm, pooling = (directory / m for m in structure["document"])
+    return _Layout(mlm, hf.read_json(pooling / "config.json") or {},
+                   hf.read_json(mlm / "sentence_bert_config.json") or {}, static_dir=directory / structure["query"][0])
+
+
+def _modules(directory: Path) -> _Layout:
+    """The parts of a sentence-transformers directory, or of a bare checkpoint. A dense
+    SentenceTransformer (a ``Transformer`` then pooling modules) gives its backbone only (a SPLADE
+    model to train from it); other module stacks are refused."""
     modules = hf.read_json(directory / "modules.json")
     if modules is None:
-        return {}, None
+        return _Layout(directory, {}, None)
     kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    if kinds == ["Router"]:
+        return _router_layout(directory / modules[0].get("path", ""))
     if modules and modules[0].get("path", "") not in ("", ".") and kinds[0] in ("MLMTransformer", "Transformer"):
         raise CheckpointError(f"{directory / 'modules.json'}: the {kinds[0]} must be at the top level, "
                               f"not in {modules[0]['path']!r}")
     st_config = hf.read_json(directory / "sentence_bert_config.json") or {}
     if kinds == ["MLMTransformer", "SpladePooling"]:
-        return hf.read_json(directory / modules[1]["path"] / "config.json") or {}, st_config
+        return _Layout(directory, hf.read_json(directory / modules[1]["path"] / "config.json") or {}, st_config)
     if kinds and kinds[0] == "Transformer" and not {"MLMTransformer", "SpladePooling", "Router"} & set(kinds):
         log.info("%s is a dense SentenceTransformer (%s): its backbone is read, its pooling modules are not",
                  directory, kinds)
-        return {}, st_config
+        return _Layout(directory, {}, st_config)
     raise CheckpointError(f"{directory / 'modules.json'}: modules {kinds}; embedjax loads SparseEncoders made of "
-                          "['MLMTransformer', 'SpladePooling'] (an inference-free Router is not supported yet), "
-                          "or a dense SentenceTransformer's backbone")
+                          "['MLMTransformer', 'SpladePooling'], an inference-free ['Router'] (a SparseStaticEmbedding "
+                          "query route), or a dense SentenceTransformer's backbone")
 
 
 def load_sparse_encoder(name_or_path: str | os.PathLike, *, max_length: int | None = None, top_k: int | None = None,
@@ -186,16 +246,17 @@ def load_sparse_encoder(name_or_path: str | os.PathLike, *, max_length: int | No
     from embedjax.encoders import registry
 
     directory = hf.resolve(name_or_path)
-    config = hf.read_json(directory / "config.json")
+    layout = _modules(directory)
+    config = hf.read_json(layout.model_dir / "config.json")
     if config is None:
-        raise CheckpointError(f"{directory}: no config.json")
+        raise CheckpointError(f"{layout.model_dir}: no config.json")
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{directory}: model_type {config.get('model_type')!r}; SPLADE encoders load for "
                               f"{SUPPORTED_MODEL_TYPES} (the BertForMaskedLM head)")
     cfg = registry.config_from_hf(config, **({"dtype": jnp.dtype(dtype).name} if dtype else {}))
-    pooling_cfg, st_cfg = _modules(directory)
+    pooling_cfg, st_cfg = layout.pooling, layout.st_config
     record = hf.read_json(directory / SPARSE_ENCODER_RECORD) or {}
-    state = hf.load_state_dict(directory)
+    state = hf.load_state_dict(layout.model_dir)
     params = hf.params_from_state_dict(state, cfg)
     head = sparse.mlm_head_from_state_dict(state, str(directory))
     if head is None:
@@ -215,8 +276,19 @@ def load_sparse_encoder(name_or_path: str | os.PathLike, *, max_length: int | No
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0: keep every term), got {top_k}")
     st_config = hf.read_json(directory / "config_sentence_transformers.json") or {}
-    tokenizer = tokenize.Tokenizer.from_directory(directory, max_length, cfg.pad_token_id, buckets=buckets)
-    return SparseEncoder(params=jax.device_put({**params, "mlm_head": head}), cfg=cfg, tokenizer=tokenizer,
+    tokenizer = tokenize.Tokenizer.from_directory(layout.model_dir, max_length, cfg.pad_token_id, buckets=buckets)
+    params = {**params, "mlm_head": head}
+    if layout.static_dir is not None:
+        from safetensors.numpy import load_file
+
+        files = sorted(layout.static_dir.glob("*.safetensors"))
+        if not files or "weight" not in (static := load_file(str(files[0]))):
+            raise CheckpointError(f"{layout.static_dir}: no SparseStaticEmbedding weight (model.safetensors 'weight')")
+        if static["weight"].shape != (params["embeddings"]["word"].shape[0],):
+            raise CheckpointError(f"{layout.static_dir}: static weights of shape {static['weight'].shape}, the "
+                                  f"vocabulary has {params['embeddings']['word'].shape[0]} ids")
+        params[QUERY_STATIC] = np.asarray(static["weight"], np.float32)
+    return SparseEncoder(params=jax.device_put(params), cfg=cfg, tokenizer=tokenizer,
                          max_length=max_length, pooling=pooling, activation=activation, top_k=top_k,
                          prompts={k: v for k, v in (st_config.get("prompts") or {}).items() if v}, path=directory)
 
@@ -231,7 +303,9 @@ def save_sparse_encoder(model: SparseEncoder, directory: str | os.PathLike, *, p
     head under ``cls.predictions.*``, its decoder tied to the word embeddings), the tokenizer
     files, ``modules.json`` (MLMTransformer + SpladePooling), the pooling's config, the prompts
     in ``config_sentence_transformers.json`` and ``embedjax_sparse_encoder.json`` (max_length,
-    top_k). Returns the directory.
+    top_k). An inference-free model (``params["query_static"]``) is written as
+    sentence-transformers' ``Router``: the same MLMTransformer and SpladePooling as the "document"
+    route, a ``SparseStaticEmbedding`` (its ``weight``) as the "query" route. Returns the directory.
     """
     from safetensors.numpy import save_file
 
@@ -239,34 +313,65 @@ def save_sparse_encoder(model: SparseEncoder, directory: str | os.PathLike, *, p
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.device_get(model.params if params is None else params)
     cfg = model.cfg
-    backbone = {k: v for k, v in params.items() if k != "mlm_head"}
+    routed = QUERY_STATIC in params
+    mlm_dir, pooling_dir = ((directory / _ROUTER_FOLDERS["mlm"], directory / _ROUTER_FOLDERS["pooling"]) if routed
+                            else (directory, directory / "1_SpladePooling"))
+    mlm_dir.mkdir(exist_ok=True)
+    backbone = {k: v for k, v in params.items() if k not in ("mlm_head", QUERY_STATIC)}
     state = {"bert." + k: np.asarray(v, np.float32) for k, v in hf.state_dict_from_params(backbone, cfg).items()
              if not k.startswith("pooler.")}  # BertForMaskedLM has no pooler
     state.update(sparse.mlm_head_to_state_dict(params["mlm_head"]))
-    tmp = directory / "model.safetensors.tmp"
+    tmp = mlm_dir / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / "model.safetensors")  # atomic: never a half-written model file
+    tmp.replace(mlm_dir / "model.safetensors")  # atomic: never a half-written model file
     version = __import__("embedjax").__version__
-    _write_json(directory / "config.json", {**cfg.to_hf(), "architectures": ["BertForMaskedLM"],
-                                            "tie_word_embeddings": True, "torch_dtype": "float32"})
-    if model.path is not None and Path(model.path).resolve() != directory.resolve():
-        for name in TOKENIZER_FILES:
-            if (Path(model.path) / name).is_file():
-                shutil.copyfile(Path(model.path) / name, directory / name)
-    _write_json(directory / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": _ST_MLM},
-        {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": _ST_POOLING}])
-    _write_json(directory / "sentence_bert_config.json", {"max_seq_length": model.max_length, "do_lower_case": False})
-    (directory / "1_SpladePooling").mkdir(exist_ok=True)
-    _write_json(directory / "1_SpladePooling" / "config.json",
+    _write_json(mlm_dir / "config.json", {**cfg.to_hf(), "architectures": ["BertForMaskedLM"],
+                                          "tie_word_embeddings": True, "torch_dtype": "float32"})
+    tokenizer_dirs = [mlm_dir] + ([directory / _ROUTER_FOLDERS["query"]] if routed else [])
+    source = None if model.path is None else _modules(Path(model.path)).model_dir
+    for target in tokenizer_dirs:
+        target.mkdir(exist_ok=True)
+        if source is not None and source.resolve() != target.resolve():
+            for name in TOKENIZER_FILES:
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, target / name)
+    _write_json(mlm_dir / "sentence_bert_config.json", {"max_seq_length": model.max_length, "do_lower_case": False})
+    pooling_dir.mkdir(exist_ok=True)
+    _write_json(pooling_dir / "config.json",
                 {"pooling_strategy": model.pooling, "activation_function": model.activation,
                  "word_embedding_dimension": model.vocab_size})
+    if routed:
+        save_file({"weight": np.asarray(params[QUERY_STATIC], np.float32)},
+                  str(directory / _ROUTER_FOLDERS["query"] / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(directory / _ROUTER_FOLDERS["query"] / "config.json", {"frozen": False})
+        _write_json(directory / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": _ST_ROUTER}])
+        _write_json(directory / "router_config.json", {
+            "types": {_ROUTER_FOLDERS["query"]: _ST_STATIC, _ROUTER_FOLDERS["mlm"]: _ST_MLM,
+                      _ROUTER_FOLDERS["pooling"]: _ST_POOLING},
+            "structure": {"query": [_ROUTER_FOLDERS["query"]],
+                          "document": [_ROUTER_FOLDERS["mlm"], _ROUTER_FOLDERS["pooling"]]},
+            "parameters": {"default_route": "document", "allow_empty_key": True, "route_mappings": {}}})
+    else:
+        _write_json(directory / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": _ST_MLM},
+            {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": _ST_POOLING}])
     _write_json(directory / "config_sentence_transformers.json",
                 {"model_type": "SparseEncoder", "prompts": dict(model.prompts), "default_prompt_name": None,
                  "similarity_fn_name": "dot", "__version__": {"embedjax": version}})
     _write_json(directory / SPARSE_ENCODER_RECORD,
                 {"max_length": model.max_length, "top_k": model.top_k, "embedjax_version": version})
     return directory
+
+
+def with_static_queries(model: SparseEncoder, weights=None) -> SparseEncoder:
+    """``model`` made inference-free: its queries encoded by a static weight per vocabulary id
+    (``params["query_static"]``), ``weights`` (V,) or ones (sentence-transformers'
+    ``SparseStaticEmbedding`` default; ``embedjax.sparse.idf`` of a corpus is another start).
+    Documents keep the transformer."""
+    weights = np.ones(model.vocab_size, np.float32) if weights is None else np.asarray(weights, np.float32)
+    if weights.shape != (model.vocab_size,):
+        raise ValueError(f"static query weights must be ({model.vocab_size},), got {weights.shape}")
+    return dataclasses.replace(model, params={**model.params, QUERY_STATIC: jax.device_put(weights)})
 
 
 def save_trained(model: SparseEncoder, params, directory: str | os.PathLike) -> None:

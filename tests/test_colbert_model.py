@@ -1,13 +1,14 @@
 """ColbertEncoder (embedjax/colbert_model.py) against PyLate (run in its own virtualenv by
 tests/pylate_oracle.py): a tiny ColBERT that PyLate builds and saves encodes to the same token
-vectors here and scores the same by MaxSim; our export loads in PyLate and encodes the same."""
+vectors here and scores the same by MaxSim (our exports load in PyLate and encode the same:
+tests/test_colbert_train.py, after a training run)."""
 
 import numpy as np
 import pytest
 
 from conftest import pylate_oracle
 from embedjax import similarity
-from embedjax.colbert_model import load_colbert, save_colbert
+from embedjax.colbert_model import load_colbert
 from embedjax.encoders.statedict import CheckpointError
 
 pytestmark = pytest.mark.fast_compile  # checks logic, not speed (conftest.py)
@@ -65,20 +66,6 @@ def test_colbert_encodes_and_scores_like_pylate(pylate_model):
     exact = np.asarray(similarity.maxsim_matrix(np.stack(queries), padded, None, mask))
     for j, d in enumerate(documents):  # exact MaxSim: each document alone, no padding
         np.testing.assert_allclose(exact[:, j], [float(np.sum(np.max(q @ d.T, axis=1))) for q in queries], rtol=1e-5)
-
-
-def test_export_loads_in_pylate_and_encodes_the_same(pylate_model, tmp_path):
-    path, _ = pylate_model
-    model = load_colbert(path)
-    out = save_colbert(model, tmp_path / "export")
-    theirs = pylate_oracle({"model": str(out), "queries": QUERIES[:2], "documents": DOCUMENTS[:2]}, tmp_path)
-    for i, q in enumerate(model.encode_queries(QUERIES[:2])):
-        np.testing.assert_allclose(q, theirs[f"q{i}"], atol=1e-5)
-    for j, d in enumerate(model.encode_documents(DOCUMENTS[:2])):
-        np.testing.assert_allclose(d, theirs[f"d{j}"], atol=1e-5)
-    back = load_colbert(out)
-    assert (back.query_marker_id, back.document_marker_id, back.skiplist_ids) == \
-        (model.query_marker_id, model.document_marker_id, model.skiplist_ids)
 
 
 def test_a_plain_backbone_starts_a_colbert_model_laid_out_as_pylate_starts_one(pylate_model, tiny_masked_lm):

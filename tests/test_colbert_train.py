@@ -16,7 +16,7 @@ from jax.test_util import check_grads
 from conftest import pylate_oracle
 from embedjax import colbert, losses
 from embedjax import similarity as sim
-from embedjax.colbert_model import load_colbert
+from embedjax.colbert_model import load_colbert, save_colbert
 from embedjax.train.colbert_objective import ColbertObjective, colbert_batch_loss
 
 pytestmark = pytest.mark.fast_compile  # checks logic, not speed (conftest.py)
@@ -244,5 +244,9 @@ def test_a_colbert_run_exports_a_model_pylate_encodes_the_same(tiny_masked_lm, s
         np.testing.assert_allclose(q, theirs[f"q{i}"], atol=1e-5)
     for j, d in enumerate(ours.encode_documents(documents)):
         np.testing.assert_allclose(d, theirs[f"d{j}"], atol=1e-5)
+    back = load_colbert(save_colbert(ours, tmp_path / "again"))  # a loaded model saves what it loaded
+    assert (back.query_marker_id, back.document_marker_id, back.skiplist_ids, back.cfg.vocab_size) == \
+        (ours.query_marker_id, ours.document_marker_id, ours.skiplist_ids, ours.cfg.vocab_size)
+    np.testing.assert_array_equal(back.params["projection"]["kernel"], ours.params["projection"]["kernel"])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)

@@ -43,6 +43,7 @@ VARIANTS = [
     "csts", "csts:smoke", "csts:family=cross", "csts:family=cross,smoke,seed=1,epochs=2", "csts:family=tri",
     "csts:family=tri,head=concat,loss=quadruplet,smoke", "csts:loss=quadruplet",
     "beir_splade", "beir_splade:smoke", "beir_splade:qw=0,dw=1e-4,lr=5e-5,epochs=2,seed=1,negatives=0,top_k=64",
+    "beir_splade:inference_free,smoke",
     "beir_colbert", "beir_colbert:smoke", "beir_colbert:dim=96,doc_length=180,gradcache=8,lr=5e-5,epochs=2,seed=1,negatives=0",
 ]
 

@@ -138,7 +138,8 @@ def test_metrics_reject_bad_input():
 
 @pytest.fixture(scope="module")
 def sick_trial(sick_dir):
-    return read_sick_binary(sick_dir / "SICK_trial.txt")
+    """The first 200 pairs of SICK trial (both labels occur; the parity needs no more)."""
+    return read_sick_binary(sick_dir / "SICK_trial.txt")[:200]
 
 
 def test_evaluator_matches_sentence_transformers(minilm, st_minilm, sick_trial):
@@ -156,6 +157,7 @@ def test_evaluator_matches_sentence_transformers(minilm, st_minilm, sick_trial):
             assert ours[f"sick_trial/{metric}_{key}"] == pytest.approx(st[name], rel=1e-4, abs=1e-6), name
     for key in ("ap", "accuracy", "f1"):
         assert ours[f"sick_trial/max_{key}"] == pytest.approx(st[f"sick_trial_max_{key}"], rel=1e-4)
+    assert {p.label for p in sick_trial} == {0, 1}
     assert ev.main_metric == "max_ap" and st[f"sick_trial_{'max_ap'}"] > 0.5  # a real signal, not chance
     assert len(ours) == 4 * len(keys) + 3
 

@@ -68,12 +68,13 @@ def test_export_loads_in_sentence_transformers_and_back(tiny_masked_lm, tmp_path
 
 
 def test_loading_refuses_what_it_cannot_read(tiny_masked_lm, tiny_model, tmp_path, caplog):
-    # an inference-free (Router) stack is named, not misread
+    # a Router whose routes are not the inference-free layout is named, not misread
     d = tmp_path / "router"
     shutil.copytree(tiny_masked_lm, d)
     (d / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type":
                                                  "sentence_transformers.models.Router"}]))
-    with pytest.raises(CheckpointError, match=r"modules \['Router'\]"):
+    (d / "router_config.json").write_text(json.dumps({"types": {"q": "x.Transformer"}, "structure": {"query": ["q"]}}))
+    with pytest.raises(CheckpointError, match=r"routes .*embedjax loads the inference-free layout"):
         load_sparse_encoder(d)
     # a non-BERT family
     d = tmp_path / "roberta"
@@ -89,6 +90,46 @@ def test_loading_refuses_what_it_cannot_read(tiny_masked_lm, tiny_model, tmp_pat
         fresh = load_sparse_encoder(tiny_model)
     assert "no MLM head" in caplog.text and float(np.abs(fresh.params["mlm_head"]["bias"]).max()) == 0.0
     assert fresh.max_length == 64  # its sentence_bert_config.json's max_seq_length
+
+
+def test_inference_free_router_encodes_and_saves_like_sentence_transformers(tiny_masked_lm, tmp_path):
+    """sentence-transformers' inference-free SPLADE (a Router: SparseStaticEmbedding for queries,
+    MLMTransformer + SpladePooling for documents) loads here and encodes queries and documents the
+    same; ours saves to that layout, which sentence-transformers loads and encodes the same."""
+    import torch
+    from sentence_transformers.base.modules import Router
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SparseStaticEmbedding, SpladePooling
+
+    from embedjax.sparse_model import with_static_queries
+
+    mlm = MLMTransformer(str(tiny_masked_lm))
+    weights = torch.rand(TINY_MLM_VOCAB, generator=torch.Generator().manual_seed(0)) + 0.5
+    router = Router.for_query_document(query_modules=[SparseStaticEmbedding(tokenizer=mlm.tokenizer, weight=weights)],
+                                       document_modules=[mlm, SpladePooling("max")])
+    theirs = STSparseEncoder(modules=[router], device="cpu")
+    theirs.save(str(tmp_path / "theirs"))
+    ours = load_sparse_encoder(tmp_path / "theirs")
+    assert ours.inference_free
+    queries = ["How many legs has a spider?", "spider spider legs", ""]
+
+    def st(model, texts, fn):
+        return getattr(model, fn)(texts, convert_to_tensor=True).to_dense().numpy()
+
+    np.testing.assert_allclose(ours.encode_query(queries).toarray(), st(theirs, queries, "encode_query"), rtol=1e-6)
+    np.testing.assert_allclose(ours.encode_document(TEXTS).toarray(), st(theirs, TEXTS, "encode_document"),
+                               rtol=1e-5, atol=1e-5)
+    ids = ours.tokenizer.backend.encode(queries[1], add_special_tokens=False).ids
+    assert ours.encode_query(queries[1]).nnz == len(set(ids)) < len(ids)  # each id once, no [CLS] / [SEP]
+
+    trained = with_static_queries(load_sparse_encoder(tiny_masked_lm), np.linspace(0.1, 2.0, TINY_MLM_VOCAB))
+    back = STSparseEncoder(str(save_sparse_encoder(trained, tmp_path / "ours")), device="cpu")
+    np.testing.assert_allclose(st(back, queries, "encode_query"), trained.encode_query(queries).toarray(), rtol=1e-6)
+    np.testing.assert_allclose(st(back, TEXTS, "encode_document"), trained.encode_document(TEXTS).toarray(),
+                               rtol=1e-5, atol=1e-5)
+    again = load_sparse_encoder(tmp_path / "ours")
+    np.testing.assert_array_equal(np.asarray(again.params["query_static"]), np.asarray(trained.params["query_static"]))
+    with pytest.raises(ValueError, match=r"static query weights must be \(3000,\)"):
+        with_static_queries(trained, np.ones(5))
 
 
 def smaller_beir(small_beir, d, n_queries=24, n_docs=60):

@@ -18,7 +18,8 @@ from embedjax.train.sparse_objective import SparseObjective, sparse_batch_loss
 pytestmark = pytest.mark.fast_compile  # checks logic, not speed (conftest.py)
 
 SPLADE_SECTION = {"pooling": "max", "activation": "relu", "query_weight": 5e-2, "document_weight": 3e-2,
-                  "warmup": 0.5, "schedule": "quadratic", "query_threshold": None, "document_threshold": None}
+                  "warmup": 0.5, "schedule": "quadratic", "query_threshold": None, "document_threshold": None,
+                  "inference_free": False}
 
 
 def _objective_section(**loss_kwargs):
@@ -47,14 +48,16 @@ def _data_section():
     return {**base.base_config().data.to_dict(), "kind": "beir", "pack_length": 0}
 
 
-def naive_infonce_dot(q, d):
-    """Mean over queries of -log softmax_j(q_i . d_j) at j = i (scale 1, in-batch negatives)."""
+def naive_infonce_dot(q, d, drop=lambda i, j: False):
+    """Mean over queries of -log softmax_j(q_i . d_j) at j = i (scale 1, in-batch negatives; the
+    documents ``drop(i, j)`` names left out of row i)."""
     q, d = np.asarray(q, np.float64), np.asarray(d, np.float64)
     total = 0.0
     for i in range(len(q)):
-        scores = [float(q[i] @ d[j]) for j in range(len(d))]
+        target = float(q[i] @ d[i])
+        scores = [float(q[i] @ d[j]) for j in range(len(d)) if j == i or not drop(i, j)]
         m = max(scores)
-        total += m + np.log(sum(np.exp(s - m) for s in scores)) - scores[i]
+        total += m + np.log(sum(np.exp(s - m) for s in scores)) - target
     return total / len(q)
 
 
@@ -87,6 +90,40 @@ def test_sparse_batch_loss_is_infonce_on_term_weights_plus_warmed_up_flops(tiny_
     assert float(loss) == pytest.approx(naive_infonce_dot(wq, wd) + 3e-2 * naive_flops(wd), rel=1e-5)
 
 
+def test_inference_free_queries_are_static_weights_on_their_ids_and_train(tiny_masked_lm, small_beir):
+    """splade.inference_free: the queries' term weights are the static table on the ids each query
+    holds, [CLS] / [SEP] left out (what sentence-transformers' SparseStaticEmbedding reads); the
+    loss is InfoNCE of those against the documents' SPLADE vectors, and the table gets a gradient on
+    those ids only."""
+    import dataclasses
+
+    from embedjax.sparse_model import load_sparse_encoder, with_static_queries
+
+    model = with_static_queries(load_sparse_encoder(tiny_masked_lm, max_length=64),
+                                np.linspace(0.005, 0.015, 3000).astype(np.float32))  # logits near 1
+    [batch] = _batches(model, small_beir, n=1)
+    objective = SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "query_weight": 0.0,
+                                                                   "inference_free": True})
+    cls, sep = model.tokenizer.backend.token_to_id("[CLS]"), model.tokenizer.backend.token_to_id("[SEP]")
+    objective = dataclasses.replace(objective.for_run(total_steps=8), special_ids=(cls, sep))
+    table = np.asarray(model.params["query_static"])
+    wq = np.zeros((len(batch.a.ids), 3000))
+    for row, ids, mask in zip(wq, batch.a.ids, batch.a.mask):
+        for i in set(int(t) for t, m in zip(ids, mask) if m and t not in (cls, sep)):
+            row[i] = table[i]
+    backbone = {k: v for k, v in model.params.items() if k not in ("mlm_head", "query_static")}
+    wd = np.asarray(sparse.splade_embed(backbone, model.cfg, model.params["mlm_head"], batch.b.ids, batch.b.mask,
+                                        token_type_ids=batch.b.types))
+    loss_and_grad = jax.value_and_grad(lambda p: sparse_batch_loss(p, model.cfg, objective, batch, jax.random.key(0),
+                                                                    step=100)[0])
+    loss, grads = loss_and_grad(model.params)
+    a_hash, b_hash = np.asarray(batch.a.hashes), np.asarray(batch.b.hashes)  # a text is no negative of itself
+    base = naive_infonce_dot(wq, wd, lambda i, j: b_hash[j] in (a_hash[i], b_hash[i]))
+    assert float(loss) == pytest.approx(base + 3e-2 * naive_flops(wd), rel=1e-5)
+    touched = np.asarray(grads["query_static"]) != 0
+    assert touched.any() and not (touched & (wq.max(axis=0) == 0)).any()
+
+
 def test_sparse_objective_refuses_dense_options_and_bad_sections():
     with pytest.raises(ValueError, match=r"apply to dense runs"):
         SparseObjective.from_config({**_objective_section(), "matryoshka_dims": (8,)}, SPLADE_SECTION)
@@ -109,6 +146,25 @@ def test_sparse_objective_refuses_dense_options_and_bad_sections():
     config.pooling = None
     with pytest.raises(NotImplementedError, match="not planned yet"):  # said, not a dense step's figure
         plan.step_memory(config, {"model_type": "bert"})
+
+
+def test_an_inference_free_run_starts_from_ones_and_refuses_to_train_a_static_side_as_a_transformer(
+        tiny_masked_lm, tmp_path):
+    from configs import beir_splade
+    from embedjax.sparse_model import load_sparse_encoder, save_sparse_encoder, with_static_queries
+    from embedjax.train import encoders
+    from embedjax.train.config import TrainConfig
+
+    config = beir_splade.get_config("inference_free,smoke")
+    config.model = str(tiny_masked_lm)
+    model = TrainConfig.from_config(config).model
+    assert model.splade["inference_free"] and model.splade["query_weight"] == 0.0
+    start = encoders.load_sparse_model(model)
+    np.testing.assert_array_equal(np.asarray(start.params["query_static"]), np.ones(3000))
+    config.model = str(save_sparse_encoder(with_static_queries(load_sparse_encoder(tiny_masked_lm)), tmp_path / "if"))
+    config.splade.inference_free = False
+    with pytest.raises(ValueError, match="is an inference-free SPLADE model"):
+        encoders.load_sparse_model(TrainConfig.from_config(config).model)
 
 
 def test_sparse_steps_on_eight_devices_equal_one_device(tiny_masked_lm, small_beir):

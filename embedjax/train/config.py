@@ -200,7 +200,8 @@ def _splade_section(splade) -> dict:
     """A SPLADE run's ``splade`` section as a plain dict (checked by ``SparseObjective.from_config``)."""
     return {"pooling": splade.pooling, "activation": splade.activation, "query_weight": splade.query_weight,
             "document_weight": splade.document_weight, "warmup": splade.warmup, "schedule": splade.schedule,
-            "query_threshold": splade.query_threshold, "document_threshold": splade.document_threshold}
+            "query_threshold": splade.query_threshold, "document_threshold": splade.document_threshold,
+            "inference_free": bool(splade.inference_free)}
 
 
 def by_side(prompts: Mapping[str, str]) -> dict[str, str]:

@@ -52,7 +52,8 @@ def split_trainable(params, adapters_only: bool):
     frozen (and a SPLADE model's MLM head, a ColBERT model's projection); without, everything trains."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
-    own_params = ("pooler/", "head/", "tri_head/", "mlm_head/", "projection/")  # pooler, heads, ColBERT projection
+    # the pooler, the heads, a ColBERT projection, an inference-free SPLADE model's query weights
+    own_params = ("pooler/", "head/", "tri_head/", "mlm_head/", "projection/", "query_static")
     trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(own_params)  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 
@@ -93,9 +94,16 @@ def load_sparse_model(model: ModelConfig, *, seed: int = 0):
     length, pooling and prompts: the checkpoint's MLM head, or a fresh one seeded by ``seed``."""
     from embedjax.sparse_model import load_sparse_encoder
 
+    from embedjax.sparse_model import with_static_queries
+
     splade = model.splade or {}
     encoder = load_sparse_encoder(model.path, max_length=model.max_length, pooling=splade.get("pooling"),
                                   activation=splade.get("activation"), seed=seed)
+    if encoder.inference_free and not splade.get("inference_free"):
+        raise ValueError(f"{model.path} is an inference-free SPLADE model (static query weights): set "
+                         "splade.inference_free=True to train it")
+    if splade.get("inference_free") and not encoder.inference_free:
+        encoder = with_static_queries(encoder)  # ones, as sentence-transformers' SparseStaticEmbedding starts
     if model.prompts:
         encoder = dataclasses.replace(encoder, prompts=dict(model.prompts))
     return encoder

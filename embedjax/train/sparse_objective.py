@@ -10,6 +10,10 @@ qrels masks, false-negative margins and cross-device negatives as for dense runs
 from 0 (``embedjax.sparse.regulariser_weight``: quadratic over ``warmup`` of the run's steps, as
 SPLADE and sentence-transformers' SpladeRegularizerWeightSchedulerCallback do).
 
+With ``splade.inference_free`` the queries are no transformer's: a learned weight per vocabulary id
+on the ids each query holds (``static_query_side``; sentence-transformers' Router with a
+SparseStaticEmbedding query route), trained with the rest.
+
 The run's ``splade`` section sets the pooling and the regulariser; the ``objective`` section the
 base loss (its Matryoshka, layer, GradCache, auxiliary, distillation and guide wrappers are for
 dense runs and must stay off).
@@ -30,7 +34,7 @@ from embedjax.train.loss_specs import LOSSES
 
 SPARSE_LOSSES = ("infonce",)  # base losses on sparse dot products
 SPLADE_KEYS = frozenset({"pooling", "activation", "query_weight", "document_weight", "warmup", "schedule",
-                         "query_threshold", "document_threshold"})
+                         "query_threshold", "document_threshold", "inference_free"})
 # InfoNCE on raw dot products: SPLADE's scores are unbounded sums of term products, not cosines
 _BASE_DEFAULTS = {"similarity": "dot", "scale": 1.0}
 
@@ -50,6 +54,8 @@ class SparseObjective:
     schedule: str = "quadratic"
     query_threshold: int | None = None  # FLOPS counts only rows with more active terms (arXiv:2504.14839)
     document_threshold: int | None = None
+    inference_free: bool = False        # queries: the static term weights params["query_static"], no transformer
+    special_ids: tuple = ()             # ... which never weigh in (a static query side reads no [CLS] / [SEP])
     remat: bool | str = False
     unroll: bool = True
     dropout: bool = True
@@ -95,7 +101,11 @@ class SparseObjective:
                 raise ValueError(f"splade.{name} must be an integer >= 0 or None, got {value!r}")
             thresholds[name] = value
         kwargs = {**_BASE_DEFAULTS, **dict(objective["loss_kwargs"] or {})}
+        inference_free = splade.get("inference_free", False)
+        if not isinstance(inference_free, bool):
+            raise ValueError(f"splade.inference_free must be True or False, got {inference_free!r}")
         return cls(loss=objective["loss"], loss_kwargs=tuple(sorted(kwargs.items())), pooling=splade["pooling"],
+                   inference_free=inference_free,
                    activation=splade["activation"],
                    query_weight=float(splade["query_weight"]) or None,  # 0: the queries are not regularised
                    document_weight=float(splade["document_weight"]), warmup=float(warmup),
@@ -109,11 +119,25 @@ class SparseObjective:
         return dataclasses.replace(self, warmup_steps=max(steps, 1) if self.warmup > 0 else 0)
 
 
+def static_query_side(params, objective: SparseObjective, side: Side):
+    """An inference-free model's query term weights (B, V): ``params["query_static"]`` on the ids each
+    query holds, its special tokens left out (``objective.special_ids``), as sentence-transformers'
+    SparseStaticEmbedding reads queries tokenized without them."""
+    from embedjax.sparse_model import QUERY_STATIC
+
+    mask = side.mask
+    for special in objective.special_ids:
+        mask = jnp.where(side.ids == special, 0, mask)
+    return sparse.static_query_weights(params[QUERY_STATIC], side.ids, mask)
+
+
 def splade_side(params, cfg, objective: SparseObjective, side: Side, key):
     """Term weights of one batch side: (B, V), or (B, k, V) for a side of several texts per row."""
+    from embedjax.sparse_model import QUERY_STATIC
+
     lead, length = side.ids.shape[:-1], side.ids.shape[-1]
     flat = lambda x: None if x is None else x.reshape(-1, length)  # noqa: E731
-    backbone = {k: v for k, v in params.items() if k != "mlm_head"}
+    backbone = {k: v for k, v in params.items() if k not in ("mlm_head", QUERY_STATIC)}
     w = sparse.splade_embed(backbone, cfg, params["mlm_head"], flat(side.ids), flat(side.mask),
                             token_type_ids=flat(side.types), pooling=objective.pooling,
                             activation=objective.activation, dropout_key=key if objective.dropout else None,
@@ -129,7 +153,8 @@ def sparse_batch_loss(params, cfg, objective: SparseObjective, batch: Batch, key
     if batch.packed is not None:
         raise ValueError("a SPLADE run reads padded batches: set data.pack_length=0")
     k_a, k_b, k_n = jax.random.split(key, 3)
-    wq = splade_side(params, cfg, objective, batch.a, k_a)
+    wq = (static_query_side(params, objective, batch.a) if objective.inference_free
+          else splade_side(params, cfg, objective, batch.a, k_a))
     wd = splade_side(params, cfg, objective, batch.b, k_b)
     wn = splade_side(params, cfg, objective, batch.n, k_n) if batch.n is not None else None
     base = LOSSES[objective.loss].bind(dict(objective.loss_kwargs))
@@ -154,4 +179,4 @@ def sparse_batch_loss(params, cfg, objective: SparseObjective, batch: Batch, key
     return total, parts
 
 
-__all__ = ["SPARSE_LOSSES", "SPLADE_KEYS", "SparseObjective", "sparse_batch_loss", "splade_side"]
+__all__ = ["SPARSE_LOSSES", "SPLADE_KEYS", "SparseObjective", "sparse_batch_loss", "splade_side", "static_query_side"]

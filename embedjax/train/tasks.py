@@ -112,6 +112,10 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
         from embedjax.train.sparse_objective import SparseObjective
 
         objective = SparseObjective.from_config(spec.objective, splade)
+        if objective.inference_free:  # the special tokens a static query side never reads
+            backend = encoder.tokenizer.backend
+            special = set(backend.encode("a").ids) - set(backend.encode("a", add_special_tokens=False).ids)
+            objective = dataclasses.replace(objective, special_ids=tuple(sorted(special)))
         if spec.data.pack_length:
             raise ValueError("a SPLADE run reads padded batches: set data.pack_length=0")
     else:

@@ -117,6 +117,9 @@ class SparseEncoder:
         if not self.inference_free:
             return self.encode(texts, **_named_prompt(self.prompts, "query", kw))
         kw = _named_prompt(self.prompts, "query", kw)
+        unknown = sorted(set(kw) - {"prompt", "prompt_name", "top_k", "batch_size", "show_progress"})
+        if unknown:
+            raise TypeError(f"encode_query: unknown arguments {unknown}")
         texts = _check_texts([texts] if isinstance(texts, str) else texts)
         prefix = self._prompt(kw.get("prompt"), kw.get("prompt_name"))
         weights = np.asarray(self.params[QUERY_STATIC], np.float32)

@@ -92,7 +92,7 @@ def test_loading_refuses_what_it_cannot_read(tiny_masked_lm, tiny_model, tmp_pat
     assert fresh.max_length == 64  # its sentence_bert_config.json's max_seq_length
 
 
-def test_inference_free_router_encodes_and_saves_like_sentence_transformers(tiny_masked_lm, tmp_path):
+def test_inference_free_router_encodes_and_saves_like_sentence_transformers(tiny_masked_lm, small_beir, tmp_path):
     """sentence-transformers' inference-free SPLADE (a Router: SparseStaticEmbedding for queries,
     MLMTransformer + SpladePooling for documents) loads here and encodes queries and documents the
     same; ours saves to that layout, which sentence-transformers loads and encodes the same."""
@@ -120,6 +120,9 @@ def test_inference_free_router_encodes_and_saves_like_sentence_transformers(tiny
                                rtol=1e-5, atol=1e-5)
     ids = ours.tokenizer.backend.encode(queries[1], add_special_tokens=False).ids
     assert ours.encode_query(queries[1]).nnz == len(set(ids)) < len(ids)  # each id once, no [CLS] / [SEP]
+    evaluator = SparseRetrievalEvaluator(read_beir(small_beir, "dev"), name="dev")
+    scored = evaluator.embed(ours)["queries"]  # the evaluator's queries go the static route too
+    np.testing.assert_array_equal(scored.toarray(), ours.encode_query(list(evaluator._queries.query_texts)).toarray())
 
     trained = with_static_queries(load_sparse_encoder(tiny_masked_lm), np.linspace(0.1, 2.0, TINY_MLM_VOCAB))
     back = STSparseEncoder(str(save_sparse_encoder(trained, tmp_path / "ours")), device="cpu")

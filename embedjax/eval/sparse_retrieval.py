@@ -86,7 +86,9 @@ class SparseRetrievalEvaluator:
         if num_layers is not None:
             raise ValueError("a sparse encoder has no layer grid: num_layers must be None")
         kw = dict(batch_size=self.batch_size, top_k=self.top_k)
-        queries = encoder.encode(list(self._queries.query_texts), **kw,
+        # an inference-free model's queries are its static weights, not the transformer's (encode_query)
+        encode_queries = encoder.encode_query if getattr(encoder, "inference_free", False) else encoder.encode
+        queries = encode_queries(list(self._queries.query_texts), **kw,
                                  prompt=resolve_prompt(encoder, self.query_prompt, self.query_prompt_name, "query"))
         doc_prompt = resolve_prompt(encoder, self.document_prompt, self.document_prompt_name, "document")
         texts, step = self.data.corpus_texts, self.corpus_chunk_size

@@ -173,3 +173,57 @@ def test_colbert_reranks_a_dense_first_stage(pylate_model, beir, tiny_model):
     ideal, n_relevant = ranking_metrics.ideal_relevance(qrels)
     rels = ranking_metrics.ranked_relevance(want, qrels, 10)
     assert got["ndcg@10"] == pytest.approx(ranking_metrics.retrieval_scores(rels, ideal, n_relevant, (1, 10))["ndcg@10"])
+
+
+def test_fused_retrieval_ranks_the_union_by_weighted_scores_and_by_rrf(pylate_model, beir, tiny_model,
+                                                                         tiny_masked_lm):
+    """A dense, a SPLADE and a ColBERT model on one BEIR task: each reported alone as its own
+    evaluator reports it, and the union of their top 10 ranked by 1*cos + 0.1*dot + 0.5*MaxSim and by
+    RRF, both recomputed here in NumPy from the members' own encodings."""
+    from embedjax import load_pretrained, load_sparse_encoder
+    from embedjax.eval.fusion import FusedRetrievalEvaluator
+    from embedjax.eval.retrieval import RetrievalEvaluator
+
+    path, _ = pylate_model
+    _, data = beir
+    models = {"dense": load_pretrained(tiny_model), "sparse": load_sparse_encoder(tiny_masked_lm),
+              "late": load_colbert(path)}
+    weights = {"dense": 1.0, "sparse": 0.1, "late": 0.5}
+    fused = FusedRetrievalEvaluator(data, name="f", weights=weights, k_values=(1, 10), depth=10)
+    got = fused.score(models)
+    dense_alone = RetrievalEvaluator(data, name="d", k_values=(1, 10))(models["dense"])
+    assert got["dense/ndcg@10"] == pytest.approx(dense_alone["d/ndcg@10"])
+
+    queries = list(fused._queries.query_texts)
+    corpus = list(data.corpus_texts)
+    q_dense, d_dense = models["dense"].encode(queries), models["dense"].encode(corpus)
+    q_sparse, d_sparse = models["sparse"].encode(queries).toarray(), models["sparse"].encode(corpus).toarray()
+    q_late, d_late = models["late"].encode_queries(queries), models["late"].encode_documents(corpus)
+    scores = {"dense": q_dense @ d_dense.T / np.outer(np.linalg.norm(q_dense, axis=1), np.linalg.norm(d_dense, axis=1)),
+              "sparse": q_sparse @ d_sparse.T,
+              "late": np.array([[np.sum(np.max(q @ d.T, axis=1)) for d in d_late] for q in q_late])}
+    want_sum, want_rrf = [], []
+    for i in range(len(queries)):
+        tops = {m: [int(j) for j in np.argsort(-scores[m][i], kind="stable")[:10]] for m in scores}
+        union = list(dict.fromkeys(j for m in scores for j in tops[m]))
+        total = [sum(weights[m] * scores[m][i, j] for m in scores) for j in union]
+        rrf = [sum(1 / (60 + tops[m].index(j) + 1) for m in scores if j in tops[m]) for j in union]
+        want_sum.append([data.corpus_ids[union[k]] for k in np.argsort(-np.array(total), kind="stable")])
+        want_rrf.append([data.corpus_ids[union[k]] for k in np.argsort(-np.array(rrf), kind="stable")])
+    ev = fused._queries
+    assert got["sum/ndcg@10"] == pytest.approx(_ndcg(ev, want_sum), abs=1e-6)
+    assert got["rrf/ndcg@10"] == pytest.approx(_ndcg(ev, want_rrf), abs=1e-6)
+    dense_top = [[data.corpus_ids[j] for j in np.argsort(-scores["dense"][i], kind="stable")[:10]]
+                 for i in range(len(queries))]
+    assert any(s[:10] != d for s, d in zip(want_sum, dense_top))  # the fusion is not one member's ranking
+    with pytest.raises(ValueError, match="weights name"):
+        FusedRetrievalEvaluator(data, weights={"dense": 1.0}).score(models)
+
+
+def _ndcg(evaluator, ranked):
+    from embedjax.eval import ranking_metrics
+
+    qrels = evaluator._qrels
+    ideal, n_relevant = ranking_metrics.ideal_relevance(qrels)
+    rels = ranking_metrics.ranked_relevance(ranked, qrels, 10)
+    return ranking_metrics.retrieval_scores(rels, ideal, n_relevant, (1, 10))["ndcg@10"]

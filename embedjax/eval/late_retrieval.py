@@ -134,22 +134,30 @@ class LateRetrievalEvaluator:
         return dict(self.run(encoder))
 
 
+@jax.jit
+def _maxsim_one_query(q, docs, mask):
+    from embedjax import similarity
+
+    return similarity.maxsim_pairwise(q[None], docs, None, mask)
+
+
+def maxsim_scores(query: np.ndarray, documents: Sequence[np.ndarray]) -> np.ndarray:
+    """Exact MaxSim of one query's token vectors (Tq, D) against each document's (n_j, D)."""
+    if not len(documents):
+        return np.zeros(0, np.float64)
+    docs, mask = search.pad_tokens(list(documents))
+    width = -(-docs.shape[1] // 64) * 64  # a few padded shapes, a few compilations
+    docs, mask = (np.pad(x, ((0, 0), (0, width - x.shape[1])) + ((0, 0),) * (x.ndim - 2)) for x in (docs, mask))
+    return np.asarray(_maxsim_one_query(np.asarray(query, np.float32), docs, mask), np.float64)
+
+
 def rerank_by_maxsim(queries: Sequence[np.ndarray], corpus: Sequence[np.ndarray | None],
                      candidates: Sequence[Sequence[int]]) -> list[list[int]]:
     """Each query's ``candidates`` (corpus indices) reordered by exact MaxSim (ties keep the given
     order): ``queries[i]`` (Tq, D) token vectors, ``corpus[j]`` (n_j, D)."""
-    from embedjax import similarity
-
-    score = jax.jit(lambda q, d, m: similarity.maxsim_pairwise(q[None], d, None, m))
     out = []
     for q, row in zip(queries, candidates):
-        if not row:
-            out.append([])
-            continue
-        docs, mask = search.pad_tokens([corpus[j] for j in row])
-        width = -(-docs.shape[1] // 64) * 64  # a few padded shapes, a few compilations
-        docs, mask = (np.pad(x, ((0, 0), (0, width - x.shape[1])) + ((0, 0),) * (x.ndim - 2)) for x in (docs, mask))
-        scores = np.asarray(score(np.asarray(q, np.float32), docs, mask))
+        scores = maxsim_scores(q, [corpus[j] for j in row])
         out.append([row[i] for i in np.argsort(-scores, kind="stable")])
     return out
 

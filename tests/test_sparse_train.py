@@ -124,11 +124,41 @@ def test_inference_free_queries_are_static_weights_on_their_ids_and_train(tiny_m
     assert touched.any() and not (touched & (wq.max(axis=0) == 0)).any()
 
 
+def test_sparse_distillation_losses_are_margin_mse_and_listwise_kl_on_term_weights(tiny_masked_lm, small_beir):
+    """objective.loss=margin_mse / listwise_kl: the teacher's scores of (query, positive, negative)
+    against the dot products of the term weights (NumPy), plus the warmed-up FLOPS."""
+    import dataclasses
+
+    from embedjax.sparse_model import load_sparse_encoder
+
+    model = load_sparse_encoder(tiny_masked_lm, max_length=64)
+    [batch] = _batches(model, small_beir, n=1)
+    negative = jax.tree.map(lambda x: np.roll(x, 1, axis=0), batch.b)  # the next query's positive
+    teacher = np.random.default_rng(0).normal(size=(len(batch.a.ids), 2)).astype(np.float32) * 3
+    batch = dataclasses.replace(batch, n=negative, teacher=teacher)
+    backbone = {k: v for k, v in model.params.items() if k != "mlm_head"}
+    embed = lambda side: np.asarray(sparse.splade_embed(  # noqa: E731
+        backbone, model.cfg, model.params["mlm_head"], side.ids, side.mask, token_type_ids=side.types), np.float64)
+    wq, wd, wn = embed(batch.a), embed(batch.b), embed(batch.n)
+    s = np.stack([np.sum(wq * wd, axis=1), np.sum(wq * wn, axis=1)], axis=1)
+    regulariser = 5e-2 * naive_flops(wq) + 3e-2 * naive_flops(np.concatenate([wd, wn]))
+    margin = np.mean(((s[:, 0] - s[:, 1]) - (teacher[:, 0] - teacher[:, 1])) ** 2)
+    log_softmax = lambda x: x - np.log(np.sum(np.exp(x - x.max(1, keepdims=True)), 1, keepdims=True)) - x.max(1, keepdims=True)  # noqa: E731
+    target = np.exp(log_softmax(teacher / 2.0))
+    kl = np.mean(np.sum(target * (log_softmax(teacher / 2.0) - log_softmax(s / 2.0)), axis=1))
+    for loss, want in (("margin_mse", margin), ("listwise_kl", kl)):
+        objective = SparseObjective.from_config({**_objective_section(), "loss": loss, "loss_kwargs": {}},
+                                                SPLADE_SECTION).for_run(total_steps=4)
+        got, parts = sparse_batch_loss(model.params, model.cfg, objective, batch, jax.random.key(0), step=10)
+        assert float(parts["base"]) == pytest.approx(want, rel=1e-4), loss
+        assert float(got) == pytest.approx(want + regulariser, rel=1e-4), loss
+
+
 def test_sparse_objective_refuses_dense_options_and_bad_sections():
     with pytest.raises(ValueError, match=r"apply to dense runs"):
         SparseObjective.from_config({**_objective_section(), "matryoshka_dims": (8,)}, SPLADE_SECTION)
     with pytest.raises(ValueError, match="a SPLADE run trains with"):
-        SparseObjective.from_config({**_objective_section(), "loss": "angle"}, SPLADE_SECTION)
+        SparseObjective.from_config({**_objective_section(), "loss": "angle", "loss_kwargs": {}}, SPLADE_SECTION)
     with pytest.raises(ValueError, match="unknown splade keys"):
         SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "lambda_q": 1})
     with pytest.raises(ValueError, match=r"splade.warmup .* in \[0, 1\]"):

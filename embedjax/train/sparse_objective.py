@@ -5,7 +5,8 @@ A SPLADE run (``config.model_kind = "splade"``) encodes every side of a batch to
 term weights (``embedjax.sparse.splade_embed``: the backbone, its MLM head, max or sum pooling)
 and applies ``embedjax.losses.splade.splade_loss``: the base loss (``objective.loss``, InfoNCE by
 default at scale 1 on dot products, sentence-transformers' SparseMultipleNegativesRankingLoss;
-qrels masks, false-negative margins and cross-device negatives as for dense runs) plus
+qrels masks, false-negative margins and cross-device negatives as for dense runs; or MarginMSE /
+listwise KL on a teacher's scores, SparseMarginMSELoss / SparseDistillKLDivLoss) plus
 ``query_weight * FLOPS(queries) + document_weight * FLOPS(documents)``, each weight warmed up
 from 0 (``embedjax.sparse.regulariser_weight``: quadratic over ``warmup`` of the run's steps, as
 SPLADE and sentence-transformers' SpladeRegularizerWeightSchedulerCallback do).
@@ -32,18 +33,21 @@ from embedjax.data.batch import Batch, Side
 from embedjax.losses.splade import splade_loss
 from embedjax.train.loss_specs import LOSSES
 
-SPARSE_LOSSES = ("infonce",)  # base losses on sparse dot products
+SPARSE_LOSSES = ("infonce", "margin_mse", "listwise_kl")  # base losses on sparse dot products
 SPLADE_KEYS = frozenset({"pooling", "activation", "query_weight", "document_weight", "warmup", "schedule",
                          "query_threshold", "document_threshold", "inference_free"})
-# InfoNCE on raw dot products: SPLADE's scores are unbounded sums of term products, not cosines
-_BASE_DEFAULTS = {"similarity": "dot", "scale": 1.0}
+# Raw dot products: SPLADE's scores are unbounded sums of term products, not cosines. InfoNCE at scale 1
+# (SparseMultipleNegativesRankingLoss), MarginMSE (SparseMarginMSELoss), listwise KL at temperature 2 for
+# student and teacher (SparseDistillKLDivLoss's default; ours is theirs / 4, see losses.listwise_kl)
+_BASE_DEFAULTS = {"infonce": {"similarity": "dot", "scale": 1.0}, "margin_mse": {"similarity": "dot"},
+                  "listwise_kl": {"similarity": "dot", "scale": 0.5, "teacher_temperature": 2.0}}
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseObjective:
     """Static description of a SPLADE loss (hashable: a jit static argument)."""
 
-    loss: str = "infonce"
+    loss: str = "infonce"               # or "margin_mse" / "listwise_kl" on teacher scores (distillation records)
     loss_kwargs: tuple = ()             # sorted (name, value) items of the base loss
     pooling: str = "max"
     activation: str = "relu"
@@ -70,7 +74,7 @@ class SparseObjective:
         """From a config's ``objective`` section (the base loss) and its ``splade`` section."""
         from embedjax.train.objective import Objective, dense_only_options
 
-        fields = Objective.check_section({**dict(objective), "loss": "infonce"})
+        fields = Objective.check_section(dict(objective))
         changed = dense_only_options(fields)
         if changed:
             raise ValueError(f"objective {changed} apply to dense runs; a SPLADE run reads objective.{{loss, "
@@ -100,7 +104,7 @@ class SparseObjective:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"splade.{name} must be an integer >= 0 or None, got {value!r}")
             thresholds[name] = value
-        kwargs = {**_BASE_DEFAULTS, **dict(objective["loss_kwargs"] or {})}
+        kwargs = {**_BASE_DEFAULTS[objective["loss"]], **dict(objective["loss_kwargs"] or {})}
         inference_free = splade.get("inference_free", False)
         if not isinstance(inference_free, bool):
             raise ValueError(f"splade.inference_free must be True or False, got {inference_free!r}")
@@ -159,7 +163,8 @@ def sparse_batch_loss(params, cfg, objective: SparseObjective, batch: Batch, key
     wn = splade_side(params, cfg, objective, batch.n, k_n) if batch.n is not None else None
     base = LOSSES[objective.loss].bind(dict(objective.loss_kwargs))
     hashes = dict(a_hash=batch.a.hashes, b_hash=batch.positive_hashes,
-                  n_hash=None if batch.n is None else batch.n.hashes, relevant=batch.relevant)
+                  n_hash=None if batch.n is None else batch.n.hashes, relevant=batch.relevant,
+                  teacher_scores=batch.teacher)
     q_weight = (None if objective.query_weight is None else
                 sparse.regulariser_weight(step, objective.query_weight, objective.warmup_steps,
                                           schedule=objective.schedule))

@@ -285,8 +285,15 @@ def _save_tokenizer(backend, path: Path) -> None:
 
 
 def save_trained(model: ColbertEncoder, params, directory: str | os.PathLike) -> None:
-    """A ColBERT training run's export: the trained ``params`` in PyLate's layout in ``directory``."""
-    save_colbert(model, directory, params=params)
+    """A ColBERT training run's export (into its workdir, local or ``gs://``): LoRA adapters merged
+    into the weights, written in PyLate's layout by ``save_colbert``."""
+    from embedjax import lora, paths
+
+    cfg = model.cfg
+    if cfg.lora is not None:
+        params, cfg = lora.merge(params, cfg)
+    with paths.staged(directory) as local:
+        save_colbert(dataclasses.replace(model, cfg=cfg), local, params=params)
 
 
 __all__ = ["ColbertEncoder", "colbert_from_backbone", "is_colbert_checkpoint", "load_colbert", "save_colbert", "save_trained"]

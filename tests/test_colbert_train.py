@@ -3,6 +3,7 @@ against NumPy loops (PyLate's Contrastive and Distillation formulas) with gradie
 training batches laid out as the encoder encodes, GradCache == plain, 8 devices == 1, and a run
 whose export PyLate loads and encodes the same."""
 
+import dataclasses
 import functools
 import json
 
@@ -250,3 +251,28 @@ def test_a_colbert_run_exports_a_model_pylate_encodes_the_same(tiny_masked_lm, s
     np.testing.assert_array_equal(back.params["projection"]["kernel"], ours.params["projection"]["kernel"])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_lora_on_a_colbert_model_trains_adapters_and_projection_and_exports_them_merged(fresh, tmp_path):
+    """LoRA: the adapters and the projection train, the backbone is frozen; the export (adapters
+    merged) encodes as the model with its adapters does."""
+    from embedjax import lora, sharding
+    from embedjax.colbert_model import save_trained
+    from embedjax.train import encoders
+    from embedjax.train.config import LoraConfig
+
+    trainable, frozen, model = encoders.trainable_params(LoraConfig(rank=4), fresh, seed=0)
+    names = {sharding.param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(trainable)}
+    assert "projection/kernel" in names and any("lora" in n for n in names)
+    assert not any(n.startswith("embeddings/") for n in names)
+    # adapters moved off zero, as training would: the merged export must carry them
+    trainable = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 if "lora" in sharding.param_path(p) else x, trainable)
+    params = lora.combine(trainable, frozen)
+    save_trained(model, params, tmp_path / "export")
+    adapted = dataclasses.replace(model, params=params)
+    exported = load_colbert(tmp_path / "export")
+    texts = ["A spider has eight legs.", "The man plays the flute."]
+    for a, b in zip(adapted.encode_documents(texts), exported.encode_documents(texts)):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+    assert not np.allclose(exported.encode_documents(texts)[0], fresh.encode_documents(texts)[0], atol=1e-3)

@@ -132,7 +132,7 @@ _PAIRWISE = {
 def pairwise(a, b, metric="cosine"):
     """Similarity of a_i and b_i with ``metric`` in ``PAIRWISE_METRICS`` (or a ``TokenMaxSim``):
     ``(..., D) -> (...)``."""
-    if isinstance(metric, TokenMaxSim):
+    if not isinstance(metric, str):  # a metric object: TokenMaxSim, embedjax.m3.HeadSum
         return metric.pairwise(a, b)
     try:
         fn = _PAIRWISE[metric]
@@ -199,7 +199,7 @@ _MATRIX = {
 def matrix(a, b, metric="cosine"):
     """All-pairs similarity with ``metric`` in ``METRICS`` or ``"hamming"`` (or a ``TokenMaxSim``):
     ``(N, D), (M, D) -> (N, M)``."""
-    if isinstance(metric, TokenMaxSim):
+    if not isinstance(metric, str):  # a metric object: TokenMaxSim, embedjax.m3.HeadSum
         return metric.matrix(a, b)
     try:
         fn = _MATRIX[metric]
@@ -263,9 +263,11 @@ class TokenMaxSim:
     document token scores 0 and a zero query token adds 0: PyLate's masked-as-zero padding
     (``maxsim_*(..., masked_as_zero=True)``). Queries and documents may hold different token
     counts. Not symmetric: ``a`` holds the queries. Hashable, so it can sit in a loss's static
-    keyword arguments."""
+    keyword arguments. ``query_mean``: divided by the query's non-zero tokens (BGE-M3's
+    multi-vector score, a mean over query tokens instead of a sum)."""
 
     dim: int
+    query_mean: bool = False
 
     def tokens(self, x):
         """``(..., T * dim) -> (..., T, dim)``."""
@@ -279,11 +281,19 @@ class TokenMaxSim:
             tokens = tokens * score_mask[..., None].astype(tokens.dtype)
         return tokens.reshape(*tokens.shape[:-2], tokens.shape[-2] * tokens.shape[-1])
 
+    def _query_tokens(self, q):
+        """``(..., 1)``-broadcastable count of a query's scoring (non-zero) tokens, at least 1."""
+        return jnp.maximum(jnp.sum(jnp.any(q != 0, axis=-1), axis=-1), 1).astype(jnp.float32)
+
     def matrix(self, a, b):
-        return maxsim_matrix(self.tokens(a), self.tokens(b))
+        q = self.tokens(a)
+        scores = maxsim_matrix(q, self.tokens(b))
+        return scores / self._query_tokens(q)[:, None] if self.query_mean else scores
 
     def pairwise(self, a, b):
-        return maxsim_pairwise(self.tokens(a), self.tokens(b))
+        q = self.tokens(a)
+        scores = maxsim_pairwise(q, self.tokens(b))
+        return scores / self._query_tokens(q) if self.query_mean else scores
 
 
 # ---------------------------------------------------------------- chunked top-k

@@ -27,6 +27,7 @@ from embedjax.losses.distill import (
 )
 from embedjax.losses.infonce import infonce, simcse_supervised, simcse_unsupervised
 from embedjax.losses.matryoshka import matryoshka, sample_dims
+from embedjax.losses.m3 import m3_loss
 from embedjax.losses.splade import splade_loss
 from embedjax.losses.matryoshka2d import (
     adaptive_layer,
@@ -74,5 +75,6 @@ __all__ = [
     "simcse_supervised",
     "simcse_unsupervised",
     "similarity_mse",
+    "m3_loss",
     "splade_loss",
 ]

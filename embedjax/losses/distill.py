@@ -36,7 +36,7 @@ def _candidates(name, q, p, n, similarity=None):
     (``similarity.TokenMaxSim``) the documents' width may differ from the queries'."""
     if n is None:
         raise ValueError(f"{name}: needs negatives n, (B, D) or (B, k, D); got None")
-    same_width = not isinstance(similarity, sim.TokenMaxSim)
+    same_width = similarity is None or isinstance(similarity, str)  # a metric object reads rows of any width
     if q.ndim != 2 or p.ndim != 2 or p.shape[0] != q.shape[0] or (same_width and p.shape != q.shape):
         raise ValueError(f"{name}: q and p must both be (B, D) embeddings, got {q.shape} and {p.shape}")
     if n.ndim == 2:

@@ -319,6 +319,16 @@ def _reduce(logits, masks, rows):
     return _mean_rows(jax.nn.logsumexp(joint, axis=1) - log_pos, rows.valid)
 
 
+def _soft_reduce(student, teacher, mask, valid):
+    """Mean over rows of ``-sum_c p_c log softmax(student)_c``, ``p = softmax(teacher)`` over the
+    same unmasked candidates (self-knowledge distillation, BGE-M3 arXiv:2402.03216)."""
+    if mask is not None:
+        student, teacher = jnp.where(mask, -jnp.inf, student), jnp.where(mask, -jnp.inf, teacher)
+    target = jax.nn.softmax(teacher, axis=1)
+    log_p = jax.nn.log_softmax(student, axis=1)
+    return _mean_rows(-jnp.sum(jnp.where(target > 0, target * log_p, 0.0), axis=1), valid)
+
+
 def _check_options(directions, symmetric, all_positives, m, hardness, hardness_mode, in_batch_negatives=True):
     directions = (directions,) if isinstance(directions, str) else tuple(directions)
     unknown = set(directions) - set(DIRECTIONS)
@@ -389,6 +399,8 @@ def infonce(
     hardness=0.0,
     hardness_mode="all_negatives",
     in_batch_negatives=True,
+    teacher_similarity=None,
+    teacher_scale=None,
 ):
     """InfoNCE / MultipleNegativesRankingLoss over the (global) batch.
 
@@ -455,20 +467,29 @@ def infonce(
       in_batch_negatives: False: a query's candidates are only its own documents (its positive
         slots and its hard negatives), no other query's (NV-Embed's second stage,
         arXiv:2405.17428, trains non-retrieval tasks so); only with query_to_doc alone.
+      teacher_similarity, teacher_scale: soft targets instead of the one-hot positive: each row's
+        target distribution is ``softmax(teacher_scale * t(a_i, C))`` over the same unmasked
+        candidates, ``t`` another metric of the same rows (no gradient; ``teacher_scale``
+        defaults to ``scale``), and the loss ``-sum_c p_c log softmax(logits)_c`` (BGE-M3's
+        self-knowledge distillation, arXiv:2402.03216: the heads' ensemble teaches each head).
+        query_to_doc only, one target per row.
 
     All options are static Python values; masks come from ids and stop-gradient scores only.
 
     Returns:
       scalar mean cross-entropy.
     """
-    token_metric = isinstance(similarity, sim.TokenMaxSim)
+    token_metric = not isinstance(similarity, str)  # a metric object (MaxSim, M3's heads): rows of any width
     batch = _layout(anchors, positives, negatives, positive_mask, anchor_ids, positive_ids, negative_ids,
                     relevant_ids, relevant_mask, doc_width=jnp.shape(positives)[-1] if token_metric else None)
     directions = _check_options(directions, symmetric, all_positives, batch.m, hardness, hardness_mode,
                                 in_batch_negatives)
     if token_metric and (directions != (Q2D,) or symmetric or guide is not None):
-        raise ValueError("MaxSim (TokenMaxSim) scores a query against documents: only directions=('query_to_doc',), "
-                         "symmetric=False and no guide")
+        raise ValueError("a metric object (TokenMaxSim, HeadSum) scores a query against documents: only "
+                         "directions=('query_to_doc',), symmetric=False and no guide")
+    if teacher_similarity is not None and (directions != (Q2D,) or symmetric or (all_positives and batch.m > 1)):
+        raise ValueError("teacher_similarity (soft targets) takes directions=('query_to_doc',), symmetric=False and "
+                         "one target per row (all_positives=False)")
     if guide is not None and fn_margin is None and fn_relative is None:
         fn_margin = 0.0
     rows = _rows(batch, all_positives and batch.m > 1)  # one slot: "each" and "all" coincide
@@ -484,6 +505,10 @@ def infonce(
     logits = {name: scale * s for name, s in raw.items()}
     if hardness:
         logits[Q2D] = logits[Q2D] + _hardness_penalty(batch, rows, raw[Q2D], hardness, hardness_mode)
+    if teacher_similarity is not None:
+        teacher = _candidate_blocks(batch.queries, batch.slots, batch.docs, directions, rows, teacher_similarity)[Q2D]
+        t_scale = scale if teacher_scale is None else teacher_scale
+        return _soft_reduce(logits[Q2D], t_scale * jax.lax.stop_gradient(teacher), masks.get(Q2D), rows.valid)
     loss = _reduce(logits, masks, rows)
     if not symmetric:
         return loss

@@ -1,0 +1,129 @@
+"""BGE-M3's three heads (embedjax/m3.py) and its loss (embedjax/losses/m3.py) against NumPy readings of
+FlagEmbedding's BGEM3 formulas written here: the heads from the backbone's states, each head's score,
+the ensemble, InfoNCE per head and the ensemble's self-knowledge distillation, with a gradient check."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from embedjax import m3
+from embedjax.encoders import registry
+from embedjax.losses import m3_loss
+
+pytestmark = pytest.mark.fast_compile  # checks logic, not speed (conftest.py)
+
+H, V = 4, 12  # hidden width and vocabulary of the loss tests
+
+
+def test_heads_read_the_backbone_states_as_bgem3(tiny_model):
+    from embedjax import load_pretrained
+
+    model = load_pretrained(tiny_model)
+    heads = m3.init_heads(model.cfg.hidden_size, jax.random.key(1))
+    heads["sparse"]["bias"] = jnp.array([0.5])  # most tokens weigh in
+    enc = model.tokenizer.encode(["A man plays the flute.", "flute flute"])
+    batch = model.tokenizer.pad(enc, 2)
+    ids, mask = np.asarray(batch.input_ids), np.asarray(batch.attention_mask)
+    special = (model.tokenizer.backend.token_to_id("[CLS]"), model.tokenizer.backend.token_to_id("[SEP]"),
+               model.cfg.pad_token_id)
+    dense, lexical, tokens = m3.outputs(model.params, model.cfg, heads, ids, mask, special_ids=special)
+    hidden = np.asarray(registry.of(model.cfg).apply(model.params, model.cfg, ids, mask, all_layers=False), np.float64)
+    w = {k: {n: np.asarray(x, np.float64) for n, x in v.items()} for k, v in heads.items()}
+    for i in range(2):
+        np.testing.assert_allclose(dense[i], hidden[i, 0] / np.linalg.norm(hidden[i, 0]), atol=1e-5)
+        want = np.zeros(model.params["embeddings"]["word"].shape[0])
+        for t in range(mask[i].sum()):  # each id's largest token weight
+            want[ids[i, t]] = max(want[ids[i, t]], max(0.0, hidden[i, t] @ w["sparse"]["kernel"][:, 0]
+                                                        + w["sparse"]["bias"][0]))
+        want[list(special)] = 0.0
+        np.testing.assert_allclose(lexical[i], want, atol=1e-5)
+        for t in range(1, ids.shape[1]):
+            v = (hidden[i, t] @ w["colbert"]["kernel"] + w["colbert"]["bias"]) * mask[i, t]
+            np.testing.assert_allclose(tokens[i, t - 1], v / max(np.linalg.norm(v), 1e-12), atol=1e-5)
+    flute = model.tokenizer.backend.token_to_id("flute")
+    assert lexical[1, flute] > 0 and np.count_nonzero(lexical[1]) == 1  # "flute" twice: one term
+
+
+def _texts(key, b, t, padded=True):
+    """Rows of b texts: unit dense, non-negative lexical, t unit tokens (the last one zero: padding)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    dense = np.array(jax.random.normal(k1, (b, H)))
+    dense /= np.linalg.norm(dense, axis=1, keepdims=True)
+    lexical = np.maximum(np.asarray(jax.random.normal(k2, (b, V))), 0.0)
+    tokens = np.array(jax.random.normal(k3, (b, t, H)))
+    tokens /= np.linalg.norm(tokens, axis=2, keepdims=True)
+    if padded:
+        tokens[:, -1] = 0.0
+    return dense, lexical, tokens
+
+
+def _naive_scores(q, d):
+    """Each head's score of query q against document d, and the ensemble (1, 0.3, 1)."""
+    qd, ql, qt = q
+    dd, dl, dt = d
+    dense, lexical = float(qd @ dd), float(ql @ dl)
+    real = [x for x in qt if np.any(x)]
+    multi = sum(max(float(x @ y) for y in dt) for x in real) / len(real)
+    return {"dense": dense, "lexical": lexical, "multi_vector": multi, "ensemble": dense + 0.3 * lexical + multi}
+
+
+def naive_m3_loss(queries, documents, scale, drop=lambda i, j: False):
+    """FlagEmbedding's BGEM3 loss over every query and every document (positive j = i), the
+    documents ``drop(i, j)`` names left out of row i."""
+    b = len(queries)
+    heads = ("dense", "lexical", "multi_vector", "ensemble")
+    ce = {h: 0.0 for h in heads}
+    kd = {h: 0.0 for h in heads[:3]}
+    for i in range(b):
+        cands = [j for j in range(len(documents)) if j == i or not drop(i, j)]
+        s = {h: np.array([scale * _naive_scores(queries[i], documents[j])[h] for j in cands]) for h in heads}
+        target = cands.index(i)
+        log_softmax = {h: s[h] - np.log(np.sum(np.exp(s[h] - s[h].max()))) - s[h].max() for h in heads}
+        for h in heads:
+            ce[h] -= log_softmax[h][target] / b
+        p = np.exp(log_softmax["ensemble"])
+        for h in kd:
+            kd[h] -= np.sum(p * log_softmax[h]) / b
+    base = (ce["dense"] + ce["ensemble"] + 0.1 * ce["lexical"] + ce["multi_vector"]) / 4
+    distill = (kd["dense"] + 0.1 * kd["lexical"] + kd["multi_vector"]) / 3
+    return (base + distill) / 2, ce, kd
+
+
+def test_m3_loss_is_bgem3s_with_a_gradient_check():
+    q = _texts(jax.random.key(0), 3, 3)
+    d = _texts(jax.random.key(1), 3, 5)
+    n = _texts(jax.random.key(2), 3, 5)
+    split = lambda x: [tuple(part[i] for part in x) for i in range(len(x[0]))]  # noqa: E731
+    as_rows = lambda x: np.asarray(m3.rows(*(jnp.asarray(p) for p in x)))  # noqa: E731
+    loss, parts = m3_loss(as_rows(q), as_rows(d), as_rows(n)[:, None], hidden_size=H, vocab_size=V, scale=5.0)
+    want, ce, kd = naive_m3_loss(split(q), split(d) + split(n), 5.0)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    for head in ce:
+        assert float(parts[f"{head}_loss"]) == pytest.approx(ce[head], rel=1e-5), head
+    for head in kd:
+        assert float(parts[f"{head}_distill"]) == pytest.approx(kd[head], rel=1e-5), head
+    # the id masks are InfoNCE's, the same for every head and for the distillation's candidates
+    ids = np.array([7, 8, 7])  # documents 0 and 2 are one text: neither is the other's query's negative
+    masked, _ = m3_loss(as_rows(q), as_rows(d), hidden_size=H, vocab_size=V, scale=5.0, positive_ids=ids)
+    want, _, _ = naive_m3_loss(split(q), split(d), 5.0, lambda i, j: ids[j] == ids[i])
+    assert float(masked) == pytest.approx(want, rel=1e-5)
+    # the gradient where the loss is smooth: no padding token (the mean over a query's non-zero
+    # tokens jumps when a zero token is nudged), every lexical weight > 0
+    q, d = _texts(jax.random.key(3), 3, 3, padded=False), _texts(jax.random.key(4), 3, 5, padded=False)
+    q, d = ((a, b + 0.1, c) for a, b, c in (q, d))
+    # tokens jumps when a zero token is nudged), every lexical weight > 0. The distillation's teacher
+    # carries no gradient (a finite difference would move it too): its term is checked with a teacher
+    # slice the inputs do not touch.
+    from embedjax.losses import infonce
+
+    metric = m3.metrics(H, V)
+    with jax.enable_x64(True):
+        rows_q, rows_d = jnp.asarray(as_rows(q), jnp.float64), jnp.asarray(as_rows(d), jnp.float64)
+        check_grads(lambda a, b: m3_loss(a, b, hidden_size=H, vocab_size=V, scale=5.0, self_distill=False)[0],
+                    (rows_q, rows_d), order=1, modes=("rev",), eps=1e-6)
+        with_dense = lambda rows, dense: jnp.concatenate([dense, rows[:, H:]], axis=1)  # noqa: E731
+        distill = lambda a, b: infonce(with_dense(rows_q, a), with_dense(rows_d, b), scale=5.0,  # noqa: E731
+                                       similarity=metric["dense"], teacher_similarity=metric["lexical"])
+        check_grads(distill, (rows_q[:, :H], rows_d[:, :H]), order=1, modes=("rev",), eps=1e-6)

@@ -127,3 +127,68 @@ def test_m3_loss_is_bgem3s_with_a_gradient_check():
         distill = lambda a, b: infonce(with_dense(rows_q, a), with_dense(rows_d, b), scale=5.0,  # noqa: E731
                                        similarity=metric["dense"], teacher_similarity=metric["lexical"])
         check_grads(distill, (rows_q[:, :H], rows_d[:, :H]), order=1, modes=("rev",), eps=1e-6)
+
+
+def test_bgem3_layout_loads_encodes_as_torch_heads_saves_and_fuses(tiny_model, small_beir, tmp_path):
+    """FlagEmbedding's layout (a transformers backbone, sparse_linear.pt, colbert_linear.pt) on the tiny
+    model: the three heads equal a torch computation of BGE-M3's formulas on transformers' states;
+    save_m3 writes what loads back the same; the heads as retrievers fuse."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from embedjax.data.retrieval_readers import read_beir
+    from embedjax.eval.fusion import FusedRetrievalEvaluator
+    from embedjax.eval.late_retrieval import LateRetrievalEvaluator
+    from embedjax.m3_model import load_m3, save_m3
+
+    d = tmp_path / "m3"
+    shutil.copytree(tiny_model, d)
+    torch.manual_seed(0)
+    hidden = transformers.AutoConfig.from_pretrained(d).hidden_size
+    sparse_linear, colbert_linear = torch.nn.Linear(hidden, 1), torch.nn.Linear(hidden, hidden)
+    with torch.no_grad():
+        sparse_linear.bias.fill_(0.3)
+    torch.save(sparse_linear.state_dict(), d / "sparse_linear.pt")
+    torch.save(colbert_linear.state_dict(), d / "colbert_linear.pt")
+    model = load_m3(d)
+    texts = ["A man plays the flute.", "flute flute", "Two dogs run on the beach in the evening."]
+    ours = model.encode(texts, batch_size=2)
+
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        h = transformers.AutoModel.from_pretrained(d).eval()(**batch).last_hidden_state
+        dense = torch.nn.functional.normalize(h[:, 0], dim=-1)
+        weights = torch.relu(sparse_linear(h)).squeeze(-1) * batch["attention_mask"]
+        lexical = torch.zeros(len(texts), tok.vocab_size).scatter_reduce(1, batch["input_ids"], weights, "amax")
+        lexical[:, [tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.unk_token_id]] = 0
+        vectors = torch.nn.functional.normalize(colbert_linear(h[:, 1:]) * batch["attention_mask"][:, 1:, None], dim=-1)
+    np.testing.assert_allclose(ours["dense"], dense.numpy(), atol=1e-5)
+    np.testing.assert_allclose(ours["lexical"].toarray(), lexical.numpy(), atol=1e-5)
+    for i, t in enumerate(ours["tokens"]):
+        n = int(batch["attention_mask"][i].sum()) - 1
+        np.testing.assert_allclose(t, vectors[i, :n].numpy(), atol=1e-5)
+
+    out = save_m3(model, tmp_path / "saved")
+    assert (out / "m3_heads.safetensors").is_file()
+    for name, linear in (("sparse_linear.pt", sparse_linear), ("colbert_linear.pt", colbert_linear)):
+        state = torch.load(out / name, weights_only=True)  # FlagEmbedding's files, loadable into its Linear
+        for key, value in linear.state_dict().items():
+            np.testing.assert_allclose(state[key].numpy(), value.numpy(), atol=1e-7)
+    again = load_m3(out).encode(texts)
+    np.testing.assert_allclose(again["dense"], ours["dense"], atol=1e-6)
+    np.testing.assert_allclose(again["lexical"].toarray(), ours["lexical"].toarray(), atol=1e-6)
+
+    # the multi-vector view's MaxSim sums are BGE-M3's means over the query's tokens
+    q, docs = model.multi_vector().encode_queries(texts[:1])[0], model.multi_vector().encode_documents(texts[1:])
+    for doc, want in zip(docs, [np.mean(np.max(ours["tokens"][0] @ x.T, axis=1)) for x in ours["tokens"][1:]]):
+        assert float(np.sum(np.max(q @ doc.T, axis=1))) == pytest.approx(float(want), rel=1e-5)
+    data = read_beir(small_beir, "dev")
+    fused = FusedRetrievalEvaluator(data, weights={"dense": 1.0, "lexical": 0.3, "multi_vector": 1.0}, depth=20,
+                                    k_values=(1, 10)).score({"dense": model.dense(), "lexical": model.lexical(),
+                                                             "multi_vector": model.multi_vector()})
+    alone = LateRetrievalEvaluator(data, name="m", k_values=(1, 10))(model.multi_vector())
+    assert fused["multi_vector/ndcg@10"] == pytest.approx(alone["m/ndcg@10"])
+    assert {"sum/ndcg@10", "rrf/ndcg@10", "lexical/ndcg@10", "dense/ndcg@10"} <= set(fused)

@@ -33,9 +33,10 @@ def _member_evaluator(model, data: BeirData, name: str, k_values, batch_size: in
     from embedjax.eval.sparse_retrieval import SparseRetrievalEvaluator
     from embedjax.sparse_model import SparseEncoder
 
-    if isinstance(model, SparseEncoder):
+    kind = getattr(model, "retrieval_kind", None)  # a head of a multi-head model (embedjax.m3_model's views)
+    if isinstance(model, SparseEncoder) or kind == "sparse":
         return "sparse", SparseRetrievalEvaluator(data, name=name, k_values=k_values, batch_size=batch_size)
-    if isinstance(model, ColbertEncoder):
+    if isinstance(model, ColbertEncoder) or kind == "late":
         return "late", LateRetrievalEvaluator(data, name=name, k_values=k_values, batch_size=batch_size)
     return "dense", RetrievalEvaluator(data, name=name, k_values=k_values, batch_size=batch_size)
 

@@ -35,18 +35,32 @@ HEADS_FILE = "m3_heads.safetensors"
 TORCH_FILES = {"sparse": "sparse_linear.pt", "colbert": "colbert_linear.pt"}
 
 
+HEADS_KEY = "m3_heads"  # params key of the lexical and multi-vector heads (m3.init_heads' tree)
+
+
 @dataclasses.dataclass
 class M3Encoder:
-    """A loaded three-head model: ``encoder`` (the backbone, [CLS] pooled and normalised: the dense
-    head), ``heads`` (``m3.init_heads``' tree) and the special ids the lexical head zeroes."""
+    """A loaded three-head model: ``params`` (the backbone's tree plus ``params["m3_heads"]``), the
+    backbone's static config, its tokenizer, and the special ids the lexical head zeroes. The dense
+    head is the backbone's [CLS] state, normalised."""
 
-    encoder: Encoder
-    heads: Any
+    params: Any
+    cfg: Any
+    tokenizer: tokenize.Tokenizer
     special_ids: tuple
+    max_length: int = 512
+    path: Path | None = None
 
     @property
     def vocab_size(self) -> int:
-        return int(self.encoder.params["embeddings"]["word"].shape[0])
+        return int(self.params["embeddings"]["word"].shape[0])
+
+    @property
+    def encoder(self) -> Encoder:
+        """The backbone as a dense ``Encoder`` ([CLS] pooled, normalised): the dense head."""
+        backbone = {k: v for k, v in self.params.items() if k != HEADS_KEY}
+        return Encoder(params=backbone, cfg=self.cfg, tokenizer=self.tokenizer, pooling="cls",
+                       max_length=self.max_length, path=self.path, normalize=True)
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 32, prompt: str | None = None) -> dict:
         """``{"dense": (N, H), "lexical": CSR (N, V), "tokens": [(n_i, H)]}`` float32, each text's
@@ -54,14 +68,15 @@ class M3Encoder:
         from embedjax.sparse_index import to_csr
 
         texts = _check_texts(list(texts))
-        tok = self.encoder.tokenizer
+        tok = self.tokenizer
+        backbone = {k: v for k, v in self.params.items() if k != HEADS_KEY}
         encodings = tok.encode([(prompt or "") + t for t in texts])
         dense, lexical, tokens = [], [], []
         order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = tok.pad([encodings[i] for i in chunk], tokenize.rows_for(len(chunk), batch_size))
-            d, lx, tv = _outputs_jit(self.encoder.params, self.encoder.cfg, self.heads, batch.input_ids,
+            d, lx, tv = _outputs_jit(backbone, self.cfg, self.params[HEADS_KEY], batch.input_ids,
                                      batch.attention_mask, special_ids=self.special_ids)
             d, lx, tv = np.asarray(d), np.asarray(lx), np.asarray(tv)
             lexical.append(to_csr(lx[: len(chunk)]))  # sparse at once: never an (N, V) dense block
@@ -70,7 +85,7 @@ class M3Encoder:
                 tokens.append((i, tv[r, : len(encodings[i].ids) - 1]))
         by_text = lambda pairs: [v for _, v in sorted(pairs, key=lambda p: p[0])]  # noqa: E731
         if not dense:
-            return {"dense": np.zeros((0, self.encoder.dim), np.float32),
+            return {"dense": np.zeros((0, self.cfg.hidden_size), np.float32),
                     "lexical": sp.csr_matrix((0, self.vocab_size), dtype=np.float32), "tokens": []}
         return {"dense": np.stack(by_text(dense)), "tokens": by_text(tokens),
                 "lexical": sp.vstack(lexical, format="csr")[np.argsort(order, kind="stable")]}
@@ -161,7 +176,7 @@ def load_m3(name_or_path: str | os.PathLike, *, max_length: int | None = None, s
     from embedjax.model import load_pretrained
 
     directory = hf.resolve(name_or_path)
-    encoder = dataclasses.replace(load_pretrained(directory, pooling="cls", max_length=max_length), normalize=True)
+    encoder = load_pretrained(directory, pooling="cls", max_length=max_length)
     hidden = encoder.cfg.hidden_size
     if (directory / HEADS_FILE).is_file():
         flat = load_file(str(directory / HEADS_FILE))
@@ -173,19 +188,23 @@ def load_m3(name_or_path: str | os.PathLike, *, max_length: int | None = None, s
     if heads["sparse"]["kernel"].shape != (hidden, 1) or heads["colbert"]["kernel"].shape != (hidden, hidden):
         raise CheckpointError(f"{directory}: heads of shapes {heads['sparse']['kernel'].shape} / "
                               f"{heads['colbert']['kernel'].shape}, the backbone is {hidden} wide")
-    return M3Encoder(encoder, jax.device_put(heads), _special_ids(encoder.tokenizer, encoder.cfg.pad_token_id))
+    return M3Encoder(params=jax.device_put({**encoder.params, HEADS_KEY: heads}), cfg=encoder.cfg,
+                     tokenizer=encoder.tokenizer, special_ids=_special_ids(encoder.tokenizer, encoder.cfg.pad_token_id),
+                     max_length=encoder.max_length, path=directory)
 
 
-def save_m3(model: M3Encoder, directory: str | os.PathLike) -> Path:
-    """Writes ``model`` in BGE-M3's layout: the backbone (``save_pretrained``), ``m3_heads.safetensors``
-    and, with torch installed, FlagEmbedding's ``sparse_linear.pt`` / ``colbert_linear.pt``."""
+def save_m3(model: M3Encoder, directory: str | os.PathLike, *, params=None) -> Path:
+    """Writes ``model`` (or these ``params``) in BGE-M3's layout: the backbone (``save_pretrained``, [CLS]
+    pooling, normalised), ``m3_heads.safetensors`` and, with torch installed, FlagEmbedding's
+    ``sparse_linear.pt`` / ``colbert_linear.pt``."""
     from safetensors.numpy import save_file
 
     from embedjax.export import save_pretrained
 
     directory = Path(directory)
-    save_pretrained(model.encoder, directory)
-    heads = jax.device_get(model.heads)
+    params = jax.device_get(model.params if params is None else params)
+    save_pretrained(dataclasses.replace(model, params=params).encoder, directory)
+    heads = params[HEADS_KEY]
     save_file({f"{h}.{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for h, p in heads.items() for k, v in p.items()},
               str(directory / HEADS_FILE))
     try:
@@ -193,9 +212,21 @@ def save_m3(model: M3Encoder, directory: str | os.PathLike) -> Path:
     except ImportError:
         return directory
     for head, name in TORCH_FILES.items():
-        torch.save({"weight": torch.from_numpy(np.ascontiguousarray(np.asarray(heads[head]["kernel"], np.float32).T)),
-                    "bias": torch.from_numpy(np.asarray(heads[head]["bias"], np.float32).copy())}, directory / name)
+        torch.save({"weight": torch.from_numpy(np.array(np.asarray(heads[head]["kernel"], np.float32).T, order="C")),
+                    "bias": torch.from_numpy(np.array(heads[head]["bias"], np.float32))}, directory / name)
     return directory
 
 
-__all__ = ["M3Encoder", "M3Lexical", "M3MultiVector", "load_m3", "save_m3"]
+def save_trained(model: M3Encoder, params, directory: str | os.PathLike) -> None:
+    """A three-head training run's export (into its workdir, local or ``gs://``): LoRA adapters merged
+    into the weights, written by ``save_m3``."""
+    from embedjax import lora, paths
+
+    cfg = model.cfg
+    if cfg.lora is not None:
+        params, cfg = lora.merge(params, cfg)
+    with paths.staged(directory) as local:
+        save_m3(dataclasses.replace(model, cfg=cfg), local, params=params)
+
+
+__all__ = ["HEADS_KEY", "M3Encoder", "M3Lexical", "M3MultiVector", "load_m3", "save_m3", "save_trained"]

@@ -51,7 +51,7 @@ def rules_for(cfg, name: str) -> tuple:
         from embedjax.encoders import registry
 
         # a cross-encoder's head, a tri-encoder's, a SPLADE model's MLM head, a ColBERT projection: small, replicated
-        return (*POOLER_RULES, (r"^(tri_|mlm_)?head/", P()), (r"^projection/", P()), (r"^query_static$", P()),
+        return (*POOLER_RULES, (r"^(tri_|mlm_)?head/", P()), (r"^projection/", P()), (r"^query_static$", P()), (r"^m3_heads/", P()),
                 *registry.of(cfg).sharding_rules)
     raise ValueError(f"unknown sharding_rules {name!r}; choose 'fsdp' or 'replicated'")
 

@@ -45,6 +45,7 @@ VARIANTS = [
     "beir_splade", "beir_splade:smoke", "beir_splade:qw=0,dw=1e-4,lr=5e-5,epochs=2,seed=1,negatives=0,top_k=64",
     "beir_splade:inference_free,smoke",
     "beir_colbert", "beir_colbert:smoke", "beir_colbert:dim=96,doc_length=180,gradcache=8,lr=5e-5,epochs=2,seed=1,negatives=0",
+    "beir_m3", "beir_m3:smoke", "beir_m3:no_distill,gradcache=8,lr=5e-5,epochs=2,seed=1,negatives=0",
 ]
 
 
@@ -490,7 +491,7 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
         silver = mined_file.parent / "silver.tsv"
         silver.write_text("A man plays a guitar.\tSomeone plays an instrument.\t3.9\nA cat.\tThe market fell.\t0.21\n")
         c.data.train = str(silver)  # the config's default path is what scripts/mine.py writes first
-    if name.startswith(("beir_ir", "ir_sts", "beir_reranker", "beir_splade", "beir_colbert")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
+    if name.startswith(("beir_ir", "ir_sts", "beir_reranker", "beir_splade", "beir_colbert", "beir_m3")):  # likewise the mined negatives: scripts/mine.py --beir writes them first
         for entry in (*c.data.mixture.values(), c.data):
             if entry.get("hard_negatives"):
                 entry.hard_negatives = str(mined_beir / Path(entry.hard_negatives).name)
@@ -514,6 +515,14 @@ def test_every_shipped_config_passes_on_its_data(name, stsb_dir, sick_dir, mined
 
             objective = SparseObjective.from_config(objective_cfg, c.splade.to_dict())
             check_objective_data(objective, fields, scores)
+        elif c.model_kind in ("colbert", "m3"):  # the records they read are InfoNCE's
+            from embedjax.train.colbert_objective import ColbertObjective
+            from embedjax.train.m3_objective import M3Objective
+
+            kind = ColbertObjective if c.model_kind == "colbert" else M3Objective
+            kind.check_section(objective_cfg)
+            check_objective_data(Objective.from_config({**objective_cfg, "loss_kwargs": {}, "loss": "infonce"}, "mean"),
+                                 fields, scores)
         else:
             objective = Objective.from_config(objective_cfg, "mean", teacher=teacher,
                                               tri_head=c.model_kind == "tri_encoder")

@@ -2,6 +2,8 @@
 FlagEmbedding's BGEM3 formulas written here: the heads from the backbone's states, each head's score,
 the ensemble, InfoNCE per head and the ensemble's self-knowledge distillation, with a gradient check."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +194,116 @@ def test_bgem3_layout_loads_encodes_as_torch_heads_saves_and_fuses(tiny_model, s
     alone = LateRetrievalEvaluator(data, name="m", k_values=(1, 10))(model.multi_vector())
     assert fused["multi_vector/ndcg@10"] == pytest.approx(alone["m/ndcg@10"])
     assert {"sum/ndcg@10", "rrf/ndcg@10", "lexical/ndcg@10", "dense/ndcg@10"} <= set(fused)
+
+
+def _batches(model, beir_dir, n=2, batch_size=8):
+    from configs import base
+    from embedjax.data import pipeline
+    from embedjax.train import sources
+    from embedjax.train.config import DataConfig
+
+    data = DataConfig.from_config({**base.base_config().data.to_dict(), "kind": "beir", "pack_length": 0,
+                                   "train": str(beir_dir), "split": "dev"})
+    it = pipeline.train_pipeline(sources.train_source(data), model.tokenizer.replace(buckets=(16, 32)),
+                                 global_batch_size=batch_size, seed=0, common_length=True)
+    return [next(it).model_inputs() for _ in range(n)]
+
+
+def _objective(model, **kwargs):
+    from configs import base
+    from embedjax.train.m3_objective import M3Objective
+
+    section = {**base.base_config().objective.to_dict(), "loss": "m3", "loss_kwargs": {"scale": 5.0, **kwargs},
+               "dropout": False}
+    return M3Objective.from_config(section, model)
+
+
+def test_m3_batch_loss_is_bgem3s_on_the_heads_outputs(tiny_model, small_beir):
+    """The batch loss is the NumPy BGE-M3 loss of the heads' outputs (m3.outputs, checked against torch
+    above), the batch's duplicate texts masked; GradCache (chunks of 2) gives the same loss and gradient."""
+    from embedjax.m3_model import HEADS_KEY, load_m3
+    from embedjax.train.m3_objective import m3_batch_loss
+
+    model = load_m3(tiny_model, seed=1)
+    [batch, _] = _batches(model, small_beir)
+    objective = _objective(model)
+    backbone = {k: v for k, v in model.params.items() if k != HEADS_KEY}
+
+    def texts(side):
+        d, lx, tv = m3.outputs(backbone, model.cfg, model.params[HEADS_KEY], side.ids, side.mask,
+                               special_ids=model.special_ids, token_type_ids=side.types)
+        return [(np.asarray(d[i], np.float64), np.asarray(lx[i], np.float64), np.asarray(tv[i], np.float64))
+                for i in range(len(side.ids))]
+
+    a_hash, b_hash = np.asarray(batch.a.hashes), np.asarray(batch.b.hashes)
+    want, _, _ = naive_m3_loss(texts(batch.a), texts(batch.b), 5.0, lambda i, j: b_hash[j] in (a_hash[i], b_hash[i]))
+    loss_and_grad = jax.value_and_grad(lambda p, o: m3_batch_loss(p, model.cfg, o, batch, jax.random.key(0))[0])
+    loss, grads = loss_and_grad(model.params, objective)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    loss_c, grads_c = loss_and_grad(model.params, dataclasses.replace(objective, gradcache_chunk=2))
+    assert float(loss_c) == pytest.approx(float(loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_c)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(grads[HEADS_KEY]["colbert"]["kernel"]).max()) > 0  # every head learns
+    assert float(jnp.abs(grads[HEADS_KEY]["sparse"]["kernel"]).max()) > 0
+
+
+def test_m3_steps_on_eight_devices_equal_one_device(tiny_model, small_beir):
+    import functools
+
+    import optax
+
+    from embedjax import sharding
+    from embedjax.m3_model import load_m3
+    from embedjax.train.state import TrainState, state_shardings
+    from embedjax.train.step import jit_train_step
+
+    model = load_m3(tiny_model, seed=1)
+    batches = _batches(model, small_beir)
+    objective = _objective(model)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.05))
+    create = functools.partial(TrainState.create, tx=tx, seed=0)
+    runs = {}
+    for name, mesh, rules in (("one", sharding.make_mesh(devices=jax.devices()[:1]), "replicated"),
+                              ("eight", sharding.make_mesh(data=2, fsdp=4), "fsdp")):
+        shards, _ = state_shardings(jax.eval_shape(create, model.params), {}, mesh, sharding.rules_for(model.cfg, rules))
+        state = jax.jit(create, out_shardings=shards)(model.params)
+        step = jit_train_step(model.cfg, objective, tx, shards, None, mesh)
+        logged = []
+        for batch in batches:
+            state, metrics = step(state, sharding.to_global(batch, mesh), None, None)
+            logged.append({k: float(v) for k, v in metrics.items()})
+        runs[name] = (logged, jax.device_get(state.params))
+    for one, eight in zip(runs["one"][0], runs["eight"][0]):
+        for key in ("loss", "dense_loss", "lexical_loss", "multi_vector_loss", "ensemble_loss", "multi_vector_distill"):
+            assert eight[key] == pytest.approx(one[key], rel=2e-5), key
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(runs["one"][1]), jax.tree.leaves(model.params)))
+    assert moved > 1e-3
+    for a, b in zip(jax.tree.leaves(runs["one"][1]), jax.tree.leaves(runs["eight"][1])):
+        np.testing.assert_allclose(a, b, atol=3e-3 * moved)
+
+
+def test_a_three_head_run_exports_what_it_evaluated(tiny_model, small_beir, tmp_path):
+    """configs/beir_m3.py on the tiny model, 4 steps: the export (BGE-M3's layout) loads, its heads
+    trained, and scores what the run reported (each head and the fusions)."""
+    from configs import beir_m3
+    from embedjax.data.retrieval_readers import read_beir
+    from embedjax.eval.fusion import M3RetrievalEvaluator
+    from embedjax.m3_model import HEADS_KEY, load_m3
+    from embedjax.train.loop import train_and_evaluate
+
+    config = beir_m3.get_config(f"beir={small_beir},split=dev,smoke=4")
+    config.model = str(tiny_model)
+    config.max_length = 32
+    config.optim.learning_rate = 1e-3
+    config.optim.warmup = 0
+    summary = train_and_evaluate(config, tmp_path / "run")
+    assert summary["steps"] == 4
+    ours = load_m3(tmp_path / "run")
+    start = load_m3(tiny_model, seed=0)
+    assert not np.allclose(ours.params[HEADS_KEY]["colbert"]["kernel"], start.params[HEADS_KEY]["colbert"]["kernel"])
+    # the run's batch size: the same padded shapes, so near-tied scores of the tiny model tie the same way
+    scored = M3RetrievalEvaluator(read_beir(small_beir, "dev"), name="dev", batch_size=config.eval_batch_size)(ours)
+    for key in ("dev/dense/ndcg@10", "dev/lexical/ndcg@10", "dev/multi_vector/ndcg@10", "dev/sum/ndcg@10",
+                "dev/rrf/ndcg@10"):
+        assert summary["after"][key] == pytest.approx(scored[key], abs=1e-6), key

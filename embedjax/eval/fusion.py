@@ -135,4 +135,52 @@ class FusedRetrievalEvaluator:
         return dict(self.run(models))
 
 
-__all__ = ["FusedRetrievalEvaluator"]
+@dataclasses.dataclass
+class M3RetrievalEvaluator:
+    """A three-head model's (``embedjax.m3_model.M3Encoder``) retrieval: its dense, lexical and
+    multi-vector heads alone and fused (``FusedRetrievalEvaluator``), BGE-M3's weights (1, 0.3, 1) by
+    default; ``run(model)`` yields ``(f"{name}/{key}", value)``, e.g. ``dev/sum/ndcg@10``."""
+
+    data: BeirData
+    name: str = "m3_retrieval"
+    weights: Sequence[float] = (1.0, 0.3, 1.0)
+    k_values: Sequence[int] = DEFAULT_K
+    depth: int = 100
+    rrf_k: float = 60.0
+    batch_size: int = 32
+
+    def __post_init__(self):
+        if len(self.weights) != 3:
+            raise ValueError(f"weights are (dense, lexical, multi-vector), got {self.weights}")
+        self._fused = FusedRetrievalEvaluator(self.data, name=self.name, weights=dict(zip(M3_HEADS, self.weights)),
+                                              k_values=self.k_values, depth=self.depth, rrf_k=self.rrf_k,
+                                              batch_size=self.batch_size)
+
+    @property
+    def main_metric(self) -> str:
+        return f"sum/{self._fused._queries.main_metric}"
+
+    def run(self, model) -> Iterator[tuple[str, float]]:
+        yield from self._fused.run({"dense": model.dense(), "lexical": model.lexical(),
+                                    "multi_vector": model.multi_vector()})
+
+    def __call__(self, model) -> dict[str, float]:
+        return dict(self.run(model))
+
+
+M3_HEADS = ("dense", "lexical", "multi_vector")
+M3_OPTIONS = ("path", "split", "weights", "k_values", "depth", "rrf_k", "batch_size")
+
+
+def m3_from_spec(name: str, spec: Mapping[str, Any]) -> M3RetrievalEvaluator:
+    """An ``M3RetrievalEvaluator`` from ``{"path": BEIR_DIR, "split": "dev", **options}``."""
+    from embedjax.data.retrieval_readers import read_beir
+    from embedjax.eval.retrieval import check_options
+
+    check_options(name, spec, M3_OPTIONS)
+    options = {k: tuple(v) if k in ("weights", "k_values") else v for k, v in spec.items()
+               if k not in ("path", "split")}
+    return M3RetrievalEvaluator(read_beir(spec["path"], spec.get("split", "test")), name=name, **options)
+
+
+__all__ = ["FusedRetrievalEvaluator", "M3RetrievalEvaluator", "m3_from_spec"]

@@ -34,6 +34,8 @@ TYPES = {
     # a SPLADE model's (it scores a SparseEncoder) and a ColBERT model's (a ColbertEncoder)
     "sparse_retrieval": "embedjax.eval.sparse_retrieval",
     "colbert_retrieval": "embedjax.eval.late_retrieval",
+    # a three-head (BGE-M3) model's: each head alone and fused (it scores an M3Encoder)
+    "m3_retrieval": "embedjax.eval.fusion:m3_from_spec",
     # a cross-encoder run's evaluators (they score a CrossEncoder, not an Encoder)
     "cross_sts": "embedjax.eval.cross:sts_from_spec",
     "cross_csts": "embedjax.eval.cross:csts_from_spec",
@@ -42,6 +44,7 @@ TYPES = {
 CROSS_TYPES = ("cross_sts", "cross_csts", "rerank")
 SPARSE_TYPES = ("sparse_retrieval",)
 LATE_TYPES = ("colbert_retrieval",)  # a ColBERT model's (it scores a ColbertEncoder)
+M3_TYPES = ("m3_retrieval",)  # a three-head model's (it scores an M3Encoder's heads, alone and fused)
 WRAPPER_KEYS = ("type", "layers", "dims", "quantize")
 
 
@@ -96,15 +99,27 @@ def from_config(evals: Mapping[str, Mapping[str, Any]]) -> list[Evaluator]:
 
 
 def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc_cfg,
-                 cross_encoder: bool = False, sparse: bool = False, late: bool = False) -> list[Evaluator]:
+                 cross_encoder: bool = False, sparse: bool = False, late: bool = False,
+                 multi_head: bool = False) -> list[Evaluator]:
     """A training run's evaluators (``config.evals``): an entry without its own ``batch_size`` takes
     ``batch_size`` (``eval_batch_size``); grid depths and widths are checked against the model
     now, not after the first evaluation, and the full depth / width (always a cell) is not
     listed twice. A ``cross_encoder`` run takes only the ``CROSS_TYPES``, a ``sparse`` (SPLADE) run
-    only the ``SPARSE_TYPES``, a ``late`` (ColBERT) run only the ``LATE_TYPES``, a bi-encoder run none of them."""
+    only the ``SPARSE_TYPES``, a ``late`` (ColBERT) run only the ``LATE_TYPES``, a ``multi_head`` (m3) run
+    only the ``M3_TYPES``, a bi-encoder run none of them."""
     entries = {}
     for name, spec in evals.items():
         spec = dict(spec)
+        if (spec.get("type") in M3_TYPES) != multi_head:
+            if multi_head:
+                raise ValueError(f"evals.{name}: a three-head (m3) run is evaluated by {M3_TYPES}, not "
+                                 f"{spec.get('type')!r}")
+            raise ValueError(f"evals.{name}: type {spec['type']!r} scores a three-head model (M3Encoder), "
+                             "not this run's encoder")
+        if multi_head:
+            spec.setdefault("batch_size", batch_size)
+            entries[name] = spec
+            continue
         if (spec.get("type") in LATE_TYPES) != late:
             if late:
                 raise ValueError(f"evals.{name}: a ColBERT run is evaluated by {LATE_TYPES}, not {spec.get('type')!r}")

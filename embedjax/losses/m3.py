@@ -24,17 +24,19 @@ HEAD_LOSS_WEIGHTS = (1.0, 0.1, 1.0)  # dense, lexical, multi-vector: FlagEmbeddi
 
 def m3_loss(anchors, positives, negatives=None, *, hidden_size: int, vocab_size: int, scale: float = 50.0,
             ensemble_weights: Sequence[float] = m3.ENSEMBLE_WEIGHTS,
-            head_weights: Sequence[float] = HEAD_LOSS_WEIGHTS, self_distill: bool = True, **infonce_kwargs):
+            head_weights: Sequence[float] = HEAD_LOSS_WEIGHTS, self_distill: bool = True, infonce_fn=infonce,
+            **infonce_kwargs):
     """``(loss, parts)`` on ``m3.rows`` of queries (B, W), positives (B, W') and negatives (B, k, W') or None.
 
     ``scale``: 1 / temperature (BGE-M3 fine-tunes at 0.02: 50); ``ensemble_weights``: s_inter's
     (dense, lexical, multi-vector); ``head_weights``: the heads' loss weights; ``self_distill``:
     add L' (off: L alone). ``infonce_kwargs``: InfoNCE's masks (``anchor_ids``, ``positive_ids``,
-    ``relevant_ids``, ...). ``parts``: every term, for the logs.
+    ``relevant_ids``, ...); ``infonce_fn``: the InfoNCE every term calls (a training batch's, with
+    its masks bound: ``embedjax.train.loss_specs.batch_infonce``). ``parts``: every term, for the logs.
     """
     metric = m3.metrics(hidden_size, vocab_size, ensemble_weights)
-    term = lambda similarity, **kw: infonce(anchors, positives, negatives, scale=scale,  # noqa: E731
-                                            similarity=similarity, **infonce_kwargs, **kw)
+    term = lambda similarity, **kw: infonce_fn(anchors, positives, negatives, scale=scale,  # noqa: E731
+                                               similarity=similarity, **infonce_kwargs, **kw)
     parts = {f"{head}_loss": term(metric[head]) for head in HEADS}
     parts["ensemble_loss"] = term(metric["ensemble"])
     base = (sum(w * parts[f"{h}_loss"] for h, w in zip(HEADS, head_weights)) + parts["ensemble_loss"]) / 4

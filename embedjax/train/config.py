@@ -42,7 +42,7 @@ ATTENTION = ("causal", "bidirectional")
 DECAYS = ("linear", "cosine", "constant")
 EMA_SELECT = ("best", "ema", "raw")
 SHARDING_RULES = ("replicated", "fsdp")
-MODEL_KINDS = ("bi_encoder", "cross_encoder", "tri_encoder", "splade", "colbert")
+MODEL_KINDS = ("bi_encoder", "cross_encoder", "tri_encoder", "splade", "colbert", "m3")
 INITIAL_TEACHER = "initial"  # objective.distill.teacher: the run's own starting model, frozen
 
 
@@ -134,6 +134,11 @@ class ModelConfig:
         return self.kind == "splade"
 
     @property
+    def multi_head(self) -> bool:
+        """A three-head (BGE-M3) run (``embedjax.m3_model.M3Encoder``)."""
+        return self.kind == "m3"
+
+    @property
     def late(self) -> bool:
         """A ColBERT (late-interaction) run (``embedjax.colbert_model.ColbertEncoder``)."""
         return self.kind == "colbert"
@@ -178,6 +183,10 @@ class ModelConfig:
             if max_length is not None:
                 raise ValueError("max_length: a ColBERT run sets colbert.query_length and colbert.document_length")
             by_kind = dict(colbert=_colbert_section(config.colbert))
+        elif kind == "m3":
+            if config.pooling is not None or prompts:
+                raise ValueError("pooling and prompts: a three-head (m3) run pools [CLS] for its dense head and takes "
+                                 "no prompts")
         return cls(path=str(config.model), pooling=_choice(config.pooling, pooling_lib.MODES, "pooling", optional=True),
                    max_length=max_length, dtype=_choice(config.dtype, DTYPES, "dtype"),
                    attention=_choice(config.attention, ATTENTION, "attention", optional=True),
@@ -368,19 +377,20 @@ def source_sections(data: Mapping[str, Any], objective: Mapping[str, Any]) -> di
 
 
 def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any], *, num_labels: int | None = None,
-                  splade: Mapping[str, Any] | None = None, colbert: bool = False) -> dict[str, SourceConfig]:
+                  splade: Mapping[str, Any] | None = None, colbert: bool = False,
+                  multi_head: bool = False) -> dict[str, SourceConfig]:
     """Every training source of a config, parsed: the one of ``data`` / ``objective``, or each
     ``data.mixture`` entry over them (``source_sections``); an entry's errors name it. ``num_labels``: a
     cross-encoder run's head width (its objectives are checked as cross-encoder losses); ``splade``:
     a SPLADE run's section (its objectives are checked as SPLADE losses); ``colbert``: a ColBERT run
-    (its objectives are checked as ColBERT losses)."""
+    (its objectives are checked as ColBERT losses); ``multi_head``: a three-head (m3) run."""
     sections = source_sections(data, objective)
     if not data["mixture"]:
-        return {"train": _source("train", data, objective, 1.0, num_labels, splade, colbert)}
+        return {"train": _source("train", data, objective, 1.0, num_labels, splade, colbert, multi_head)}
     out = {}
     for name, (entry_data, entry_objective, weight) in sections.items():
         try:
-            out[name] = _source(name, entry_data, entry_objective, weight, num_labels, splade, colbert)
+            out[name] = _source(name, entry_data, entry_objective, weight, num_labels, splade, colbert, multi_head)
         except ValueError as err:
             raise ValueError(f"data.mixture.{name}: {err}") from None
     return out
@@ -388,8 +398,12 @@ def parse_sources(data: Mapping[str, Any], objective: Mapping[str, Any], *, num_
 
 def _source(name: str, data: Mapping[str, Any], objective: Mapping[str, Any], weight: float,
             num_labels: int | None = None, splade: Mapping[str, Any] | None = None,
-            colbert: bool = False) -> SourceConfig:
-    if colbert:
+            colbert: bool = False, multi_head: bool = False) -> SourceConfig:
+    if multi_head:
+        from embedjax.train.m3_objective import M3Objective
+
+        M3Objective.check_section(objective)
+    elif colbert:
         from embedjax.train.colbert_objective import ColbertObjective
 
         ColbertObjective.check_section(objective)
@@ -495,7 +509,7 @@ class TrainConfig:
         model = ModelConfig.from_config(config)
         sources = parse_sources(config.data, config.objective,
                                 num_labels=model.num_labels if model.cross_encoder else None, splade=model.splade,
-                                colbert=model.late)
+                                colbert=model.late, multi_head=model.multi_head)
         teachers = {s.teacher for s in sources.values()} - {None}
         if len(teachers) > 1:
             raise ValueError(f"one frozen model (distillation teacher / guide) per run; the sources name "

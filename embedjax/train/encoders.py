@@ -53,7 +53,7 @@ def split_trainable(params, adapters_only: bool):
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
     # the pooler, the heads, a ColBERT projection, an inference-free SPLADE model's query weights
-    own_params = ("pooler/", "head/", "tri_head/", "mlm_head/", "projection/", "query_static")
+    own_params = ("pooler/", "head/", "tri_head/", "mlm_head/", "projection/", "query_static", "m3_heads/")
     trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(own_params)  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 
@@ -78,6 +78,14 @@ def load_cross_model(model: ModelConfig, *, seed: int = 0):
 
     return load_cross_encoder(model.path, num_labels=model.num_labels, max_length=model.max_length,
                               template=model.pair_template, seed=seed)
+
+
+def load_m3_model(model: ModelConfig, *, seed: int = 0):
+    """A three-head run's starting model (``embedjax.m3_model.load_m3``): a BGE-M3 checkpoint's heads,
+    or fresh ones from ``seed`` on any BERT-family backbone."""
+    from embedjax.m3_model import load_m3
+
+    return load_m3(model.path, max_length=model.max_length, seed=seed)
 
 
 def load_colbert_model(model: ModelConfig, *, seed: int = 0):

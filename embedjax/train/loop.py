@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import jax
 from etils import epath
 
-from embedjax import colbert_model, cross_model, distributed, export, lora, paths, sharding, sparse_model
+from embedjax import colbert_model, cross_model, distributed, export, lora, m3_model, paths, sharding, sparse_model
 from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.encoders import registry
 from embedjax.eval import suite
@@ -82,13 +82,15 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
     cross = run.model.cross_encoder  # a cross-encoder (embedjax.cross_model) where the story says encoder
     sparse = run.model.sparse  # a SPLADE encoder (embedjax.sparse_model) where the story says encoder
     late = run.model.late  # a ColBERT encoder (embedjax.colbert_model) where the story says encoder
+    multi = run.model.multi_head  # a three-head M3Encoder (embedjax.m3_model) where the story says encoder
     load = (encoders.load_cross_model if cross else encoders.load_sparse_model if sparse
-            else encoders.load_colbert_model if late else encoders.load_model)
+            else encoders.load_colbert_model if late else encoders.load_m3_model if multi else encoders.load_model)
+    own_files = cross or sparse or late or multi  # exported in the model kind's own layout
     encoder = load(run.model, seed=run.seed)
     params, frozen, encoder = encoders.trainable_params(run.lora, encoder, seed=run.seed)
     enc_cfg = encoders.training_cfg(encoder, run.model)
     teacher = encoders.load_teacher(run.teacher, encoder, run.model, seed=run.seed)
-    st_problem = None if cross or sparse or late else export.sentence_transformers_problem(
+    st_problem = None if own_files else export.sentence_transformers_problem(
         encoder.pooling, encoder.include_prompt, encoder.tokenizer.appends_eos)
     if st_problem:  # said now, not after hours of training
         log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
@@ -96,7 +98,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
     training_sources = tasks.build_sources(run.sources, encoder, teacher=teacher, batch_size=run.batch_size,
                                            seed=run.seed, prompts=run.model.prompts,
                                            mixture=run.mixture_mode is not None, splade=run.model.splade)
-    if not (cross or late) and (encoder.prompts or any(s.data.prompts or s.data.task for s in run.sources.values())):
+    if not (cross or late or multi) and (encoder.prompts or any(s.data.prompts or s.data.task for s in run.sources.values())):
         # evaluated and exported with what it was trained with, each source's prompts by name
         encoder = dataclasses.replace(encoder, prompts=tasks.exported_prompts(run.model.prompts, run.sources))
     batches = tasks.SourceStream(training_sources, mixture_mode=run.mixture_mode, seed=run.seed)
@@ -106,7 +108,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         for source in training_sources.values():
             source.objective = source.objective.for_run(total_steps)
     evaluators = suite.for_training(run.evals, batch_size=run.eval_batch_size, enc_cfg=encoder.cfg, cross_encoder=cross,
-                                    sparse=sparse, late=late)
+                                    sparse=sparse, late=late, multi_head=multi)
     select = Selection(run.select_metric, run.optim.ema_select, ema=run.optim.ema > 0)
 
     # ------------------------------------------------------------------ optimizer, shardings, placement
@@ -127,7 +129,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
     def evaluate(trained) -> dict[str, float]:
         # normalize=True: scored as the export (save_pretrained(normalize=True)) will embed
         full = lora.combine(_local(trained), frozen_local)
-        scored = (dataclasses.replace(encoder, params=full) if cross or sparse or late
+        scored = (dataclasses.replace(encoder, params=full) if own_files
                   else dataclasses.replace(encoder, params=full, normalize=True))
         metrics = suite.run_all(evaluators, scored)
         metrics = add_select_metric(run.select_metric, metrics)
@@ -214,6 +216,8 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         sparse_model.save_trained(encoder, best_params, workdir)
     elif jax.process_index() == 0 and late:
         colbert_model.save_trained(encoder, best_params, workdir)
+    elif jax.process_index() == 0 and multi:
+        m3_model.save_trained(encoder, best_params, workdir)
     elif jax.process_index() == 0:
         export.save_trained(encoder, best_params, workdir, sentence_transformers=not st_problem,
                             peft_adapter=run.lora.save_peft, base_model=run.model.path)
@@ -221,7 +225,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
     if run.eval_export:
         with paths.local_copy(workdir) as exported:  # a gs:// workdir's export, downloaded
             reload = (cross_model.load_cross_encoder if cross else sparse_model.load_sparse_encoder if sparse
-                      else colbert_model.load_colbert if late else load_pretrained)
+                      else colbert_model.load_colbert if late else m3_model.load_m3 if multi else load_pretrained)
             reloaded = reload(exported)
             after = add_select_metric(run.select_metric, suite.run_all(evaluators, reloaded))
     else:  # the exported params, evaluated in memory when they were selected

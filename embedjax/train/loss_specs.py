@@ -113,7 +113,7 @@ _TEACHER = ("za", "zb", "zn", "teacher_scores")
 _CONTRASTIVE_HASHES = (("anchor_ids", "a_hash"), ("positive_ids", "b_hash"), ("negative_ids", "n_hash"))
 
 
-def _batch_infonce(za, zb, zn=None, *, anchor_ids=None, positive_ids=None, negative_ids=None, relevant=None,
+def batch_infonce(za, zb, zn=None, *, anchor_ids=None, positive_ids=None, negative_ids=None, relevant=None,
                    guide=None, **kwargs):
     """``losses.infonce`` with the masks a batch's hashes imply (0 = no text): the empty slots of a
     ``(B, m)`` positive side, and each query's relevant documents; ``guide``: the frozen guide
@@ -136,7 +136,7 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
              label_range=_default_label_range(losses.cosine_mse)),
     LossSpec("pearson", losses.pearson_loss, _SCORED, "scored pairs", suggested=False),
     LossSpec("rank_consistency", losses.rank_consistency_loss, _SCORED, "scored pairs", suggested=False),
-    LossSpec("infonce", _batch_infonce, ("za", "zb", "zn"), "pairs/triplets/BEIR queries",
+    LossSpec("infonce", batch_infonce, ("za", "zb", "zn"), "pairs/triplets/BEIR queries",
              keywords=(*_CONTRASTIVE_HASHES, ("relevant", "relevant"), ("guide", "guide"))),
     # unsupervised SimCSE: InfoNCE between two dropout views of the same texts (zb is side a again)
     LossSpec("simcse_unsup", losses.infonce, ("za", "zb"), "sentences", keywords=_CONTRASTIVE_HASHES[:2],

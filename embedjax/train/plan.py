@@ -78,7 +78,7 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     """
     run = config if isinstance(config, TrainConfig) else TrainConfig.from_config(config)
     model = run.model
-    if model.late:
+    if model.late or model.multi_head:
         raise NotImplementedError("step_memory sizes bi- and cross-encoder steps; a ColBERT run's (its "
                                   "(queries x documents x tokens x tokens) MaxSim block) is not modelled yet")
     if model.sparse:

@@ -15,6 +15,7 @@ from embedjax import lora, sharding
 from embedjax.train import memory
 from embedjax.train.colbert_objective import ColbertObjective, colbert_batch_loss
 from embedjax.train.cross_objective import CrossObjective, cross_batch_loss
+from embedjax.train.m3_objective import M3Objective, m3_batch_loss
 from embedjax.train.objective import Objective, batch_loss
 from embedjax.train.sparse_objective import SparseObjective, sparse_batch_loss
 from embedjax.train.optim import ema_update
@@ -34,12 +35,16 @@ def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, 
     (``optim.ema_update``).
 
     Metrics: loss, grad_norm and param_norm (global L2 norms of the trained params; the loop's
-    NaN guard reads them); a SPLADE objective adds its loss's parts (FLOPS terms, active terms).
+    NaN guard reads them); a SPLADE objective adds its loss's parts (FLOPS terms, active terms), a
+    three-head one each head's terms.
     """
     key = jax.random.fold_in(state.rng, state.step)
     sparse_run = isinstance(objective, SparseObjective)
+    with_parts = sparse_run or isinstance(objective, M3Objective)  # the loss's terms are logged too
     if sparse_run:  # its regulariser warms up with the step
         loss_fn = functools.partial(sparse_batch_loss, step=state.step)
+    elif isinstance(objective, M3Objective):
+        loss_fn = m3_batch_loss
     elif isinstance(objective, ColbertObjective):
         loss_fn = colbert_batch_loss
     else:
@@ -49,7 +54,7 @@ def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, 
         params = trainable if frozen is None else lora.combine(trainable, frozen)
         return loss_fn(params, enc_cfg, objective, batch, key, teacher=teacher)
 
-    if sparse_run:
+    if with_parts:
         (loss, parts), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     else:
         (loss, grads), parts = jax.value_and_grad(loss_of)(state.params), {}

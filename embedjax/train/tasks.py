@@ -95,12 +95,20 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
     a ``ColbertObjective`` and padded batches in its layout (``ColbertEncoder.batch_format``)."""
     from embedjax.colbert_model import ColbertEncoder
     from embedjax.cross_model import CrossEncoder
+    from embedjax.m3_model import M3Encoder
     from embedjax.sparse_model import SparseEncoder
 
     if isinstance(encoder, CrossEncoder):
         return _cross_source(spec, encoder, batch_size=batch_size, seed=seed, mixture=mixture)
     transform = None
-    if isinstance(encoder, ColbertEncoder):
+    if isinstance(encoder, M3Encoder):
+        from embedjax.train.m3_objective import M3Objective
+
+        objective = M3Objective.from_config(spec.objective, encoder)
+        if spec.data.pack_length or spec.data.prompts or spec.data.task is not None:
+            raise ValueError("a three-head (m3) run reads padded batches without prompts: set data.pack_length=0 "
+                             "and leave data.prompts / data.task unset")
+    elif isinstance(encoder, ColbertEncoder):
         from embedjax.train.colbert_objective import ColbertObjective
 
         objective = ColbertObjective.from_config(spec.objective, dim=encoder.dim)

@@ -62,6 +62,7 @@ EMBEDJAX = {
     "beir_ir:anchor=10": ("configs/beir_ir.py:anchor=10", "beir_ir + every text anchored to the initial model (cosine, weight 10)"),
     "beir_splade": ("configs/beir_splade.py", "SPLADE: InfoNCE on sparse dots + FLOPS 5e-5 / 3e-5, quadratic warm-up"),
     "beir_colbert": ("configs/beir_colbert.py", "ColBERT: InfoNCE on MaxSim (temperature 1), fresh 128-wide projection"),
+    "beir_m3": ("configs/beir_m3.py", "three heads (BGE-M3): m3_loss with self-distillation; columns: the weighted-sum fusion"),
     # not the same batches: the retrieval batches of beir_ir and STS-B train's between them
     "ir_sts": ("configs/ir_sts.py", "retrieval + anchored STS-B AnglE (CoDiEmb); 280 steps, more data"),
     # the STS-only recipe, for what ir_sts must match on STS: STS-B train only, 180 steps, its last step
@@ -76,6 +77,7 @@ ST = {
 }
 SPARSE = ("beir_splade", "st:splade")  # scored as SPLADE models
 LATE = ("beir_colbert", "pylate:contrastive")  # scored as ColBERT models
+MULTI_HEAD = ("beir_m3",)  # scored head by head and fused
 # PyLate pins older sentence-transformers / transformers: its runs use its own virtualenv (make oracles)
 PYLATE_PYTHON = Path(os.environ.get("EMBEDJAX_PYLATE_PYTHON", ROOT / ".venv-pylate" / "bin" / "python"))
 
@@ -181,8 +183,28 @@ def score_late(path: str) -> dict[str, float]:
     return out
 
 
+def score_m3(path: str) -> dict[str, float]:
+    """A three-head export's columns: the weighted-sum fusion's nDCG@10 on both corpora (BGE-M3's
+    weights 1, 0.3, 1), and each head's and the RRF fusion's mean over the corpora beside."""
+    from embedjax.data.retrieval_readers import read_beir
+    from embedjax.eval.fusion import M3RetrievalEvaluator
+    from embedjax.m3_model import load_m3
+
+    model = load_m3(path, max_length=MAX_LENGTH)
+    out = {"stsb": float("nan"), "sick": float("nan")}
+    heads = ("dense", "lexical", "multi_vector", "sum", "rrf")
+    for name in ("scifact", "nfcorpus"):
+        metrics = M3RetrievalEvaluator(read_beir(DATA / "beir" / name, "dev"), name=name)(model)
+        out[name] = 100 * metrics[f"{name}/sum/ndcg@10"]
+        for head in heads:
+            out[f"{head}_mean"] = out.get(f"{head}_mean", 0.0) + 50 * metrics[f"{name}/{head}/ndcg@10"]
+    out["ir_mean"] = (out["scifact"] + out["nfcorpus"]) / 2
+    return out
+
+
 def scorer(method: str):
-    return score_sparse if method in SPARSE else score_late if method in LATE else score
+    return (score_sparse if method in SPARSE else score_late if method in LATE else score_m3 if method in MULTI_HEAD
+            else score)
 
 
 def same_batches(seed: int, batch_size: int) -> tuple[list[str], dict[str, list[dict]]]:
@@ -359,21 +381,22 @@ def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict
     c.num_steps = SMOKE_STEPS or None
     c.checkpoint.every = 10**9
     sparse = c.model_kind == "splade"
-    if c.model_kind not in ("splade", "colbert"):  # those keep their own evaluators; scorer() scores the export
+    if c.model_kind not in ("splade", "colbert", "m3"):  # those keep their own evaluators; scorer() scores the export
         c.evals = {"stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"}}
         c.select_metric = "stsb_dev/cosine_spearman"
     if sparse and SMOKE_STEPS:
         c.evals = {"scifact_dev": {**c.evals["scifact_dev"], "top_k": 64}}
         c.select_metric = "scifact_dev/ndcg@10"
-    if c.model_kind == "colbert":  # one evaluation at the end picks the last step; score_late scores the export
+    if c.model_kind in ("colbert", "m3"):  # one evaluation at the end picks the last step; scorer() scores the export
         c.evals = {"scifact_dev": c.evals["scifact_dev"]}
-        c.select_metric = "scifact_dev/ndcg@10"
+        c.select_metric = "scifact_dev/" + ("sum/ndcg@10" if c.model_kind == "m3" else "ndcg@10")
     t0 = time.perf_counter()
     summary = train_and_evaluate(c, workdir / "export")
     train_s = time.perf_counter() - t0
     logged = [json.loads(line) for line in (workdir / "export" / "metrics.jsonl").read_text().splitlines()]
     times = [c.batch_size / r["examples_per_s"] for r in logged if "examples_per_s" in r]
-    scores = scorer({"splade": "beir_splade", "colbert": "beir_colbert"}.get(c.model_kind, ""))(str(workdir / "export"))
+    scores = scorer({"splade": "beir_splade", "colbert": "beir_colbert", "m3": "beir_m3"}.get(c.model_kind, ""))(
+        str(workdir / "export"))
     return {"steps": summary["steps"], "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3),
             **scores}
 

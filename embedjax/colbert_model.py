@@ -285,15 +285,10 @@ def _save_tokenizer(backend, path: Path) -> None:
 
 
 def save_trained(model: ColbertEncoder, params, directory: str | os.PathLike) -> None:
-    """A ColBERT training run's export (into its workdir, local or ``gs://``): LoRA adapters merged
-    into the weights, written in PyLate's layout by ``save_colbert``."""
-    from embedjax import lora, paths
+    """A trained ColBERT model's export (a run's, into its workdir, local or ``gs://``): LoRA adapters
+    merged into the weights, written by ``save_colbert`` (``export.save_merged``)."""
+    from embedjax.export import save_merged
 
-    cfg = model.cfg
-    if cfg.lora is not None:
-        params, cfg = lora.merge(params, cfg)
-    with paths.staged(directory) as local:
-        save_colbert(dataclasses.replace(model, cfg=cfg), local, params=params)
-
+    save_merged(save_colbert, model, params, directory)
 
 __all__ = ["ColbertEncoder", "colbert_from_backbone", "is_colbert_checkpoint", "load_colbert", "save_colbert", "save_trained"]

@@ -237,12 +237,8 @@ def save_cross_encoder(model: CrossEncoder, directory: str | os.PathLike, *, par
 
 
 def save_trained(model: CrossEncoder, params, directory: str | os.PathLike) -> None:
-    """A trained cross-encoder's export (a run's, into its workdir, local or ``gs://``): LoRA
-    adapters merged into the weights, written by ``save_cross_encoder``."""
-    from embedjax import lora, paths
+    """A trained cross-encoder's export (a run's, into its workdir, local or ``gs://``): LoRA adapters
+    merged into the weights, written by ``save_cross_encoder`` (``export.save_merged``)."""
+    from embedjax.export import save_merged
 
-    cfg = model.cfg
-    if cfg.lora is not None:
-        params, cfg = lora.merge(params, cfg)
-    with paths.staged(directory) as local:
-        save_cross_encoder(dataclasses.replace(model, cfg=cfg), local, params=params)
+    save_merged(save_cross_encoder, model, params, directory)

@@ -236,3 +236,18 @@ def _write_sentence_transformers_modules(directory: Path, encoder, normalize: bo
     if normalize:
         add("Normalize")
     _write_json(directory / "modules.json", modules)
+
+
+def save_merged(save, model, params, directory: str | os.PathLike) -> None:
+    """A training run's export in its model kind's own layout (cross-encoder, SPLADE, ColBERT,
+    three-head): LoRA adapters merged into the weights, then ``save(model, local_dir, params=...)``
+    into ``directory`` (a ``gs://`` workdir is staged locally and uploaded)."""
+    import dataclasses
+
+    from embedjax import lora
+
+    cfg = model.cfg
+    if cfg.lora is not None:
+        params, cfg = lora.merge(params, cfg)
+    with paths.staged(directory) as local:
+        save(dataclasses.replace(model, cfg=cfg), local, params=params)

@@ -218,15 +218,10 @@ def save_m3(model: M3Encoder, directory: str | os.PathLike, *, params=None) -> P
 
 
 def save_trained(model: M3Encoder, params, directory: str | os.PathLike) -> None:
-    """A three-head training run's export (into its workdir, local or ``gs://``): LoRA adapters merged
-    into the weights, written by ``save_m3``."""
-    from embedjax import lora, paths
+    """A trained three-head model's export (a run's, into its workdir, local or ``gs://``): LoRA adapters
+    merged into the weights, written by ``save_m3`` (``export.save_merged``)."""
+    from embedjax.export import save_merged
 
-    cfg = model.cfg
-    if cfg.lora is not None:
-        params, cfg = lora.merge(params, cfg)
-    with paths.staged(directory) as local:
-        save_m3(dataclasses.replace(model, cfg=cfg), local, params=params)
-
+    save_merged(save_m3, model, params, directory)
 
 __all__ = ["HEADS_KEY", "M3Encoder", "M3Lexical", "M3MultiVector", "load_m3", "save_m3", "save_trained"]

@@ -378,12 +378,8 @@ def with_static_queries(model: SparseEncoder, weights=None) -> SparseEncoder:
 
 
 def save_trained(model: SparseEncoder, params, directory: str | os.PathLike) -> None:
-    """A trained SPLADE model's export (a run's, into its workdir, local or ``gs://``): LoRA
-    adapters merged into the weights, written by ``save_sparse_encoder``."""
-    from embedjax import lora, paths
+    """A trained SPLADE model's export (a run's, into its workdir, local or ``gs://``): LoRA adapters
+    merged into the weights, written by ``save_sparse_encoder`` (``export.save_merged``)."""
+    from embedjax.export import save_merged
 
-    cfg = model.cfg
-    if cfg.lora is not None:
-        params, cfg = lora.merge(params, cfg)
-    with paths.staged(directory) as local:
-        save_sparse_encoder(dataclasses.replace(model, cfg=cfg), local, params=params)
+    save_merged(save_sparse_encoder, model, params, directory)

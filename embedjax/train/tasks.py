@@ -92,7 +92,8 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
     (``embedjax.cross_model.CrossEncoder``) gets batches of candidate groups and a ``CrossObjective``;
     a SPLADE encoder (``embedjax.sparse_model.SparseEncoder``) a ``SparseObjective`` from ``splade``
     (the run's section) and padded batches; a ColBERT encoder (``embedjax.colbert_model.ColbertEncoder``)
-    a ``ColbertObjective`` and padded batches in its layout (``ColbertEncoder.batch_format``)."""
+    a ``ColbertObjective`` and padded batches in its layout (``ColbertEncoder.batch_format``); a
+    three-head encoder (``embedjax.m3_model.M3Encoder``) an ``M3Objective`` and padded batches."""
     from embedjax.colbert_model import ColbertEncoder
     from embedjax.cross_model import CrossEncoder
     from embedjax.m3_model import M3Encoder
@@ -105,16 +106,12 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
         from embedjax.train.m3_objective import M3Objective
 
         objective = M3Objective.from_config(spec.objective, encoder)
-        if spec.data.pack_length or spec.data.prompts or spec.data.task is not None:
-            raise ValueError("a three-head (m3) run reads padded batches without prompts: set data.pack_length=0 "
-                             "and leave data.prompts / data.task unset")
+        _padded_without_prompts(spec.data, "a three-head (m3) run")
     elif isinstance(encoder, ColbertEncoder):
         from embedjax.train.colbert_objective import ColbertObjective
 
         objective = ColbertObjective.from_config(spec.objective, dim=encoder.dim)
-        if spec.data.pack_length or spec.data.prompts or spec.data.task is not None:
-            raise ValueError("a ColBERT run reads padded batches without prompts: set data.pack_length=0 and leave "
-                             "data.prompts / data.task unset")
+        _padded_without_prompts(spec.data, "a ColBERT run")
         transform = encoder.batch_format()
     elif isinstance(encoder, SparseEncoder):
         from embedjax.train.sparse_objective import SparseObjective
@@ -144,6 +141,13 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
                                        prompts=side_prompts, include_prompt=getattr(encoder, "include_prompt", True),
                                        transform=transform)
     return TrainingSource(spec.name, spec.data, objective, records, iterator, spec.weight)
+
+
+def _padded_without_prompts(data: DataConfig, run: str) -> None:
+    """ColBERT and three-head runs read padded batches and no instructions (their layouts are their own)."""
+    if data.pack_length or data.prompts or data.task is not None:
+        raise ValueError(f"{run} reads padded batches without prompts: set data.pack_length=0 and leave "
+                         "data.prompts / data.task unset")
 
 
 def _cross_source(spec: SourceConfig, model, *, batch_size: int, seed: int, mixture: bool) -> TrainingSource:

@@ -50,6 +50,9 @@ class M3Encoder:
     special_ids: tuple
     max_length: int = 512
     path: Path | None = None
+    # the last encode's (texts, options) and outputs: the lexical and multi-vector views of one
+    # evaluation read the same corpus, encoded once
+    _last: tuple = dataclasses.field(default=(None, None), init=False, repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
@@ -68,6 +71,9 @@ class M3Encoder:
         from embedjax.sparse_index import to_csr
 
         texts = _check_texts(list(texts))
+        key = (tuple(texts), batch_size, prompt)
+        if self._last[0] == key:
+            return self._last[1]
         tok = self.tokenizer
         backbone = {k: v for k, v in self.params.items() if k != HEADS_KEY}
         encodings = tok.encode([(prompt or "") + t for t in texts])
@@ -87,8 +93,10 @@ class M3Encoder:
         if not dense:
             return {"dense": np.zeros((0, self.cfg.hidden_size), np.float32),
                     "lexical": sp.csr_matrix((0, self.vocab_size), dtype=np.float32), "tokens": []}
-        return {"dense": np.stack(by_text(dense)), "tokens": by_text(tokens),
-                "lexical": sp.vstack(lexical, format="csr")[np.argsort(order, kind="stable")]}
+        out = {"dense": np.stack(by_text(dense)), "tokens": by_text(tokens),
+               "lexical": sp.vstack(lexical, format="csr")[np.argsort(order, kind="stable")]}
+        self._last = (key, out)
+        return out
 
     def dense(self) -> Encoder:
         """The dense head: the backbone, [CLS] pooled and normalised (any dense evaluator takes it)."""

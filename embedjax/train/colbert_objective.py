@@ -22,9 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax
 
-from embedjax import colbert, gradcache
+from embedjax import colbert
 from embedjax import similarity as sim
 from embedjax.data.batch import Batch, Side
 from embedjax.train.loss_specs import LOSSES
@@ -93,31 +92,18 @@ def side_tokens(params, cfg, objective: ColbertObjective, side: Side, key):
     return rows.reshape(*lead, rows.shape[-1])
 
 
-def embed_sides(params, cfg, objective: ColbertObjective, batch: Batch, key):
-    """``(za, zb, zn)``: the flattened token vectors of the queries, positives and negatives."""
-    k_a, k_b, k_n = jax.random.split(key, 3)
-    za = side_tokens(params, cfg, objective, batch.a, k_a)
-    zb = side_tokens(params, cfg, objective, batch.b, k_b)
-    zn = side_tokens(params, cfg, objective, batch.n, k_n) if batch.n is not None else None
-    return za, zb, zn
-
-
 def colbert_batch_loss(params, cfg, objective: ColbertObjective, batch: Batch, key, teacher=None):
     """Loss of one ColBERT batch (``ColbertFormat``'s layout); ``teacher``: unused (the train step's
     signature; teacher scores come with the batch)."""
     del teacher
-    if batch.packed is not None or batch.b is None:
-        raise ValueError("a ColBERT run reads padded batches of queries and documents: set data.pack_length=0")
-    if objective.gradcache_chunk:
-        embed_all = gradcache.chunked_embed(lambda p, chunk, k: embed_sides(p, cfg, objective, chunk, k),
-                                            objective.gradcache_chunk)
-        za, zb, zn = embed_all(params, batch.token_inputs(), key)
-    else:
-        za, zb, zn = embed_sides(params, cfg, objective, batch, key)
+    from embedjax.train.objective import embed_padded_sides
+
+    za, zb, zn = embed_padded_sides(lambda p, side, k: side_tokens(p, cfg, objective, side, k), params, batch, key,
+                                    gradcache_chunk=objective.gradcache_chunk, run="a ColBERT run")
     loss = LOSSES[objective.loss].bind({**dict(objective.loss_kwargs), "similarity": objective.metric})
     return loss(za, zb, zn, batch.labels, a_hash=batch.a.hashes, b_hash=batch.positive_hashes,
                 n_hash=None if batch.n is None else batch.n.hashes, teacher_scores=batch.teacher,
                 relevant=batch.relevant)
 
 
-__all__ = ["COLBERT_LOSSES", "ColbertObjective", "colbert_batch_loss", "embed_sides", "side_tokens"]
+__all__ = ["COLBERT_LOSSES", "ColbertObjective", "colbert_batch_loss", "side_tokens"]

@@ -17,9 +17,8 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
-import jax
 
-from embedjax import gradcache, m3
+from embedjax import m3
 from embedjax.data.batch import Batch, Side
 from embedjax.losses.m3 import m3_loss
 from embedjax.train.loss_specs import batch_infonce
@@ -91,26 +90,14 @@ def side_rows(params, cfg, objective: M3Objective, side: Side, key):
     return rows.reshape(*lead, rows.shape[-1])
 
 
-def embed_sides(params, cfg, objective: M3Objective, batch: Batch, key):
-    k_a, k_b, k_n = jax.random.split(key, 3)
-    za = side_rows(params, cfg, objective, batch.a, k_a)
-    zb = side_rows(params, cfg, objective, batch.b, k_b)
-    zn = side_rows(params, cfg, objective, batch.n, k_n) if batch.n is not None else None
-    return za, zb, zn
-
-
 def m3_batch_loss(params, cfg, objective: M3Objective, batch: Batch, key, teacher=None):
     """``(loss, parts)`` of one batch: ``m3_loss`` with the batch's InfoNCE masks; ``parts`` every
     head's InfoNCE and distillation term. ``teacher``: unused (the train step's signature)."""
     del teacher
-    if batch.packed is not None or batch.b is None:
-        raise ValueError("a three-head run reads padded batches of queries and documents: set data.pack_length=0")
-    if objective.gradcache_chunk:
-        embed_all = gradcache.chunked_embed(lambda p, chunk, k: embed_sides(p, cfg, objective, chunk, k),
-                                            objective.gradcache_chunk)
-        za, zb, zn = embed_all(params, batch.token_inputs(), key)
-    else:
-        za, zb, zn = embed_sides(params, cfg, objective, batch, key)
+    from embedjax.train.objective import embed_padded_sides
+
+    za, zb, zn = embed_padded_sides(lambda p, side, k: side_rows(p, cfg, objective, side, k), params, batch, key,
+                                    gradcache_chunk=objective.gradcache_chunk, run="a three-head (m3) run")
     masked = functools.partial(batch_infonce, anchor_ids=batch.a.hashes, positive_ids=batch.positive_hashes,
                                negative_ids=None if batch.n is None else batch.n.hashes, relevant=batch.relevant)
     return m3_loss(za, zb, zn, hidden_size=objective.hidden_size, vocab_size=objective.vocab_size,

@@ -137,6 +137,23 @@ def dense_only_options(fields: Mapping[str, Any]) -> list[str]:
     return sorted(k for k, v in used.items() if v)
 
 
+def embed_padded_sides(embed_side, params, batch: Batch, key, *, gradcache_chunk: int, run: str):
+    """``(za, zb, zn)`` of a padded batch of queries and documents (``zn`` None without negatives):
+    ``embed_side(params, side, key)`` per side, each under its own dropout key, chunk by chunk under
+    GradCache when ``gradcache_chunk`` (``gradcache.chunked_embed``). ``run`` names the run kind in
+    the error a packed batch gets (ColBERT and three-head runs read padded batches)."""
+    if batch.packed is not None or batch.b is None:
+        raise ValueError(f"{run} reads padded batches of queries and documents: set data.pack_length=0")
+
+    def sides(p, b, k):
+        k_a, k_b, k_n = jax.random.split(k, 3)
+        return embed_side(p, b.a, k_a), embed_side(p, b.b, k_b), None if b.n is None else embed_side(p, b.n, k_n)
+
+    if gradcache_chunk:
+        return gradcache.chunked_embed(sides, gradcache_chunk)(params, batch.token_inputs(), key)
+    return sides(params, batch, key)
+
+
 # The keys of a config's ``objective`` section (configs/base.py).
 OBJECTIVE_KEYS = frozenset({"loss", "loss_kwargs", "matryoshka_dims", "matryoshka_weights", "matryoshka_n_per_step",
                             "layers", "layer_kwargs", "remat", "unroll", "dropout", "gradcache_chunk", "aux_losses",

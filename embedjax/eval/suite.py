@@ -110,32 +110,16 @@ def for_training(evals: Mapping[str, Mapping[str, Any]], *, batch_size: int, enc
     entries = {}
     for name, spec in evals.items():
         spec = dict(spec)
-        if (spec.get("type") in M3_TYPES) != multi_head:
-            if multi_head:
-                raise ValueError(f"evals.{name}: a three-head (m3) run is evaluated by {M3_TYPES}, not "
-                                 f"{spec.get('type')!r}")
-            raise ValueError(f"evals.{name}: type {spec['type']!r} scores a three-head model (M3Encoder), "
-                             "not this run's encoder")
-        if multi_head:
-            spec.setdefault("batch_size", batch_size)
-            entries[name] = spec
-            continue
-        if (spec.get("type") in LATE_TYPES) != late:
-            if late:
-                raise ValueError(f"evals.{name}: a ColBERT run is evaluated by {LATE_TYPES}, not {spec.get('type')!r}")
-            raise ValueError(f"evals.{name}: type {spec['type']!r} scores a ColBERT model (ColbertEncoder), "
-                             "not this run's encoder")
-        if late:
-            spec.setdefault("batch_size", batch_size)
-            entries[name] = spec
-            continue
-        if (spec.get("type") in SPARSE_TYPES) != sparse:
-            if sparse:
-                raise ValueError(f"evals.{name}: a SPLADE run is evaluated by {SPARSE_TYPES}, not "
-                                 f"{spec.get('type')!r}")
-            raise ValueError(f"evals.{name}: type {spec['type']!r} scores a SPLADE model (SparseEncoder), "
-                             "not this run's encoder")
-        if sparse:
+        # the run kinds whose models only their own evaluator types score, as is (a batch size added)
+        own = [(multi_head, M3_TYPES, "a three-head (m3) run", "a three-head model (M3Encoder)"),
+               (late, LATE_TYPES, "a ColBERT run", "a ColBERT model (ColbertEncoder)"),
+               (sparse, SPARSE_TYPES, "a SPLADE run", "a SPLADE model (SparseEncoder)")]
+        for is_run, types, run, model in own:
+            if (spec.get("type") in types) != is_run:
+                if is_run:
+                    raise ValueError(f"evals.{name}: {run} is evaluated by {types}, not {spec.get('type')!r}")
+                raise ValueError(f"evals.{name}: type {spec['type']!r} scores {model}, not this run's encoder")
+        if multi_head or late or sparse:
             spec.setdefault("batch_size", batch_size)
             entries[name] = spec
             continue

@@ -39,16 +39,7 @@ def get_config(arg: str | None = None):
     c.data.kind = "beir"
     c.data.pack_length = 0  # ColBERT reads padded batches
     c.data.buckets = (16, 32, 64, 128, 192, 256)
-    if args.get("beir"):  # one BEIR directory: train on a split, evaluate on its dev split
-        c.data.train, c.data.split = str(args["beir"]), str(args.get("split", "train"))
-        evals = {"dev": {"path": str(args["beir"]), "split": "dev"}}
-        c.select_metric = "dev/ndcg@10"
-    else:
-        c.data.train = str(base.DATA / "beir" / "scifact")
-        c.data.mixture = beir_ir.retrieval_sources(args)
-        c.data.mixture_mode = "sampled"
-        evals = beir_ir.RETRIEVAL_EVALS
-        c.select_metric = beir_ir.RETRIEVAL_SELECT
+    evals = beir_ir.beir_data(c, args)
     c.evals = {name: {**spec, "type": "colbert_retrieval"} for name, spec in evals.items()}
     c.eval_every = 10_000  # one evaluation, after the last step (as configs/beir_ir.py)
     c.eval_start = False   # the fresh projection is random

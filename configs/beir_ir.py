@@ -49,6 +49,22 @@ def retrieval_sources(args: dict) -> dict:
     return out
 
 
+def beir_data(c, args: dict, metric: str = "ndcg@10") -> dict:
+    """Sets ``c.data`` to the BEIR training data of the variants (``:beir=DIR,split=S``: one directory's
+    split, evaluated on its dev split; else SciFact + NFCorpus train as ``retrieval_sources``) and
+    ``c.select_metric`` to ``metric`` on the dev split(s); returns the dev evaluators' ``{name: {path,
+    split}}`` for the caller to give its evaluator type."""
+    if args.get("beir"):
+        c.data.train, c.data.split = str(args["beir"]), str(args.get("split", "train"))
+        c.select_metric = f"dev/{metric}"
+        return {"dev": {"path": str(args["beir"]), "split": "dev"}}
+    c.data.train = str(base.DATA / "beir" / "scifact")
+    c.data.mixture = retrieval_sources(args)
+    c.data.mixture_mode = "sampled"
+    c.select_metric = "+".join(f"{name}/{metric}" for name in RETRIEVAL_EVALS)
+    return {name: {"path": spec["path"], "split": spec["split"]} for name, spec in RETRIEVAL_EVALS.items()}
+
+
 def retrieval_loss_kwargs(args: dict) -> dict:
     # No false-negative rule by default: s_pos + 0.1 (Qwen3-Embedding's) cost SciFact dev 2.4 nDCG@10
     # points on seed 0 (62.15 vs 64.53; NFCorpus 31.91 vs 31.33): from a weak start it masks the

@@ -44,16 +44,7 @@ def get_config(arg: str | None = None):
     c.data.pack_length = 0  # SPLADE reads padded batches
     c.data.buckets = (16, 32, 64, 128, 192, 256)
     top_k = int(args.get("top_k", 0))
-    if args.get("beir"):  # one BEIR directory: train on a split, evaluate on its dev split
-        c.data.train, c.data.split = str(args["beir"]), str(args.get("split", "train"))
-        evals = {"dev": {"path": str(args["beir"]), "split": "dev"}}
-        c.select_metric = "dev/ndcg@10"
-    else:
-        c.data.train = str(base.DATA / "beir" / "scifact")
-        c.data.mixture = beir_ir.retrieval_sources(args)
-        c.data.mixture_mode = "sampled"
-        evals = beir_ir.RETRIEVAL_EVALS
-        c.select_metric = beir_ir.RETRIEVAL_SELECT
+    evals = beir_ir.beir_data(c, args)
     c.evals = {name: {**spec, "type": "sparse_retrieval", **({"top_k": top_k} if top_k else {})}
                for name, spec in evals.items()}
     c.eval_every = 10_000  # one evaluation, after the last step (as configs/beir_ir.py)

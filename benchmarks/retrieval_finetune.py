@@ -15,9 +15,12 @@ exported model is the last step's, like sentence-transformers' final weights).
 Every exported model, and the start, is scored with the same embedjax evaluators, 128 tokens:
 SciFact dev and NFCorpus dev nDCG@10 (full corpora), STS-B dev and SICK trial cosine Spearman.
 SPLADE rows (``beir_splade``, ``st:splade``: the same batches, InfoNCE at scale 1 on sparse dot
-products, FLOPS weights 5e-5 / 3e-5 warmed up quadratically over a third of the steps, a fresh MLM
-head on MiniLM) are scored by ``embedjax.eval.sparse_retrieval`` (exact inverted-index search) on
-the same two corpora, with SciFact's mean active terms per query and document; no STS columns.
+products, the recipe's FLOPS weights warmed up quadratically over a third of the steps, and one
+starting model: MiniLM with the recipe's fresh MLM head, ``splade.head_init``, saved by embedjax in
+SparseEncoder's layout) are scored by ``embedjax.eval.sparse_retrieval`` (exact inverted-index
+search) on the same two corpora, with SciFact's mean active terms per query and document; no STS
+columns. embedjax's SPLADE row is its run's own end-of-run evaluation (the same evaluator on the
+last step's params, which are the export's).
 ColBERT rows (``beir_colbert``, ``pylate:contrastive``: the same batches, PyLate's markers and a fresh
 128-wide projection on MiniLM, queries of 32 tokens and documents of 128, Contrastive at temperature 1,
 lr 3e-5) are scored by ``embedjax.eval.late_retrieval`` (exact MaxSim search) for both, with SciFact's
@@ -145,24 +148,32 @@ def score(path: str) -> dict[str, float]:
     return out
 
 
+def sparse_columns(metrics: dict[str, float]) -> dict[str, float]:
+    """A SPLADE model's columns from its ``SparseRetrievalEvaluator`` metrics (named as
+    configs/beir_splade.py's evaluators): nDCG@10 on both corpora, SciFact's mean active terms per
+    query and document; no STS (a sparse model is not scored by cosine here)."""
+    nan = float("nan")
+    out = {"stsb": nan, "sick": nan, "scifact": 100 * metrics.get("scifact_dev/ndcg@10", nan),
+           "nfcorpus": 100 * metrics.get("nfcorpus_dev/ndcg@10", nan),
+           "query_terms": metrics.get("scifact_dev/query_active_terms", nan),
+           "document_terms": metrics.get("scifact_dev/document_active_terms", nan)}
+    out["ir_mean"] = (out["scifact"] + out["nfcorpus"]) / 2
+    return out
+
+
 def score_sparse(path: str) -> dict[str, float]:
-    """A SPLADE export's columns: nDCG@10 on both corpora by exact sparse search, SciFact's mean
-    active terms per query and document; no STS (a sparse model is not scored by cosine here)."""
+    """A SPLADE export's columns (``sparse_columns``), by exact inverted-index search."""
     from embedjax.data.retrieval_readers import read_beir
     from embedjax.eval.sparse_retrieval import SparseRetrievalEvaluator
     from embedjax.sparse_model import load_sparse_encoder
 
     model = load_sparse_encoder(path, max_length=MAX_LENGTH)
-    out = {"stsb": float("nan"), "sick": float("nan")}
-    top_k = 64 if SMOKE_STEPS else None  # a check of the script: a barely trained head's vectors are nearly dense
+    top_k = 64 if SMOKE_STEPS else None  # a check of the script: a barely trained head's vectors are less sparse
+    metrics = {}
     for name in ("scifact", "nfcorpus"):
-        metrics = SparseRetrievalEvaluator(read_beir(DATA / "beir" / name, "dev"), name=name, top_k=top_k)(model)
-        out[name] = 100 * metrics[f"{name}/ndcg@10"]
-        if name == "scifact":
-            out["query_terms"] = metrics[f"{name}/query_active_terms"]
-            out["document_terms"] = metrics[f"{name}/document_active_terms"]
-    out["ir_mean"] = (out["scifact"] + out["nfcorpus"]) / 2
-    return out
+        metrics.update(SparseRetrievalEvaluator(read_beir(DATA / "beir" / name, "dev"), name=f"{name}_dev",
+                                                top_k=top_k)(model))
+    return sparse_columns(metrics)
 
 
 def score_late(path: str) -> dict[str, float]:
@@ -330,14 +341,19 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
     if method == "st:splade":
         from sentence_transformers import SparseEncoder, SparseEncoderTrainer
         from sentence_transformers.sparse_encoder import losses as sparse_losses
-        from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+
+        from embedjax.sparse_model import load_sparse_encoder, save_sparse_encoder
 
         trainer_class = SparseEncoderTrainer
-        # MiniLM is a BertModel: transformers gives the MLM head its own initialisation, as embedjax does
-        model = SparseEncoder(modules=[MLMTransformer(hf.minilm_l6(), max_seq_length=MAX_LENGTH),
-                                       SpladePooling("max")], device="cpu")
+        # MiniLM is a BertModel: both trainers start from the same MLM head, embedjax's (the recipe's
+        # splade.head_init), written in SparseEncoder's layout
+        splade = recipe_config(EMBEDJAX["beir_splade"][0], seed).splade  # the same head and FLOPS weights
+        initial = save_sparse_encoder(load_sparse_encoder(hf.minilm_l6(), max_length=MAX_LENGTH, seed=seed,
+                                                          head_init=splade.head_init), workdir / "initial")
+        model = SparseEncoder(str(initial), device="cpu")
         loss = sparse_losses.SpladeLoss(model, sparse_losses.SparseMultipleNegativesRankingLoss(model),
-                                        query_regularizer_weight=5e-5, document_regularizer_weight=3e-5)
+                                        query_regularizer_weight=splade.query_weight,
+                                        document_regularizer_weight=splade.document_weight)
     else:
         trainer_class = SentenceTransformerTrainer
         model = SentenceTransformer(hf.minilm_l6(), device="cpu")
@@ -385,8 +401,7 @@ def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict
         c.evals = {"stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"}}
         c.select_metric = "stsb_dev/cosine_spearman"
     if sparse and SMOKE_STEPS:
-        c.evals = {"scifact_dev": {**c.evals["scifact_dev"], "top_k": 64}}
-        c.select_metric = "scifact_dev/ndcg@10"
+        c.evals = {name: {**spec, "top_k": 64} for name, spec in c.evals.items()}
     if c.model_kind in ("colbert", "m3"):  # one evaluation at the end picks the last step; scorer() scores the export
         c.evals = {"scifact_dev": c.evals["scifact_dev"]}
         c.select_metric = "scifact_dev/" + ("sum/ndcg@10" if c.model_kind == "m3" else "ndcg@10")
@@ -395,8 +410,10 @@ def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict
     train_s = time.perf_counter() - t0
     logged = [json.loads(line) for line in (workdir / "export" / "metrics.jsonl").read_text().splitlines()]
     times = [c.batch_size / r["examples_per_s"] for r in logged if "examples_per_s" in r]
-    scores = scorer({"splade": "beir_splade", "colbert": "beir_colbert", "m3": "beir_m3"}.get(c.model_kind, ""))(
-        str(workdir / "export"))
+    if sparse:  # the run's own end-of-run evaluation is score_sparse's, on the same (last-step) params
+        scores = sparse_columns(summary["after"])
+    else:
+        scores = scorer({"colbert": "beir_colbert", "m3": "beir_m3"}.get(c.model_kind, ""))(str(workdir / "export"))
     return {"steps": summary["steps"], "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3),
             **scores}
 

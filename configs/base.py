@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
         "query_threshold": placeholder(int),  # FLOPS counts only rows with more active terms; None = every row
         "document_threshold": placeholder(int),
         "inference_free": False,  # True: queries are a learned weight per vocabulary id, no transformer (SPLADE-doc)
+        "head_init": "identity",  # a checkpoint without an MLM head: identity | random (embedjax.sparse.init_mlm_head)
     })
     # model_kind="colbert": token vectors scored by MaxSim (embedjax/colbert_model.py, train/colbert_objective.py)
     c.colbert = ml_collections.ConfigDict({

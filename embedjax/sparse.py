@@ -34,14 +34,36 @@ POOLINGS = ("max", "sum")
 ACTIVATIONS = ("relu", "log1p_relu")  # log1p_relu: a second log1p (OpenSearch's SPLADE models)
 
 
-def init_mlm_head(hidden_size: int, vocab_size: int, key) -> dict:
-    """Fresh MLM-head params, as transformers initialises ``BertOnlyMLMHead``: normal(0, 0.02)
-    dense kernel, zero biases, unit layer-norm scale. Used when a checkpoint carries no head
-    (a plain ``BertModel``): the term scores then start from the tied word embeddings alone."""
-    return {"transform": {"kernel": 0.02 * jax.random.normal(key, (hidden_size, hidden_size), jnp.float32),
-                          "bias": jnp.zeros((hidden_size,), jnp.float32)},
-            "norm": {"scale": jnp.ones((hidden_size,), jnp.float32), "bias": jnp.zeros((hidden_size,), jnp.float32)},
-            "bias": jnp.zeros((vocab_size,), jnp.float32)}
+HEAD_INITS = ("identity", "random")
+# The identity head's constants (a probe of all-MiniLM-L6-v2 on SciFact dev, benchmarks/README.md):
+# the shift puts the transform's pre-activations in GELU's linear range (GELU(x) = x Phi(x), Phi(10) = 1),
+# and the LayerNorm's centring removes it again; the logit bias leaves a few hundred terms per text.
+IDENTITY_SHIFT = 10.0
+IDENTITY_LOGIT_BIAS = -4.0
+
+
+def init_mlm_head(hidden_size: int, vocab_size: int, key, *, kind: str = "identity") -> dict:
+    """MLM-head params for a checkpoint that carries none (a plain ``BertModel``).
+
+    ``kind="identity"``: the transform starts as the identity (kernel I, bias ``IDENTITY_SHIFT``,
+    unit LayerNorm), so a token's logits are its normalised final state against the tied word
+    embeddings, less ``IDENTITY_LOGIT_BIAS``: each token starts by activating itself and its
+    neighbours in the embedding space, a lexical start that is sparse from the first step
+    (all-MiniLM-L6-v2: SciFact dev nDCG@10 0.47 before training). ``kind="random"``: as
+    transformers initialises ``BertOnlyMLMHead`` (normal(0, 0.02) kernel, zero biases): every
+    vocabulary term starts active, and the FLOPS regulariser must prune some 30,000 terms per text.
+    ``key`` seeds the random kernel (the identity head ignores it).
+    """
+    if kind not in HEAD_INITS:
+        raise ValueError(f"unknown MLM-head initialisation {kind!r}; choose one of {HEAD_INITS}")
+    norm = {"scale": jnp.ones((hidden_size,), jnp.float32), "bias": jnp.zeros((hidden_size,), jnp.float32)}
+    if kind == "random":
+        return {"transform": {"kernel": 0.02 * jax.random.normal(key, (hidden_size, hidden_size), jnp.float32),
+                              "bias": jnp.zeros((hidden_size,), jnp.float32)},
+                "norm": norm, "bias": jnp.zeros((vocab_size,), jnp.float32)}
+    return {"transform": {"kernel": jnp.eye(hidden_size, dtype=jnp.float32),
+                          "bias": jnp.full((hidden_size,), IDENTITY_SHIFT, jnp.float32)},
+            "norm": norm, "bias": jnp.full((vocab_size,), IDENTITY_LOGIT_BIAS, jnp.float32)}
 
 
 # BertForMaskedLM's names for the head (``cls.predictions.decoder.weight`` is the tied word matrix).

@@ -234,13 +234,15 @@ def _modules(directory: Path) -> _Layout:
 
 def load_sparse_encoder(name_or_path: str | os.PathLike, *, max_length: int | None = None, top_k: int | None = None,
                         pooling: str | None = None, activation: str | None = None, dtype: str | None = None,
-                        buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS, seed: int = 0) -> SparseEncoder:
+                        buckets: Sequence[int] = tokenize.DEFAULT_BUCKETS, seed: int = 0,
+                        head_init: str = "identity") -> SparseEncoder:
     """Loads a SPLADE encoder from a checkpoint directory or hub id.
 
     Args:
       name_or_path: a sentence-transformers SparseEncoder (MLMTransformer + SpladePooling), a
         ``BertForMaskedLM`` (its head is loaded) or a ``BertModel`` / dense SentenceTransformer
-        (a fresh MLM head from ``seed``, logged: its vectors are meaningless until trained).
+        (a fresh MLM head, logged: ``head_init``, see ``embedjax.sparse.init_mlm_head``; "random"
+        draws it from ``seed``).
       max_length: truncation in tokens; default: the saved one, else min(512, the model's limit).
       top_k: keep each vector's k largest terms (default: the saved value, else all).
       pooling / activation: override the saved SpladePooling (default max / relu).
@@ -263,9 +265,10 @@ def load_sparse_encoder(name_or_path: str | os.PathLike, *, max_length: int | No
     params = hf.params_from_state_dict(state, cfg)
     head = sparse.mlm_head_from_state_dict(state, str(directory))
     if head is None:
-        log.warning("%s carries no MLM head (cls.predictions.*): a fresh one (seed %d); train it before use",
-                    directory, seed)
-        head = sparse.init_mlm_head(cfg.hidden_size, params["embeddings"]["word"].shape[0], jax.random.key(seed))
+        log.warning("%s carries no MLM head (cls.predictions.*): a fresh %s one; fine-tune it before use",
+                    directory, head_init)
+        head = sparse.init_mlm_head(cfg.hidden_size, params["embeddings"]["word"].shape[0], jax.random.key(seed),
+                                    kind=head_init)
     max_length = int(max_length or record.get("max_length") or (st_cfg or {}).get("max_seq_length")
                      or min(512, cfg.max_length))
     if not 1 <= max_length <= cfg.max_length:

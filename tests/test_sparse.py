@@ -155,9 +155,27 @@ def test_mlm_head_equals_bert_for_masked_lm():
     got = sparse.mlm_logits(head, words, out.hidden_states[-1].numpy(), act=cfg.hidden_act, eps=cfg.layer_norm_eps)
     np.testing.assert_allclose(np.asarray(got), out.logits.numpy(), rtol=1e-5, atol=1e-5)
 
-    fresh = sparse.init_mlm_head(16, 50, __import__("jax").random.PRNGKey(0))
+    fresh = sparse.init_mlm_head(16, 50, __import__("jax").random.PRNGKey(0), kind="random")
     assert fresh["transform"]["kernel"].shape == (16, 16) and fresh["bias"].shape == (50,)
     assert float(np.abs(fresh["bias"]).max()) == 0.0 and float(np.std(fresh["transform"]["kernel"])) == pytest.approx(0.02, rel=0.2)
+
+
+def test_identity_mlm_head_reads_normalised_states_against_the_word_embeddings():
+    """The identity head: a token's logits are its LayerNorm-normalised final state dotted with each
+    word embedding, less 4 (NumPy from first principles), so a state equal to a word's embedding
+    activates that word most."""
+    rng = np.random.default_rng(0)
+    words = rng.normal(size=(50, 16)).astype(np.float32)
+    hidden = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    hidden[0, 0] = words[7]
+    head = sparse.init_mlm_head(16, 50, None)
+    got = np.asarray(sparse.mlm_logits(head, words, hidden, act="gelu", eps=1e-12))
+    centred = hidden - hidden.mean(-1, keepdims=True)
+    normalised = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-12)
+    np.testing.assert_allclose(got, normalised @ words.T - 4.0, rtol=1e-4, atol=1e-4)
+    assert int(np.argmax(got[0, 0])) == 7
+    with pytest.raises(ValueError, match="unknown MLM-head initialisation 'zeros'"):
+        sparse.init_mlm_head(16, 50, None, kind="zeros")
 
 
 def test_splade_embed_of_a_saved_bert_for_masked_lm_equals_sparse_encoder(tiny_masked_lm):

@@ -88,7 +88,10 @@ def test_loading_refuses_what_it_cannot_read(tiny_masked_lm, tiny_model, tmp_pat
     # a dense SentenceTransformer (Transformer, Pooling): its backbone and a fresh head, said in the log
     with caplog.at_level(logging.WARNING, logger="embedjax.sparse_model"):
         fresh = load_sparse_encoder(tiny_model)
-    assert "no MLM head" in caplog.text and float(np.abs(fresh.params["mlm_head"]["bias"]).max()) == 0.0
+    assert "no MLM head" in caplog.text and "fresh identity one" in caplog.text
+    np.testing.assert_array_equal(fresh.params["mlm_head"]["transform"]["kernel"], np.eye(fresh.cfg.hidden_size))
+    random = load_sparse_encoder(tiny_model, head_init="random")
+    assert float(np.abs(random.params["mlm_head"]["bias"]).max()) == 0.0
     assert fresh.max_length == 64  # its sentence_bert_config.json's max_seq_length
 
 

@@ -165,6 +165,8 @@ def test_sparse_objective_refuses_dense_options_and_bad_sections():
         SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "warmup": 2})
     with pytest.raises(ValueError, match="splade.pooling"):
         SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "pooling": "mean"})
+    with pytest.raises(ValueError, match="splade.head_init='zeros'"):
+        SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "head_init": "zeros"})
     from configs import beir_splade
     from embedjax.train import plan
     from embedjax.train.config import TrainConfig

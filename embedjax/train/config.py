@@ -210,7 +210,7 @@ def _splade_section(splade) -> dict:
     return {"pooling": splade.pooling, "activation": splade.activation, "query_weight": splade.query_weight,
             "document_weight": splade.document_weight, "warmup": splade.warmup, "schedule": splade.schedule,
             "query_threshold": splade.query_threshold, "document_threshold": splade.document_threshold,
-            "inference_free": bool(splade.inference_free)}
+            "inference_free": bool(splade.inference_free), "head_init": splade.head_init}
 
 
 def by_side(prompts: Mapping[str, str]) -> dict[str, str]:

@@ -106,7 +106,8 @@ def load_sparse_model(model: ModelConfig, *, seed: int = 0):
 
     splade = model.splade or {}
     encoder = load_sparse_encoder(model.path, max_length=model.max_length, pooling=splade.get("pooling"),
-                                  activation=splade.get("activation"), seed=seed)
+                                  activation=splade.get("activation"), seed=seed,
+                                  head_init=splade.get("head_init", "identity"))
     if encoder.inference_free and not splade.get("inference_free"):
         raise ValueError(f"{model.path} is an inference-free SPLADE model (static query weights): set "
                          "splade.inference_free=True to train it")

@@ -35,7 +35,7 @@ from embedjax.train.loss_specs import LOSSES
 
 SPARSE_LOSSES = ("infonce", "margin_mse", "listwise_kl")  # base losses on sparse dot products
 SPLADE_KEYS = frozenset({"pooling", "activation", "query_weight", "document_weight", "warmup", "schedule",
-                         "query_threshold", "document_threshold", "inference_free"})
+                         "query_threshold", "document_threshold", "inference_free", "head_init"})
 # Raw dot products: SPLADE's scores are unbounded sums of term products, not cosines. InfoNCE at scale 1
 # (SparseMultipleNegativesRankingLoss), MarginMSE (SparseMarginMSELoss), listwise KL at temperature 2 for
 # student and teacher (SparseDistillKLDivLoss's default; ours is theirs / 4, see losses.listwise_kl)
@@ -88,6 +88,8 @@ class SparseObjective:
             raise ValueError(f"splade.pooling={splade['pooling']!r}; choose one of {sparse.POOLINGS}")
         if splade["activation"] not in sparse.ACTIVATIONS:
             raise ValueError(f"splade.activation={splade['activation']!r}; choose one of {sparse.ACTIVATIONS}")
+        if splade.get("head_init", "identity") not in sparse.HEAD_INITS:
+            raise ValueError(f"splade.head_init={splade['head_init']!r}; choose one of {sparse.HEAD_INITS}")
         if splade["schedule"] not in ("quadratic", "linear"):
             raise ValueError(f"splade.schedule={splade['schedule']!r}; choose 'quadratic' or 'linear'")
         for name in ("query_weight", "document_weight"):

@@ -172,7 +172,6 @@ def test_colbert_objective_refuses_single_vector_options():
     with pytest.raises(ValueError, match="scores by MaxSim"):
         ColbertObjective.from_config(_objective_section(similarity="cosine"), dim=16)
     from configs import beir_colbert
-    from embedjax.train import plan
     from embedjax.train.config import TrainConfig
 
     config = beir_colbert.get_config("smoke")
@@ -180,8 +179,6 @@ def test_colbert_objective_refuses_single_vector_options():
     with pytest.raises(ValueError, match="colbert.query_length and colbert.document_length"):
         TrainConfig.from_config(config)
     config.max_length = None
-    with pytest.raises(NotImplementedError, match="not modelled yet"):
-        plan.step_memory(config, {"model_type": "bert"})
     config.evals = {"x": {"type": "retrieval", "path": "x", "split": "dev"}}
     from embedjax.eval import suite
 

@@ -168,7 +168,6 @@ def test_sparse_objective_refuses_dense_options_and_bad_sections():
     with pytest.raises(ValueError, match="splade.head_init='zeros'"):
         SparseObjective.from_config(_objective_section(), {**SPLADE_SECTION, "head_init": "zeros"})
     from configs import beir_splade
-    from embedjax.train import plan
     from embedjax.train.config import TrainConfig
 
     config = beir_splade.get_config("smoke")
@@ -176,8 +175,6 @@ def test_sparse_objective_refuses_dense_options_and_bad_sections():
         config.pooling = "mean"
         TrainConfig.from_config(config)
     config.pooling = None
-    with pytest.raises(NotImplementedError, match="not planned yet"):  # said, not a dense step's figure
-        plan.step_memory(config, {"model_type": "bert"})
 
 
 def test_an_inference_free_run_starts_from_ones_and_refuses_to_train_a_static_side_as_a_transformer(

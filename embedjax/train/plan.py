@@ -9,7 +9,9 @@ Everything is abstract (``jax.ShapeDtypeStruct``) and goes through the run's own
 (``TrainConfig``, ``state.state_shardings``, ``step.jit_train_step``, ``encoders.split_trainable``,
 ``lora.attach``, ``Objective``, the optimizer), so the compiled program is the one the run would
 execute on its first batch of the longest length. A cross-encoder config (``model_kind``) is
-planned on padded candidate groups of its size. ``benchmarks/llm_memory.py`` uses it for a Mistral-7B-shaped LoRA step
+planned on padded candidate groups of its size; a SPLADE, ColBERT or three-head config with its
+heads (the MLM head's vocabulary-wide logits, the projection and MaxSim block, the lexical and
+multi-vector heads) as a fresh model on a plain backbone has them. ``benchmarks/llm_memory.py`` uses it for a Mistral-7B-shaped LoRA step
 on 8 simulated devices.
 """
 
@@ -43,16 +45,56 @@ def _abstract_params(cfg, model: ModelConfig) -> dict:
     return params
 
 
-def abstract_batch(batch_size: int, length: int, *, negatives: bool, pool_mask: bool = False) -> Batch:
+def _own_heads(model: ModelConfig, cfg, objective_section, length: int, total_steps: int):
+    """``(head params, objective, (query length, document length))`` of a SPLADE, ColBERT or
+    three-head run, abstract. A ColBERT section's unset values are a fresh model's on a plain
+    backbone (PyLate's: 128 wide, queries of 32 tokens, documents of 180 at most, and ``length``)."""
+    key = jax.random.key(0)
+    if model.sparse:
+        from embedjax import sparse
+        from embedjax.sparse_model import QUERY_STATIC
+        from embedjax.train.sparse_objective import SparseObjective
+
+        splade = dict(model.splade or {})
+        heads = {"mlm_head": jax.eval_shape(lambda k: sparse.init_mlm_head(
+            cfg.hidden_size, cfg.vocab_size, k, kind=splade.get("head_init", "identity")), key)}
+        if splade.get("inference_free"):
+            heads[QUERY_STATIC] = jax.ShapeDtypeStruct((cfg.vocab_size,), jnp.float32)
+        return heads, SparseObjective.from_config(objective_section, splade).for_run(total_steps), (length, length)
+    if model.late:
+        from embedjax import colbert
+        from embedjax.train.colbert_objective import ColbertObjective
+
+        section = model.colbert or {}
+        dim = section.get("dim") or colbert.DEFAULT_DIM
+        heads = {"projection": jax.eval_shape(lambda k: colbert.init_projection(cfg.hidden_size, dim, key=k), key)}
+        lengths = (section.get("query_length") or 32, min(section.get("document_length") or 180, length))
+        return heads, ColbertObjective.from_config(objective_section, dim=dim), lengths
+    from types import SimpleNamespace
+
+    from embedjax import m3
+    from embedjax.m3_model import HEADS_KEY
+    from embedjax.train.m3_objective import M3Objective
+
+    heads = {HEADS_KEY: jax.eval_shape(lambda k: m3.init_heads(cfg.hidden_size, k), key)}
+    shapes = SimpleNamespace(cfg=cfg, vocab_size=cfg.vocab_size, special_ids=())  # ids change values, not shapes
+    return heads, M3Objective.from_config(objective_section, shapes), (length, length)
+
+
+def abstract_batch(batch_size: int, length: int, *, negatives: bool, pool_mask: bool = False,
+                   query_length: int | None = None, pool_every_side: bool = False) -> Batch:
     """The padded batch the pipeline yields (global shapes): ids, masks, types, hashes per side,
-    and the query side's pooling mask when instruction tokens are excluded (``pool_mask``)."""
+    and the query side's pooling mask when instruction tokens are excluded (``pool_mask``).
+    ``query_length``: the query side's own length (default ``length``); ``pool_every_side``: every
+    side carries a pooling mask (ColBERT's layout, ``colbert.ColbertFormat``)."""
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
 
-    def side(pool: bool = False) -> Side:
-        return Side(hashes=ints(batch_size), ids=ints(batch_size, length), mask=ints(batch_size, length),
-                    types=ints(batch_size, length), pool=ints(batch_size, length) if pool else None)
+    def side(pool: bool = False, tokens: int = length) -> Side:
+        pool = pool or pool_every_side
+        return Side(hashes=ints(batch_size), ids=ints(batch_size, tokens), mask=ints(batch_size, tokens),
+                    types=ints(batch_size, tokens), pool=ints(batch_size, tokens) if pool else None)
 
-    return Batch(a=side(pool_mask), b=side(), n=side() if negatives else None)
+    return Batch(a=side(pool_mask, query_length or length), b=side(), n=side() if negatives else None)
 
 
 def abstract_pair_batch(batch_size: int, group: int, length: int) -> Batch:
@@ -78,29 +120,31 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     """
     run = config if isinstance(config, TrainConfig) else TrainConfig.from_config(config)
     model = run.model
-    if model.late or model.multi_head:
-        raise NotImplementedError("step_memory sizes bi- and cross-encoder steps; a ColBERT run's (its "
-                                  "(queries x documents x tokens x tokens) MaxSim block) is not modelled yet")
-    if model.sparse:
-        raise NotImplementedError("step_memory sizes bi- and cross-encoder steps; a SPLADE run's (its vocabulary-wide "
-                                  "logits) is not planned yet: its first step's compiled memory is logged and checked")
     if hf_config is None:
         hf_config = hf.read_json(hf.resolve(model.path) / "config.json")
     cfg = registry.config_from_hf(hf_config, dtype=model.dtype)
     if model.attention:
         cfg = dataclasses.replace(cfg, attention=model.attention)
+    if model.late:  # a plain backbone gains PyLate's [Q] / [D] marker rows
+        cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + 2)
     params = _abstract_params(cfg, model)
+    source = next(iter(run.sources.values()))  # a mixture's first source
     head = None
     if model.cross_encoder:
         head = ce.HeadSpec(ce.head_kind_for(cfg), model.num_labels)
         params = {**params, "head": jax.eval_shape(lambda k: ce.init_head(cfg, head, k), jax.random.key(0))}
+    length = int(length or model.max_length or cfg.max_length)
+    side_lengths = (length, length)
+    own = None
+    if model.sparse or model.late or model.multi_head:
+        heads, own, side_lengths = _own_heads(model, cfg, source.objective, length, total_steps)
+        params = {**params, **heads}
     spec = run.lora.spec()
     if spec is not None:
         params = jax.eval_shape(lambda p: lora.attach(p, cfg, spec, jax.random.key(0))[0], params)
         cfg = dataclasses.replace(cfg, lora=spec)
     trainable, frozen = encoders.split_trainable(params, spec is not None)
-    source = next(iter(run.sources.values()))  # a mixture's first source
-    objective = (CrossObjective.from_config(source.objective, head) if head is not None
+    objective = (own if own is not None else CrossObjective.from_config(source.objective, head) if head is not None
                  else Objective.from_config(source.objective, model.pooling or "mean"))
     tx, _ = optim.make_optimizer(run.optim, total_steps - total_steps % run.optim.accumulate,
                                  no_decay=registry.of(cfg).no_decay)
@@ -112,7 +156,6 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shards)
     if negatives is None:
         negatives = source.data.kind in ("triplets", "sick_triplets")
-    length = int(length or model.max_length or cfg.max_length)
     if head is not None:  # a candidate group: the positive, its hard negatives, the in-batch ones
         data = source.data
         group = 1 + data.num_negatives * (data.kind == "beir") + int(negatives) + data.in_batch_negatives
@@ -120,8 +163,9 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
         if objective.reads == "teacher":
             batch = dataclasses.replace(batch, teacher=jax.ShapeDtypeStruct((run.batch_size, group), jnp.float32))
     else:
-        batch = abstract_batch(run.batch_size, length, negatives=negatives,
-                               pool_mask=bool(model.prompts) and not model.include_prompt)
+        batch = abstract_batch(run.batch_size, side_lengths[1], negatives=negatives, query_length=side_lengths[0],
+                               pool_mask=bool(model.prompts) and not model.include_prompt and own is None,
+                               pool_every_side=model.late)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
                          batch)
     step = jit_train_step(cfg, objective, tx, state_shards, frozen_shards, mesh)

@@ -223,8 +223,8 @@ def test_nothing_cites_notes_outside_the_repository():
 
 
 def test_every_evaluator_type_and_option_is_documented():
-    from embedjax.eval import (cross, csts, fusion, late_retrieval, pair_classification, reranking, retrieval,
-                               sparse_retrieval, sts, suite)
+    from embedjax.eval import (cross, csts, diagnostics, fusion, late_retrieval, pair_classification, reranking,
+                               retrieval, sparse_retrieval, sts, suite)
 
     text = (DOCS / "evaluation.md").read_text(encoding="utf-8")
     missing = [t for t in suite.TYPES if f"`{t}`" not in text]
@@ -234,6 +234,7 @@ def test_every_evaluator_type_and_option_is_documented():
                "pair_classification": pair_classification.SPEC_KEYS, "csts": csts.OPTIONS,
                "cross_sts": cross.STS_KEYS, "cross_csts": cross.CSTS_KEYS, "rerank": cross.RERANK_KEYS, "sparse_retrieval": sparse_retrieval.OPTIONS,
                "colbert_retrieval": late_retrieval.OPTIONS, "m3_retrieval": fusion.M3_OPTIONS,
+               "diagnostics": diagnostics.SPEC_KEYS,
                "wrappers": suite.WRAPPER_KEYS}
     assert set(options) - {"wrappers"} == set(suite.TYPES), "a new evaluator type: list its options here"
     undocumented = {kind: [k for k in keys if f"`{k}" not in text and f'"{k}"' not in text]

@@ -31,6 +31,7 @@ TYPES = {
     "reranking": "embedjax.eval.reranking",
     "pair_classification": "embedjax.eval.pair_classification",
     "csts": "embedjax.eval.csts",
+    "diagnostics": "embedjax.eval.diagnostics",  # alignment, uniformity, anisotropy, hubness, ID, effective rank
     # a SPLADE model's (it scores a SparseEncoder) and a ColBERT model's (a ColbertEncoder)
     "sparse_retrieval": "embedjax.eval.sparse_retrieval",
     "colbert_retrieval": "embedjax.eval.late_retrieval",

@@ -11,6 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from embedjax import dense_head
 from embedjax import pooling as pooling_lib
 from embedjax.encoders import registry
 
@@ -23,6 +24,24 @@ def pooler_params(params, pooling: str):
         raise ValueError(f"pooling {pooling!r} needs params['pooler'] (pooling.init_latent_attention; "
                          "load_pretrained(..., pooling=...) adds it)")
     return params["pooler"]
+
+
+def project(params, pooled, dense: str | None):
+    """The Dense head (``params["dense"]``, activation ``dense``) over pooled embeddings; None: none."""
+    if dense is None:
+        return pooled
+    if dense_head.KEY not in params:
+        raise ValueError(f"dense={dense!r} needs params['dense'] (embedjax.dense_head; load_pretrained reads a "
+                         "sentence-transformers Dense module into it)")
+    return dense_head.apply(params[dense_head.KEY], pooled, dense)
+
+
+def _first_last(hidden, per_layer: bool):
+    """``first_last_avg``: the mean of the first layer's and the last layer's token states (the
+    stack's entries 1 and -1; entry 0 is the embedding layer), as SimCSE's ``avg_first_last``."""
+    if per_layer:
+        raise ValueError("pooling 'first_last_avg' averages two layers; per-layer embeddings take one layer each")
+    return (hidden[1] + hidden[-1]) / 2
 
 
 def truncate(z, dim: int | None, normalize: bool):
@@ -59,6 +78,7 @@ def embed(
     per_layer: bool = False,
     remat: bool | str = False,
     unroll: bool | int = True,
+    dense: str | None = None,
 ):
     """Token ids -> text embeddings.
 
@@ -81,16 +101,21 @@ def embed(
         name such as ``"dots_with_no_batch_dims_saveable"`` where the backbone takes one).
       unroll: the layer scan's unroll (True: fully unrolled, fastest steps for small models;
         False: one compiled layer, fast compiles for deep LLMs).
+      dense: the activation of a Dense head after pooling (``params["dense"]``,
+        ``embedjax.dense_head``); None: no head.
 
     Returns:
       (B, D) float array, or (k + 1, B, D) when ``per_layer``.
     """
+    layers = pooling in pooling_lib.LAYER_MODES
     hidden = _hidden_states(params, cfg, input_ids, attention_mask, token_type_ids=token_type_ids,
-                            dropout_key=dropout_key, num_layers=num_layers, per_layer=per_layer, remat=remat,
-                            unroll=unroll)
+                            dropout_key=dropout_key, num_layers=num_layers, per_layer=per_layer or layers,
+                            remat=remat, unroll=unroll)
+    if layers:
+        hidden, pooling = _first_last(hidden, per_layer), "mean"
     mask = attention_mask if pool_mask is None else pool_mask
     pooled = pooling_lib.pool(hidden, mask, pooling, params=pooler_params(params, pooling))
-    return truncate(pooled, dim, normalize)
+    return truncate(project(params, pooled, dense), dim, normalize)
 
 
 def embed_packed(
@@ -111,6 +136,7 @@ def embed_packed(
     per_layer: bool = False,
     remat: bool | str = False,
     unroll: bool | int = True,
+    dense: str | None = None,
 ):
     """``embed`` for packed rows (``embedjax.tokenize.Tokenizer.pack``): several texts per row.
 
@@ -126,16 +152,20 @@ def embed_packed(
       (num_texts, D), or (k + 1, num_texts, D) when ``per_layer``: for every text what
       ``embed`` gives it alone, with far less padding to compute on.
     """
+    layers = pooling in pooling_lib.LAYER_MODES
     hidden = _hidden_states(params, cfg, input_ids, segment_ids > 0, token_type_ids=token_type_ids,
-                            dropout_key=dropout_key, num_layers=num_layers, per_layer=per_layer, remat=remat,
-                            unroll=unroll, segment_ids=segment_ids, positions=positions)
+                            dropout_key=dropout_key, num_layers=num_layers, per_layer=per_layer or layers,
+                            remat=remat, unroll=unroll, segment_ids=segment_ids, positions=positions)
+    if layers:
+        hidden, pooling = _first_last(hidden, per_layer), "mean"
     pooled = pooling_lib.pool_segments(hidden, segment_ids, positions, num_texts, pooling,
                                        params=pooler_params(params, pooling), pool_flags=pool_flags)
-    return truncate(pooled, dim, normalize)
+    return truncate(project(params, pooled, dense), dim, normalize)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pooling", "normalize", "dim", "num_layers"))
-def embed_jit(params, cfg, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize, dim, num_layers):
+@functools.partial(jax.jit, static_argnames=("cfg", "pooling", "normalize", "dim", "num_layers", "dense"))
+def embed_jit(params, cfg, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize, dim, num_layers,
+              dense=None):
     """``embed`` compiled for inference (float32 output), one program per shape and option set."""
     z = embed(
         params,
@@ -148,5 +178,6 @@ def embed_jit(params, cfg, input_ids, attention_mask, token_type_ids, pool_mask,
         num_layers=num_layers,
         token_type_ids=token_type_ids,
         pool_mask=pool_mask,
+        dense=dense,
     )
     return z.astype(jnp.float32)

@@ -22,7 +22,7 @@ import jax
 from etils import epath
 from safetensors.numpy import save_file
 
-from embedjax import hf, paths, tri_head
+from embedjax import dense_head, hf, paths, tri_head
 from embedjax import pooling as pooling_lib
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
     tmp = directory / "model.safetensors.tmp"
     pooler = params.get("pooler") if encoder.pooling in pooling_lib.PARAMETRIC else None
     tri = params.get(tri_head.KEY)
-    backbone = {k: v for k, v in params.items() if k not in ("pooler", tri_head.KEY)}
+    backbone = {k: v for k, v in params.items() if k not in ("pooler", tri_head.KEY, dense_head.KEY)}
     state = {**hf.unused_tensors(cfg, encoder.path), **hf.state_dict_from_params(backbone, cfg)}
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / "model.safetensors")  # atomic: never a half-written model file
@@ -159,6 +159,11 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
         tri_record = {"tri_head": tri_head.kind_of(tri)}
     elif (directory / hf.TRI_HEAD_FILE).is_file():
         (directory / hf.TRI_HEAD_FILE).unlink()
+    dense_record = {}
+    if encoder.dense is not None:  # sentence-transformers' Dense module layout, whether or not modules.json names it
+        path = dense_module_path(encoder.pooling)
+        dense_head.write_sentence_transformers(directory / path, jax.device_get(params[dense_head.KEY]), encoder.dense)
+        dense_record = {"dense": {"activation": encoder.dense, "path": path}}
     tokenizer = encoder.tokenizer
     eos = tokenizer.eos_token_id if getattr(tokenizer, "appends_eos", False) else None
     _write_json(directory / "config.json", {**cfg.to_hf(), "torch_dtype": "float32"})
@@ -171,7 +176,7 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
     version = __import__("embedjax").__version__
     _write_json(directory / hf.EMBEDJAX_CONFIG,
                 {"pooling": encoder.pooling, "normalize": normalize, "include_prompt": encoder.include_prompt,
-                 "append_eos_token_id": eos, **pooler_record, **tri_record,
+                 "append_eos_token_id": eos, **pooler_record, **tri_record, **dense_record,
                  **({"attention": cfg.attention} if hasattr(cfg, "attention") else {}),
                  "sentence_transformers": bool(sentence_transformers), "embedjax_version": version})
     _write_json(directory / "sentence_bert_config.json",
@@ -211,6 +216,12 @@ def save_trained(encoder, params, directory: str | os.PathLike, *, sentence_tran
                            sentence_transformers=sentence_transformers)
 
 
+def dense_module_path(pooling: str) -> str:
+    """Where an export keeps its Dense head: the sentence-transformers module after the pooling
+    (after cls_avg's averaging Dense when there is one)."""
+    return "3_Dense" if pooling == "cls_avg" else "2_Dense"
+
+
 def _write_sentence_transformers_modules(directory: Path, encoder, normalize: bool) -> None:
     hidden = encoder.cfg.hidden_size
     st_modes = ST_POOLING[encoder.pooling]
@@ -233,6 +244,8 @@ def _write_sentence_transformers_modules(directory: Path, encoder, normalize: bo
                                             "activation_function": "torch.nn.modules.linear.Identity"})
         save_file({"linear.weight": hf.cls_avg_dense_weight(hidden)}, str(dense / "model.safetensors"),
                   metadata={"format": "pt"})
+    if encoder.dense is not None:  # written by save_pretrained at dense_module_path
+        add("Dense")
     if normalize:
         add("Normalize")
     _write_json(directory / "modules.json", modules)

@@ -150,6 +150,7 @@ class SentenceTransformersInfo:
     include_prompt: bool = True
     prompts: dict = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    dense_dir: Path | None = None  # a Dense module after pooling (embedjax.dense_head reads it)
 
 
 _SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
@@ -208,23 +209,28 @@ def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
     Transformer, Pooling (one mode) and Normalize modules are read; so is the one
     Dense module ``export.save_pretrained`` writes for ``cls_avg``: Pooling(cls, mean)
     followed by a bias-free identity-activation Dense whose weight is ``[I/2, I/2]``
-    (checked value by value). Any other module is refused with ``CheckpointError``.
+    (checked value by value), and one Dense (projection) module after the pooling
+    (``dense_dir``; ``embedjax.dense_head``). Any other module is refused with ``CheckpointError``.
     """
     from embedjax import pooling as pooling_lib
 
     modules = read_json(directory / "modules.json") or []
     pooling, normalize, include_prompt = None, False, True
-    pool_modes, hidden = (), None
+    pool_modes, hidden, dense_dir = (), None, None
     for i, module in enumerate(modules):
         kind = module.get("type", "").rsplit(".", 1)[-1]
         if kind == "Dense" and pool_modes == ("cls", "mean") and pooling is None and \
                 _is_cls_avg_dense(directory, module, hidden):
             pooling = "cls_avg"
             continue
+        if kind == "Dense" and pooling is not None and dense_dir is None and not normalize:
+            dense_dir = directory / module.get("path", "")  # a projection after pooling, before any Normalize
+            continue
         if kind not in _SUPPORTED_MODULES:
             raise CheckpointError(
                 f"{directory / 'modules.json'}: module {module.get('type')!r} is not supported "
-                f"(embedjax reads {_SUPPORTED_MODULES}); its output would differ from the reference"
+                f"(embedjax reads {_SUPPORTED_MODULES} and one Dense after the pooling); its output would differ "
+                "from the reference"
             )
         if kind == "Pooling":
             cfg = read_json(directory / module.get("path", "") / "config.json") or {}
@@ -247,6 +253,7 @@ def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
         include_prompt=include_prompt,
         prompts=dict(st_cfg.get("prompts") or {}),
         default_prompt_name=st_cfg.get("default_prompt_name"),
+        dense_dir=dense_dir,
     )
 
 
@@ -281,6 +288,13 @@ def read_embedjax_config(directory: Path) -> dict:
     if record.get("tri_head") not in (None, *tri_head.KINDS):
         raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: tri_head must be one of {tri_head.KINDS}, "
                               f"got {record['tri_head']!r}")
+    from embedjax import dense_head
+
+    dense = record.get("dense")
+    if dense is not None and not (isinstance(dense, dict) and isinstance(dense.get("path"), str)
+                                  and dense.get("activation") in dense_head.ACTIVATIONS):
+        raise CheckpointError(f"{directory / EMBEDJAX_CONFIG}: dense must be {{'activation': one of the Dense "
+                              f"activations, 'path': its module directory}}, got {dense!r}")
     return record
 
 

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from embedjax import hf, tokenize
+from embedjax import dense_head, hf, tokenize
 from embedjax.embed import embed_jit
+from embedjax.encoders.statedict import CheckpointError
 from embedjax import pooling as pooling_lib
 from embedjax import tri_head as tri_head_lib
 
@@ -34,7 +35,9 @@ class Encoder:
     ``tokenizer.prompt_length`` leading tokens are skipped, as in training).
     ``normalize`` is the checkpoint's own setting (a sentence-transformers ``Normalize``
     module, or an embedjax export's record): ``encode`` L2-normalises by default exactly
-    when it is True, as ``SentenceTransformer.encode`` does.
+    when it is True, as ``SentenceTransformer.encode`` does. ``dense``: the activation of a
+    Dense head after pooling (``params["dense"]``, ``embedjax.dense_head``: a sentence-transformers
+    ``Dense`` module, a fitted whitening), None without one.
     """
 
     params: Any
@@ -48,12 +51,15 @@ class Encoder:
     lowercase: bool = False
     path: Path | None = None
     normalize: bool = False
+    dense: str | None = None
     # params replicated on each mesh encode() was given: placed once, not on every call
     _placed: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
-        """Embedding width."""
+        """Embedding width (the Dense head's output width when there is one)."""
+        if self.dense is not None:
+            return dense_head.out_features(self.params[dense_head.KEY])
         return self.cfg.hidden_size
 
     def encode(
@@ -147,6 +153,7 @@ class Encoder:
                 normalize=normalize,
                 dim=dim,
                 num_layers=num_layers,
+                dense=self.dense,
             )
             pending.append((chunk, z))  # dispatch is async: tokenization overlaps compute
         out = np.empty((len(texts), width), np.float32)
@@ -252,6 +259,14 @@ def load_pretrained(
     head = _tri_head(directory, record, tri_head, cfg.hidden_size, seed)
     if head is not None:
         params = {**params, tri_head_lib.KEY: head}
+    dense = None
+    dense_dir = directory / record["dense"]["path"] if record.get("dense") else st.dense_dir
+    if dense_dir is not None:
+        projection, dense = dense_head.read_sentence_transformers(dense_dir)
+        if projection["kernel"].shape[0] != cfg.hidden_size:
+            raise CheckpointError(f"{dense_dir}: a Dense module of in_features {projection['kernel'].shape[0]} "
+                                  f"after pooling {pooling!r} of width {cfg.hidden_size}")
+        params = {**params, dense_head.KEY: projection}
     return Encoder(
         params=jax.device_put(params),
         cfg=cfg,
@@ -264,6 +279,7 @@ def load_pretrained(
         lowercase=st.do_lower_case,
         path=directory,
         normalize=record.get("normalize", st.normalize),
+        dense=dense,
     )
 
 

@@ -3,7 +3,10 @@
 Every function takes the (B, T) 0/1 attention mask so that padding never leaks
 into the result. Modes follow sentence-transformers' ``Pooling`` module, plus
 ``latent_attention`` (NV-Embed, arXiv:2405.17428), the one mode with trainable
-params (``init_latent_attention``; they live in the encoder's ``params["pooler"]``).
+params (``init_latent_attention``; they live in the encoder's ``params["pooler"]``), and
+``first_last_avg`` (the mean of the first and last layers' token states, then mean pooling:
+SimCSE's ``avg_first_last``, WhiteningBERT arXiv:2104.01767), which ``embedjax.embed`` computes
+from the layer stack.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-MODES = ("cls", "mean", "max", "cls_avg", "last_token", "weighted_mean", "mean_sqrt_len", "latent_attention")
+MODES = ("cls", "mean", "max", "cls_avg", "last_token", "weighted_mean", "mean_sqrt_len", "latent_attention",
+         "first_last_avg")
+# Modes that read two layers' token states (``embedjax.embed`` averages them, then pools by mean).
+LAYER_MODES = ("first_last_avg",)
 # Modes whose pooling reads trainable params (``pool(..., params=)``).
 PARAMETRIC = ("latent_attention",)
 # The modes with no params (sentence-transformers' Pooling modes and cls_avg).
-FIXED_MODES = tuple(m for m in MODES if m not in PARAMETRIC)
+FIXED_MODES = tuple(m for m in MODES if m not in PARAMETRIC + LAYER_MODES)
 
 
 def _mask(mask, hidden):
@@ -195,6 +201,13 @@ _FUNCS = {
 }
 
 
+def _check_mode(mode: str) -> None:
+    if mode in LAYER_MODES:
+        raise ValueError(f"pooling {mode!r} reads two layers' states: embedjax.embed averages them and pools by mean")
+    if mode not in _FUNCS:
+        raise ValueError(f"unknown pooling mode {mode!r}; choose one of {MODES}")
+
+
 def pool(hidden, mask, mode: str = "mean", params=None):
     """Pools (..., B, T, H) token states with ``mode`` (one of ``MODES``) into (..., B, H).
 
@@ -202,8 +215,7 @@ def pool(hidden, mask, mode: str = "mean", params=None):
     ``params``: the pooler's params (``latent_attention``: ``init_latent_attention``'s tree;
     every leading index, e.g. every layer of a stack, goes through the same pooler).
     """
-    if mode not in _FUNCS:
-        raise ValueError(f"unknown pooling mode {mode!r}; choose one of {MODES}")
+    _check_mode(mode)
     hidden = _token_transform(hidden, mode, params)
     lead = hidden.shape[:-3]
     if lead:
@@ -232,8 +244,7 @@ def pool_segments(hidden, segment_ids, positions, num_segments: int, mode: str =
     ``params``: as ``pool``'s (the latent-attention block is token-wise, so packed texts
     pool as padded ones do).
     """
-    if mode not in _FUNCS:
-        raise ValueError(f"unknown pooling mode {mode!r}; choose one of {MODES}")
+    _check_mode(mode)
     hidden = _token_transform(hidden, mode, params)
     *lead, r, t, h = hidden.shape
     flat = hidden.reshape(*lead, r * t, h)

@@ -30,6 +30,7 @@ class Objective:
     loss: str = "angle"
     loss_kwargs: tuple = ()          # sorted (name, value) items passed to the loss
     pooling: str = "mean"            # the run's pooling (config.pooling, resolved against the checkpoint)
+    dense: str | None = None         # the encoder's Dense head activation (params["dense"]), None without one
     matryoshka_dims: tuple = ()      # () = off
     matryoshka_weights: tuple = ()
     matryoshka_n_per_step: int = 0   # 0 = every dim every step
@@ -45,6 +46,7 @@ class Objective:
     guide: bool = False              # the frozen model's embeddings decide the in-batch false negatives (GISTEmbed)
     teacher_cfg: Any = None          # the frozen model's (static) config: distillation teacher and/or guide
     teacher_pooling: str = ""
+    teacher_dense: str | None = None
     tri_head: bool = False           # a C-STS tri-encoder: side n is the condition, params["tri_head"] conditions a and b
 
     @property
@@ -54,7 +56,8 @@ class Objective:
         return bool(self.distill_loss) or self.guide
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], pooling: str, teacher=None, tri_head: bool = False) -> "Objective":
+    def from_config(cls, cfg: Mapping[str, Any], pooling: str, teacher=None, tri_head: bool = False,
+                    dense: str | None = None) -> "Objective":
         """From the ``objective`` section of a config (configs/base.py declares every key; a
         missing key raises KeyError, an unknown one ValueError).
 
@@ -62,7 +65,8 @@ class Objective:
         overrode the checkpoint's): a run has one pooling setting, used by training,
         evaluation and export alike. ``teacher``: the ``Encoder`` named by ``distill.teacher``
         (loaded by the caller), when ``distill.weight`` > 0. ``tri_head``: the encoder is a C-STS
-        tri-encoder (its params hold ``embedjax.tri_head``'s head).
+        tri-encoder (its params hold ``embedjax.tri_head``'s head). ``dense``: the encoder's Dense
+        head activation (``Encoder.dense``; the head trains with the model).
         """
         fields = cls.check_section(cfg)
         if not pooling:
@@ -75,8 +79,9 @@ class Objective:
         if tri_head and (fields["layers"] or fields["matryoshka_dims"] or frozen):
             raise ValueError("a tri-encoder scores the conditioned embeddings through its head: objective.layers, "
                              "matryoshka_dims, distill and guide do not apply")
-        return cls(pooling=pooling, teacher_cfg=teacher.cfg if frozen else None,
-                   teacher_pooling=teacher.pooling if frozen else "", tri_head=tri_head, **fields)
+        return cls(pooling=pooling, dense=dense, teacher_cfg=teacher.cfg if frozen else None,
+                   teacher_pooling=teacher.pooling if frozen else "",
+                   teacher_dense=getattr(teacher, "dense", None) if frozen else None, tri_head=tri_head, **fields)
 
     @staticmethod
     def check_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -211,7 +216,8 @@ def _embed_options(objective: Objective, key) -> dict:
     normalise; AnglE's angle term needs the raw ones), dropout as configured, per-layer stacks
     for the layer wrappers."""
     return dict(pooling=objective.pooling, normalize=False, dropout_key=key if objective.dropout else None,
-                per_layer=bool(objective.layers), remat=objective.remat, unroll=objective.unroll)
+                per_layer=bool(objective.layers), remat=objective.remat, unroll=objective.unroll,
+                dense=objective.dense)
 
 
 def _drop_embedding_layer(objective: Objective, z):
@@ -291,7 +297,8 @@ def teacher_embeddings(teacher_params, objective: Objective, batch: Batch):
     """The frozen model's ``(za, zb, zn)`` of a batch (last layer, no dropout, no gradient; ``zn``
     None without negatives). It reads the student's token ids, so the two must share a tokenizer
     (the loop checks)."""
-    view = dataclasses.replace(objective, pooling=objective.teacher_pooling, layers="", dropout=False,
+    view = dataclasses.replace(objective, pooling=objective.teacher_pooling, dense=objective.teacher_dense,
+                               layers="", dropout=False,
                                gradcache_chunk=0, remat=False, unroll=True, distill_loss="", guide=False)
     return jax.lax.stop_gradient(embed_batch(teacher_params, objective.teacher_cfg, view, batch, jax.random.key(0)))
 

@@ -125,7 +125,7 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
             raise ValueError("a SPLADE run reads padded batches: set data.pack_length=0")
     else:
         objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher,  # the run's one pooling
-                                          tri_head=tri_head.KEY in encoder.params)
+                                          tri_head=tri_head.KEY in encoder.params, dense=encoder.dense)
     try:
         side_prompts = by_side(source_prompts(prompts, spec.data))
         records = sources.train_source(spec.data)

@@ -32,6 +32,7 @@ Each (method, seed) runs in its own subprocess, one after the other; its row is 
     python benchmarks/retrieval_finetune.py                       # every method, seeds 0 1 2
     python benchmarks/retrieval_finetune.py --methods st:mnrl beir_ir --seeds 0
     python benchmarks/retrieval_finetune.py --table-only          # the table from what has run
+    python benchmarks/retrieval_finetune.py --rescore --methods beir_m3 --seeds 0   # score a finished run again
     RETRIEVAL_FINETUNE_SMOKE=4 python benchmarks/retrieval_finetune.py --root /tmp/rf --seeds 0   # a check
 
 Needs the mined negatives configs/beir_ir.py names (its docstring has the command).
@@ -418,8 +419,25 @@ def run_embedjax(config: str, seed: int, workdir: Path, batch_size: int) -> dict
             **scores}
 
 
+def workdir_of(root: Path, method: str, seed: int) -> Path:
+    return root / method.replace(":", "_").replace(",", "_").replace("=", "") / f"seed{seed}"
+
+
+def rescore_one(method: str, seed: int, root: Path, batch_size: int) -> dict:
+    """The row of an embedjax run whose training finished but whose scoring did not: its export
+    scored again, its steps and times read from its metrics.jsonl (``--rescore``)."""
+    export = workdir_of(root, method, seed) / "export"
+    if not (export / "summary.json").is_file():
+        raise SystemExit(f"{export}: no finished run to score (no summary.json)")
+    summary = json.loads((export / "summary.json").read_text())
+    logged = [json.loads(line) for line in (export / "metrics.jsonl").read_text().splitlines()]
+    times = [batch_size / r["examples_per_s"] for r in logged if "examples_per_s" in r]
+    return {"method": method, "seed": seed, "steps": summary["steps"], "train_s": None,
+            "step_s": round(statistics.median(times), 3), **scorer(method)(str(export))}
+
+
 def run_one(method: str, seed: int, root: Path, batch_size: int) -> dict:
-    workdir = root / method.replace(":", "_").replace(",", "_").replace("=", "") / f"seed{seed}"
+    workdir = workdir_of(root, method, seed)
     if workdir.exists():
         import shutil
 
@@ -475,6 +493,8 @@ def main() -> None:
     ap.add_argument("--root", default="workdirs/retrieval_finetune", help="workdirs and results.jsonl")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--rescore", action="store_true",
+                    help="score the finished embedjax runs of --methods / --seeds again (no training) and add their rows")
     ap.add_argument("--_run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.root)
@@ -494,7 +514,14 @@ def main() -> None:
             parse_method(m)
         except ValueError as e:
             ap.error(str(e))
-    if not args.table_only:
+    if args.rescore:
+        for method in methods:
+            for seed in args.seeds:
+                row = rescore_one(method, seed, root, args.batch_size)
+                with results.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    elif not args.table_only:
         done = {(r["method"], r["seed"]) for r in load_rows(results)}
         # seed-major: every method's seed 0 first, so a stopped benchmark has comparable rows
         todo = [(m, s) for s in args.seeds for m in methods if (m, s) not in done and not (m == "start" and s != args.seeds[0])]

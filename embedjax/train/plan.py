@@ -9,10 +9,10 @@ Everything is abstract (``jax.ShapeDtypeStruct``) and goes through the run's own
 (``TrainConfig``, ``state.state_shardings``, ``step.jit_train_step``, ``encoders.split_trainable``,
 ``lora.attach``, ``Objective``, the optimizer), so the compiled program is the one the run would
 execute on its first batch of the longest length. A cross-encoder config (``model_kind``) is
-planned on padded candidate groups of its size; a SPLADE, ColBERT or three-head config with its
-heads (the MLM head's vocabulary-wide logits, the projection and MaxSim block, the lexical and
-multi-vector heads) as a fresh model on a plain backbone has them. ``benchmarks/llm_memory.py`` uses it for a Mistral-7B-shaped LoRA step
-on 8 simulated devices.
+planned on padded candidate groups of its size; a SPLADE, ColBERT or three-head config with the
+heads a fresh model on a plain backbone gets (the MLM head and its vocabulary-wide logits, the
+ColBERT projection and MaxSim block, the lexical and multi-vector heads).
+``benchmarks/llm_memory.py`` uses it for a Mistral-7B-shaped LoRA step on 8 simulated devices.
 """
 
 from __future__ import annotations

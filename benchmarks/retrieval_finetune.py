@@ -292,9 +292,10 @@ def replayed_datasets(seed: int, batch_size: int):
 
 
 def train_replayed(trainer_class, model, loss, seed: int, workdir: Path, batch_size: int, lr: float | None,
-                   **trainer_kwargs) -> dict:
+                   args_class=None, **trainer_kwargs) -> dict:
     """Trains ``model`` with a sentence-transformers-style trainer on the replayed batches (the
-    schedule of the module docstring), saves it to ``workdir/export`` and returns its timings."""
+    schedule of the module docstring), saves it to ``workdir/export`` and returns its timings.
+    ``args_class``: the trainer's own arguments class (default SentenceTransformerTrainingArguments)."""
     import numpy as np
     from datasets import DatasetDict
     from sentence_transformers.training_args import SentenceTransformerTrainingArguments
@@ -312,7 +313,7 @@ def train_replayed(trainer_class, model, loss, seed: int, workdir: Path, batch_s
             stamps.append(time.perf_counter())
 
     steps = len(replay)
-    targs = SentenceTransformerTrainingArguments(
+    targs = (args_class or SentenceTransformerTrainingArguments)(
         output_dir=str(workdir / "trainer"), max_steps=steps, per_device_train_batch_size=batch_size,
         learning_rate=lr or recipe_config(EMBEDJAX["beir_ir"][0], seed).optim.learning_rate,
         warmup_steps=int(round(0.1 * steps)), lr_scheduler_type="linear", weight_decay=0.01, max_grad_norm=1.0,
@@ -340,12 +341,12 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
     from embedjax import hf
 
     if method == "st:splade":
-        from sentence_transformers import SparseEncoder, SparseEncoderTrainer
+        from sentence_transformers import SparseEncoder, SparseEncoderTrainer, SparseEncoderTrainingArguments
         from sentence_transformers.sparse_encoder import losses as sparse_losses
 
         from embedjax.sparse_model import load_sparse_encoder, save_sparse_encoder
 
-        trainer_class = SparseEncoderTrainer
+        trainer_class, args_class = SparseEncoderTrainer, SparseEncoderTrainingArguments
         # MiniLM is a BertModel: both trainers start from the same MLM head, embedjax's (the recipe's
         # splade.head_init), written in SparseEncoder's layout
         splade = recipe_config(EMBEDJAX["beir_splade"][0], seed).splade  # the same head and FLOPS weights
@@ -356,14 +357,14 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
                                         query_regularizer_weight=splade.query_weight,
                                         document_regularizer_weight=splade.document_weight)
     else:
-        trainer_class = SentenceTransformerTrainer
+        trainer_class, args_class = SentenceTransformerTrainer, None
         model = SentenceTransformer(hf.minilm_l6(), device="cpu")
         model.max_seq_length = MAX_LENGTH
         loss = {"st:mnrl": lambda: losses.MultipleNegativesRankingLoss(model, scale=20.0),
                 "st:cmnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=8),
                 "st:gist": lambda: losses.GISTEmbedLoss(model, SentenceTransformer(hf.minilm_l6(), device="cpu"),
                                                         temperature=0.05)}[method]()
-    row = train_replayed(trainer_class, model, loss, seed, workdir, batch_size, lr)
+    row = train_replayed(trainer_class, model, loss, seed, workdir, batch_size, lr, args_class=args_class)
     return {**row, **scorer(method)(str(workdir / "export"))}
 
 

@@ -79,6 +79,8 @@ def embed(
     remat: bool | str = False,
     unroll: bool | int = True,
     dense: str | None = None,
+    token_prepending=None,
+    contrastive_prompting=None,
 ):
     """Token ids -> text embeddings.
 
@@ -103,17 +105,26 @@ def embed(
         False: one compiled layer, fast compiles for deep LLMs).
       dense: the activation of a Dense head after pooling (``params["dense"]``,
         ``embedjax.dense_head``); None: no head.
+      token_prepending, contrastive_prompting: decoder backbones' training-free options
+        (``embedjax.encoders.decoder.TokenPrepending`` / ``ContrastivePrompting``; the user-facing
+        API is ``embedjax.prompting``), passed to the backbone only when set. With
+        ``contrastive_prompting`` the 2B rows are B prompts then their B auxiliary prompts (and
+        ``pool_mask``, if given, has those 2B rows too): B embeddings come back.
 
     Returns:
       (B, D) float array, or (k + 1, B, D) when ``per_layer``.
     """
     layers = pooling in pooling_lib.LAYER_MODES
+    options = {name: value for name, value in (("token_prepending", token_prepending),
+                                               ("contrastive_prompting", contrastive_prompting)) if value is not None}
     hidden = _hidden_states(params, cfg, input_ids, attention_mask, token_type_ids=token_type_ids,
                             dropout_key=dropout_key, num_layers=num_layers, per_layer=per_layer or layers,
-                            remat=remat, unroll=unroll)
+                            remat=remat, unroll=unroll, **options)
     if layers:
         hidden, pooling = _first_last(hidden, per_layer), "mean"
     mask = attention_mask if pool_mask is None else pool_mask
+    if contrastive_prompting is not None:  # the prompts' rows (the auxiliary prompts' are not returned)
+        mask = mask[: mask.shape[0] // 2]
     pooled = pooling_lib.pool(hidden, mask, pooling, params=pooler_params(params, pooling))
     return truncate(project(params, pooled, dense), dim, normalize)
 
@@ -163,10 +174,12 @@ def embed_packed(
     return truncate(project(params, pooled, dense), dim, normalize)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pooling", "normalize", "dim", "num_layers", "dense"))
+@functools.partial(jax.jit, static_argnames=("cfg", "pooling", "normalize", "dim", "num_layers", "dense",
+                                             "token_prepending", "contrastive_prompting"))
 def embed_jit(params, cfg, input_ids, attention_mask, token_type_ids, pool_mask, *, pooling, normalize, dim, num_layers,
-              dense=None):
-    """``embed`` compiled for inference (float32 output), one program per shape and option set."""
+              dense=None, token_prepending=None, contrastive_prompting=None):
+    """``embed`` compiled for inference (float32 output), one program per shape and option set
+    (``token_prepending`` / ``contrastive_prompting``: static, as ``embed``'s)."""
     z = embed(
         params,
         cfg,
@@ -179,5 +192,7 @@ def embed_jit(params, cfg, input_ids, attention_mask, token_type_ids, pool_mask,
         token_type_ids=token_type_ids,
         pool_mask=pool_mask,
         dense=dense,
+        token_prepending=token_prepending,
+        contrastive_prompting=contrastive_prompting,
     )
     return z.astype(jnp.float32)

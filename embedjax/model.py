@@ -74,6 +74,9 @@ class Encoder:
         prompt_name: str | None = None,
         show_progress: bool | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        token_prepending=None,
+        contrastive_prompting=None,
+        auxiliary_texts: str | Sequence[str] | None = None,
     ) -> np.ndarray:
         """Embeds texts; returns float32 (N, D), or (D,) for a single string.
 
@@ -96,9 +99,15 @@ class Encoder:
           mesh: split every batch's rows over this mesh's devices (params replicated on
             it), e.g. ``embedjax.sharding.local_mesh()``; None: the default device.
             The embeddings are the same either way.
+          token_prepending, contrastive_prompting: decoder backbones' training-free options
+            (``embedjax.encoders.decoder.TokenPrepending`` / ``ContrastivePrompting``), passed to
+            ``embed`` only when set; ``embedjax.prompting`` wraps them with their templates.
+          auxiliary_texts: with ``contrastive_prompting`` (and only then): one auxiliary prompt
+            per text, run beside it (the prompt / ``prompt_name`` prefix applies to both).
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(_check_texts(texts))
+        aux = _auxiliary(auxiliary_texts, contrastive_prompting, len(texts))
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if dim is not None and not 1 <= dim <= self.dim:
@@ -113,15 +122,21 @@ class Encoder:
         prefix = self._prompt(prompt, prompt_name)
         if prefix:
             texts = [prefix + t for t in texts]
+            aux = aux and [prefix + t for t in aux]
         if self.lowercase:
             texts = [t.lower() for t in texts]
+            aux = aux and [t.lower() for t in aux]
             prefix = prefix.lower()
         # Tokens of the instruction that pooling skips when the checkpoint says so (the same count
         # as the training pipeline's: Tokenizer.prompt_length).
         skip = self.tokenizer.prompt_length(prefix) if not self.include_prompt else 0
 
         encodings = self.tokenizer.encode(texts)
-        order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
+        aux_encodings = None if aux is None else self.tokenizer.encode(aux)
+        lengths = [len(e.ids) for e in encodings]
+        if aux_encodings is not None:  # a text and its auxiliary prompt share a row length
+            lengths = [max(n, len(e.ids)) for n, e in zip(lengths, aux_encodings)]
+        order = np.argsort([-n for n in lengths], kind="stable")
         starts = range(0, len(order), batch_size)
         params, place = self.params, np.asarray
         if mesh is not None:
@@ -139,7 +154,11 @@ class Encoder:
             rows = tokenize.rows_for(len(chunk), batch_size)
             if mesh is not None:  # every device gets the same number of rows
                 rows = -(-rows // mesh.size) * mesh.size
-            batch = self.tokenizer.pad([encodings[i] for i in chunk], rows)
+            if aux_encodings is None:
+                batch = self.tokenizer.pad([encodings[i] for i in chunk], rows)
+            else:  # the texts' rows, then their auxiliary prompts' (embed returns the first half)
+                batch = _pad_pairs(self.tokenizer, [encodings[i] for i in chunk], [aux_encodings[i] for i in chunk],
+                                   rows)
             pool_mask = batch.attention_mask.copy()
             pool_mask[:, :skip] = 0
             z = embed_jit(
@@ -154,6 +173,8 @@ class Encoder:
                 dim=dim,
                 num_layers=num_layers,
                 dense=self.dense,
+                token_prepending=token_prepending,
+                contrastive_prompting=contrastive_prompting,
             )
             pending.append((chunk, z))  # dispatch is async: tokenization overlaps compute
         out = np.empty((len(texts), width), np.float32)
@@ -182,6 +203,29 @@ def _check_texts(texts) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] is {type(t).__name__} ({t!r:.60}), expected str")
     return texts
+
+
+def _auxiliary(auxiliary_texts, contrastive_prompting, n: int) -> list[str] | None:
+    """``encode``'s auxiliary prompts: one per text with Contrastive Prompting, else none."""
+    if contrastive_prompting is None:
+        if auxiliary_texts is not None:
+            raise ValueError("auxiliary_texts are read only with contrastive_prompting")
+        return None
+    if auxiliary_texts is None:
+        raise ValueError("contrastive_prompting needs auxiliary_texts: one auxiliary prompt per text")
+    aux = [auxiliary_texts] if isinstance(auxiliary_texts, str) else _check_texts(auxiliary_texts)
+    if len(aux) != n:
+        raise ValueError(f"auxiliary_texts: {len(aux)} for {n} texts; one auxiliary prompt per text")
+    return aux
+
+
+def _pad_pairs(tokenizer: tokenize.Tokenizer, first, second, rows: int) -> tokenize.Batch:
+    """Two lists of encodings padded to one length: ``rows`` rows of ``first``, then ``rows`` of ``second``."""
+    length = max(len(e.ids) for e in [*first, *second])
+    a, b = tokenizer.pad(first, rows, min_length=length), tokenizer.pad(second, rows, min_length=length)
+    return tokenize.Batch(*(np.concatenate([x, y]) for x, y in ((a.input_ids, b.input_ids),
+                                                                 (a.attention_mask, b.attention_mask),
+                                                                 (a.token_type_ids, b.token_type_ids))), a.size)
 
 
 def _progress(starts, n_texts: int, batch_size: int, show: bool | None):

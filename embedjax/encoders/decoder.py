@@ -43,6 +43,7 @@ index i the output of layer i, and the last entry of a full run is taken after t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping
@@ -372,9 +373,11 @@ def _variant(cfg: DecoderConfig, layer_type: str, length: int):
     return window, sliding and cfg.local_rope_theta is not None
 
 
-def layer(p, cfg: DecoderConfig, x, rope, mask_args, window, dropout_key=None):
+def layer(p, cfg: DecoderConfig, x, rope, mask_args, window, dropout_key=None, edit_context=None):
     """One decoder block. ``rope``: (cos, sin) for this layer's positions; ``mask_args``: the
-    ``lengths`` / ``segment_ids`` for ``layers.attention``; ``window``: its (left, right) or None."""
+    ``lengths`` / ``segment_ids`` for ``layers.attention``; ``window``: its (left, right) or None;
+    ``edit_context``: None, or a function of the heads' concatenated outputs (B, T, N*D), the
+    input of the output projection, returning what the projection reads (Contrastive Prompting)."""
     keys = [None] * 10 if dropout_key is None else list(jax.random.split(dropout_key, 10))
     b, t, _ = x.shape
     a = p["attention"]
@@ -391,7 +394,10 @@ def layer(p, cfg: DecoderConfig, x, rope, mask_args, window, dropout_key=None):
     ctx = L.attention(q, k, v, **mask_args, causal=cfg.attention == "causal", window=window,
                       softcap=cfg.attn_logit_softcap, scale=scale, dropout_rate=cfg.attention_dropout,
                       dropout_key=keys[3])
-    out = L.dense(a["o"], ctx.reshape(b, t, -1), cfg.lora, keys[4])
+    ctx = ctx.reshape(b, t, -1)
+    if edit_context is not None:
+        ctx = edit_context(ctx)
+    out = L.dense(a["o"], ctx, cfg.lora, keys[4])
     if cfg.sandwich_norm:
         out = norm(p["post_attention_norm"], out)
     x = x + L.dropout(out, cfg.hidden_dropout, keys[5])
@@ -415,6 +421,183 @@ def embed_tokens(params, cfg: DecoderConfig, input_ids):
     return x
 
 
+# --------------------------------------------------------------------------- training-free options
+
+STEERING_STRATEGIES = ("scaled", "norm", "scaled_norm", "sub_head_norm")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPrepending:
+    """Token Prepending (arXiv:2412.11556), ``apply``'s ``token_prepending`` (static, hashable).
+
+    The rule of the official code (``fuyuchenIfyw/token_prepending``, ``senllm/modeling_llama.py``,
+    ``LlamaModel.forward`` with ``plan == "tp"``): before each layer ``i`` with
+    ``start <= i < stop`` (0-based; the official ``tp_starting_index`` / ``tp_exiting_index``),
+    the hidden state of the placeholder token (the first ``token_id`` of the row; ``<PST>`` there)
+    is replaced by the last token's hidden state at that point, the previous layer's output (the
+    embeddings before layer 0). Causal attention then lets the tokens after the placeholder read
+    a summary of the whole text. ``stop`` None: up to the last layer (the official default
+    ``tp_exiting_index=99`` never stops). A row without the placeholder is left as it is.
+    """
+
+    token_id: int
+    start: int = 1
+    stop: int | None = None
+
+    def span(self, cfg: DecoderConfig, vocab_rows: int) -> tuple[int, int]:
+        """``(start, stop)`` checked against the model: ``0 <= start < stop <= num_layers``."""
+        stop = cfg.num_layers if self.stop is None else int(self.stop)
+        if not 0 <= int(self.start) < stop <= cfg.num_layers:
+            raise ValueError(f"token_prepending: layers start={self.start}, stop={self.stop} must satisfy "
+                             f"0 <= start < stop <= {cfg.num_layers} (this model's layers)")
+        if not 0 <= int(self.token_id) < vocab_rows:
+            raise ValueError(f"token_prepending: token_id {self.token_id} is outside the embedding's {vocab_rows} "
+                             "rows (embedjax.prompting.add_placeholder adds the placeholder)")
+        return int(self.start), stop
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastivePrompting:
+    """Contrastive Prompting (arXiv:2505.12831), ``apply``'s ``contrastive_prompting`` (static).
+
+    The rule of the official code (``zifengcheng/CP``: ``evaluate_intervention.py`` and the hooks
+    of ``activation_intervention/__init__.py``): every text is run twice, with its prompt and with
+    an auxiliary prompt (``"The irrelevant information of this sentence : ..."``). At layer
+    ``layer`` (0-based, the official ``act_layer``), the input of the attention output projection
+    (``o_proj``: the heads' concatenated outputs) at the last token is A for the prompt and B for
+    the auxiliary prompt, and the prompt's A is replaced (the official ``intervention_plan``):
+
+    * ``scaled``: ``coeff * (A - B)`` (the official scripts' choice);
+    * ``norm``: ``(A - B) * |A| / (|A - B| + 1e-7)``;
+    * ``scaled_norm``: ``coeff * (A - B) * |A| / (|A - B| + 1e-7)``;
+    * ``sub_head_norm``: ``norm`` within each attention head's slice.
+
+    Only the last token changes at that layer (causal attention: no other token reads it), so
+    its state above that layer is what is steered.
+    """
+
+    layer: int
+    coeff: float = 1.0
+    strategy: str = "scaled"
+
+    def check(self, k: int) -> int:
+        """The steered layer, checked against ``k``, the number of layers run."""
+        if self.strategy not in STEERING_STRATEGIES:
+            raise ValueError(f"contrastive_prompting: unknown strategy {self.strategy!r}; "
+                             f"choose one of {STEERING_STRATEGIES}")
+        if not 0 <= int(self.layer) < k:
+            raise ValueError(f"contrastive_prompting: layer {self.layer} must be in 0..{k - 1} "
+                             f"(the {k} layers run)")
+        return int(self.layer)
+
+
+def steer(a, b, spec: ContrastivePrompting, num_heads: int):
+    """Contrastive Prompting's replacement of A (``ContrastivePrompting``): a, b (N, heads * D) ->
+    (N, heads * D) float32."""
+    a = a.astype(jnp.float32)
+    diff = a - b.astype(jnp.float32)
+    if spec.strategy == "scaled":
+        return spec.coeff * diff
+    if spec.strategy == "sub_head_norm":
+        ah, dh = a.reshape(a.shape[0], num_heads, -1), diff.reshape(a.shape[0], num_heads, -1)
+        out = dh * jnp.linalg.norm(ah, axis=-1, keepdims=True) / (jnp.linalg.norm(dh, axis=-1, keepdims=True) + 1e-7)
+        return out.reshape(a.shape)
+    out = diff * jnp.linalg.norm(a, axis=-1, keepdims=True) / (jnp.linalg.norm(diff, axis=-1, keepdims=True) + 1e-7)
+    return spec.coeff * out if spec.strategy == "scaled_norm" else out
+
+
+def _at(h, index):
+    """h (B, T, ...) at one position per row: index (B,) -> (B, ...)."""
+    return jnp.take_along_axis(h, index.reshape(-1, *([1] * (h.ndim - 1))), axis=1)[:, 0]
+
+
+def _prepender(input_ids, attention_mask, last, token_id: int):
+    """Token Prepending's edit of a layer's input: the placeholder's state := the last token's."""
+    slot = (input_ids == token_id) & (attention_mask > 0)
+    first = jnp.argmax(slot, axis=1)
+    target = (jnp.arange(input_ids.shape[1])[None] == first[:, None]) & jnp.any(slot, axis=1)[:, None]
+
+    def prepend(h):
+        return jnp.where(target[..., None], _at(h, last)[:, None], h)
+
+    return prepend
+
+
+def _steerer(spec: ContrastivePrompting, last, n: int, num_heads: int):
+    """Contrastive Prompting's edit of the steered layer's ``o_proj`` input over 2n rows (n prompts,
+    then their n auxiliary prompts): the prompts' last-token entries replaced by ``steer``."""
+
+    def edit(ctx):
+        at_last = _at(ctx, last)
+        new = steer(at_last[:n], at_last[n:], spec, num_heads).astype(ctx.dtype)
+        is_last = jnp.arange(ctx.shape[1])[None] == last[:n, None]
+        return jnp.concatenate([jnp.where(is_last[..., None], new[:, None], ctx[:n]), ctx[n:]], axis=0)
+
+    return edit
+
+
+def _run_layers(cfg: DecoderConfig, stack, keys, h, lo: int, hi: int, ropes, mask_args, *, all_layers: bool,
+                remat, unroll, prepend=None, prepend_span=(0, 0), edit_context=None):
+    """Layers ``lo..hi-1`` of the (first-k) stack under ``lax.scan``: ``(last state, every output
+    (hi - lo, B, T, H) or None)``. ``prepend``: Token Prepending's edit, applied before the layers
+    of ``prepend_span``; ``edit_context``: ``layer``'s, on every layer run here."""
+    if hi <= lo:
+        return h, (jnp.zeros((0, *h.shape), h.dtype) if all_layers else None)
+    if (lo, hi) != (0, jax.tree.leaves(stack)[0].shape[0]):
+        stack = jax.tree.map(lambda w: w[lo:hi], stack)
+    t = h.shape[1]
+    variants = [_variant(cfg, kind, t) for kind in cfg.layer_types[lo:hi]]
+    distinct = sorted(set(variants), key=variants.index)
+
+    def branch(variant):
+        window, local = variant
+
+        def run(p, x, key):
+            return layer(p, cfg, x, ropes[1 if local else 0], mask_args, window, key, edit_context)
+
+        return run
+
+    branches = [branch(v) for v in distinct]
+    which = jnp.asarray([distinct.index(v) for v in variants], jnp.int32)
+    if keys is not None and (lo, hi) != (0, keys.shape[0]):
+        keys = keys[lo:hi]
+    xs = (stack, keys, which)
+    if prepend is not None:  # which layers get Token Prepending's edit
+        xs += (jnp.asarray([prepend_span[0] <= i < prepend_span[1] for i in range(lo, hi)]),)
+
+    def body(x, xs):
+        p, key, idx = xs[:3]
+        if prepend is not None:
+            x = jnp.where(xs[3], prepend(x), x)
+        if len(branches) == 1:
+            x = branches[0](p, x, key)
+        else:
+            x = jax.lax.switch(idx, branches, p, x, key)
+        return x, (x if all_layers else None)
+
+    return jax.lax.scan(L.rematerialized(body, remat), h, xs, unroll=unroll)
+
+
+def _check_options(cfg, params, segment_ids, rows: int, k: int, token_prepending, contrastive_prompting):
+    """Token Prepending's layer span (or None) and Contrastive Prompting's layer (or None), checked."""
+    if token_prepending is None and contrastive_prompting is None:
+        return None, None
+    names = [n for n, o in (("token_prepending", token_prepending), ("contrastive_prompting", contrastive_prompting))
+             if o is not None]
+    if segment_ids is not None:
+        raise ValueError(f"{' and '.join(names)} cannot run on packed rows (segment_ids given): each method edits "
+                         "the state of a row's last token, one text per row; pad the texts instead (embed, not "
+                         "embed_packed)")
+    if len(names) == 2:
+        raise ValueError("token_prepending and contrastive_prompting together are not supported; choose one")
+    if token_prepending is not None:
+        return token_prepending.span(cfg, params["embed"].shape[0]), None
+    if rows % 2:
+        raise ValueError(f"contrastive_prompting: the rows are the prompts then their auxiliary prompts, so their "
+                         f"number must be even, got {rows}")
+    return None, contrastive_prompting.check(k)
+
+
 def apply(
     params,
     cfg: DecoderConfig,
@@ -429,6 +612,8 @@ def apply(
     all_layers: bool = True,
     remat: bool | str = False,
     unroll: bool | int = True,
+    token_prepending: TokenPrepending | None = None,
+    contrastive_prompting: ContrastivePrompting | None = None,
 ):
     """Runs the decoder as an encoder (the shared ``apply`` of ``embedjax/encoders/registry.py``).
 
@@ -447,6 +632,13 @@ def apply(
       remat: rematerialise each layer in the backward pass: True (save nothing) or the name of a
         ``jax.checkpoint_policies`` policy, e.g. ``"dots_with_no_batch_dims_saveable"``.
       unroll: ``lax.scan``'s unroll (True: fully unrolled; False / 1: one compiled layer).
+      token_prepending: a ``TokenPrepending`` (static): the placeholder's state is replaced by the
+        last token's before the layers it names (arXiv:2412.11556). None: off.
+      contrastive_prompting: a ``ContrastivePrompting`` (static; arXiv:2505.12831): the 2B rows are
+        B prompts, then the B auxiliary prompts of the same texts in the same order; the prompts'
+        last-token attention output is steered away from the auxiliary one's at its layer, and
+        only the B prompt rows are returned. None: off.
+      Neither option runs on packed rows (``segment_ids``), nor both together: ValueError.
 
     Returns:
       ``(k + 1, B, T, H)`` hidden states as Hugging Face's ``output_hidden_states``: index 0 the
@@ -456,14 +648,16 @@ def apply(
     del token_type_ids
     stack, k = L.first_layers(params["layers"], cfg.num_layers, num_layers)
     b, t = input_ids.shape
+    span, steered = _check_options(cfg, params, segment_ids, b, k, token_prepending, contrastive_prompting)
 
     layer_keys = None
     if dropout_key is not None:
         layer_keys = jax.random.split(dropout_key, k)
 
     x = embed_tokens(params, cfg, input_ids)
+    lengths = jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)
     if segment_ids is None:
-        mask_args = {"lengths": jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)}
+        mask_args = {"lengths": lengths}
     else:
         mask_args = {"segment_ids": jnp.where(attention_mask > 0, segment_ids, 0)}
     if positions is None:
@@ -476,29 +670,22 @@ def apply(
         local_freq, _ = L.rope_frequencies(cfg.head_dim, cfg.local_rope_theta)
         ropes.append(L.rope_cos_sin(positions, local_freq))
 
-    variants = [_variant(cfg, kind, t) for kind in cfg.layer_types[:k]]
-    distinct = sorted(set(variants), key=variants.index)
-
-    def branch(variant):
-        window, local = variant
-
-        def run(p, h, key):
-            return layer(p, cfg, h, ropes[1 if local else 0], mask_args, window, key)
-
-        return run
-
-    branches = [branch(v) for v in distinct]
-    which = jnp.asarray([distinct.index(v) for v in variants], jnp.int32)
-
-    def body(h, xs):
-        p, key, idx = xs
-        if len(branches) == 1:
-            h = branches[0](p, h, key)
-        else:
-            h = jax.lax.switch(idx, branches, p, h, key)
-        return h, (h if all_layers else None)
-
-    last, hidden = jax.lax.scan(L.rematerialized(body, remat), x, (stack, layer_keys, which), unroll=unroll)
+    run = functools.partial(_run_layers, cfg, stack, layer_keys, all_layers=all_layers, remat=remat, unroll=unroll)
+    last_index = jnp.maximum(lengths - 1, 0)
+    if steered is None:
+        prepend = None
+        if span is not None:
+            prepend = _prepender(input_ids, attention_mask, last_index, token_prepending.token_id)
+        last, hidden = run(x, 0, k, ropes, mask_args, prepend=prepend, prepend_span=span or (0, 0))
+    else:  # prompts and auxiliary prompts up to the steered layer, then the prompts alone
+        n = b // 2
+        edit = _steerer(contrastive_prompting, last_index, n, cfg.num_heads)
+        h, below = run(x, 0, steered, ropes, mask_args)
+        h, at = run(h, steered, steered + 1, ropes, mask_args, edit_context=edit)
+        half = lambda a: a[:n]  # noqa: E731
+        x = x[:n]
+        last, above = run(h[:n], steered + 1, k, jax.tree.map(half, ropes), {"lengths": lengths[:n]})
+        hidden = jnp.concatenate([below[:, :n], at[:, :n], above], axis=0) if all_layers else None
     if k == cfg.num_layers:
         last = L.rms_norm(params["final_norm"], last, cfg.rms_norm_eps, plus_one=cfg.norm_plus_one)
     if all_layers:

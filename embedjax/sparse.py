@@ -111,7 +111,7 @@ def mlm_logits(head: dict, word_embeddings, hidden, *, act: str = "gelu", eps: f
     ``LayerNorm(act(hidden @ W + b)) @ word_embeddings.T + bias``."""
     x = hidden.astype(jnp.float32) @ head["transform"]["kernel"] + head["transform"]["bias"]
     x = L.layer_norm(head["norm"], L.activation(act)(x), eps)
-    return x @ word_embeddings.astype(jnp.float32).T + head["bias"]
+    return L.tied_logits(x, word_embeddings.astype(jnp.float32)) + head["bias"]
 
 
 def splade_pool(logits, mask, *, pooling: str = "max", activation: str = "relu"):

@@ -270,3 +270,28 @@ def test_static_query_side_equals_sparse_static_embedding_and_idf_a_loop():
     for term in range(7):
         df = sum(term in doc for doc in corpus)
         assert sparse.idf(corpus, 7)[term] == pytest.approx(np.log(1 + (n - df + 0.5) / (df + 0.5)), rel=1e-6)
+
+
+def test_tied_logits_gradients_equal_the_plain_matmul():
+    """layers.tied_logits (a custom backward for the tied word matrix) against x @ E.T, for token
+    states (B, T, H) and pooled ones (B, H): values and both gradients."""
+    import jax
+    import jax.numpy as jnp
+
+    from embedjax.encoders import layers as L
+
+    rng = np.random.default_rng(0)
+    words = jnp.asarray(rng.normal(size=(50, 16)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(50,)), jnp.float32)
+    for shape in ((3, 7, 16), (4, 16)):
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+        def loss(fn):
+            return lambda x, w: jnp.sum(jnp.tanh(fn(x, w)) * weights)
+
+        plain = lambda x, w: x @ w.T  # noqa: E731
+        np.testing.assert_allclose(L.tied_logits(x, words), plain(x, words), rtol=1e-6, atol=1e-6)
+        got = jax.grad(loss(L.tied_logits), argnums=(0, 1))(x, words)
+        want = jax.grad(loss(plain), argnums=(0, 1))(x, words)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

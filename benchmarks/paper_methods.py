@@ -2,8 +2,8 @@
 to STS-B dev, SICK trial and SciFact dev, with the embedding-space diagnostics of STS-B dev beside.
 
 Rows: the model as it ships; PCA whitening (BERT-whitening arXiv:2103.15316, WhiteningBERT
-arXiv:2104.01767) fitted on the STS-B *train* sentences (all 384 components, and the first 256 /
-128; one fit per row, so every column scores the same model, and no evaluated text is fitted on);
+arXiv:2104.01767) fitted on the STS-B *train* sentences (every component the embeddings span, and
+the first 256 / 128; one fit per row, so every column scores the same model, and no evaluated text is fitted on);
 first-last-layer average pooling (SimCSE's avg_first_last), alone and whitened. Columns: STS-B dev and SICK trial cosine
 Spearman (x100), SciFact dev nDCG@10 (x100, full corpus), and on STS-B dev the alignment (pairs
 scored >= 4), uniformity and anisotropy (``embedjax.eval.diagnostics``).
@@ -40,7 +40,8 @@ def rows():
     first_last = embedjax.load_pretrained(hf.minilm_l6(), max_length=128, pooling="first_last_avg")
     yield "all-MiniLM-L6-v2 (mean pooling)", base
     for dim in (None, 256, 128):
-        yield f"+ whitening{'' if dim is None else f' to {dim}'}", whitening.whiten(base, fit_on, dim=dim)
+        white = whitening.whiten(base, fit_on, dim=dim)
+        yield f"+ whitening to {white.dim}" + (" (every component spanned)" if dim is None else ""), white
     yield "first-last average pooling", first_last
     yield "first-last average + whitening", whitening.whiten(first_last, fit_on)
 

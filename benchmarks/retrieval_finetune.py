@@ -480,9 +480,10 @@ def table(rows: list[dict]) -> str:
             cells.append(f"{statistics.fmean(values):.2f} +- {max(values) - min(values):.2f}" if values else "-")
         step = [r["step_s"] for r in mine if r["step_s"] is not None]
         step_cell = f"{statistics.median(step):.2f}" if step else "-"
-        train = statistics.fmean(r["train_s"] for r in mine)
+        train = [r["train_s"] for r in mine if r["train_s"] is not None]  # None: a --rescore row
+        train_cell = f"{statistics.fmean(train):.0f}" if train else "-"
         lines.append(f"| {method} | {','.join(str(r['seed']) for r in mine)} | " + " | ".join(cells)
-                     + f" | {step_cell} | {train:.0f} |")
+                     + f" | {step_cell} | {train_cell} |")
     return "\n".join(lines)
 
 

@@ -22,25 +22,34 @@ import numpy as np
 from embedjax import dense_head
 
 
+# Components whose variance is below this fraction of the largest are not directions of the data:
+# mean-pooled BERT states lie in a hyperplane (each token's LayerNorm output sums to a constant), so
+# one of their covariance's eigenvalues is zero up to round-off.
+RANK_TOLERANCE = 1e-8
+
+
 def fit(embeddings, *, dim: int | None = None) -> dict:
     """The whitening Dense head of ``embeddings`` (N, D): ``{"kernel": (D, dim), "bias": (dim,)}``,
     float32, so that ``embeddings @ kernel + bias`` has zero mean and identity covariance (over the
-    kept components, in decreasing order of variance). ``dim``: components kept (default all D)."""
+    kept components, in decreasing order of variance). ``dim``: components kept (default: every
+    component the embeddings span, their numerical rank; ValueError when ``dim`` exceeds it)."""
     x = np.asarray(embeddings, np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"whitening fits on (N, D) embeddings with N >= 2, got shape {x.shape}")
-    width = x.shape[1] if dim is None else int(dim)
-    if not 1 <= width <= x.shape[1]:
+    if dim is not None and not 1 <= int(dim) <= x.shape[1]:
         raise ValueError(f"dim must be in 1..{x.shape[1]}, got {dim}")
     mu = x.mean(axis=0)
     centred = x - mu
     covariance = centred.T @ centred / len(x)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    order = np.argsort(eigenvalues)[::-1][:width]
+    order = np.argsort(eigenvalues)[::-1]
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
-    if eigenvalues[-1] <= 1e-12 * max(eigenvalues[0], 1e-300):
-        raise ValueError(f"the embeddings span fewer than {width} dimensions (more texts than dimensions are "
-                         "needed, or a smaller dim)")
+    rank = int(np.sum(eigenvalues > RANK_TOLERANCE * max(eigenvalues[0], 1e-300)))
+    width = rank if dim is None else int(dim)
+    if rank == 0 or width > rank:
+        raise ValueError(f"the embeddings span {rank} dimensions, fewer than dim={dim} (more varied texts, or a "
+                         "smaller dim)")
+    eigenvalues, eigenvectors = eigenvalues[:width], eigenvectors[:, :width]
     kernel = eigenvectors / np.sqrt(eigenvalues)
     return {"kernel": kernel.astype(np.float32), "bias": (-mu @ kernel).astype(np.float32)}
 

@@ -77,8 +77,9 @@ def test_whitening_matches_the_bert_whitening_formula_and_exports(tiny_model, st
     u, s, _ = np.linalg.svd(np.cov((x - mu).T, bias=True))
     reference = (x - mu) @ (u / np.sqrt(s))[:, :5]
     np.testing.assert_allclose(np.abs(y), np.abs(reference), atol=1e-3)
-    with pytest.raises(ValueError, match="fewer than 12 dimensions"):
-        whitening.fit(x[:5])
+    assert whitening.fit(x[:5])["kernel"].shape == (12, 4)  # 5 points span 4 directions
+    with pytest.raises(ValueError, match="span 4 dimensions, fewer than dim=6"):
+        whitening.fit(x[:5], dim=6)
 
     encoder = embedjax.load_pretrained(tiny_model)
     white = whitening.whiten(encoder, stsb_dev_sentences[:400], dim=16)

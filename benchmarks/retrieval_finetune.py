@@ -496,7 +496,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--rescore", action="store_true",
-                    help="score the finished embedjax runs of --methods / --seeds again (no training) and add their rows")
+                    help="score the finished embedjax runs of --methods / --seeds again (no training), add their rows")
     ap.add_argument("--_run", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.root)

@@ -10,7 +10,8 @@ thousand lexical terms (its own words and their neighbours; SciFact dev nDCG@10 
 before any training). transformers' random head (``head_init="random"``) starts with every one of the
 30,522 terms active, and the FLOPS regulariser does not prune them in a CPU-sized run. The regulariser
 warms up quadratically over the first third of the steps. Seed 0 on a 2-core Xeon: 101 steps of
-11.3 s (19 minutes), then SciFact dev / NFCorpus dev nDCG@10 55.22 / 25.48 (benchmarks/README.md). The data, order and hard negatives are configs/beir_ir.py's (first mine its negatives: its
+11.3 s (19 minutes), then SciFact dev / NFCorpus dev nDCG@10 55.22 / 25.48 (benchmarks/README.md).
+The data, order and hard negatives are configs/beir_ir.py's (first mine its negatives: its
 docstring has the ``scripts/mine.py --beir`` command):
 
     python scripts/train.py --config configs/beir_splade.py --workdir workdirs/beir_splade

@@ -180,6 +180,11 @@ def base_config() -> ml_collections.ConfigDict:
         # kind=csts: conditioned (scored pairs, each sentence with its condition) | tri (sentences and condition
         # apart: model_kind=tri_encoder) | conditioned_quadruplets | tri_quadruplets (objective.loss=quadruplet)
         "csts_records": "conditioned",
+        # kind=beir_corpus: train is a BEIR directory, its corpus.jsonl's documents as single texts.
+        # Single texts (sentences, stsb_sentences, beir_corpus) may be cut into sentences, and damaged:
+        "split_sentences": False,  # True: each text becomes its sentences
+        "noise": placeholder(str),  # "delete": each text -> (damaged copy, text) pairs (TSDAE; objective.loss=tsdae)
+        "noise_ratio": 0.6,        # noise="delete": each word's deletion probability (TSDAE's 0.6)
         # This source's instructions, {"query": ..., "document": ...} ({} or a missing key: the run's
         # prompts); "{task}" in either (or in the run's) is replaced by data.task. In a mixture each
         # source has its own; they are exported as prompts "<source>-query" / "<source>-document".

@@ -302,7 +302,7 @@ def decoder_logits(encoder_params, decoder_params, cfg: bert.BertConfig, sentenc
     y = L.activation(cfg.hidden_act)(L.dense(head["transform"], x))
     y = L.layer_norm(head["norm"], y, cfg.layer_norm_eps)
     word = encoder_params["embeddings"]["word"]
-    logits = jnp.einsum("bth,vh->btv", y.astype(jnp.float32), word.astype(jnp.float32))
+    logits = L.tied_logits(y.astype(jnp.float32), word.astype(jnp.float32))  # its word-matrix gradient as one GEMM
     return logits + head["bias"]
 
 

@@ -46,6 +46,7 @@ VARIANTS = [
     "beir_splade:inference_free,smoke",
     "beir_colbert", "beir_colbert:smoke", "beir_colbert:dim=96,doc_length=180,gradcache=8,lr=5e-5,epochs=2,seed=1,negatives=0",
     "beir_m3", "beir_m3:smoke", "beir_m3:no_distill,gradcache=8,lr=5e-5,epochs=2,seed=1,negatives=0",
+    "tsdae_beir", "tsdae_beir:smoke", "tsdae_beir:steps=100,lr=1e-4,ratio=0.5,batch=16,seed=1",
 ]
 
 

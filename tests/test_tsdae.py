@@ -1,9 +1,11 @@
 """embedjax.tsdae against sentence-transformers' DenoisingAutoEncoderLoss (TSDAE, arXiv:2104.06979)
 on the tiny random BERT: loss, gradients (tied and decoder-own weights), logits, and the deletion
 noise against ``DenoisingAutoEncoderDataset.delete``."""
+import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,8 @@ from embedjax import tsdae
 from embedjax.encoders import bert
 
 pytestmark = pytest.mark.fast_compile
+
+REPO = Path(__file__).resolve().parents[1]
 
 SENTENCES = [
     "A man is playing a flute while his dog sleeps.",
@@ -225,3 +229,148 @@ def test_delete_tokens_first_principles():
                for s in range(20))
     assert tsdae.delete_tokens("   ", rng) == "   "
     assert tsdae.delete_tokens("two words", np.random.default_rng(3), ratio=0.0) == "two words"
+
+
+# --------------------------------------------------------------------------- TSDAE as a training objective
+
+
+def test_deletion_noise_records_are_damaged_copies_drawn_per_seed_and_index():
+    from embedjax.data.noise import DeletionNoise
+
+    texts = [f"word{i} alpha beta gamma delta epsilon zeta eta theta iota kappa lambda." for i in range(300)]
+    noisy = DeletionNoise(texts, 0.6, seed=3)
+    again, other = DeletionNoise(texts, 0.6, seed=3), DeletionNoise(texts, 0.6, seed=4)
+    kept = []
+    for i in range(len(texts)):
+        record = noisy[i]
+        assert record.text_b == texts[i] and record == again[i]  # the same copy whenever it is read
+        words, damaged = tsdae.word_tokenize(texts[i]), tsdae.word_tokenize(record.text_a)
+        it = iter(words)
+        assert damaged and all(w in it for w in damaged)  # survivors in order: a subsequence
+        kept.append(len(damaged) / len(words))
+    assert sum(noisy[i] != other[i] for i in range(len(texts))) > 250  # seeds draw different noise
+    n = 13 * len(texts)  # words drawn; each kept with probability 0.4
+    assert abs(np.mean(kept) - 0.4) < 5 * np.sqrt(0.4 * 0.6 / n) + 1 / 13  # (+ the forced survivor's bias)
+    assert noisy[-1] == noisy[len(texts) - 1]
+    with pytest.raises(IndexError):
+        noisy[len(texts)]
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        DeletionNoise(texts, 1.0)
+    with pytest.raises(ValueError, match="single texts"):
+        DeletionNoise([("a", "b")])
+
+
+def test_the_train_step_loss_equals_denoising_auto_encoder_loss_on_a_pipeline_batch(setup, tiny_model):
+    """The objective's wiring: the pipeline's side a is the damaged copy, side b the original, the
+    embedding is the model's (mean pooled, normalised), and the decoder is the one in params."""
+    from embedjax.data import pipeline
+    from embedjax.data.noise import DeletionNoise
+    from embedjax.model import load_pretrained
+    from embedjax.train.objective import Objective, batch_loss
+    from embedjax.train.tsdae_objective import DECODER
+
+    torch = setup["torch"]
+    encoder = load_pretrained(tiny_model)
+    records = DeletionNoise(SENTENCES, 0.6, seed=0)
+    it = pipeline.train_pipeline(records, encoder.tokenizer.replace(buckets=(32,)), global_batch_size=len(SENTENCES),
+                                 seed=0, common_length=True)
+    batch = next(it)
+    order = [records[i] for i in range(len(records))]
+    objective = Objective.from_config(_objective_section(), encoder.pooling)
+    objective = dataclasses.replace(objective, dropout=False)
+    params = {**setup["enc_params"], DECODER: setup["dec_params"]}
+    got = batch_loss(params, setup["cfg"], objective, jax.tree.map(jnp.asarray, batch), jax.random.key(0))
+    # the batch's rows in the pipeline's (shuffled) order, read back from its side-b ids
+    vocab = {v: k for k, v in encoder.tokenizer.backend.get_vocab().items()}
+    decoded = [encoder.tokenizer.backend.decode([int(t) for t in row if t], skip_special_tokens=True)
+               for row in np.asarray(batch.b.ids)]
+    by_text = {encoder.tokenizer.backend.decode(encoder.tokenizer.backend.encode(r.text_b).ids,
+                                                skip_special_tokens=True): r for r in order}
+    rows = [by_text[t] for t in decoded]
+    assert vocab and sorted(r.text_b for r in rows) == sorted(SENTENCES)
+    model, loss = setup["model"], setup["loss"]
+    with torch.no_grad():
+        want = loss([model.tokenize([r.text_a for r in rows]), model.tokenize([r.text_b for r in rows])], None)
+    np.testing.assert_allclose(float(got), float(want), rtol=2e-5)
+
+
+def _objective_section(**changes):
+    import sys as _sys
+
+    _sys.path.insert(0, str(REPO))
+    from configs import base
+
+    section = base.base_config().objective.to_dict()
+    section.update({"loss": "tsdae", "loss_kwargs": {}, **changes})
+    return section
+
+
+def test_tsdae_objective_refuses_what_it_cannot_train(tiny_model, tmp_path):
+    from embedjax.train.config import DataConfig, TrainConfig
+    from embedjax.train.objective import Objective
+    from embedjax.train import sources
+
+    with pytest.raises(ValueError, match="wrap losses of embeddings"):
+        Objective.from_config(_objective_section(matryoshka_dims=(8,)), "mean")
+    with pytest.raises(ValueError, match="unknown objective.loss_kwargs"):
+        Objective.from_config(_objective_section(loss_kwargs={"scale": 20.0}), "mean")
+    text = tmp_path / "s.txt"
+    text.write_text("one two three.\nfour five six.\n")
+    plain = sources.train_source(DataConfig(kind="sentences", train=str(text), format="txt"))
+    from embedjax.data import pipeline
+    from embedjax.train.loss_specs import check_objective_data
+
+    objective = Objective.from_config(_objective_section(), "mean")
+    with pytest.raises(ValueError, match="data.noise='delete'"):
+        check_objective_data(objective, pipeline.fields_of(plain))
+    with pytest.raises(ValueError, match="single texts"):
+        sources.train_source(DataConfig(kind="stsb", train=str(text), noise="delete"))
+    sys.path.insert(0, str(REPO))
+    from configs import tsdae_beir
+
+    c = tsdae_beir.get_config("smoke")
+    c.model = str(tiny_model)
+    c.data.mixture = {}
+    c.data.kind, c.data.train, c.data.format = "sentences", str(text), "txt"
+    c.data.pack_length = 64
+    from embedjax.train.loop import train_and_evaluate
+
+    with pytest.raises(ValueError, match="pack_length=0"):
+        train_and_evaluate(c, tmp_path / "packed")
+
+
+def test_a_tsdae_run_trains_the_decoder_with_the_encoder_and_exports_the_encoder_alone(tiny_model, small_beir,
+                                                                                        tmp_path):
+    from safetensors.numpy import load_file
+    from sentence_transformers import SentenceTransformer
+
+    import embedjax
+    from embedjax.train.loop import train_and_evaluate
+
+    sys.path.insert(0, str(REPO))
+    from configs import tsdae_beir
+
+    c = tsdae_beir.get_config("smoke=4")
+    c.model = str(tiny_model)
+    c.data.mixture = {}
+    c.data.train = str(small_beir)
+    c.evals = {"dev": {"type": "retrieval", "path": str(small_beir), "split": "dev"}}
+    c.select_metric = "dev/ndcg@10"
+    c.checkpoint.keep = 10
+    c.optim.learning_rate = 1e-3
+    summary = train_and_evaluate(c, tmp_path / "run")
+    assert np.isfinite(summary["after"]["dev/ndcg@10"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    # the checkpoints hold the decoder (a resume continues it); the export does not
+    metadata = (tmp_path / "run" / "checkpoints" / "4" / "state" / "_METADATA").read_text()
+    assert "tsdae_decoder" in metadata and "cross" in metadata
+    exported = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert exported and not any("cross" in k or "tsdae" in k for k in exported)
+    start = load_file(str(tiny_model / "model.safetensors"))
+    texts = ["a damaged copy", "the original text"]
+    np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "run"), device="cpu").encode(texts),
+                               embedjax.load_pretrained(tmp_path / "run").encode(texts), atol=1e-5)
+    assert not np.allclose(exported[next(k for k in exported if k.endswith("word_embeddings.weight"))],
+                           start[next(k for k in start if k.endswith("word_embeddings.weight"))])

@@ -99,6 +99,16 @@ def _read_texts(path: Path, *, titles: bool) -> tuple[tuple[str, ...], tuple[str
     return tuple(r[0] for r in rows), tuple(r[1] for r in rows)
 
 
+def read_corpus_texts(directory) -> tuple[str, ...]:
+    """Every document of a BEIR directory's ``corpus.jsonl``, in file order, joined as the
+    retrieval evaluator joins them (``title + " " + text``): a corpus as plain texts, e.g. for
+    unsupervised domain adaptation (``data.kind="beir_corpus"``)."""
+    path = Path(directory) / "corpus.jsonl"
+    if not path.is_file():
+        raise DataError(path, None, "no corpus.jsonl: expected a BEIR directory (corpus.jsonl, queries.jsonl, qrels/)")
+    return _read_texts(path, titles=True)[1]
+
+
 def _qrels_path(directory: Path, split: str) -> Path:
     path = directory / "qrels" / f"{split}.tsv"
     if not path.is_file():

@@ -275,6 +275,9 @@ class DataConfig:
     pack_rows_multiple: int = 2
     in_batch_negatives: int = 0               # cross_encoder: other rows' positives added to each candidate group
     csts_records: str = "conditioned"         # kind=csts: embedjax.data.csts.RECORDS
+    split_sentences: bool = False             # single texts: each cut into its sentences (embedjax.tsdae.split_sentences)
+    noise: str | None = None                  # "delete": each text -> (damaged, original) pairs (embedjax.data.noise)
+    noise_ratio: float = 0.6                  # noise="delete": each word's deletion probability
 
     @classmethod
     def from_config(cls, data) -> DataConfig:
@@ -305,6 +308,14 @@ class DataConfig:
         if unknown or not all(isinstance(v, str) for v in prompts.values()):
             raise ValueError(f"data.prompts takes 'query' and 'document' strings, got {dict(data.get('prompts'))!r}")
         task = _optional(data.get("task"), str, "data.task")
+        noise = _optional(data.get("noise"), str, "data.noise")
+        if noise is not None:
+            from embedjax.data.noise import NOISES
+
+            _choice(noise, NOISES, "data.noise")
+        noise_ratio = data.get("noise_ratio", 0.6)
+        if isinstance(noise_ratio, bool) or not isinstance(noise_ratio, (int, float)) or not 0 <= noise_ratio < 1:
+            raise ValueError(f"data.noise_ratio is each word's deletion probability, in [0, 1); got {noise_ratio!r}")
         buckets = tuple(data["buckets"])
         if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"data.buckets must be positive token lengths, got {buckets}")
@@ -318,7 +329,9 @@ class DataConfig:
                    pack_rows_multiple=_integer(data["pack_rows_multiple"], "data.pack_rows_multiple", minimum=1),
                    in_batch_negatives=_integer(data.get("in_batch_negatives", 0), "data.in_batch_negatives",
                                                minimum=0),
-                   csts_records=_choice(data.get("csts_records", "conditioned"), CSTS_RECORDS, "data.csts_records"))
+                   csts_records=_choice(data.get("csts_records", "conditioned"), CSTS_RECORDS, "data.csts_records"),
+                   split_sentences=bool(data.get("split_sentences", False)), noise=noise,
+                   noise_ratio=float(noise_ratio))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,11 +49,12 @@ def training_cfg(encoder: Encoder, model: ModelConfig):
 def split_trainable(params, adapters_only: bool):
     """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters, the pooler's own
     params (latent attention), a Dense head, a cross-encoder's head and a tri-encoder's head train and the base is
-    frozen (and a SPLADE model's MLM head, a ColBERT model's projection); without, everything trains."""
+    frozen (and a SPLADE model's MLM head, a ColBERT model's projection, a TSDAE decoder's own weights); without, everything trains."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
     # the pooler, the heads, a ColBERT projection, an inference-free SPLADE model's query weights
-    own_params = ("pooler/", "head/", "tri_head/", "dense/", "mlm_head/", "projection/", "query_static", "m3_heads/")
+    own_params = ("pooler/", "head/", "tri_head/", "dense/", "mlm_head/", "projection/", "query_static", "m3_heads/",
+                  "tsdae_decoder/")
     trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(own_params)  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
 

@@ -17,6 +17,7 @@ and the lists the docs and configs refer to (``AUX_LOSSES``) all follow from the
 | ``quadruplet`` | ``losses.quadruplet`` | C-STS condition pairs | a, b, the same pair under the lower-scored condition |
 | ``margin_mse`` | ``losses.margin_mse`` | distillation records | a, b, negatives, teacher scores |
 | ``listwise_kl`` | ``losses.listwise_kl`` | distillation records | a, b, negatives, teacher scores |
+| ``tsdae`` | ``embedjax.tsdae.reconstruction_loss`` | (damaged, original) texts (``data.noise``) | a's embedding, b's token ids |
 
 Embedding distillation from a teacher encoder (``objective.distill.loss``) and the layer
 wrappers (``objective.layers``) are the two smaller tables ``DISTILL_LOSSES`` and ``LAYER_MODES``.
@@ -127,6 +128,11 @@ def batch_infonce(za, zb, zn=None, *, anchor_ids=None, positive_ids=None, negati
     return losses.infonce(za, zb, zn, anchor_ids=anchor_ids, positive_ids=positive_ids, negative_ids=negative_ids,
                           **kwargs)
 
+def _token_level(*args, **kwargs):
+    raise ValueError("objective.loss='tsdae' reconstructs token ids from the embedding, not a loss of embeddings: "
+                     "embedjax.train.objective.batch_loss runs it (embedjax.train.tsdae_objective)")
+
+
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("cosent", losses.cosent, _SCORED, "scored pairs"),
     LossSpec("angle", losses.angle_loss, _SCORED, "scored pairs", keywords=(("a_ids", "a_hash"), ("b_ids", "b_hash")),
@@ -145,6 +151,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("quadruplet", losses.quadruplet, ("za", "zb", "zn"), "C-STS condition pairs", suggested=False),
     LossSpec("margin_mse", losses.margin_mse, _TEACHER, "distillation records"),
     LossSpec("listwise_kl", losses.listwise_kl, _TEACHER, "distillation records"),
+    # TSDAE (arXiv:2104.06979): a decoder reconstructs b's tokens from a's embedding (embedjax.train.tsdae_objective)
+    LossSpec("tsdae", _token_level, ("za", "zb"), "single texts damaged by data.noise='delete'", suggested=False),
 )}
 
 # Scored-pair losses that may be added to the main one on the same embeddings (objective.aux_losses).
@@ -207,6 +215,11 @@ def check_objective_data(objective, fields: Sequence[str], scores: Sequence[floa
         if spec.name != "quadruplet":
             fields = tuple(f for f in fields if f != "text_n")
     loss, has_score = spec.name, "score" in fields
+    if loss == "tsdae" and fields != ("text_a", "text_b"):
+        raise ValueError(f"objective.loss='tsdae' reconstructs each text from the embedding of a damaged copy, but the "
+                         f"records have {fields}: train on single texts (data.kind sentences, stsb_sentences or "
+                         "beir_corpus) with data.noise='delete' (each text -> (damaged copy, text), as "
+                         "sentence-transformers' DenoisingAutoEncoderDataset), or on (input, target) pairs")
     if "relevant" in fields and not spec.reads_relevant:
         raise ValueError(
             f"objective.loss={loss!r} cannot train on retrieval records (data.kind=beir: a query, its positives and "

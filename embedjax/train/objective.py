@@ -76,6 +76,10 @@ class Objective:
         if frozen and teacher is None:
             name = distill["teacher"] if fields["distill_loss"] else cfg["guide"]
             raise ValueError(f"objective reads the frozen model {name!r}: pass the loaded teacher encoder (teacher=)")
+        if fields["loss"] == "tsdae":
+            from embedjax.train.tsdae_objective import check_options
+
+            check_options(fields)
         if tri_head and (fields["layers"] or fields["matryoshka_dims"] or frozen):
             raise ValueError("a tri-encoder scores the conditioned embeddings through its head: objective.layers, "
                              "matryoshka_dims, distill and guide do not apply")
@@ -313,6 +317,10 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Batch, key, teacher
     embeddings towards the teacher's is added. With ``objective.guide`` the same frozen model's
     embeddings go to the contrastive loss as ``guide`` (its false-negative rule reads them).
     """
+    if objective.loss == "tsdae":  # token-level: a decoder reconstructs side b from side a's embedding
+        from embedjax.train.tsdae_objective import tsdae_batch_loss
+
+        return tsdae_batch_loss(params, enc_cfg, objective, batch, key)
     k_embed, k_loss = jax.random.split(key)
     if objective.gradcache_chunk and batch.packed is not None:
         raise ValueError("GradCache chunks the batch by examples; it cannot take a packed batch "

@@ -17,7 +17,12 @@
                    sentence pair as the csts evaluator carves it), as data.csts_records says: each
                    sentence written with its condition ("{sentence} {condition}"), scored 1-5 -> ScoredPair;
                    or the tri-encoder's records, or either family's quadruplets (embedjax.data.csts)
+    beir_corpus    a BEIR directory's corpus.jsonl (data.train), each document (title + " " + text) -> str
     tfds           any TFDS dataset by name (data.tfds_name, data.tfds_split, data.columns, data.tfds_data_dir)
+
+Single texts (sentences, stsb_sentences, beir_corpus) may be cut into sentences
+(``data.split_sentences``) and damaged (``data.noise="delete"``: each becomes a Pair of its copy
+with words deleted and itself, TSDAE's input; ``embedjax.data.noise``).
 
 ``data.columns`` maps fields (text_a, text_b, text_n, score) to a file's columns (header names
 or JSON keys, or 0-based indexes) or to a TFDS dataset's features; ``{}`` = the defaults.
@@ -33,11 +38,29 @@ from embedjax.data import pipeline, readers
 from embedjax.train.config import DataConfig
 
 DATA_KINDS = ("stsb", "stsb_sentences", "sick", "sick_triplets", "sentences", "pairs", "triplets", "scored", "distill",
-              "beir", "csts", "tfds")
+              "beir", "beir_corpus", "csts", "tfds")
+SINGLE_TEXT_KINDS = ("sentences", "stsb_sentences", "beir_corpus")
 
 
-def train_source(data: DataConfig):
-    """The training records (a random-access sequence) a data section describes."""
+def train_source(data: DataConfig, *, seed: int = 0):
+    """The training records (a random-access sequence) a data section describes; ``seed`` draws
+    the noise of ``data.noise``."""
+    if (data.split_sentences or data.noise) and data.kind not in SINGLE_TEXT_KINDS:
+        raise ValueError(f"data.split_sentences and data.noise apply to single texts (data.kind one of "
+                         f"{SINGLE_TEXT_KINDS}), not data.kind={data.kind!r}")
+    records = _records(data)
+    if data.split_sentences:
+        from embedjax.tsdae import split_sentences
+
+        records = [s.strip() for text in records for s in split_sentences(text)]
+    if data.noise:
+        from embedjax.data.noise import with_noise
+
+        records = with_noise(records, data.noise, ratio=data.noise_ratio, seed=seed)
+    return records
+
+
+def _records(data: DataConfig):
     kind, skip_bad, columns = data.kind, data.skip_bad, data.columns or None
     if kind == "stsb":
         return readers.read_stsb(data.train, skip_bad=skip_bad)
@@ -55,6 +78,10 @@ def train_source(data: DataConfig):
 
         return read_beir_training(data.train, data.split, min_grade=data.min_grade, positives=data.positives,
                                   hard_negatives=data.hard_negatives, num_negatives=data.num_negatives)
+    if kind == "beir_corpus":
+        from embedjax.data.retrieval_readers import read_corpus_texts
+
+        return list(read_corpus_texts(data.train))
     if kind == "csts":
         from embedjax.data.csts import training_records
         from embedjax.eval.csts import examples_of

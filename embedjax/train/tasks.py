@@ -126,9 +126,11 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
     else:
         objective = Objective.from_config(spec.objective, encoder.pooling, teacher=teacher,  # the run's one pooling
                                           tri_head=tri_head.KEY in encoder.params, dense=encoder.dense)
+        if objective.loss == "tsdae" and spec.data.pack_length:  # its decoder reads the originals' padded ids
+            raise ValueError("objective.loss='tsdae' reads padded batches: set data.pack_length=0")
     try:
         side_prompts = by_side(source_prompts(prompts, spec.data))
-        records = sources.train_source(spec.data)
+        records = sources.train_source(spec.data, seed=seed)
         check_objective_data(objective, pipeline.fields_of(records), sources.scores_of(records))
     except ValueError as err:
         if not mixture:
@@ -158,7 +160,7 @@ def _cross_source(spec: SourceConfig, model, *, batch_size: int, seed: int, mixt
         if spec.data.prompts or spec.data.task is not None:
             raise ValueError("data.prompts / data.task apply to bi-encoders; a cross-encoder reads the pair whole")
         objective = CrossObjective.from_config(spec.objective, model.head)
-        records = sources.train_source(spec.data)
+        records = sources.train_source(spec.data, seed=seed)
         check_cross_data(objective, pipeline.fields_of(records), sources.scores_of(records),
                          spec.data.in_batch_negatives)
         pairs = PairFormat(template=model.template, in_batch_negatives=spec.data.in_batch_negatives)

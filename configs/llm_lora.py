@@ -21,6 +21,9 @@ The seconds-long CPU variant trains a tiny random Qwen3-shaped checkpoint writte
 """
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,17 +32,42 @@ from configs import base
 INSTRUCTION = "Instruct: Given a sentence, retrieve a sentence that it entails\nQuery: "
 
 
-def tiny_checkpoint(model_type: str = "qwen3") -> str:
+def tiny_checkpoint(model_type: str = "qwen3", *, lm_head: bool = False) -> str:
     """A tiny random checkpoint of ``model_type`` (written once, then reused) with a tokenizer
-    learnt from the SICK training sentences."""
+    learnt from the SICK training sentences; ``lm_head``: a ``*ForCausalLM`` one with its own
+    (untied) LM head (``embedjax.tiny.write_random_checkpoint``).
+
+    It is written by a child process: loading a config must not start jax's backend, which
+    ``scripts/train.py`` needs untouched to join a multi-host run after reading the config."""
+    name = f"embedjax_tiny_{model_type}" + ("_lm_head" if lm_head else "")
+    directory = Path(os.environ.get("EMBEDJAX_CACHE", tempfile.gettempdir())) / name
+    if not (directory / "model.safetensors").is_file():
+        code = f"from configs import llm_lora; llm_lora.write_tiny({str(directory)!r}, {model_type!r}, {lm_head!r})"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return str(directory)
+
+
+def write_tiny(directory: str, model_type: str, lm_head: bool) -> None:
+    """``tiny_checkpoint``'s writer: into a fresh directory beside ``directory``, then renamed into place
+    (a concurrent writer's finished copy wins)."""
     from embedjax import tiny
     from embedjax.data import readers
 
-    directory = Path(os.environ.get("EMBEDJAX_CACHE", tempfile.gettempdir())) / f"embedjax_tiny_{model_type}"
-    if not (directory / "model.safetensors").is_file():
-        pairs = readers.read_sick(base.DATA / "sick" / "SICK_train.txt")
-        tiny.write_random_checkpoint(directory, model_type, texts=[t for p in pairs for t in (p.text_a, p.text_b)])
-    return str(directory)
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_dir() and not (target / "model.safetensors").is_file():  # an unfinished copy (no rename wrote it)
+        shutil.rmtree(target, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    pairs = readers.read_sick(base.DATA / "sick" / "SICK_train.txt")
+    tiny.write_random_checkpoint(staging, model_type, texts=[t for p in pairs for t in (p.text_a, p.text_b)],
+                                 lm_head=lm_head)
+    try:
+        staging.replace(target)
+    except OSError:  # another process wrote it first
+        if not (target / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def get_config(arg: str | None = None):

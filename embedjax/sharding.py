@@ -51,9 +51,10 @@ def rules_for(cfg, name: str) -> tuple:
         from embedjax.encoders import registry
 
         # a cross-encoder's head, a tri-encoder's, a SPLADE model's MLM head, a ColBERT projection (small), a
-        # TSDAE decoder's own weights (4 H x H per layer): replicated
+        # TSDAE decoder's own weights (4 H x H per layer): replicated; an MNTP run's untied LM head (V, H): as
+        # a decoder's embedding, its hidden axis over fsdp
         return (*POOLER_RULES, (r"^(tri_|mlm_)?head/", P()), (r"^projection/", P()), (r"^query_static$", P()), (r"^m3_heads/", P()),
-                (r"^tsdae_decoder/", P()),
+                (r"^tsdae_decoder/", P()), (r"^lm_head/weight$", P(None, "fsdp")),
                 *registry.of(cfg).sharding_rules)
     raise ValueError(f"unknown sharding_rules {name!r}; choose 'fsdp' or 'replicated'")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 import jax
+import numpy as np
 from safetensors.numpy import save_file
 
 from embedjax.encoders import registry
@@ -52,9 +53,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, *, add_bos: boo
 
 
 def write_random_checkpoint(directory: str | Path, model_type: str = "qwen3", *, texts: Iterable[str],
-                            vocab_size: int = 512, seed: int = 0, **overrides) -> Path:
+                            vocab_size: int = 512, seed: int = 0, lm_head: bool = False, **overrides) -> Path:
     """Writes a random ``model_type`` checkpoint (tiny by default; ``overrides`` are config.json
     fields, e.g. ``num_hidden_layers=4``) with a tokenizer learnt from ``texts``; returns the directory.
+    ``lm_head``: a ``*ForCausalLM`` checkpoint with its own random LM head (``lm_head.weight``,
+    ``tie_word_embeddings`` false) instead of one tied to the embedding.
     """
     if model_type not in _FAMILIES:
         raise ValueError(f"no tiny recipe for model_type={model_type!r}; choose one of {sorted(_FAMILIES)}")
@@ -68,12 +71,20 @@ def write_random_checkpoint(directory: str | Path, model_type: str = "qwen3", *,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
           "tie_word_embeddings": True, "eos_token_id": ids[EOS], "pad_token_id": ids[PAD],
           "bos_token_id": ids[BOS], "torch_dtype": "float32", **_FAMILIES[model_type], **overrides}
+    if lm_head:
+        hf["tie_word_embeddings"] = False
+        hf["architectures"] = [hf["architectures"][0].replace("Model", "ForCausalLM")]
     cfg = registry.config_from_hf(hf)
     backbone = registry.of(cfg)
     params = backbone.init(cfg, jax.random.key(seed))
-    save_file(backbone.state_dict_from_params(params, cfg), str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps({**hf, **cfg.to_hf()}, indent=2) + "\n")
+    state = backbone.state_dict_from_params(params, cfg)
+    if lm_head:  # transformers' *ForCausalLM layout: the backbone under "model.", the head beside it
+        state = {f"model.{k}": v for k, v in state.items()}
+        shape = (cfg.vocab_size, cfg.hidden_size)
+        state["lm_head.weight"] = np.asarray(0.02 * jax.random.normal(jax.random.key(seed + 1), shape), np.float32)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    causal_lm = {"architectures": hf["architectures"]} if lm_head else {}  # to_hf names the base model
+    (directory / "config.json").write_text(json.dumps({**hf, **cfg.to_hf(), **causal_lm}, indent=2) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": EOS, "pad_token": PAD, "bos_token": BOS if add_bos else None,
          "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512}, indent=2) + "\n")

@@ -49,7 +49,9 @@ def training_cfg(encoder: Encoder, model: ModelConfig):
 def split_trainable(params, adapters_only: bool):
     """``(trainable, frozen)`` (``lora.partition``): with LoRA, the adapters, the pooler's own
     params (latent attention), a Dense head, a cross-encoder's head and a tri-encoder's head train and the base is
-    frozen (and a SPLADE model's MLM head, a ColBERT model's projection, a TSDAE decoder's own weights); without, everything trains."""
+    frozen (and a SPLADE model's MLM head, a ColBERT model's projection, a TSDAE decoder's own weights); without, everything trains.
+    An MNTP run's LM head (``params["lm_head"]``) is base model: frozen under LoRA (LLM2Vec trains
+    only the adapters)."""
     if not adapters_only:
         return lora.partition(params, jax.tree.map(lambda _: True, params))
     # the pooler, the heads, a ColBERT projection, an inference-free SPLADE model's query weights
@@ -57,6 +59,27 @@ def split_trainable(params, adapters_only: bool):
                   "tsdae_decoder/")
     trains = lambda path, _: lora.is_adapter(path) or sharding.param_path(path).startswith(own_params)  # noqa: E731
     return lora.partition(params, jax.tree_util.tree_map_with_path(trains, params))
+
+
+def add_objective_params(encoder: Encoder, sources, *, seed: int = 0) -> Encoder:
+    """``encoder`` with the params only a token-level objective of the run's ``sources``
+    (``TrainConfig.sources``) reads: a TSDAE decoder's own weights (``params["tsdae_decoder"]``,
+    seeded by ``seed``), an MNTP run's untied LM head (``params["lm_head"]``). The run's
+    checkpoints hold them; ``objective_params_dropped`` takes them out again."""
+    from embedjax.train import mntp_objective, tsdae_objective
+
+    if tsdae_objective.uses_tsdae(sources):  # its decoder's own weights train beside the encoder's
+        encoder = tsdae_objective.add_decoder(encoder, seed=seed)
+    if mntp_objective.uses_mntp(sources):  # an untied LM head, read after the backbone (frozen under LoRA)
+        encoder = mntp_objective.add_lm_head(encoder)
+    return encoder
+
+
+def objective_params_dropped(params):
+    """The params without what ``add_objective_params`` added: the encoder that is evaluated and exported."""
+    from embedjax.train import mntp_objective, tsdae_objective
+
+    return mntp_objective.without_lm_head(tsdae_objective.without_decoder(params))
 
 
 def trainable_params(lora_config: LoraConfig, encoder: Encoder, *, seed: int = 0):
@@ -150,18 +173,20 @@ def is_workdir(path: str | os.PathLike) -> bool:
 
 def run_encoder(workdir: str | os.PathLike):
     """``(config, encoder, trainable, frozen)``: the run's encoder before training, as the loop
-    builds it from the workdir's ``train_config.json`` (``TrainConfig``), LoRA split included."""
+    builds it from the workdir's ``train_config.json`` (``TrainConfig``), LoRA split included (and
+    the params a token-level objective adds: the tree the run's checkpoints hold)."""
     raw = legacy_config(json.loads((Path(workdir) / CONFIG_FILE).read_text()))
     config = TrainConfig.from_config(_as_config(raw))
-    encoder = load_model(config.model, seed=config.seed)
+    encoder = add_objective_params(load_model(config.model, seed=config.seed), config.sources, seed=config.seed)
     trainable, frozen, encoder = trainable_params(config.lora, encoder, seed=config.seed)
     return config, encoder, trainable, frozen
 
 
 def merged_encoder(encoder: Encoder, trained, frozen) -> Encoder:
-    """``encoder`` with the trained params on the frozen ones, LoRA adapters merged into the
-    weights, normalising like the run's export (``save_pretrained(normalize=True)``)."""
-    params, cfg = lora.combine(trained, frozen), encoder.cfg
+    """``encoder`` with the trained params on the frozen ones (without a TSDAE decoder or an MNTP LM
+    head), LoRA adapters merged into the weights, normalising like the run's export
+    (``save_pretrained(normalize=True)``)."""
+    params, cfg = objective_params_dropped(lora.combine(trained, frozen)), encoder.cfg
     if cfg.lora is not None:
         params, cfg = lora.merge(params, cfg)
     return dataclasses.replace(encoder, params=params, cfg=cfg, normalize=True)

@@ -34,7 +34,7 @@ from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.encoders import registry
 from embedjax.eval import suite
 from embedjax.model import load_pretrained
-from embedjax.train import encoders, memory, optim, tasks, tsdae_objective, workdir as workdirs
+from embedjax.train import encoders, memory, optim, tasks, workdir as workdirs
 from embedjax.train.callbacks import Callback, due
 from embedjax.train.config import TrainConfig
 from embedjax.train.metrics import MetricsWriter, TrainLog, progress_bar
@@ -87,8 +87,8 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
             else encoders.load_colbert_model if late else encoders.load_m3_model if multi else encoders.load_model)
     own_files = cross or sparse or late or multi  # exported in the model kind's own layout
     encoder = load(run.model, seed=run.seed)
-    if tsdae_objective.uses_tsdae(run.sources):  # its decoder's own weights train beside the encoder's
-        encoder = tsdae_objective.add_decoder(encoder, seed=run.seed)
+    # a TSDAE decoder's own weights, an MNTP run's untied LM head: trained (or frozen) and checkpointed with the rest
+    encoder = encoders.add_objective_params(encoder, run.sources, seed=run.seed)
     params, frozen, encoder = encoders.trainable_params(run.lora, encoder, seed=run.seed)
     enc_cfg = encoders.training_cfg(encoder, run.model)
     teacher = encoders.load_teacher(run.teacher, encoder, run.model, seed=run.seed)
@@ -130,7 +130,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
 
     def evaluate(trained) -> dict[str, float]:
         # normalize=True: scored as the export (save_pretrained(normalize=True)) will embed
-        full = tsdae_objective.without_decoder(lora.combine(_local(trained), frozen_local))
+        full = encoders.objective_params_dropped(lora.combine(_local(trained), frozen_local))
         scored = (dataclasses.replace(encoder, params=full) if own_files
                   else dataclasses.replace(encoder, params=full, normalize=True))
         metrics = suite.run_all(evaluators, scored)
@@ -209,7 +209,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
         # ------------------------------------------------------------------ export the best, evaluate it
         best_params, best_metrics, best_step = ckpt.restore_best(abstract_like(abstract.params, state_shards.params))
         best_params = lora.combine(distributed.to_host(best_params), distributed.to_host(frozen))
-        best_params = tsdae_objective.without_decoder(best_params)  # a TSDAE decoder is training's alone
+        best_params = encoders.objective_params_dropped(best_params)  # a TSDAE decoder, an MNTP LM head: training's
     finally:
         ckpt.close()
         writer.close()

@@ -18,6 +18,7 @@ and the lists the docs and configs refer to (``AUX_LOSSES``) all follow from the
 | ``margin_mse`` | ``losses.margin_mse`` | distillation records | a, b, negatives, teacher scores |
 | ``listwise_kl`` | ``losses.listwise_kl`` | distillation records | a, b, negatives, teacher scores |
 | ``tsdae`` | ``embedjax.tsdae.reconstruction_loss`` | (damaged, original) texts (``data.noise``) | a's embedding, b's token ids |
+| ``mntp`` | ``embedjax.mntp.mntp_loss`` | single texts | a's token ids, masked on device (a decoder's LM head) |
 
 Embedding distillation from a teacher encoder (``objective.distill.loss``) and the layer
 wrappers (``objective.layers``) are the two smaller tables ``DISTILL_LOSSES`` and ``LAYER_MODES``.
@@ -133,6 +134,11 @@ def _token_level(*args, **kwargs):
                      "embedjax.train.objective.batch_loss runs it (embedjax.train.tsdae_objective)")
 
 
+def _masked_tokens(*args, **kwargs):
+    raise ValueError("objective.loss='mntp' predicts masked tokens through the decoder's LM head, not a loss of "
+                     "embeddings: embedjax.train.objective.batch_loss runs it (embedjax.train.mntp_objective)")
+
+
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("cosent", losses.cosent, _SCORED, "scored pairs"),
     LossSpec("angle", losses.angle_loss, _SCORED, "scored pairs", keywords=(("a_ids", "a_hash"), ("b_ids", "b_hash")),
@@ -153,6 +159,9 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("listwise_kl", losses.listwise_kl, _TEACHER, "distillation records"),
     # TSDAE (arXiv:2104.06979): a decoder reconstructs b's tokens from a's embedding (embedjax.train.tsdae_objective)
     LossSpec("tsdae", _token_level, ("za", "zb"), "single texts damaged by data.noise='delete'", suggested=False),
+    # LLM2Vec's MNTP (arXiv:2404.05961): masked tokens of a's ids predicted by a bidirectional decoder's LM head
+    # (embedjax.train.mntp_objective)
+    LossSpec("mntp", _masked_tokens, ("za",), "single texts", single_texts=True, suggested=False),
 )}
 
 # Scored-pair losses that may be added to the main one on the same embeddings (objective.aux_losses).
@@ -220,6 +229,10 @@ def check_objective_data(objective, fields: Sequence[str], scores: Sequence[floa
                          f"records have {fields}: train on single texts (data.kind sentences, stsb_sentences or "
                          "beir_corpus) with data.noise='delete' (each text -> (damaged copy, text), as "
                          "sentence-transformers' DenoisingAutoEncoderDataset), or on (input, target) pairs")
+    if loss == "mntp" and fields != ("text_a",):
+        raise ValueError(f"objective.loss='mntp' masks tokens of single texts and predicts them, but the records "
+                         f"have {fields}: train on data.kind sentences, stsb_sentences or beir_corpus (without "
+                         "data.noise)")
     if "relevant" in fields and not spec.reads_relevant:
         raise ValueError(
             f"objective.loss={loss!r} cannot train on retrieval records (data.kind=beir: a query, its positives and "

@@ -48,6 +48,7 @@ class Objective:
     teacher_pooling: str = ""
     teacher_dense: str | None = None
     tri_head: bool = False           # a C-STS tri-encoder: side n is the condition, params["tri_head"] conditions a and b
+    mntp: Any = None                 # loss "mntp": its resolved tokens and rates (embedjax.train.mntp_objective.resolve)
 
     @property
     def uses_teacher(self) -> bool:
@@ -80,6 +81,10 @@ class Objective:
             from embedjax.train.tsdae_objective import check_options
 
             check_options(fields)
+        if fields["loss"] == "mntp":
+            from embedjax.train.mntp_objective import check_options as check_mntp
+
+            check_mntp(fields)
         if tri_head and (fields["layers"] or fields["matryoshka_dims"] or frozen):
             raise ValueError("a tri-encoder scores the conditioned embeddings through its head: objective.layers, "
                              "matryoshka_dims, distill and guide do not apply")
@@ -321,6 +326,10 @@ def batch_loss(params, enc_cfg, objective: Objective, batch: Batch, key, teacher
         from embedjax.train.tsdae_objective import tsdae_batch_loss
 
         return tsdae_batch_loss(params, enc_cfg, objective, batch, key)
+    if objective.loss == "mntp":  # token-level: masked tokens predicted through the decoder's LM head
+        from embedjax.train.mntp_objective import mntp_batch_loss
+
+        return mntp_batch_loss(params, enc_cfg, objective, batch, key)
     k_embed, k_loss = jax.random.split(key)
     if objective.gradcache_chunk and batch.packed is not None:
         raise ValueError("GradCache chunks the batch by examples; it cannot take a packed batch "

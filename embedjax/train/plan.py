@@ -11,7 +11,8 @@ Everything is abstract (``jax.ShapeDtypeStruct``) and goes through the run's own
 execute on its first batch of the longest length. A cross-encoder config (``model_kind``) is
 planned on padded candidate groups of its size; a SPLADE, ColBERT or three-head config with the
 heads a fresh model on a plain backbone gets (the MLM head and its vocabulary-wide logits, the
-ColBERT projection and MaxSim block, the lexical and multi-vector heads).
+ColBERT projection and MaxSim block, the lexical and multi-vector heads); an MNTP config with its
+LM head (untied: ``lm_head.weight``; frozen under LoRA) and the vocabulary-wide logits of its chunks.
 ``benchmarks/llm_memory.py`` uses it for a Mistral-7B-shaped LoRA step on 8 simulated devices.
 """
 
@@ -81,6 +82,23 @@ def _own_heads(model: ModelConfig, cfg, objective_section, length: int, total_st
     return heads, M3Objective.from_config(objective_section, shapes), (length, length)
 
 
+def _mntp_head(params, cfg, hf_config, objective_section):
+    """An MNTP run's abstract params (an untied LM head added, as ``mntp_objective.add_lm_head``
+    reads it) and its settings (the section's rates and chunks; token ids do not change the step)."""
+    from embedjax import mntp
+    from embedjax.train.mntp_objective import LM_HEAD, MntpSettings, options
+
+    tied = mntp.tie_word_embeddings(hf_config)
+    if not tied:
+        head = jax.ShapeDtypeStruct((cfg.vocab_size, cfg.hidden_size), jnp.float32)
+        params = {**params, LM_HEAD: {"weight": head}}
+    kw = options(objective_section["loss_kwargs"])
+    settings = MntpSettings(probability=kw["probability"], replace=kw["replace"], random=kw["random"],
+                            vocab_size=cfg.vocab_size, chunk_size=kw["chunk_size"], tied=tied,
+                            softcap=mntp.final_logit_softcap(hf_config))
+    return params, settings
+
+
 def abstract_batch(batch_size: int, length: int, *, negatives: bool, pool_mask: bool = False,
                    query_length: int | None = None, pool_every_side: bool = False) -> Batch:
     """The padded batch the pipeline yields (global shapes): ids, masks, types, hashes per side,
@@ -139,6 +157,9 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     if model.sparse or model.late or model.multi_head:
         heads, own, side_lengths = _own_heads(model, cfg, source.objective, length, total_steps)
         params = {**params, **heads}
+    mntp_settings = None
+    if source.objective["loss"] == "mntp":  # the LM head and its vocabulary-wide logits (embedjax.train.mntp_objective)
+        params, mntp_settings = _mntp_head(params, cfg, hf_config, source.objective)
     spec = run.lora.spec()
     if spec is not None:
         params = jax.eval_shape(lambda p: lora.attach(p, cfg, spec, jax.random.key(0))[0], params)
@@ -146,6 +167,8 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
     trainable, frozen = encoders.split_trainable(params, spec is not None)
     objective = (own if own is not None else CrossObjective.from_config(source.objective, head) if head is not None
                  else Objective.from_config(source.objective, model.pooling or "mean"))
+    if mntp_settings is not None:
+        objective = dataclasses.replace(objective, mntp=mntp_settings)
     tx, _ = optim.make_optimizer(run.optim, total_steps - total_steps % run.optim.accumulate,
                                  no_decay=registry.of(cfg).no_decay)
     mesh = mesh or sharding.mesh_from_config(run.mesh)
@@ -166,6 +189,8 @@ def step_memory(config, hf_config: Mapping[str, Any] | None = None, *, mesh=None
         batch = abstract_batch(run.batch_size, side_lengths[1], negatives=negatives, query_length=side_lengths[0],
                                pool_mask=bool(model.prompts) and not model.include_prompt and own is None,
                                pool_every_side=model.late)
+    if mntp_settings is not None:  # single texts (a packed run's rows hold as many tokens at most)
+        batch = dataclasses.replace(batch, b=None, n=None)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
                          batch)
     step = jit_train_step(cfg, objective, tx, state_shards, frozen_shards, mesh)

@@ -16,6 +16,7 @@ from embedjax.train import memory
 from embedjax.train.colbert_objective import ColbertObjective, colbert_batch_loss
 from embedjax.train.cross_objective import CrossObjective, cross_batch_loss
 from embedjax.train.m3_objective import M3Objective, m3_batch_loss
+from embedjax.train.mntp_objective import mntp_batch_loss
 from embedjax.train.objective import Objective, batch_loss
 from embedjax.train.sparse_objective import SparseObjective, sparse_batch_loss
 from embedjax.train.optim import ema_update
@@ -36,13 +37,16 @@ def train_step(state: TrainState, batch, frozen=None, teacher=None, *, enc_cfg, 
 
     Metrics: loss, grad_norm and param_norm (global L2 norms of the trained params; the loop's
     NaN guard reads them); a SPLADE objective adds its loss's parts (FLOPS terms, active terms), a
-    three-head one each head's terms.
+    three-head one each head's terms, an MNTP one its accuracy over the masked tokens.
     """
     key = jax.random.fold_in(state.rng, state.step)
     sparse_run = isinstance(objective, SparseObjective)
-    with_parts = sparse_run or isinstance(objective, M3Objective)  # the loss's terms are logged too
+    mntp_run = isinstance(objective, Objective) and objective.loss == "mntp"
+    with_parts = sparse_run or mntp_run or isinstance(objective, M3Objective)  # the loss's terms are logged too
     if sparse_run:  # its regulariser warms up with the step
         loss_fn = functools.partial(sparse_batch_loss, step=state.step)
+    elif mntp_run:  # its accuracy over the masked tokens is logged
+        loss_fn = functools.partial(mntp_batch_loss, return_metrics=True)
     elif isinstance(objective, M3Objective):
         loss_fn = m3_batch_loss
     elif isinstance(objective, ColbertObjective):

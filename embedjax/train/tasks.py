@@ -128,6 +128,10 @@ def build_source(spec: SourceConfig, encoder: Encoder, *, teacher: Encoder | Non
                                           tri_head=tri_head.KEY in encoder.params, dense=encoder.dense)
         if objective.loss == "tsdae" and spec.data.pack_length:  # its decoder reads the originals' padded ids
             raise ValueError("objective.loss='tsdae' reads padded batches: set data.pack_length=0")
+        if objective.loss == "mntp":  # its mask token, special ids and LM head, from the encoder's checkpoint
+            from embedjax.train.mntp_objective import resolve
+
+            objective = resolve(objective, encoder)
     try:
         side_prompts = by_side(source_prompts(prompts, spec.data))
         records = sources.train_source(spec.data, seed=seed)

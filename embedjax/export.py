@@ -7,7 +7,10 @@ a trainable pooler's shape, with its params in ``pooler.safetensors``; a C-STS t
 kind, with its params in ``tri_head.safetensors``) and the
 sentence-transformers modules (Transformer, Pooling, [Dense], Normalize), so
 ``SentenceTransformer(dir)`` and ``embedjax.load_pretrained(dir)`` both give the
-encoder's embeddings, with no pooling argument needed on either side.
+encoder's embeddings, with no pooling argument needed on either side. A static table
+(``embedjax.encoders.static``) is written in model2vec's layout instead (``config.json`` with its
+``normalize``, the ``embeddings`` tensor, ``tokenizer.json``; modules StaticEmbedding, [Normalize]),
+which ``model2vec.StaticModel.from_pretrained`` loads too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from safetensors.numpy import save_file
 
 from embedjax import dense_head, hf, paths, tri_head
 from embedjax import pooling as pooling_lib
+from embedjax.encoders import registry
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,17 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def sentence_transformers_problem(pooling: str, include_prompt: bool = True, appends_eos: bool = False) -> str | None:
+def encoder_problem(encoder) -> str | None:
+    """``sentence_transformers_problem`` of an ``Encoder`` as it is: its pooling, prompt rule, appended
+    EOS, backbone module and attention."""
+    return sentence_transformers_problem(
+        encoder.pooling, encoder.include_prompt, getattr(encoder.tokenizer, "appends_eos", False),
+        registry.of(encoder.cfg).sentence_transformers_module,
+        bidirectional_decoder=getattr(encoder.cfg, "attention", None) == "bidirectional")
+
+
+def sentence_transformers_problem(pooling: str, include_prompt: bool = True, appends_eos: bool = False,
+                                  module: str = "Transformer", *, bidirectional_decoder: bool = False) -> str | None:
     """Why ``SentenceTransformer`` cannot reproduce this pooling, or None when it can.
 
     Every mode of ``pooling.MODES`` is expressible (``cls_avg`` as Pooling(cls, mean) +
@@ -61,8 +75,16 @@ def sentence_transformers_problem(pooling: str, include_prompt: bool = True, app
     and ``latent_attention`` (NV-Embed's trainable cross-attention + MLP before the mean,
     arXiv:2405.17428), which no sentence-transformers module computes. ``appends_eos``
     (``Tokenizer.appends_eos``: embedjax appends an EOS the exported tokenizer files do not
-    add) is a problem too: SentenceTransformer would tokenize without it.
+    add) is a problem too: SentenceTransformer would tokenize without it. ``module``: the backbone's
+    sentence-transformers module (``Backbone.sentence_transformers_module``); a ``StaticEmbedding``
+    pools by mean and by nothing else. ``bidirectional_decoder``: a decoder LLM run with bidirectional
+    attention (LLM2Vec, ``attention="bidirectional"``), which transformers' ``AutoModel`` runs causally.
     """
+    if bidirectional_decoder:
+        return ("the decoder runs with bidirectional attention (embedjax_config.json: attention), which "
+                "SentenceTransformer / AutoModel would run causally")
+    if module == "StaticEmbedding" and pooling != "mean":
+        return f"a static table's StaticEmbedding module pools by mean, not {pooling!r}"
     if appends_eos:
         return ("the tokenizer appends an EOS that the checkpoint's tokenizer files do not add "
                 "(append_eos_token_id in embedjax_config.json); SentenceTransformer would tokenize without it")
@@ -127,8 +149,8 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
         return target
     directory = Path(directory)
     normalize = bool(encoder.normalize if normalize is None else normalize)
-    problem = sentence_transformers_problem(encoder.pooling, encoder.include_prompt,
-                                            getattr(encoder.tokenizer, "appends_eos", False))
+    module = registry.of(encoder.cfg).sentence_transformers_module
+    problem = encoder_problem(encoder)
     if sentence_transformers and problem:
         raise ValueError(f"cannot export for sentence-transformers: {problem}. SentenceTransformer would load "
                          "different embeddings; pass sentence_transformers=False to write only the Hugging Face "
@@ -166,12 +188,19 @@ def save_pretrained(encoder, directory: str | os.PathLike, *, params=None, norma
         dense_record = {"dense": {"activation": encoder.dense, "path": path}}
     tokenizer = encoder.tokenizer
     eos = tokenizer.eos_token_id if getattr(tokenizer, "appends_eos", False) else None
-    _write_json(directory / "config.json", {**cfg.to_hf(), "torch_dtype": "float32"})
-    if encoder.path is not None and Path(encoder.path).resolve() != directory.resolve():
+    # model2vec reads its normalisation from config.json (a StaticEmbedding model's only config)
+    static_record = {"normalize": normalize} if module == "StaticEmbedding" else {}
+    _write_json(directory / "config.json", {**cfg.to_hf(), "torch_dtype": "float32", **static_record})
+    source = hf.tokenizer_directory(Path(encoder.path)) if encoder.path is not None else None
+    copied = []
+    if source is not None and source.resolve() != directory.resolve():
         for name in TOKENIZER_FILES:
-            src = Path(encoder.path) / name
-            if src.is_file():
-                shutil.copyfile(src, directory / name)
+            if (source / name).is_file():
+                shutil.copyfile(source / name, directory / name)
+                copied.append(name)
+    if source is None or (not copied and source.resolve() != directory.resolve()):
+        # no files to copy (a model made in memory, e.g. a distilled static table): the tokenizer itself
+        encoder.tokenizer.backend.save(str(directory / "tokenizer.json"))
 
     version = __import__("embedjax").__version__
     _write_json(directory / hf.EMBEDJAX_CONFIG,
@@ -225,12 +254,25 @@ def dense_module_path(pooling: str) -> str:
 def _write_sentence_transformers_modules(directory: Path, encoder, normalize: bool) -> None:
     hidden = encoder.cfg.hidden_size
     st_modes = ST_POOLING[encoder.pooling]
-    modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_MODULES + "Transformer"}]
+    module = registry.of(encoder.cfg).sentence_transformers_module
 
-    def add(kind: str) -> Path:
+    def add(kind: str, path: str | None = None) -> Path:
         i = len(modules)
-        modules.append({"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": _ST_MODULES + kind})
-        return directory / f"{i}_{kind}"
+        path = f"{i}_{kind}" if path is None else path
+        modules.append({"idx": i, "name": str(i), "path": path, "type": _ST_MODULES + kind})
+        return directory / path
+
+    if module == "StaticEmbedding":  # model2vec's layout: the table pools by mean itself (no Pooling module)
+        modules = [{"idx": 0, "name": "0", "path": ".", "type": _ST_MODULES + module}]
+        if encoder.dense is not None:  # written by save_pretrained at dense_module_path
+            add("Dense", dense_module_path(encoder.pooling))
+            log.warning("%s: a static table with a Dense head: SentenceTransformer and embedjax apply it, "
+                        "model2vec's StaticModel (which reads only the table) does not", directory)
+        if normalize:
+            add("Normalize")
+        _write_json(directory / "modules.json", modules)
+        return
+    modules = [{"idx": 0, "name": "0", "path": "", "type": _ST_MODULES + "Transformer"}]
 
     # Legacy flags (read by every sentence-transformers version, converted by >= 6) plus the dimension
     # under both its old and new names.

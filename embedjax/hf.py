@@ -153,7 +153,7 @@ class SentenceTransformersInfo:
     dense_dir: Path | None = None  # a Dense module after pooling (embedjax.dense_head reads it)
 
 
-_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+_SUPPORTED_MODULES = ("Transformer", "StaticEmbedding", "Pooling", "Normalize")
 # sentence-transformers Pooling mode names (``pooling_mode``) and their legacy flags, in its concatenation order.
 _ST_LEGACY_FLAGS = {
     "pooling_mode_cls_token": "cls",
@@ -206,7 +206,8 @@ def _is_cls_avg_dense(directory: Path, module: dict, hidden_size: int | None) ->
 def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
     """Reads modules.json, the pooling config, sentence_bert_config.json and prompts.
 
-    Transformer, Pooling (one mode) and Normalize modules are read; so is the one
+    Transformer, Pooling (one mode) and Normalize modules are read (and a StaticEmbedding, whose
+    output is the mean of its tokens' rows: pooling ``mean``); so is the one
     Dense module ``export.save_pretrained`` writes for ``cls_avg``: Pooling(cls, mean)
     followed by a bias-free identity-activation Dense whose weight is ``[I/2, I/2]``
     (checked value by value), and one Dense (projection) module after the pooling
@@ -232,7 +233,9 @@ def read_sentence_transformers(directory: Path) -> SentenceTransformersInfo:
                 f"(embedjax reads {_SUPPORTED_MODULES} and one Dense after the pooling); its output would differ "
                 "from the reference"
             )
-        if kind == "Pooling":
+        if kind == "StaticEmbedding":  # a table whose output is the mean of its tokens' rows (embedjax.encoders.static)
+            pooling = "mean"
+        elif kind == "Pooling":
             cfg = read_json(directory / module.get("path", "") / "config.json") or {}
             include_prompt = bool(cfg.get("include_prompt", True))
             hidden = cfg.get("embedding_dimension", cfg.get("word_embedding_dimension"))
@@ -382,15 +385,47 @@ def _pooler_shapes(hidden: int, kw: dict) -> dict[str, tuple]:
 # --------------------------------------------------------------------------- entry point
 
 
+def static_embedding_dir(directory: Path) -> Path | None:
+    """The folder of a sentence-transformers ``StaticEmbedding`` module (its ``model.safetensors`` and
+    ``tokenizer.json``) when ``modules.json`` starts with one: ``directory`` itself for model2vec's
+    layout (path ".") and sentence-transformers' own (path ""), a subfolder where ``modules.json``
+    says so (``0_StaticEmbedding``); else None."""
+    modules = read_json(directory / "modules.json") or []
+    first = modules[0] if isinstance(modules, list) and modules and isinstance(modules[0], dict) else {}
+    if first.get("type", "").rsplit(".", 1)[-1] != "StaticEmbedding":
+        return None
+    return directory / first.get("path", "")
+
+
+def tokenizer_directory(directory: Path) -> Path:
+    """Where a checkpoint's tokenizer files are: a ``StaticEmbedding`` module's folder, else ``directory``."""
+    return static_embedding_dir(directory) or directory
+
+
+# A StaticEmbedding directory without model2vec's config.json (sentence-transformers' own layout): a static
+# table read as sentence-transformers reads it (embedjax.encoders.static)
+_ST_STATIC_CONFIG = {"model_type": "model2vec", "tokenize_as": "sentence_transformers"}
+
+
 def load_checkpoint(name_or_path: str | os.PathLike, **config_overrides) -> tuple[dict, Any, Path]:
     """Loads ``(params, cfg, directory)`` from a checkpoint directory or hub id; the backbone is
-    chosen by ``config.json``'s ``model_type`` (``embedjax.encoders.registry``)."""
+    chosen by ``config.json``'s ``model_type`` (``embedjax.encoders.registry``). A sentence-transformers
+    ``StaticEmbedding`` directory is read from that module's folder (``static_embedding_dir``), as a
+    static table even without model2vec's config.json."""
     directory = resolve(name_or_path)
+    static_dir = static_embedding_dir(directory)
+    weights = static_dir or directory
     hf_config = read_json(directory / "config.json")
+    if hf_config is None and static_dir is not None:
+        hf_config = dict(_ST_STATIC_CONFIG)
     if hf_config is None:
         raise CheckpointError(f"{directory}: no config.json")
+    state = load_state_dict(weights)
+    if hf_config.get("model_type") in registry.supported_model_types():
+        complete = registry.for_model_type(hf_config["model_type"]).config_from_weights
+        hf_config = complete(hf_config, state) if complete is not None else hf_config
     cfg = registry.config_from_hf(hf_config, **config_overrides)
-    params = params_from_state_dict(load_state_dict(directory), cfg)
+    params = params_from_state_dict(state, cfg)
     return params, cfg, directory
 
 

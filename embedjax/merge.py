@@ -481,7 +481,6 @@ def save_merged(template, params, directory: str | Path, *, normalize: bool | No
     from embedjax import export
 
     merged = dataclasses.replace(template, params=params)
-    problem = export.sentence_transformers_problem(template.pooling, template.include_prompt,
-                                                   getattr(template.tokenizer, "appends_eos", False))
+    problem = export.encoder_problem(template)
     return export.save_pretrained(merged, directory, params=params, normalize=normalize,
                                   sentence_transformers=problem is None)

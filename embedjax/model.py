@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import dense_head, hf, tokenize
 from embedjax.embed import embed_jit
+from embedjax.encoders import registry
 from embedjax.encoders.statedict import CheckpointError
 from embedjax import pooling as pooling_lib
 from embedjax import tri_head as tri_head_lib
@@ -294,7 +295,11 @@ def load_pretrained(
     max_length = int(max_length or st.max_seq_length or cfg.max_length)
     if not 1 <= max_length <= cfg.max_length:
         raise ValueError(f"max_length must be in 1..{cfg.max_length} for this model, got {max_length}")
-    tokenizer = tokenize.Tokenizer.from_directory(directory, max_length, cfg.pad_token_id, buckets=buckets)
+    tokenizer = tokenize.Tokenizer.from_directory(hf.tokenizer_directory(directory), max_length, cfg.pad_token_id,
+                                                  buckets=buckets)
+    options = registry.of(cfg).tokenizer_options  # how the family reads texts (a static table: no special tokens)
+    if options is not None:
+        tokenizer = tokenizer.replace(**options(cfg, tokenizer.backend))
     eos = _eos_to_append(directory, tokenizer, record, pooling, append_eos)
     if eos is not None:
         tokenizer = tokenizer.replace(eos_token_id=eos)

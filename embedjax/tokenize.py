@@ -71,12 +71,20 @@ class PackedBatch:
 
 @dataclasses.dataclass
 class Encoded:
-    """One text's tokens when ``Tokenizer`` appended the EOS itself (what ``pad`` / ``pack`` read of
-    a ``tokenizers.Encoding``: ``ids``, ``type_ids``; ``special_tokens_mask`` 1 on added tokens)."""
+    """One text's tokens when ``Tokenizer`` appended the EOS or dropped ids itself (what ``pad`` /
+    ``pack`` read of a ``tokenizers.Encoding``: ``ids``, ``type_ids``; ``special_tokens_mask`` 1 on
+    added tokens)."""
 
     ids: list
     type_ids: list
     special_tokens_mask: list
+
+
+def _without(encoding, drop: frozenset) -> Encoded:
+    """``encoding`` without the tokens whose id is in ``drop``."""
+    keep = [k for k, i in enumerate(encoding.ids) if i not in drop]
+    return Encoded([encoding.ids[k] for k in keep], [encoding.type_ids[k] for k in keep],
+                   [encoding.special_tokens_mask[k] for k in keep])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,23 +107,36 @@ class Tokenizer:
     truncation stops at ``max_length - 1`` to leave room for it. None: encodings as the backend
     makes them.
 
+    Static token tables (``embedjax.encoders.static``) read a text's tokens without the model's
+    special tokens, as model2vec and sentence-transformers' ``StaticEmbedding`` do:
+    ``add_special_tokens=False`` (no [CLS] / [SEP]), ``drop_ids`` (ids removed from every encoding
+    after truncation: model2vec drops the unknown token) and ``chars_per_token`` (each text is first
+    cut to ``max_length * chars_per_token`` characters: model2vec's cut, by its vocabulary's median
+    token length).
+
     The backend's truncation is set here (it is state of the shared ``tokenizers`` object): build
     another tokenizer over the same backend with ``replace``, which keeps these options.
     """
 
     def __init__(self, backend, max_length: int, pad_token_id: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                 eos_token_id: int | None = None):
+                 eos_token_id: int | None = None, add_special_tokens: bool = True, drop_ids: Sequence[int] = (),
+                 chars_per_token: int | None = None):
         self.backend = backend
         self.max_length = int(max_length)
         self.pad_token_id = int(pad_token_id)
         self.buckets = buckets_up_to(self.max_length, buckets)
         self._bucket_choices = tuple(buckets)
         self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        self.add_special_tokens = bool(add_special_tokens)
+        self.drop_ids = tuple(sorted({int(i) for i in drop_ids}))
+        if chars_per_token is not None and int(chars_per_token) < 1:
+            raise ValueError(f"chars_per_token must be >= 1 or None, got {chars_per_token}")
+        self.chars_per_token = None if chars_per_token is None else int(chars_per_token)
         backend.no_padding()
         backend.enable_truncation(self.max_length)
         self.appends_eos = False
         if self.eos_token_id is not None:
-            probe = backend.encode("a").ids
+            probe = backend.encode("a", add_special_tokens=self.add_special_tokens).ids
             self.appends_eos = not probe or probe[-1] != self.eos_token_id
         if self.appends_eos:
             if self.max_length < 2:
@@ -127,10 +148,11 @@ class Tokenizer:
 
     def replace(self, **changes) -> "Tokenizer":
         """A tokenizer over the same backend with these constructor arguments changed (``max_length``,
-        ``pad_token_id``, ``buckets``, ``eos_token_id``), the others kept; e.g. the training
-        tokenizer ``encoder.tokenizer.replace(buckets=config.data.buckets)``."""
+        ``pad_token_id``, ``buckets``, ``eos_token_id``, the static-table options), the others kept;
+        e.g. the training tokenizer ``encoder.tokenizer.replace(buckets=config.data.buckets)``."""
         kw = dict(max_length=self.max_length, pad_token_id=self.pad_token_id, buckets=self._bucket_choices,
-                  eos_token_id=self.eos_token_id)
+                  eos_token_id=self.eos_token_id, add_special_tokens=self.add_special_tokens,
+                  drop_ids=self.drop_ids, chars_per_token=self.chars_per_token)
         unknown = sorted(set(changes) - set(kw))
         if unknown:
             raise TypeError(f"Tokenizer.replace: unknown arguments {unknown}; it takes {sorted(kw)}")
@@ -153,8 +175,14 @@ class Tokenizer:
 
     def encode(self, texts: Sequence[str]) -> list:
         """Token encodings (ids, type ids), truncated to max_length, unpadded (ending with the EOS
-        when ``appends_eos``: then ``Encoded`` records)."""
-        encodings = self.backend.encode_batch(list(texts))
+        when ``appends_eos``, without ``drop_ids``: then ``Encoded`` records)."""
+        texts = list(texts)
+        if self.chars_per_token is not None:
+            texts = [t[: self.max_length * self.chars_per_token] for t in texts]
+        encodings = self.backend.encode_batch(texts, add_special_tokens=self.add_special_tokens)
+        if self.drop_ids:
+            drop = frozenset(self.drop_ids)
+            encodings = [e if drop.isdisjoint(e.ids) else _without(e, drop) for e in encodings]
         if not self.appends_eos:
             return encodings
         eos = self.eos_token_id

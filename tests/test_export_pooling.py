@@ -256,3 +256,25 @@ def test_cls_reads_the_first_pooled_token_as_sentence_transformers():
         ref = Pooling(4, pooling_mode=st_mode)({"token_embeddings": torch.from_numpy(h),
                                                 "attention_mask": torch.from_numpy(m)})["sentence_embedding"]
         np.testing.assert_allclose(np.asarray(pooling.pool(h, m, mode)), ref.numpy(), atol=1e-6, err_msg=mode)
+
+
+def test_a_bidirectional_decoder_is_exported_for_embedjax_only(tmp_path):
+    """LLM2Vec-style models run their decoder bidirectionally; transformers' AutoModel (and so
+    SentenceTransformer) runs it causally, so the export must not claim sentence-transformers."""
+    from embedjax import tiny
+
+    path = tiny.write_random_checkpoint(tmp_path / "llama", "llama", texts=TEXTS * 4)
+    bidirectional = embedjax.load_pretrained(path, pooling="mean", attention="bidirectional")
+    with pytest.raises(ValueError, match="bidirectional attention"):
+        export.save_pretrained(bidirectional, tmp_path / "bi")
+    export.save_pretrained(bidirectional, tmp_path / "bi", sentence_transformers=False)
+    assert not (tmp_path / "bi" / "modules.json").exists()
+    back = embedjax.load_pretrained(tmp_path / "bi")
+    assert back.cfg.attention == "bidirectional"
+    np.testing.assert_allclose(back.encode(TEXTS), bidirectional.encode(TEXTS), atol=1e-6)
+    # Why: the same weights exported causally load in sentence-transformers with other embeddings.
+    causal = embedjax.load_pretrained(path, pooling="mean")
+    export.save_pretrained(causal, tmp_path / "causal")
+    ref = sentence_transformer(tmp_path / "causal").encode(TEXTS)
+    np.testing.assert_allclose(ref, causal.encode(TEXTS), atol=1e-5)
+    assert np.abs(ref - bidirectional.encode(TEXTS)).max() > 1e-3

@@ -1,6 +1,6 @@
 """The backbone seam: one registry keyed by the Hugging Face ``model_type``.
 
-A backbone module (``bert.py``, ``decoder.py``) owns everything architecture-specific and
+A backbone module (``bert.py``, ``decoder.py``, ``static.py``) owns everything architecture-specific and
 exposes it as a ``Backbone``: its config (``from_hf`` / ``to_hf``), ``init``, ``apply``, its
 safetensors name map, its sharding rules and its no-weight-decay pattern. ``embed``,
 ``Encoder``, ``hf``, export, sharding and the optimizer ask this registry (``of(cfg)`` or
@@ -46,6 +46,15 @@ class Backbone:
     # reads (BERT's pooler). An export carries them over from the source checkpoint (zeros when it has
     # none), so AutoModel / SentenceTransformer load the export without missing weights.
     unused_tensors: Callable[[Any], dict] | None = None
+    # (config.json dict, state dict) -> the dict completed from the weights' shapes, for a family whose
+    # config.json does not record them (model2vec's records no vocabulary size); None: config.json is complete
+    config_from_weights: Callable[[Mapping, Mapping], dict] | None = None
+    # (cfg, tokenizers backend) -> embedjax.tokenize.Tokenizer keyword arguments the family reads texts with
+    # (a static table: no special tokens); None: the tokenizer's defaults
+    tokenizer_options: Callable[[Any, Any], dict] | None = None
+    # the sentence-transformers module that reads this family's directory: "Transformer" (token states,
+    # then a Pooling module) or "StaticEmbedding" (already pooled by mean: no Pooling module)
+    sentence_transformers_module: str = "Transformer"
 
 
 _BACKBONES: dict[str, Backbone] = {}
@@ -101,4 +110,4 @@ def _load_builtin() -> None:
             importlib.import_module(module)
 
 
-_BUILTIN = ("embedjax.encoders.bert", "embedjax.encoders.decoder")
+_BUILTIN = ("embedjax.encoders.bert", "embedjax.encoders.decoder", "embedjax.encoders.static")

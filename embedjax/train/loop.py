@@ -92,8 +92,7 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
     params, frozen, encoder = encoders.trainable_params(run.lora, encoder, seed=run.seed)
     enc_cfg = encoders.training_cfg(encoder, run.model)
     teacher = encoders.load_teacher(run.teacher, encoder, run.model, seed=run.seed)
-    st_problem = None if own_files else export.sentence_transformers_problem(
-        encoder.pooling, encoder.include_prompt, encoder.tokenizer.appends_eos)
+    st_problem = None if own_files else export.encoder_problem(encoder)
     if st_problem:  # said now, not after hours of training
         log.warning("the export will be for embedjax only (SentenceTransformer cannot load it as trained): %s",
                     st_problem)

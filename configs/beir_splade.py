@@ -9,8 +9,9 @@ state read against the tied word embeddings, less 4, so every text starts with a
 thousand lexical terms (its own words and their neighbours; SciFact dev nDCG@10 0.47 with 256 terms
 before any training). transformers' random head (``head_init="random"``) starts with every one of the
 30,522 terms active, and the FLOPS regulariser does not prune them in a CPU-sized run. The regulariser
-warms up quadratically over the first third of the steps. Seed 0 on a 2-core Xeon: 101 steps of
-11.3 s (19 minutes), then SciFact dev / NFCorpus dev nDCG@10 55.22 / 25.48 (benchmarks/README.md).
+warms up quadratically over the first third of the steps. On a 2-core Xeon: 101 steps of 8.0 s
+(13.5 minutes) and 8 minutes of evaluation, then SciFact dev / NFCorpus dev nDCG@10 55.41 / 25.49
+(3 seeds; level with sentence-transformers' SparseEncoder trainer, benchmarks/README.md).
 The data, order and hard negatives are configs/beir_ir.py's (first mine its negatives: its
 docstring has the ``scripts/mine.py --beir`` command):
 

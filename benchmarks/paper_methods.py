@@ -9,6 +9,11 @@ Spearman (x100), SciFact dev nDCG@10 (x100, full corpus), and on STS-B dev the a
 scored >= 4), uniformity and anisotropy (``embedjax.eval.diagnostics``).
 
     python benchmarks/paper_methods.py
+
+Trained models (a TSDAE run's export, a static model) are scored the same way, each its own row
+(``--model NAME=DIR``, repeatable; ``--only`` skips the training-free rows):
+
+    python benchmarks/paper_methods.py --only --model "TSDAE on SciFact + NFCorpus=workdirs/tsdae_beir"
 """
 
 from __future__ import annotations
@@ -46,8 +51,26 @@ def rows():
     yield "first-last average + whitening", whitening.whiten(first_last, fit_on)
 
 
+def trained_rows(models: list[str]):
+    """(name, encoder) of every ``NAME=DIR`` (an export ``load_pretrained`` reads)."""
+    import embedjax
+
+    for entry in models:
+        name, sep, directory = entry.rpartition("=")
+        if not sep or not name:
+            raise SystemExit(f"--model takes NAME=DIR, got {entry!r}")
+        yield name, embedjax.load_pretrained(directory)
+
+
 def main() -> None:
+    import argparse
+
     from embedjax.eval import suite
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="NAME=DIR: a trained export, one row each")
+    parser.add_argument("--only", action="store_true", help="only the --model rows")
+    args = parser.parse_args()
 
     evals = suite.from_config({
         "stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb",
@@ -60,7 +83,9 @@ def main() -> None:
     header = ["method", "STS-B dev", "SICK trial", "SciFact dev nDCG@10", "alignment", "uniformity", "anisotropy",
               "seconds"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
-    for name, encoder in rows():
+    import itertools
+
+    for name, encoder in itertools.chain(() if args.only else rows(), trained_rows(args.model)):
         t0 = time.perf_counter()
         m = suite.run_all(evals, encoder)
         cells = [f"{m['stsb_dev/cosine_spearman']:.2f}", f"{m['sick_trial/cosine_spearman']:.2f}",

@@ -28,6 +28,14 @@ sys.path.insert(0, str(ROOT))
 DATA = Path(os.environ.get("EMBEDJAX_DATA", ROOT.parent / "shared" / "data"))
 
 
+# What every method of issue 23 is scored on (benchmarks/static_embeddings.py reads it too).
+METHOD_EVALS = {
+    "stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb", "metrics": ["cosine"]},
+    "sick_trial": {"type": "sts", "path": str(DATA / "sick" / "SICK_trial.txt"), "format": "sick", "metrics": ["cosine"]},
+    "scifact_dev": {"type": "retrieval", "path": str(DATA / "beir" / "scifact"), "split": "dev"},
+}
+
+
 def stsb_train_sentences() -> list[str]:
     from embedjax.data import read_stsb
 
@@ -72,14 +80,8 @@ def main() -> None:
     parser.add_argument("--only", action="store_true", help="only the --model rows")
     args = parser.parse_args()
 
-    evals = suite.from_config({
-        "stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb",
-                     "metrics": ["cosine"]},
-        "sick_trial": {"type": "sts", "path": str(DATA / "sick" / "SICK_trial.txt"), "format": "sick",
-                       "metrics": ["cosine"]},
-        "scifact_dev": {"type": "retrieval", "path": str(DATA / "beir" / "scifact"), "split": "dev"},
-        "geometry": {"type": "diagnostics", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb"},
-    })
+    evals = suite.from_config({**METHOD_EVALS, "geometry": {"type": "diagnostics", "path": str(DATA / "stsb" / "sts-dev.csv"),
+                                                            "format": "stsb"}})
     header = ["method", "STS-B dev", "SICK trial", "SciFact dev nDCG@10", "alignment", "uniformity", "anisotropy",
               "seconds"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)

@@ -102,13 +102,9 @@ def main(argv=None) -> None:
     distil_seconds = {"ours": distil_ours(minilm, ours_dir), "model2vec": distil_model2vec(minilm, m2v_dir)}
     distil_model2vec(minilm, m2v16_dir, quantize_to="float16")  # model2vec's default precision: its size only
 
-    evals = suite.from_config({
-        "stsb_dev": {"type": "sts", "path": str(DATA / "stsb" / "sts-dev.csv"), "format": "stsb",
-                     "metrics": ["cosine"]},
-        "sick_trial": {"type": "sts", "path": str(DATA / "sick" / "SICK_trial.txt"), "format": "sick",
-                       "metrics": ["cosine"]},
-        "scifact_dev": {"type": "retrieval", "path": str(DATA / "beir" / "scifact"), "split": "dev"},
-    })
+    from benchmarks.paper_methods import METHOD_EVALS  # the same evaluators as the other methods' table
+
+    evals = suite.from_config(METHOD_EVALS)
     texts = stsb_dev_sentences()
     from model2vec import StaticModel
 

@@ -157,6 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
         # a checkpoint dir / hub id, "initial" (the run's starting model), or None = off. One frozen
         # model per run: with a distillation teacher it must name the same model.
         "guide": placeholder(str),
+        # infonce / simcse_unsup across devices: "gathered" (every device all-gathers the candidates: a
+        # local x global logit block) | "ring" (candidates passed around the devices, flash-style: local x
+        # local blocks, the same loss; embedjax/losses/ring.py) for global batches that would not fit.
+        "negatives_exchange": "gathered",
     })
     c.data = ml_collections.ConfigDict({  # training and dev data (embedjax/train/sources.py)
         "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: DATA_KINDS)

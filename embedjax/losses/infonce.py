@@ -8,12 +8,14 @@ Works on the GLOBAL batch: with the batch sharded over a mesh axis of type ``Aut
 similarity matrices are jnp matmuls and GSPMD gathers the candidates, so every anchor sees
 the positives and negatives of every device. The targets are ``arange`` over the global
 batch (positives come first in the candidate list), so the label layout cannot depend on
-how the batch is split across devices.
+how the batch is split across devices. ``embedjax.losses.ring`` computes the same loss without the
+gather, one device's candidates at a time, through the same column blocks and masks.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +91,7 @@ def _bool_mask(x, shape, name):
 
 
 class _Batch(NamedTuple):
-    """The global batch, candidates in the documented order."""
+    """The batch (global, or one device's shard under the ring), candidates in the documented order."""
 
     b: int  # queries
     m: int  # positive slots per query
@@ -176,59 +178,123 @@ def _layout(anchors, positives, negatives, positive_mask, anchor_ids, positive_i
     )
 
 
+# ---------------------------------------------------------------- candidates as column blocks
+#
+# The loss is a softmax per row over columns. Columns come in blocks: the gathered loss has one
+# block (the whole global batch); the ring loss (``embedjax.losses.ring``) visits one device's
+# shard at a time. A block carries everything a mask needs about its columns (ids, the query
+# each column belongs to, its index in the documented global order), so the masks below are the
+# same code in both.
+
+
+class _Docs(NamedTuple):
+    """A block of candidate documents: positive slots and hard negatives."""
+
+    vecs: jax.Array  # (C, D)
+    guide: jax.Array | None  # (C, D') the guide model's vectors of the same documents
+    ids: jax.Array  # (C,)
+    known: jax.Array  # (C,)
+    query: jax.Array  # (C,) global index of the query each document belongs to
+    is_slot: jax.Array  # (C,)
+    real: jax.Array | None  # (C,) the padding slots are not (None: all real)
+    index: jax.Array  # (C,) global column index: all B*m slots, then all B*k negatives
+
+
+class _Queries(NamedTuple):
+    """A block of candidate queries (query_to_query, doc_to_query and the symmetric direction)."""
+
+    vecs: jax.Array  # (b, D)
+    guide: jax.Array | None
+    index: jax.Array  # (b,) global query index
+    anchor_ids: jax.Array | None  # (b,)
+    own_ids: jax.Array | None  # (b, K)
+    own_valid: jax.Array | None
+
+
+def _columns(batch, guide=None, shard=0, shards=1):
+    """``(_Docs, _Queries)`` of ``batch``, the ``shard``-th of ``shards`` equal shards of the global
+    batch (the gathered loss: the whole batch, shard 0 of 1). ``guide``: ``_guide_layout``'s vectors."""
+    b, m, k = batch.b, batch.m, batch.k
+    index = jnp.concatenate([shard * b * m + jnp.arange(b * m), shards * b * m + shard * b * k + jnp.arange(b * k)])
+    docs = _Docs(batch.docs, None if guide is None else guide[2], batch.doc_ids, batch.doc_known,
+                 shard * b + batch.col_query, batch.col_is_slot, batch.col_real, index)
+    queries = _Queries(batch.queries, None if guide is None else guide[0], shard * b + jnp.arange(b),
+                       batch.anchor_ids, batch.own_ids, batch.own_valid)
+    return docs, queries
+
+
 class _Rows(NamedTuple):
-    """The cross-entropy rows: one per real (query, positive slot), or one per query."""
+    """The cross-entropy rows (this batch's or shard's): one per real (query, positive slot), or one per query."""
 
-    query: jax.Array  # (R,) the query of each row
-    expand: Callable  # (B, ...) per-query array -> (R, ...)
+    query: jax.Array  # (R,) global index of the row's query
+    expand: Callable  # (b, ...) per-query array -> (R, ...)
     valid: jax.Array | None  # (R,) rows that count (None: all)
-    targets: jax.Array | None  # (R, C) the target columns of one row per query (None: column r)
+    target: jax.Array | None  # (R,) global column of the row's target (one row per slot), None: all_positives
     all_positives: bool
+    m: int
+    queries: jax.Array  # (b, D) the rows' queries (expanded by ``expand``)
+    slots: jax.Array  # (b*m, D) the rows' positive slots (doc directions: one row per slot)
+    guide_queries: jax.Array | None
+    guide_slots: jax.Array | None
+    anchor: jax.Array | None  # (R,) the anchor id of the row's query
+    own_ids: jax.Array | None  # (R, K) the ids that are never a negative of the row's query
+    own_valid: jax.Array | None
+    slot_ids: jax.Array  # (b*m,) the slots' ids, and which are known
+    slot_known: jax.Array
 
-    def is_target(self, batch):
-        """(R, C): the row's target column(s) among the docs."""
-        if self.targets is not None:
-            return self.targets
-        return jnp.arange(batch.docs.shape[0])[None, :] == jnp.arange(self.query.shape[0])[:, None]
-
-    def own_docs(self, batch):
-        """(R, C): the docs (slots and hard negatives) of the row's query."""
-        return self.query[:, None] == batch.col_query[None, :]
-
-
-def _rows(batch, all_positives):
-    b, m = batch.b, batch.m
-    if not all_positives:  # row r = slot r = (r // m, r % m); its target is doc column r
-        expand = (lambda x: jnp.repeat(x, m, axis=0)) if m > 1 else (lambda x: x)
-        return _Rows(jnp.arange(b * m) // m, expand, batch.slot_real, None, False)
-    queries = jnp.arange(b)
-    targets = (batch.col_query[None, :] == queries[:, None]) & batch.col_is_slot[None, :]
-    valid = None
-    if batch.slot_real is not None:
-        valid = jnp.any(batch.slot_real.reshape(b, m), axis=1)
+    def is_target(self, docs):
+        """(R, C): the row's target column(s) in a block of documents."""
+        if not self.all_positives:
+            return docs.index[None, :] == self.target[:, None]
+        targets = (docs.query[None, :] == self.query[:, None]) & docs.is_slot[None, :]
+        if docs.real is None:
+            return targets
         # A query without a real positive keeps slot 0 as a (dropped) target: its row stays finite.
-        slot0 = jnp.arange(batch.docs.shape[0])[None, :] == queries[:, None] * m
-        targets = targets & (batch.col_real[None, :] | (slot0 & ~valid[:, None]))
-    return _Rows(queries, lambda x: x, valid, targets, True)
+        slot0 = (docs.index[None, :] == self.query[:, None] * self.m) & ~self.valid[:, None]
+        return targets & (docs.real[None, :] | slot0)
+
+    def own_docs(self, docs):
+        """(R, C): the docs (slots and hard negatives) of the row's query."""
+        return self.query[:, None] == docs.query[None, :]
+
+
+def _rows(batch, all_positives, guide=None, shard=0):
+    b, m = batch.b, batch.m
+    own = dict(queries=batch.queries, slots=batch.slots, guide_queries=None if guide is None else guide[0],
+               guide_slots=None if guide is None else guide[1], slot_ids=batch.doc_ids[: b * m],
+               slot_known=batch.doc_known[: b * m])
+    if not all_positives:  # row r = slot r = (r // m, r % m); its target is that slot's column
+        expand = (lambda x: jnp.repeat(x, m, axis=0)) if m > 1 else (lambda x: x)
+        query, valid, target = jnp.arange(b * m) // m, batch.slot_real, shard * b * m + jnp.arange(b * m)
+    else:
+        expand, query, target = (lambda x: x), jnp.arange(b), None
+        valid = None if batch.slot_real is None else jnp.any(batch.slot_real.reshape(b, m), axis=1)
+    pick = lambda x: None if x is None else expand(x)  # noqa: E731
+    return _Rows(shard * b + query, expand, valid, target, all_positives, m, anchor=pick(batch.anchor_ids),
+                 own_ids=pick(batch.own_ids), own_valid=pick(batch.own_valid), **own)
 
 
 # ---------------------------------------------------------------- blocks, masks, reduction
 
 
-def _candidate_blocks(queries, slots, docs, directions, rows, metric):
-    """The raw (unscaled) similarity blocks of every row, keyed by direction, each (R, n).
+def _candidate_blocks(rows, docs, queries, directions, metric, use_guide=False):
+    """The raw (unscaled) similarity blocks of the rows against a block of columns, keyed by
+    direction, each (R, n): the student's, or with ``use_guide`` the guide model's.
 
     Row r (query q, target slot d): query_to_doc s(q, docs), query_to_query s(q, queries),
     doc_to_query s(q_l, d) for every query l, doc_to_doc s(d, docs). The last two exist only
-    with one row per slot, so their rows are ``slots`` as they are. All metrics are symmetric.
+    with one row per slot, so their rows are the slots as they are. All metrics are symmetric.
     """
-    blocks = {Q2D: rows.expand(sim.matrix(queries, docs, metric))}
+    row_q, row_d = (rows.guide_queries, rows.guide_slots) if use_guide else (rows.queries, rows.slots)
+    col_d = docs.guide if use_guide else docs.vecs
+    col_q = None if queries is None else queries.guide if use_guide else queries.vecs  # None: no query columns needed
+    blocks = {Q2D: rows.expand(sim.matrix(row_q, col_d, metric))}
     if Q2Q in directions:
-        blocks[Q2Q] = rows.expand(sim.matrix(queries, queries, metric))
+        blocks[Q2Q] = rows.expand(sim.matrix(row_q, col_q, metric))
     if D2Q in directions:
-        blocks[D2Q] = sim.matrix(slots, queries, metric)
+        blocks[D2Q] = sim.matrix(row_d, col_q, metric)
     if D2D in directions:
-        blocks[D2D] = sim.matrix(slots, docs, metric)
+        blocks[D2D] = sim.matrix(row_d, col_d, metric)
     return blocks
 
 
@@ -238,69 +304,69 @@ def _id_hits(row_ids, row_valid, cand_ids, cand_known):
     return jnp.any(hits, axis=1) & cand_known[None, :]
 
 
-def _block_masks(batch, rows, directions, rule, fn_margin, fn_relative, in_batch_negatives=True):
+def _threshold(rows, docs, rule_q2d):
+    """(R,) the false-negative rule's bar: the rule score of the row's target (``all_positives``: the
+    weakest real positive). ``docs`` must hold every target column (the row's own shard does)."""
+    return jnp.min(jnp.where(rows.is_target(docs), rule_q2d, jnp.inf), axis=1)
+
+
+def _block_masks(rows, docs, queries, directions, rule, bar, fn_margin, fn_relative, in_batch_negatives=True):
     """Boolean (R, n) drop mask (-inf) per block, or None where nothing is dropped.
 
     Never dropped: a row's target column(s) in query_to_doc, and s(q_i, d) in doc_to_query.
-    ``rule``: the stop-gradient rule scores per block (None without a false-negative rule).
+    ``rule``: the stop-gradient rule scores per block and ``bar`` (``_threshold``) (None without a
+    false-negative rule).
     """
-    b, m = batch.b, batch.m
     fn = None
     if rule is not None:
-        if rows.all_positives:  # the weakest real positive sets the bar
-            t = jnp.min(jnp.where(rows.is_target(batch), rule[Q2D], jnp.inf), axis=1)
-        else:
-            t = jnp.take_along_axis(rule[Q2D], jnp.arange(rule[Q2D].shape[0])[:, None], axis=1)[:, 0]
 
         def fn(name):
             x = rule[name]
-            drop = None if fn_margin is None else x > (t + fn_margin)[:, None]
-            return _or(drop, None if fn_relative is None else x > (fn_relative * t)[:, None])
+            drop = None if fn_margin is None else x > (bar + fn_margin)[:, None]
+            return _or(drop, None if fn_relative is None else x > (fn_relative * bar)[:, None])
 
-    own = None
-    if batch.own_ids is not None:
-        own = rows.expand(batch.own_ids), rows.expand(batch.own_valid)
-    padding = None if batch.col_real is None else ~batch.col_real[None, :]
+    own = None if rows.own_ids is None else (rows.own_ids, rows.own_valid)
+    padding = None if docs.real is None else ~docs.real[None, :]
+    own_docs = rows.own_docs(docs)
     masks = {}
 
     drop = padding
     if own is not None:
-        drop = _or(drop, _id_hits(*own, batch.doc_ids, batch.doc_known))
-    if m > 1 and not rows.all_positives:  # the query's other positives are not negatives of this row
-        drop = _or(drop, rows.own_docs(batch) & batch.col_is_slot[None, :])
+        drop = _or(drop, _id_hits(*own, docs.ids, docs.known))
+    if rows.m > 1 and not rows.all_positives:  # the query's other positives are not negatives of this row
+        drop = _or(drop, own_docs & docs.is_slot[None, :])
     if not in_batch_negatives:  # only the query's own documents compete (NV-Embed's second stage)
-        drop = _or(drop, ~rows.own_docs(batch))
+        drop = _or(drop, ~own_docs)
     if fn is not None:
         drop = _or(drop, fn(Q2D))
-    masks[Q2D] = None if drop is None else drop & ~rows.is_target(batch)
+    masks[Q2D] = None if drop is None else drop & ~rows.is_target(docs)
 
     if Q2Q in directions:
-        drop = rows.query[:, None] == jnp.arange(b)[None, :]  # q_i itself
-        if own is not None and batch.anchor_ids is not None:
-            drop = drop | _id_hits(*own, batch.anchor_ids, jnp.ones((b,), bool))
+        drop = rows.query[:, None] == queries.index[None, :]  # q_i itself
+        if own is not None and queries.anchor_ids is not None:
+            drop = drop | _id_hits(*own, queries.anchor_ids, jnp.ones(queries.anchor_ids.shape, bool))
         masks[Q2Q] = _or(drop, None if fn is None else fn(Q2Q))
 
     if D2Q in directions:  # row r = slot r: q_l is no negative of d if it is q_i's text or d is relevant to it
         drop = None
-        if batch.anchor_ids is not None:
-            drop = batch.anchor_ids[rows.query][:, None] == batch.anchor_ids[None, :]
-        if batch.own_ids is not None:
-            slot_ids, slot_known = batch.doc_ids[: b * m], batch.doc_known[: b * m]
-            drop = _or(drop, _id_hits(batch.own_ids, batch.own_valid, slot_ids, slot_known).T)
+        if queries.anchor_ids is not None:
+            drop = rows.anchor[:, None] == queries.anchor_ids[None, :]
+        if queries.own_ids is not None:
+            drop = _or(drop, _id_hits(queries.own_ids, queries.own_valid, rows.slot_ids, rows.slot_known).T)
         drop = _or(drop, None if fn is None else fn(D2Q))
-        masks[D2Q] = None if drop is None else drop & (rows.query[:, None] != jnp.arange(b)[None, :])
+        masks[D2Q] = None if drop is None else drop & (rows.query[:, None] != queries.index[None, :])
 
     if D2D in directions:
-        drop = _or(rows.own_docs(batch), padding)  # every doc of query i (GTE / sentence-transformers)
+        drop = _or(own_docs, padding)  # every doc of query i (GTE / sentence-transformers)
         if own is not None:
-            drop = drop | _id_hits(*own, batch.doc_ids, batch.doc_known)
+            drop = drop | _id_hits(*own, docs.ids, docs.known)
         masks[D2D] = _or(drop, None if fn is None else fn(D2D))
     return masks
 
 
-def _hardness_penalty(batch, rows, raw_qd, strength, mode):
+def _hardness_penalty(rows, docs, raw_qd, strength, mode):
     """LLaVE's alpha * stop_grad(s) on the query_to_doc logits of the negatives ``mode`` names."""
-    own, slot = rows.own_docs(batch), batch.col_is_slot[None, :]
+    own, slot = rows.own_docs(docs), docs.is_slot[None, :]
     applies = {
         "hard_negatives": own & ~slot,  # the query's own hard negatives only
         "in_batch_negatives": ~own,  # every doc of the other queries
@@ -309,14 +375,70 @@ def _hardness_penalty(batch, rows, raw_qd, strength, mode):
     return jnp.where(applies, strength * jax.lax.stop_gradient(raw_qd), 0.0)
 
 
-def _reduce(logits, masks, rows):
-    """Joint softmax over every block; mean over the rows that count."""
-    masked = [lg if masks.get(name) is None else jnp.where(masks[name], -jnp.inf, lg) for name, lg in logits.items()]
-    joint = masked[0] if len(masked) == 1 else jnp.concatenate(masked, axis=1)
-    if not rows.all_positives:  # query_to_doc comes first, so the target of row r is column r
-        return cross_entropy_rows(joint, jnp.arange(joint.shape[0]), valid=rows.valid)
-    log_pos = jax.nn.logsumexp(jnp.where(rows.targets, masked[0], -jnp.inf), axis=1)
-    return _mean_rows(jax.nn.logsumexp(joint, axis=1) - log_pos, rows.valid)
+class _Options(NamedTuple):
+    """The static options one block's logits need."""
+
+    directions: tuple
+    similarity: Any
+    scale: float
+    fn_margin: float | None
+    fn_relative: float | None
+    hardness: float
+    hardness_mode: str
+    in_batch_negatives: bool
+
+    @property
+    def has_rule(self):
+        return self.fn_margin is not None or self.fn_relative is not None
+
+
+def _rule_blocks(rows, docs, queries, opts, raw):
+    """The false-negative rule's scores of a block (None without a rule): the guide's, or the student's own."""
+    if not opts.has_rule:
+        return None
+    if rows.guide_queries is not None:
+        return _candidate_blocks(rows, docs, queries, opts.directions, opts.similarity, use_guide=True)
+    return {name: jax.lax.stop_gradient(s) for name, s in raw.items()}
+
+
+def _block_logits(rows, docs, queries, opts, bar=None):
+    """``(masked logits per direction, the rule's bar)`` of the rows against one block of columns;
+    masked entries are -inf. ``bar``: the rule's (``_threshold``, None without a rule); None computes
+    it from this block, which must then hold every target (the row's own shard)."""
+    raw = _candidate_blocks(rows, docs, queries, opts.directions, opts.similarity)
+    rule = _rule_blocks(rows, docs, queries, opts, raw)
+    if rule is not None and bar is None:
+        bar = _threshold(rows, docs, rule[Q2D])
+    masks = _block_masks(rows, docs, queries, opts.directions, rule, bar, opts.fn_margin, opts.fn_relative,
+                         opts.in_batch_negatives)
+    logits = {name: opts.scale * s for name, s in raw.items()}
+    if opts.hardness:
+        logits[Q2D] = logits[Q2D] + _hardness_penalty(rows, docs, raw[Q2D], opts.hardness, opts.hardness_mode)
+    masked = {name: lg if masks.get(name) is None else jnp.where(masks[name], -jnp.inf, lg)
+              for name, lg in logits.items()}
+    return masked, bar
+
+
+def _target_logsumexp(rows, docs, q2d_logits):
+    """(R,) log-sum-exp of the row's target logit(s); ``docs`` holds every target (the own shard)."""
+    return jax.nn.logsumexp(jnp.where(rows.is_target(docs), q2d_logits, -jnp.inf), axis=1)
+
+
+def _joint(masked):
+    """One (R, n) block of the joint softmax from the per-direction blocks, in the documented order."""
+    blocks = [masked[name] for name in DIRECTIONS if name in masked]
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=1)
+
+
+def _back_block(rows, queries, scale, similarity, positive_ids_given):
+    """The symmetric direction (one positive per query): slot r against a block of queries, its own
+    query the target; queries with the slot's anchor id (or positive id) are dropped (not the target)."""
+    logits = scale * sim.matrix(rows.slots, queries.vecs, similarity)
+    if queries.anchor_ids is None:
+        return logits
+    ids = [rows.anchor] + ([rows.slot_ids] if positive_ids_given else [])
+    drop = functools.reduce(jnp.logical_or, [i[:, None] == queries.anchor_ids[None, :] for i in ids])
+    return jnp.where(drop & (queries.index[None, :] != rows.query[:, None]), -jnp.inf, logits)
 
 
 def _soft_reduce(student, teacher, mask, valid):
@@ -479,6 +601,33 @@ def infonce(
     Returns:
       scalar mean cross-entropy.
     """
+    batch, guide, opts, all_positives = _prepare(
+        anchors, positives, negatives, scale=scale, symmetric=symmetric, similarity=similarity,
+        anchor_ids=anchor_ids, positive_ids=positive_ids, negative_ids=negative_ids, positive_mask=positive_mask,
+        relevant_ids=relevant_ids, relevant_mask=relevant_mask, all_positives=all_positives, directions=directions,
+        fn_margin=fn_margin, fn_relative=fn_relative, guide=guide, hardness=hardness, hardness_mode=hardness_mode,
+        in_batch_negatives=in_batch_negatives, soft_targets=teacher_similarity is not None)
+    rows = _rows(batch, all_positives, guide)
+    docs, queries = _columns(batch, guide)
+    masked, _ = _block_logits(rows, docs, queries, opts)
+    if teacher_similarity is not None:
+        teacher = _candidate_blocks(rows, docs, queries, opts.directions, teacher_similarity)[Q2D]
+        t_scale = scale if teacher_scale is None else teacher_scale
+        mask = jnp.isneginf(masked[Q2D])
+        return _soft_reduce(masked[Q2D], t_scale * jax.lax.stop_gradient(teacher), mask, rows.valid)
+    per_row = jax.nn.logsumexp(_joint(masked), axis=1) - _target_logsumexp(rows, docs, masked[Q2D])
+    loss = _mean_rows(per_row, rows.valid)
+    if not symmetric:
+        return loss
+    back = _back_block(rows, queries, scale, similarity, positive_ids is not None)
+    return 0.5 * (loss + cross_entropy_rows(back, jnp.arange(batch.b), valid=batch.slot_real))
+
+
+def _prepare(anchors, positives, negatives, *, scale, symmetric, similarity, anchor_ids, positive_ids, negative_ids,
+             positive_mask, relevant_ids, relevant_mask, all_positives, directions, fn_margin, fn_relative, guide,
+             hardness, hardness_mode, in_batch_negatives, soft_targets):
+    """``infonce``'s arguments checked and laid out: ``(batch, guide vectors or None, _Options,
+    all_positives)`` (the ring loss lays out each device's shard with it)."""
     token_metric = not isinstance(similarity, str)  # a metric object (MaxSim, M3's heads): rows of any width
     batch = _layout(anchors, positives, negatives, positive_mask, anchor_ids, positive_ids, negative_ids,
                     relevant_ids, relevant_mask, doc_width=jnp.shape(positives)[-1] if token_metric else None)
@@ -487,41 +636,14 @@ def infonce(
     if token_metric and (directions != (Q2D,) or symmetric or guide is not None):
         raise ValueError("a metric object (TokenMaxSim, HeadSum) scores a query against documents: only "
                          "directions=('query_to_doc',), symmetric=False and no guide")
-    if teacher_similarity is not None and (directions != (Q2D,) or symmetric or (all_positives and batch.m > 1)):
+    if soft_targets and (directions != (Q2D,) or symmetric or (all_positives and batch.m > 1)):
         raise ValueError("teacher_similarity (soft targets) takes directions=('query_to_doc',), symmetric=False and "
                          "one target per row (all_positives=False)")
     if guide is not None and fn_margin is None and fn_relative is None:
         fn_margin = 0.0
-    rows = _rows(batch, all_positives and batch.m > 1)  # one slot: "each" and "all" coincide
-
-    raw = _candidate_blocks(batch.queries, batch.slots, batch.docs, directions, rows, similarity)
-    rule = None
-    if fn_margin is not None or fn_relative is not None:
-        if guide is None:
-            rule = {name: jax.lax.stop_gradient(s) for name, s in raw.items()}
-        else:
-            rule = _candidate_blocks(*_guide_layout(guide, batch), directions, rows, similarity)
-    masks = _block_masks(batch, rows, directions, rule, fn_margin, fn_relative, in_batch_negatives)
-    logits = {name: scale * s for name, s in raw.items()}
-    if hardness:
-        logits[Q2D] = logits[Q2D] + _hardness_penalty(batch, rows, raw[Q2D], hardness, hardness_mode)
-    if teacher_similarity is not None:
-        teacher = _candidate_blocks(batch.queries, batch.slots, batch.docs, directions, rows, teacher_similarity)[Q2D]
-        t_scale = scale if teacher_scale is None else teacher_scale
-        return _soft_reduce(logits[Q2D], t_scale * jax.lax.stop_gradient(teacher), masks.get(Q2D), rows.valid)
-    loss = _reduce(logits, masks, rows)
-    if not symmetric:
-        return loss
-
-    b, targets = batch.b, jnp.arange(batch.b)
-    back_mask = None
-    if anchor_ids is not None:
-        a_ids = batch.anchor_ids
-        back_rows = [a_ids] + ([batch.doc_ids[:b]] if positive_ids is not None else [])
-        back_mask = duplicate_mask(back_rows, a_ids, jnp.ones((b,), bool), targets)
-    back_logits = scale * sim.matrix(batch.slots, batch.queries, similarity)
-    back = cross_entropy_rows(back_logits, targets, back_mask, valid=batch.slot_real)
-    return 0.5 * (loss + back)
+    guide = None if guide is None else _guide_layout(guide, batch)
+    opts = _Options(directions, similarity, scale, fn_margin, fn_relative, hardness, hardness_mode, in_batch_negatives)
+    return batch, guide, opts, all_positives and batch.m > 1  # one slot: "each" and "all" coincide
 
 
 def simcse_unsupervised(view1, view2, *, scale=20.0, ids=None, symmetric=False):

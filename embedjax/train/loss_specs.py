@@ -12,7 +12,7 @@ and the lists the docs and configs refer to (``AUX_LOSSES``) all follow from the
 | ``cosine_mse`` | ``losses.cosine_mse`` | scored pairs | a, b, gold scores |
 | ``pearson`` | ``losses.pearson_loss`` | scored pairs | a, b, gold scores |
 | ``rank_consistency`` | ``losses.rank_consistency_loss`` | scored pairs | a, b, gold scores |
-| ``infonce`` | ``losses.infonce`` | pairs / triplets / BEIR queries | a, b (or m positive slots), [hard negatives], text hashes, [relevant sets, guide] |
+| ``infonce`` | ``losses.infonce`` (``losses.ring.ring_infonce`` with ``objective.negatives_exchange="ring"``) | pairs / triplets / BEIR queries | a, b (or m positive slots), [hard negatives], text hashes, [relevant sets, guide] |
 | ``simcse_unsup`` | ``losses.infonce`` on two dropout views | sentences | a twice, text hashes |
 | ``quadruplet`` | ``losses.quadruplet`` | C-STS condition pairs | a, b, the same pair under the lower-scored condition |
 | ``margin_mse`` | ``losses.margin_mse`` | distillation records | a, b, negatives, teacher scores |
@@ -28,6 +28,7 @@ Formulas and references: docs/losses.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 
 from embedjax import losses
 from embedjax import similarity as sim
+from embedjax.losses.ring import ring_infonce
 
 # What a loss function can be given: the three sides' embeddings, gold scores, teacher scores, the
 # text hashes of each side (equal texts are not each other's negatives), the hashes of each query's
@@ -116,18 +118,21 @@ _CONTRASTIVE_HASHES = (("anchor_ids", "a_hash"), ("positive_ids", "b_hash"), ("n
 
 
 def batch_infonce(za, zb, zn=None, *, anchor_ids=None, positive_ids=None, negative_ids=None, relevant=None,
-                   guide=None, **kwargs):
+                   guide=None, ring_mesh=None, **kwargs):
     """``losses.infonce`` with the masks a batch's hashes imply (0 = no text): the empty slots of a
     ``(B, m)`` positive side, and each query's relevant documents; ``guide``: the frozen guide
-    model's ``(za, zb, zn)`` for the false-negative rule (GISTEmbed)."""
+    model's ``(za, zb, zn)`` for the false-negative rule (GISTEmbed). ``ring_mesh``: the same loss
+    computed around the batch axes of that mesh (``losses.ring.ring_infonce``) instead of on
+    gathered candidates (``objective.negatives_exchange="ring"``)."""
     if zb.ndim == za.ndim + 1 and positive_ids is not None:
         kwargs["positive_mask"] = positive_ids != 0
     if relevant is not None:
         kwargs.update(relevant_ids=relevant, relevant_mask=relevant != 0)
     if guide is not None:
         kwargs["guide"] = guide
-    return losses.infonce(za, zb, zn, anchor_ids=anchor_ids, positive_ids=positive_ids, negative_ids=negative_ids,
-                          **kwargs)
+    loss = losses.infonce if ring_mesh is None else functools.partial(ring_infonce, mesh=ring_mesh)
+    return loss(za, zb, zn, anchor_ids=anchor_ids, positive_ids=positive_ids, negative_ids=negative_ids, **kwargs)
+
 
 def _token_level(*args, **kwargs):
     raise ValueError("objective.loss='tsdae' reconstructs token ids from the embedding, not a loss of embeddings: "
@@ -151,7 +156,7 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("infonce", batch_infonce, ("za", "zb", "zn"), "pairs/triplets/BEIR queries",
              keywords=(*_CONTRASTIVE_HASHES, ("relevant", "relevant"), ("guide", "guide"))),
     # unsupervised SimCSE: InfoNCE between two dropout views of the same texts (zb is side a again)
-    LossSpec("simcse_unsup", losses.infonce, ("za", "zb"), "sentences", keywords=_CONTRASTIVE_HASHES[:2],
+    LossSpec("simcse_unsup", batch_infonce, ("za", "zb"), "sentences", keywords=_CONTRASTIVE_HASHES[:2],
              single_texts=True),
     # C-STS: (a, b) under the higher-scored condition, n = (a, b) under the lower (data.csts_records)
     LossSpec("quadruplet", losses.quadruplet, ("za", "zb", "zn"), "C-STS condition pairs", suggested=False),

@@ -64,7 +64,7 @@ def device_memory_limit(device=None) -> int | None:
 
 
 def check_fits(memory: StepMemory, limit_bytes: int | None, *, batch_size: int, gradcache_chunk: int,
-               mesh_shape: dict, remat) -> None:
+               mesh_shape: dict, remat, negatives_exchange: str = "") -> None:
     """Raises ``MemoryError`` naming the knobs when ``memory.peak`` exceeds ``limit_bytes`` (None: no check)."""
     if limit_bytes is None or memory.peak <= limit_bytes:
         return
@@ -76,5 +76,7 @@ def check_fits(memory: StepMemory, limit_bytes: int | None, *, batch_size: int, 
         f"activation memory follows the chunk, not the batch), mesh.fsdp (now {fsdp}; splits params, "
         f"gradients and optimizer state over more devices), mesh.model (now {mesh_shape.get('model', 1)}; "
         f"tensor parallelism), objective.remat (now {remat!r}; recompute layers in the backward pass), "
-        "or lora.rank > 0 (train adapters only: no optimizer state for the base). "
+        "or lora.rank > 0 (train adapters only: no optimizer state for the base)"
+        + (f", objective.negatives_exchange (now {negatives_exchange!r}; 'ring' holds (local x local) contrastive "
+           "logit blocks instead of (local x global))" if negatives_exchange else "") + ". "
         "Set memory_limit_gib to override the device's limit.")

@@ -49,6 +49,18 @@ class Objective:
     teacher_dense: str | None = None
     tri_head: bool = False           # a C-STS tri-encoder: side n is the condition, params["tri_head"] conditions a and b
     mntp: Any = None                 # loss "mntp": its resolved tokens and rates (embedjax.train.mntp_objective.resolve)
+    negatives_exchange: str = "gathered"  # "ring": the contrastive loss goes around the batch axes (losses.ring)
+    mesh: Any = None                 # the run's mesh, set by ``on_mesh`` (the ring loss's shard_map needs it)
+
+    @property
+    def exchange_choice(self) -> str:
+        """``negatives_exchange`` where the loss has both forms (a knob the memory check names), else ''."""
+        return self.negatives_exchange if self.loss in RING_LOSSES else ""
+
+    def on_mesh(self, mesh) -> "Objective":
+        """This objective bound to the run's mesh (``train.step.jit_train_step`` calls it): the ring
+        loss computes over that mesh's batch axes; the gathered loss needs no mesh."""
+        return dataclasses.replace(self, mesh=mesh) if self.negatives_exchange == "ring" else self
 
     @property
     def uses_teacher(self) -> bool:
@@ -120,6 +132,12 @@ class Objective:
         if guide is not None and (not isinstance(guide, str) or not guide):
             raise ValueError(f"objective.guide must be a checkpoint directory / hub id, 'initial', or None, got {guide!r}")
         distill_on = distill["teacher"] is not None and float(distill["weight"]) > 0
+        exchange = cfg["negatives_exchange"]
+        if exchange not in NEGATIVES_EXCHANGES:
+            raise ValueError(f"unknown objective.negatives_exchange {exchange!r}; choose one of {NEGATIVES_EXCHANGES}")
+        if exchange == "ring" and loss not in RING_LOSSES:
+            raise ValueError(f"objective.negatives_exchange='ring' computes the contrastive losses {RING_LOSSES} around "
+                             f"the devices; objective.loss={loss!r} has no ring form: use 'gathered'")
         if distill_on and distill["loss"] not in DISTILL_LOSSES:
             raise ValueError(f"unknown objective.distill.loss {distill['loss']!r}; choose one of {tuple(DISTILL_LOSSES)}")
         return dict(
@@ -138,6 +156,7 @@ class Objective:
             distill_loss=distill["loss"] if distill_on else "",
             distill_weight=float(distill["weight"]) if distill_on else 1.0,
             guide=guide is not None,
+            negatives_exchange=exchange,
         )
 
 
@@ -171,7 +190,11 @@ def embed_padded_sides(embed_side, params, batch: Batch, key, *, gradcache_chunk
 # The keys of a config's ``objective`` section (configs/base.py).
 OBJECTIVE_KEYS = frozenset({"loss", "loss_kwargs", "matryoshka_dims", "matryoshka_weights", "matryoshka_n_per_step",
                             "layers", "layer_kwargs", "remat", "unroll", "dropout", "gradcache_chunk", "aux_losses",
-                            "distill", "guide"})
+                            "distill", "guide", "negatives_exchange"})
+# How in-batch candidates reach every device: all-gathered (GSPMD; a (local x global) logit block per
+# device) or passed around a ring (``losses.ring``; (local x local) blocks), for these losses.
+NEGATIVES_EXCHANGES = ("gathered", "ring")
+RING_LOSSES = ("infonce", "simcse_unsup")
 
 
 def aux_losses_from_config(aux: Mapping[str, Any] | None) -> tuple:
@@ -198,7 +221,12 @@ def _pair_loss(objective: Objective):
     """The main loss plus the weighted auxiliary losses, all on the same embeddings: one
     ``fn(za, zb, zn, labels, *, a_hash, b_hash, n_hash, teacher_scores)`` that the Matryoshka and
     layer wrappers then apply at every width / depth."""
-    terms = [(LOSSES[objective.loss].bind(dict(objective.loss_kwargs)), 1.0)]
+    main_kwargs = dict(objective.loss_kwargs)
+    if objective.negatives_exchange == "ring":
+        if objective.mesh is None:
+            raise ValueError("objective.negatives_exchange='ring' needs the run's mesh: use objective.on_mesh(mesh)")
+        main_kwargs["ring_mesh"] = objective.mesh
+    terms = [(LOSSES[objective.loss].bind(main_kwargs), 1.0)]
     terms += [(LOSSES[name].bind(dict(kw)), weight) for name, weight, kw in objective.aux_losses]
     if len(terms) == 1:
         return terms[0][0]

@@ -81,6 +81,8 @@ def jit_train_step(enc_cfg, objective: Objective, tx, state_shards, frozen_shard
     ``step(state, batch, frozen, teacher)`` (``teacher``: a distillation teacher's params, or None).
     Lower it with abstract arguments (``jax.ShapeDtypeStruct``) to learn a configuration's
     per-device memory without allocating it (``embedjax.train.memory``)."""
+    if isinstance(objective, Objective):
+        objective = objective.on_mesh(mesh)  # a ring loss runs over the mesh's batch axes
     return jax.jit(
         functools.partial(train_step, enc_cfg=enc_cfg, objective=objective, tx=tx, ema_decay=ema_decay),
         in_shardings=(state_shards, sharding.batch_sharding(mesh), frozen_shards, teacher_shards),

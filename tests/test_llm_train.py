@@ -91,12 +91,15 @@ def test_peft_adapter_directory_reproduces_the_merged_export(straight):
 def test_eight_devices_and_two_hosts_with_fsdp_x_model_give_the_same_run(straight, overrides, tmp_path):
     """8 devices of one process (data parallel) and 2 processes x 4 devices with data x fsdp x
     model = 2 x 2 x 2 (the frozen base, adapters and pooler span both hosts): one loss curve, one
-    model. (1 device == 8 devices is test_train's, on the same loop and sharding code.)"""
+    model. The two-host run computes its InfoNCE (hard negatives, GradCache) around the ring of
+    its 4 data x fsdp devices, 2 on each host (``objective.negatives_exchange="ring"``), the
+    one-process run on gathered candidates. (1 device == 8 devices is test_train's, on the same
+    loop and sharding code.)"""
     from test_multihost import TEXTS, launch
 
     hosts = tmp_path / "hosts"
-    for rc, err in launch(hosts, CONFIG, {**overrides, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2},
-                          processes=2):
+    for rc, err in launch(hosts, CONFIG, {**overrides, "mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2,
+                                          "objective.negatives_exchange": "ring"}, processes=2):
         assert rc == 0, err[-4000:]
     ref = loss_curve(straight[0])
     assert sorted(ref) == [1, 2, 3, 4] and len(set(ref.values())) == 4  # the curve moves

@@ -165,7 +165,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict({  # training and dev data (embedjax/train/sources.py)
         "kind": "stsb",           # what the train file holds (embedjax/train/sources.py: DATA_KINDS)
         "train": str(DATA / "stsb" / "sts-train.csv"),  # training file
-        "format": placeholder(str),  # pairs/triplets/scored/sentences: tsv | csv | jsonl | txt; None = from the suffix
+        "format": placeholder(str),  # tsv | csv | jsonl | txt | parquet | arrow (a save_to_disk folder); None = from the suffix
+        # Training files of any size (embedjax/data/streaming.py): records read one at a time through an
+        # index, never all held in memory; parquet and arrow always are, tsv/csv/jsonl/txt when streaming=True.
+        "streaming": False,       # True: tsv/csv/jsonl/txt through a byte-offset index (not with skip_bad)
+        "index_dir": placeholder(str),  # streaming: where indexes go; None = beside the file, else $EMBEDJAX_CACHE/index
         "columns": {},            # {field: column name / JSON key / 0-based index} (files), or TFDS features; {} = defaults
         "score_range": placeholder(tuple),  # scored files: (lo, hi) every score must lie in; None = any finite score
         "tfds_name": placeholder(str),  # kind=tfds: the dataset, e.g. "glue/stsb"

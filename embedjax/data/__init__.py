@@ -80,6 +80,8 @@ __all__ = [
     # embedjax.data.download (local copies of STS-B / SICK, else the original archives)
     "sick_files",
     "stsb_files",
+    # embedjax.data.streaming (files of any size read through an index; Parquet / Arrow import pyarrow on use)
+    "open_records",
 ]
 
 _LAZY = {
@@ -88,6 +90,7 @@ _LAZY = {
                      "train_pipeline"), "pipeline"),
     **dict.fromkeys(("TextFilesConfig", "build_text_files", "prepare", "tfds_source"), "tfds_builders"),
     **dict.fromkeys(("sick_files", "stsb_files"), "download"),
+    "open_records": "streaming",
 }
 
 

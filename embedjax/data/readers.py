@@ -462,6 +462,44 @@ def read_records(
     ``Triplet`` / ``ScoredPair`` / ``LabelledPair`` / ``DistillRecord``. Lists of negatives and
     teacher scores: see the module docstring (the same k on every row, else ``DataError``).
     """
+    parser = record_parser(path, kind, format=format, columns=columns, header=header, num_columns=num_columns,
+                           score_range=score_range, keep_blank=keep_blank)
+    return _rows(Path(path), parser.parse_line, skip_bad=skip_bad, header=parser.take_header or False,
+                 keep_blank=keep_blank)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordParser:
+    """How ``read_records`` turns one file's rows into records (``record_parser``), for readers that
+    fetch the rows themselves (``embedjax.data.streaming``).
+
+    ``take_header(line, text)`` reads a tsv/csv header row (None: the file has none);
+    ``parse_line(line, text)`` parses one non-blank line, ``parse_row(line, row)`` a row already
+    split into cells (a list) or keyed by column (a dict, as a jsonl object). Both raise
+    ``DataError`` naming the file and ``line``. The first row parsed fixes what the rest must
+    match (the column count, the number of hard negatives), as in ``read_records``: parse the
+    header, then the first row, before any other.
+    """
+
+    format: str
+    fields: tuple[str, ...]
+    take_header: Callable[[int, str], None] | None
+    parse_line: Callable[[int, str], Any]
+    parse_row: Callable[[int, Any], Any]
+
+
+def record_parser(
+    path,
+    kind: str,
+    *,
+    format: str | None = None,
+    columns: Mapping[str, str | int] | None = None,
+    header: bool | None = None,
+    num_columns: int | None = None,
+    score_range: tuple[float, float] | None = None,
+    keep_blank: bool = False,
+) -> RecordParser:
+    """The ``RecordParser`` ``read_records`` reads ``path`` with (the same arguments, less ``skip_bad``)."""
     path = Path(path)
     fmt = infer_format(path, format, default="txt" if kind == "sentences" else None)
     cols = _column_map(kind, fmt, columns)
@@ -535,7 +573,9 @@ def read_records(
         return _number_list(value, 1 + k, what, path, number, column)
 
     def parse(number: int, text: str):
-        row = _split(fmt, path, number, text)
+        return parse_row(number, _split(fmt, path, number, text))
+
+    def parse_row(number: int, row):
         if tabular:
             if shape["count"] is None:
                 shape.update(count=len(row), why=f"as on line {number}, the first row")
@@ -579,8 +619,8 @@ def read_records(
             raise DataError(path, number, f"{err.message}. If line {number} is a header, name the columns so it is "
                                           f"read as one: columns={named} (data.columns in a training config)") from None
 
-    return _rows(path, parse_or_explain if tabular and not header else parse, skip_bad=skip_bad,
-                 header=take_header if header else False, keep_blank=keep_blank)
+    return RecordParser(format=fmt, fields=fields, take_header=take_header if header else None,
+                        parse_line=parse_or_explain if tabular and not header else parse, parse_row=parse_row)
 
 
 def read_sentences(path, **kw) -> Rows:

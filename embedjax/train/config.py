@@ -257,6 +257,8 @@ class DataConfig:
     kind: str
     train: str
     format: str | None = None                 # None: from the file's suffix
+    streaming: bool = False                   # read tsv/csv/jsonl/txt through an index (parquet / arrow always do)
+    index_dir: str | None = None              # streaming: where indexes go; None = beside the file, else the cache
     columns: dict = dataclasses.field(default_factory=dict)  # {field: column}; {} = the defaults
     score_range: tuple | None = None          # (lo, hi) every score must lie in; None = any finite score
     tfds_name: str | None = None
@@ -282,13 +284,13 @@ class DataConfig:
     @classmethod
     def from_config(cls, data) -> DataConfig:
         from embedjax.data.csts import RECORDS as CSTS_RECORDS
-        from embedjax.data import readers
+        from embedjax.data import streaming
         from embedjax.train import sources
 
         kind = _choice(data["kind"], sources.DATA_KINDS, "data.kind")
         fmt = _optional(data["format"], str, "data.format")
         if fmt is not None:
-            _choice(fmt, readers.FORMATS, "data.format")
+            _choice(fmt, streaming.FORMATS, "data.format")
         score_range = tuple(data["score_range"]) if data["score_range"] is not None else None
         if score_range is not None and len(score_range) != 2:
             raise ValueError(f"data.score_range must be (lo, hi) or None, got {score_range}")
@@ -320,6 +322,8 @@ class DataConfig:
         if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
             raise ValueError(f"data.buckets must be positive token lengths, got {buckets}")
         return cls(kind=kind, train=str(data["train"]), format=fmt, columns=dict(data["columns"] or {}),
+                   streaming=_flag(data.get("streaming", False), "data.streaming"),
+                   index_dir=_optional(data.get("index_dir"), str, "data.index_dir"),
                    score_range=score_range, tfds_name=tfds_name, tfds_split=str(data["tfds_split"]),
                    tfds_data_dir=_optional(data["tfds_data_dir"], str, "data.tfds_data_dir"),
                    skip_bad=bool(data["skip_bad"]), buckets=buckets, split=str(data.get("split", cls.split)),

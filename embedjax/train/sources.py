@@ -7,7 +7,8 @@
     sick_triplets  SICK premise / entailment / contradiction  -> Triplet (supervised SimCSE)
     sentences      one text per line (unsupervised SimCSE)    -> str
     stsb_sentences both sentences of an STS-B file, as a corpus  -> str
-    pairs | triplets | scored   generic tsv/csv/jsonl files (data.format, data.columns, data.score_range)
+    pairs | triplets | scored   generic tsv/csv/jsonl files (data.format, data.columns, data.score_range),
+                   Parquet files or Arrow datasets (data.format parquet | arrow, or from the suffix / a folder)
     distill        jsonl (or tsv/csv) of text_a, text_b, text_n (one or a list of k negatives) and teacher
                    scores [s(a, b), s(a, n_1), ...], e.g. written by scripts/mine.py -> DistillRecord
     beir           a BEIR directory (data.train) and qrels split (data.split): one record per query with every
@@ -24,6 +25,14 @@ Single texts (sentences, stsb_sentences, beir_corpus) may be cut into sentences
 (``data.split_sentences``) and damaged (``data.noise="delete"``: each becomes a Pair of its copy
 with words deleted and itself, TSDAE's input; ``embedjax.data.noise``).
 
+Files of any size: sentences, pairs, triplets, scored and distill records are read one at a time
+through an index (``embedjax.data.streaming.open_records``, the same records as the readers'),
+never all held in memory, from Parquet and Arrow always and from tsv/csv/jsonl/txt with
+``data.streaming=True``; the index (or Parquet's Arrow copy) is kept beside the file, or under
+``data.index_dir`` (default ``$EMBEDJAX_CACHE/index``) when that folder is read-only. A bad row
+stops the run when it is read (``data.skip_bad`` needs the whole file parsed first: not with
+streaming).
+
 ``data.columns`` maps fields (text_a, text_b, text_n, score) to a file's columns (header names
 or JSON keys, or 0-based indexes) or to a TFDS dataset's features; ``{}`` = the defaults.
 On the command line: ``--config.data.columns="{'text_a': 'sentence1', 'score': 'label'}"``.
@@ -34,12 +43,13 @@ Evaluation data is not here: ``config.evals`` names evaluators and their files
 
 from __future__ import annotations
 
-from embedjax.data import pipeline, readers
+from embedjax.data import pipeline, readers, streaming
 from embedjax.train.config import DataConfig
 
 DATA_KINDS = ("stsb", "stsb_sentences", "sick", "sick_triplets", "sentences", "pairs", "triplets", "scored", "distill",
               "beir", "beir_corpus", "csts", "tfds")
 SINGLE_TEXT_KINDS = ("sentences", "stsb_sentences", "beir_corpus")
+STREAMING_KINDS = ("sentences", "pairs", "triplets", "scored", "distill")  # what data.streaming / parquet / arrow read
 
 
 def train_source(data: DataConfig, *, seed: int = 0):
@@ -62,6 +72,16 @@ def train_source(data: DataConfig, *, seed: int = 0):
 
 def _records(data: DataConfig):
     kind, skip_bad, columns = data.kind, data.skip_bad, data.columns or None
+    if kind not in STREAMING_KINDS and (data.streaming or data.format in streaming.COLUMNAR_FORMATS):
+        raise ValueError(f"data.streaming and data.format parquet / arrow read data.kind one of {STREAMING_KINDS}, "
+                         f"not {kind!r}")
+    if kind in STREAMING_KINDS and (data.streaming or streaming.is_columnar(data.train, data.format)):
+        if skip_bad:
+            raise ValueError(f"data.skip_bad parses the whole file before training; {data.train} is read record by "
+                             "record (data.streaming, or a parquet / arrow file), so a bad row stops the run when it "
+                             "is read: set data.skip_bad=False (or data.streaming=False for a text file)")
+        return streaming.open_records(data.train, kind, format=data.format, columns=columns,
+                                      score_range=data.score_range, index_dir=data.index_dir)
     if kind == "stsb":
         return readers.read_stsb(data.train, skip_bad=skip_bad)
     if kind == "stsb_sentences":
@@ -94,7 +114,10 @@ def _records(data: DataConfig):
 
 def scores_of(source) -> list[float] | None:
     """Every record's score (for ``loss_specs.check_objective_data``), or None when the records
-    have no score. Reads the whole source once."""
+    have no score. Reads the whole source once (a streaming source: ``scores()``, an array; Parquet
+    and Arrow read only the score column)."""
     if "score" not in pipeline.fields_of(source):
         return None
+    if isinstance(source, (streaming.TextRecords, streaming.ArrowRecords)):
+        return source.scores()
     return [float(pipeline.as_record(r)["score"]) for r in source]

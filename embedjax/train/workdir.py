@@ -24,7 +24,9 @@ both configs set ``num_steps`` (it is not read then).
 log_every, eval_every and eval_start (when the dev set is scored: which steps compete for
 "best", never what training does), eval_export, eval_batch_size, checkpoint.* (how often / how
 many are kept), mesh.*, sharding_rules and memory_limit_gib (the hardware layout: the same computation up to float
-round-off, and a run must be able to resume on another machine); and ``testing``, a section
+round-off, and a run must be able to resume on another machine), data.streaming and data.index_dir (how the
+same records are read: whole, or one at a time through an index), objective.negatives_exchange (the same
+contrastive loss, gathered or around a ring of devices); and ``testing``, a section
 older configs had, still in their workdirs' saved configs.
 """
 
@@ -48,7 +50,8 @@ from embedjax.train.config import as_dict
 log = logging.getLogger(__name__)
 
 IGNORED = ("log_every", "eval_every", "eval_start", "eval_export", "eval_batch_size", "checkpoint", "mesh",
-           "sharding_rules", "memory_limit_gib", "testing")  # the last: a section older configs had, still in their workdirs' saved configs
+           "sharding_rules", "memory_limit_gib", "data.streaming", "data.index_dir", "objective.negatives_exchange",
+           "testing")  # the last: a section older configs had, still in their workdirs' saved configs
 ABSENT = "(absent)"
 
 # The run's config in its workdir; not config.json, which the export writes (the model's HF config).

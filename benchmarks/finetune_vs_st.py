@@ -13,7 +13,8 @@ subprocess, one after the other (never in parallel), and reports:
   optimizer), skipping the first ``--skip-st`` steps. embedjax: ``log_every=1`` so the loop syncs
   and logs every step (``examples_per_s`` of each row), skipping the steps that compiled a new
   batch shape (the first step of each distinct (side A, side B) shape) and the steps right
-  after an evaluation or checkpoint save (their interval includes that work).
+  after an evaluation or checkpoint save (their interval includes that work); the median MFU of
+  those steps (``mfu`` of each row, ``embedjax.train.flops``) is printed beside it.
 
     python benchmarks/finetune_vs_st.py                       # ST CoSENT + ST AnglE + embedjax stsb_angle
     python benchmarks/finetune_vs_st.py --lr 2e-5 --epochs 1 --embedjax-configs configs/stsb_angle.py configs/stsb_cosent.py
@@ -193,6 +194,7 @@ def run_embedjax(config_path: str, args) -> dict:
     compiled = {s for s, n in compiled_at.items() if n > compiled_at.get(s - 1, 0)}
     busy = {s + 1 for s in evals} | {s + 1 for s in per_step if s % c.checkpoint.every == 0}
     steady = [t for s, t in per_step.items() if s not in compiled and s not in busy]
+    steady_mfu = [r["mfu"] for r in rows if "mfu" in r and r["step"] not in compiled and r["step"] not in busy]
     total = summary["steps"]
     return {
         "trainer": f"embedjax:{name}", "before": summary["before"][KEY] if summary["before"] else None,
@@ -201,6 +203,7 @@ def run_embedjax(config_path: str, args) -> dict:
         "compiles": len(compiled), "compile_steps": sorted(compiled),
         "compile_step_time_s": [round(per_step[s], 2) for s in sorted(compiled) if s in per_step],
         "step_time": summarize_times(steady),
+        "mfu_median": statistics.median(steady_mfu) if steady_mfu else None,  # metrics.jsonl's, steady steps
         "config": {"lr": c.optim.learning_rate, "overrides": args.embedjax_override},
     }
 
@@ -278,8 +281,9 @@ def main() -> None:
               f"{r['train_wall_s']:7.0f}")
     for r in results:
         if "compiles" in r:
+            mfu = "-" if r.get("mfu_median") is None else f"{r['mfu_median']:.1%}"
             print(f"{r['trainer']}: {r['compiles']} steps compiled (steps {r['compile_steps']}, "
-                  f"{r['compile_step_time_s']} s); dev by step {r['evals']}")
+                  f"{r['compile_step_time_s']} s); MFU (median of steady steps) {mfu}; dev by step {r['evals']}")
     st_times = [r["step_time"]["median_s"] for r in results if r["trainer"].startswith("st:")]
     ej_times = [r["step_time"]["median_s"] for r in results if r["trainer"].startswith("embedjax:")]
     if st_times and ej_times:

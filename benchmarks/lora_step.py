@@ -30,7 +30,10 @@ reported, with the PyTorch / embedjax ratio. ``torch.set_num_threads`` = the cor
 CPU client uses every core). bfloat16 (``--dtypes bfloat16``): embedjax's compute dtype (params
 and optimizer state float32, bf16 matmuls), ``torch.autocast("cpu", torch.bfloat16)`` for the
 PyTorch peers. The losses after the last step are printed too: the same steps on the same data
-should land on nearly the same loss.
+should land on nearly the same loss. ``MFU``: the embedjax step's model FLOPs
+(``embedjax.train.flops``: XLA's cost analysis of the compiled step; the same computation for
+every trainer, so one numerator for all rows) over each trainer's median step time, against the
+device's peak for the dtype (on CPU a measured matmul peak).
 
     python benchmarks/lora_step.py                              # float32, batch 32 pairs, length 64
     python benchmarks/lora_step.py --dtypes float32 bfloat16 --batch 64 --seq-len 32
@@ -183,7 +186,7 @@ def main() -> None:
     import sentence_transformers
     from embedjax import lora, load_pretrained, tiny
     from embedjax.embed import embed
-    from embedjax.train import optim
+    from embedjax.train import flops, optim
     from embedjax.train.objective import Objective, batch_loss
     from embedjax.train.state import TrainState
     from embedjax.train.step import train_step
@@ -308,6 +311,10 @@ def main() -> None:
         step = jax.jit(functools.partial(train_step, enc_cfg=cfg_d, objective=objective, tx=tx), donate_argnums=0)
         state = TrainState.create(jax.tree.map(lambda x: x.copy(), trainable), tx, args.seed)
         jb = [jax.device_put(b) for b in batches]
+        work, note = flops.step_work(step.lower(state, jb[0], frozen).compile(), jb[0], cfg_d)  # one shape: every step
+        peak, where = flops.run_peak(dtype, 1)
+        print(f"[{dtype}] model FLOPs per step: {work.describe()}{'; ' + note if note else ''}; peak "
+              f"{'unknown' if peak is None else f'{peak / 1e12:.3f} TFLOP/s'} ({where})", flush=True)
         counter = {"embedjax": 0}
         last = {}
 
@@ -370,15 +377,18 @@ def main() -> None:
         for name, ts in times.items():
             q = statistics.quantiles(ts, n=4)
             med = statistics.median(ts)
-            results.append((name, dtype, 1000 * med, 1000 * q[0], 1000 * q[2], args.batch / med, med / base))
+            utilisation = flops.mfu(work.flops / med, peak)
+            results.append((name, dtype, 1000 * med, 1000 * q[0], 1000 * q[2], args.batch / med, med / base,
+                            "-" if utilisation is None else f"{utilisation:.1%}"))
 
     print(f"\n| trainer | dtype | ms/step (median of {args.rounds * args.steps}) | p25 - p75 | pairs/s | "
-          "ms / embedjax ms |")
-    print("|---|---|---:|---:|---:|---:|")
+          "ms / embedjax ms | MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     label = {"embedjax": "embedjax (jit, donated, frozen base)", "peft": "transformers + peft, torch InfoNCE",
              "peft+st": "sentence-transformers + peft (add_adapter), MNRL"}
-    for name, dtype, med, q1, q3, eps, ratio in results:
-        print(f"| {label[name]} | {dtype} | {med:.1f} | {q1:.1f} - {q3:.1f} | {eps:.0f} | {ratio:.2f}x |")
+    for name, dtype, med, q1, q3, eps, ratio, utilisation in results:
+        print(f"| {label[name]} | {dtype} | {med:.1f} | {q1:.1f} - {q3:.1f} | {eps:.0f} | {ratio:.2f}x | "
+              f"{utilisation} |")
     tmp.cleanup()
 
 

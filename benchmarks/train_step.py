@@ -11,8 +11,12 @@ takes bf16 operands and accumulates in float32, the backward pass's included
 products of the compiled step (XLA:CPU ``dot``, GPU gemm custom calls) whose operands are
 both bf16, out of all: it shows whether the backward really runs bf16 after XLA's passes
 (the loss / pooling products stay float32 on purpose). Each layout ends with the bf16 /
-float32 step-time ratio. Runs on any backend (CPU, GPU); ``--data`` or ``EMBEDJAX_DATA``
-points at the data directory holding ``stsb/sts-train.csv``.
+float32 step-time ratio. ``TFLOP/s`` and ``MFU`` (median over the batches): each batch shape's
+model FLOPs (``embedjax.train.flops``: XLA's cost analysis of that compiled step, the
+``CompiledSteps`` the training loop runs) over its step time, against the device's peak for the
+dtype (the chip's table figure; on CPU a measured matmul peak, printed first). Runs on any
+backend (CPU, GPU); ``--data`` or ``EMBEDJAX_DATA`` points at the data directory holding
+``stsb/sts-train.csv``.
 
     python benchmarks/train_step.py                    # padded + packed, float32 + bfloat16
     python benchmarks/train_step.py --batches 60 --layouts packed --dtypes float32
@@ -68,10 +72,10 @@ def main() -> None:
     from configs import stsb_angle
     from embedjax import load_pretrained, tokenize
     from embedjax.data import pipeline, read_stsb
-    from embedjax.train import optim
+    from embedjax.train import flops, optim
     from embedjax.train.objective import Objective
     from embedjax.train.state import TrainState
-    from embedjax.train.step import train_step
+    from embedjax.train.step import CompiledSteps, train_step
 
     c = stsb_angle.get_config()
     enc = load_pretrained(c.model)
@@ -86,8 +90,11 @@ def main() -> None:
                            for g in groups)
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {args.batches} batches of {c.batch_size} pairs, "
           f"{real:.0f} real tokens per step")
+    peaks = {dtype: flops.run_peak(dtype, 1) for dtype in args.dtypes}
+    print("peak for MFU: " + "; ".join(f"{d} {p / 1e12:.3f} TFLOP/s ({where})" if p else f"{d} unknown ({where})"
+                                       for d, (p, where) in peaks.items()))
     print(f"{'layout':8s} {'dtype':9s} {'token slots':>11s} {'shapes':>6s} {'step ms (median)':>17s} {'p25-p75':>11s} "
-          f"{'bf16 dots':>10s}")
+          f"{'bf16 dots':>10s} {'TFLOP/s':>8s} {'MFU':>6s}")
     for layout in args.layouts:
         packing = pipeline.Packing(c.data.pack_length, c.data.pack_rows_multiple) if layout == "packed" else None
         batches = [pipeline.collate(g, tok, c.batch_size, ("text_a", "text_b", "score"), None, True, packing)
@@ -100,23 +107,29 @@ def main() -> None:
         medians = {}
         for dtype in args.dtypes:
             cfg = dataclasses.replace(enc.cfg, dtype=dtype)
-            step = jax.jit(functools.partial(train_step, enc_cfg=cfg, objective=objective, tx=tx), donate_argnums=0)
+            jitted = jax.jit(functools.partial(train_step, enc_cfg=cfg, objective=objective, tx=tx), donate_argnums=0)
+            step = CompiledSteps(jitted, limit=None, model_cfg=cfg,  # per shape: compiled, its FLOPs
+                                 knobs=dict(batch_size=c.batch_size, gradcache_chunk=0, mesh_shape={}, remat=False))
             fresh = jax.tree.map(lambda x: x.copy(), enc.params)  # the step donates (deletes) its input state
             state = TrainState.create(fresh, tx, c.seed)
-            both, total = matmul_dtypes(step.lower(state, batches[0]).compile().as_text())
+            both, total = matmul_dtypes(jitted.lower(state, batches[0]).compile().as_text())
             for b in batches:  # compile every shape
-                state, m = step(state, b)
+                state, m = step(state, b, None)
             jax.block_until_ready(state)
-            times = []
+            times, achieved = [], []
             for b in batches:
                 t = time.perf_counter()
-                state, m = step(state, b)
+                state, m = step(state, b, None)
                 jax.block_until_ready(m)
                 times.append(time.perf_counter() - t)
+                achieved.append(step.work(b).flops / times[-1])
             q = statistics.quantiles(times, n=4)
             medians[dtype] = statistics.median(times)
+            rate = statistics.median(achieved)
+            mfu = flops.mfu(rate, peaks[dtype][0])
             print(f"{layout:8s} {dtype:9s} {slots:11.0f} {len(shapes):6d} {1000 * medians[dtype]:17.0f} "
-                  f"{1000 * q[0]:5.0f}-{1000 * q[2]:.0f} {f'{both}/{total}':>10s}", flush=True)
+                  f"{1000 * q[0]:5.0f}-{1000 * q[2]:.0f} {f'{both}/{total}':>10s} {rate / 1e12:8.3f} "
+                  f"{'-' if mfu is None else f'{mfu:.1%}':>6s}", flush=True)
         if "float32" in medians and "bfloat16" in medians:
             print(f"{layout:8s} bfloat16 / float32 step time: {medians['bfloat16'] / medians['float32']:.2f}x", flush=True)
 

@@ -34,7 +34,7 @@ from embedjax.checkpoint import Checkpointer, abstract_like
 from embedjax.encoders import registry
 from embedjax.eval import suite
 from embedjax.model import load_pretrained
-from embedjax.train import encoders, memory, optim, tasks, workdir as workdirs
+from embedjax.train import encoders, flops, memory, optim, tasks, workdir as workdirs
 from embedjax.train.callbacks import Callback, due
 from embedjax.train.config import TrainConfig
 from embedjax.train.metrics import MetricsWriter, TrainLog, progress_bar
@@ -160,8 +160,12 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
                                                     teacher_shards=teacher_shards, ema_decay=run.optim.ema),
                                      limit=_memory_limit(run.memory_limit_gib),
                                      knobs=dict(batch_size=run.batch_size, gradcache_chunk=source.objective.gradcache_chunk,
-                                                mesh_shape=dict(mesh.shape), remat=source.objective.remat))
+                                                mesh_shape=dict(mesh.shape), remat=source.objective.remat,
+                                                negatives_exchange=getattr(source.objective, "exchange_choice", "")),
+                                     model_cfg=enc_cfg)  # each batch shape's model FLOPs: tokens/s and MFU
                  for name, source in training_sources.items()}
+        peak, peak_source = flops.run_peak(enc_cfg.dtype, mesh.size)  # MFU's denominator; a CPU's is measured once
+        log.info("peak for MFU: %s (%s)", "unknown" if peak is None else f"{peak / 1e12:.3g} TFLOP/s", peak_source)
 
         # ------------------------------------------------------------------ periodic work
         def diverged(step: int, _) -> str:
@@ -173,7 +177,8 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
                     f"untouched and a rerun resumes from it ({fix}).")
 
         with progress_bar(total_steps, start) as bar:  # log records are written above it
-            train_log = TrainLog(writer, bar, lr_at=lr_at, batch_size=run.batch_size, on_divergence=diverged)
+            train_log = TrainLog(writer, bar, lr_at=lr_at, batch_size=run.batch_size, on_divergence=diverged,
+                                 peak_flops=peak)
 
             def evaluate_and_offer(step: int, state, _) -> None:
                 raw = evaluate(state.params)
@@ -193,8 +198,10 @@ def _train(run: TrainConfig, workdir: epath.Path, callbacks: Sequence[Callback])
             for step in range(start + 1, total_steps + 1):
                 source, host_batch = next(batches)
                 batch = distributed.global_batch(host_batch.model_inputs(), pad_token_id=enc_cfg.pad_token_id)
-                state, metrics = steps[source](state, sharding.to_global(batch, mesh), frozen, teacher_params)
-                train_log.record(step, metrics, source if len(training_sources) > 1 else None)
+                batch = sharding.to_global(batch, mesh)
+                state, metrics = steps[source](state, batch, frozen, teacher_params)
+                train_log.record(step, metrics, source if len(training_sources) > 1 else None,
+                                 work=steps[source].work(batch))  # its FLOPs and tokens: MFU, tokens/s
                 work = due(periodic, step, total_steps)
                 if work:  # metrics are fetched (a device sync) only here, and always before a save: the NaN guard
                     train_log.flush(step)

@@ -1,5 +1,5 @@
 """What a run logs: ``metrics.jsonl`` and TensorBoard (``MetricsWriter``), and the training
-metrics between two fetches (``TrainLog``: the NaN guard, throughput, the progress bar).
+metrics between two fetches (``TrainLog``: the NaN guard, throughput and MFU, the progress bar).
 
 Fetching a step's metrics syncs the host with the device, so the loop keeps them on the
 device and ``TrainLog.flush`` fetches them only when something is due (a log line, an
@@ -21,6 +21,7 @@ import jax
 from etils import epath
 
 from embedjax import paths
+from embedjax.train import flops
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +130,27 @@ class TrainLog:
 
     ``record`` each step; ``flush`` fetches them, stops the run on a non-finite value
     (``TrainingDiverged``, naming the last good checkpoint), writes the latest values with the
-    learning rate and examples/s, and shows them on the progress bar. ``exclude`` takes time
-    spent on other work (evaluation, saving, callbacks) out of the throughput.
+    learning rate and the throughput (``flops.throughput``: examples/s, token slots/s, model
+    TFLOP/s and, against ``peak_flops``, the peak FLOP/s of the run's devices, MFU), and shows them
+    on the progress bar. ``exclude`` takes time spent on other work (evaluation, saving,
+    callbacks) out of the throughput.
     """
 
     def __init__(self, writer: MetricsWriter, bar, *, lr_at: Callable[[int], float], batch_size: int,
-                 on_divergence: Callable[[int, dict], str]):
+                 on_divergence: Callable[[int, dict], str], peak_flops: float | None = None):
         self.writer, self.bar, self.lr_at, self.batch_size = writer, bar, lr_at, batch_size
         self.on_divergence = on_divergence  # (step, metrics) -> what the error says about checkpoints
+        self.peak_flops = peak_flops
         self.pending: list[tuple[int, dict]] = []
-        self.since, self.examples = time.perf_counter(), 0
+        self.since, self.examples, self.tokens, self.model_flops = time.perf_counter(), 0, 0, 0.0
 
-    def record(self, step: int, metrics: dict, source: str | None = None) -> None:
-        """A step's device metrics; with several training sources, also ``loss/<source>``."""
+    def record(self, step: int, metrics: dict, source: str | None = None, work: flops.StepWork | None = None) -> None:
+        """A step's device metrics; with several training sources, also ``loss/<source>``.
+        ``work``: what the step computed (``CompiledSteps.work``), for tokens/s and MFU."""
         self.pending.append((step, metrics if source is None else {**metrics, f"loss/{source}": metrics["loss"]}))
         self.examples += self.batch_size
+        if work is not None:
+            self.tokens, self.model_flops = self.tokens + work.tokens, self.model_flops + work.flops
 
     def exclude(self, seconds: float) -> None:
         self.since += seconds
@@ -159,9 +166,11 @@ class TrainLog:
                 raise TrainingDiverged(f"non-finite training metrics at step {s}: {m}. {self.on_divergence(s, m)}")
         now = time.perf_counter()
         per_source = {k: v for _, m in fetched for k, v in m.items() if k.startswith("loss/")}  # each one's latest
-        last = fetched[-1][1] | per_source | {"lr": float(self.lr_at(step - 1)),
-                                              "examples_per_s": self.examples / (now - self.since)}
-        self.since, self.examples = now, 0
+        rates = flops.throughput(seconds=now - self.since, examples=self.examples, tokens=self.tokens,
+                                 flops=self.model_flops, peak=self.peak_flops)
+        last = fetched[-1][1] | per_source | {"lr": float(self.lr_at(step - 1))} | rates
+        self.since, self.examples, self.tokens, self.model_flops = now, 0, 0, 0.0
         self.writer.write(step, last)
+        shown = {"mfu": f"{last['mfu']:.1%}"} if "mfu" in last else {}
         self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", ex_s=f"{last['examples_per_s']:.0f}",
-                             refresh=False)
+                             tok_s=f"{last['tokens_per_s']:.0f}", **shown, refresh=False)

@@ -12,7 +12,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from embedjax import lora, sharding
-from embedjax.train import memory
+from embedjax.train import flops, memory
 from embedjax.train.colbert_objective import ColbertObjective, colbert_batch_loss
 from embedjax.train.cross_objective import CrossObjective, cross_batch_loss
 from embedjax.train.m3_objective import M3Objective, m3_batch_loss
@@ -95,15 +95,21 @@ class CompiledSteps:
     """The jitted step compiled ahead of time once per batch shape, its per-device memory logged
     and checked against the device (``embedjax.train.memory``) BEFORE the shape first runs; a
     config that will not fit is refused with what to change (``knobs``: the settings a refusal
-    names)."""
+    names). Each shape's model FLOPs are recorded too (``work``; ``embedjax.train.flops``: XLA's
+    cost analysis, else the analytic count of ``model_cfg``'s backbone)."""
 
-    def __init__(self, jitted, *, limit: int | None, knobs: dict):
-        self.jitted, self.limit, self.knobs = jitted, limit, knobs
+    def __init__(self, jitted, *, limit: int | None, knobs: dict, model_cfg=None):
+        self.jitted, self.limit, self.knobs, self.model_cfg = jitted, limit, knobs, model_cfg
         self.compiled: dict = {}
+        self.works: dict = {}  # shape -> flops.StepWork
+
+    def work(self, batch) -> flops.StepWork:
+        """What one step on ``batch``'s shapes computes (FLOPs over all devices, token slots);
+        known once a step of that shape has run."""
+        return self.works[_shape_key(batch)[0]]
 
     def __call__(self, state, batch, frozen, teacher=None):
-        leaves, structure = jax.tree_util.tree_flatten_with_path(batch)
-        shapes = (structure, tuple((tuple(x.shape), str(x.dtype)) for _, x in leaves))
+        shapes, leaves = _shape_key(batch)
         if shapes not in self.compiled:
             compiled = self.jitted.lower(state, batch, frozen, teacher).compile()
             described = {jax.tree_util.keystr(path): tuple(x.shape) for path, x in leaves}
@@ -114,5 +120,15 @@ class CompiledSteps:
             else:
                 log.info("train step for batch %s: %s", described, mem.describe())
                 memory.check_fits(mem, self.limit, **self.knobs)
-            self.compiled[shapes] = compiled
+            work, note = flops.step_work(compiled, batch, self.model_cfg)
+            if note:
+                log.info("train step for batch %s: %s", described, note)
+            log.info("train step for batch %s: %s", described, work.describe())
+            self.compiled[shapes], self.works[shapes] = compiled, work
         return self.compiled[shapes](state, batch, frozen, teacher)
+
+
+def _shape_key(batch):
+    """(a hashable key of the batch's tree structure, shapes and dtypes; its leaves with paths)."""
+    leaves, structure = jax.tree_util.tree_flatten_with_path(batch)
+    return (structure, tuple((tuple(x.shape), str(x.dtype)) for _, x in leaves)), leaves

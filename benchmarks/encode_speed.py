@@ -7,6 +7,8 @@ achieved FLOP/s against the machine's measured matmul peak.
 
     python benchmarks/encode_speed.py                   # full run (~10k sentences)
     python benchmarks/encode_speed.py --n 2000 --repeats 1   # quick look
+    python benchmarks/encode_speed.py --same-process    # both in ONE process, alternating: the ratio
+                                                        # least disturbed by other jobs on the machine
 """
 
 from __future__ import annotations
@@ -110,6 +112,58 @@ def run_worker(framework: str, n: int, batch_size: int, threads: int, data_dir: 
     }
 
 
+def run_both(n: int, batch_size: int, threads: int, repeats: int, data_dir: Path) -> dict:
+    """Both frameworks in this process, warm, alternating ``repeats`` times (load drifts hit both):
+    sent/s of each run, their ratios, and the largest difference between the two embeddings. A third
+    contender is embedjax as it ran before its layers were passed as per-layer views (the stacked
+    params, sliced inside every compiled call: ``embedjax.model._layer_views`` switched off)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    import embedjax
+    from embedjax import model as model_lib
+
+    torch.set_num_threads(threads)
+    texts = sentences(data_dir, n)
+    path = model_path()
+    enc = embedjax.load_pretrained(path)
+    stacked = dataclasses.replace(enc)  # its own params cache, filled below with the stacked params
+    views = model_lib._layer_views
+    model_lib._layer_views = lambda *a: None
+    before = stacked.encode(texts, batch_size=batch_size)  # compiles the stacked programs (and caches them)
+    model_lib._layer_views = views
+    model = SentenceTransformer(path, device="cpu")
+    t0 = time.perf_counter()
+    ours = enc.encode(texts, batch_size=batch_size)  # cold: includes one compile per shape
+    cold = time.perf_counter() - t0
+    theirs = model.encode(texts, batch_size=batch_size)  # warm-up, and the reference embeddings
+    runs: dict[str, list[float]] = {"embedjax": [], "sentence-transformers": [], "embedjax, stacked layers": []}
+    for _ in range(repeats):
+        for fw, fn in (("embedjax", lambda: enc.encode(texts, batch_size=batch_size)),
+                       ("sentence-transformers", lambda: model.encode(texts, batch_size=batch_size)),
+                       ("embedjax, stacked layers", lambda: stacked.encode(texts, batch_size=batch_size))):
+            t0 = time.perf_counter()
+            fn()
+            runs[fw].append(len(texts) / (time.perf_counter() - t0))
+    return {"n": len(texts), "runs": runs, "cold_s": cold, "max_abs_diff": float(np.abs(ours - theirs).max()),
+            "max_abs_diff_stacked": float(np.abs(ours - before).max()),
+            "machine": machine(), "load": "%.2f %.2f %.2f" % os.getloadavg()}
+
+
+def machine() -> str:
+    """lscpu's model name and the cores this process may run on."""
+    model = ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "")
+    except OSError:
+        pass
+    return f"{model or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores"
+
+
 def _matmul_peak_jax() -> float:
     import jax
     import jax.numpy as jnp
@@ -143,9 +197,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--worker", choices=["embedjax", "sentence-transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--same-process", action="store_true",
+                    help="both frameworks in one process, alternating (ratios only, no peak RSS)")
+    ap.add_argument("--worker", choices=["embedjax", "sentence-transformers", "both"], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.worker == "both":
+        print(json.dumps(run_both(args.n, args.batch_size, args.threads, args.repeats, args.data)))
+        return
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.n, args.batch_size, args.threads, args.data)))
         return
@@ -155,6 +214,30 @@ def main() -> None:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
     env["OMP_NUM_THREADS"] = str(args.threads)
     env["TF_NUM_INTEROP_THREADS"] = env["TF_NUM_INTRAOP_THREADS"] = str(args.threads)
+    print(f"machine: {machine()}", flush=True)
+    if args.same_process:
+        cmd = [sys.executable, __file__, "--worker", "both", "--n", str(args.n), "--batch-size", str(args.batch_size),
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--data", str(args.data)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            sys.exit(f"worker failed:\n{out.stderr[-3000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        ours, theirs = res["runs"]["embedjax"], res["runs"]["sentence-transformers"]
+        old = res["runs"]["embedjax, stacked layers"]
+        for r, (a, b, c) in enumerate(zip(ours, theirs, old)):
+            print(f"run {r + 1}: embedjax {a:7.1f} sent/s, sentence-transformers {b:7.1f} sent/s, embedjax with "
+                  f"stacked layers {c:7.1f} sent/s; ratios {a / b:.2f}x, {a / c:.2f}x")
+        med = statistics.median(ours), statistics.median(theirs), statistics.median(old)
+        print(f"\nmachine {res['machine']}; one process, {res['n']} sentences, batch {args.batch_size}, "
+              f"{args.threads} threads, alternating, median of {args.repeats}: embedjax {med[0]:.1f} sent/s, "
+              f"sentence-transformers {med[1]:.1f} sent/s, embedjax with stacked layers (before) {med[2]:.1f} sent/s")
+        print(f"embedjax first call (compiles included): {res['n'] / res['cold_s']:.1f} sent/s ({res['cold_s']:.1f} s)")
+        print(f"max |embedjax - sentence-transformers| = {res['max_abs_diff']:.1e}, max |embedjax - stacked| = "
+              f"{res['max_abs_diff_stacked']:.1e}; load average at the end {res['load']}")
+        print(f"speed ratio embedjax / sentence-transformers (same process): {med[0] / med[1]:.2f}x; "
+              f"stacked layers / sentence-transformers {med[2] / med[1]:.2f}x; "
+              f"layer views / stacked {med[0] / med[2]:.2f}x")
+        return
     results: dict[str, list[dict]] = {"embedjax": [], "sentence-transformers": []}
     for r in range(args.repeats):
         for fw in results:

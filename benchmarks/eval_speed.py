@@ -11,7 +11,10 @@ calls) are excluded; medians of ``--repeats`` runs are reported.
    vocabulary, ``--queries`` queries of words taken from one relevant document, seeded):
    ``RetrievalEvaluator`` vs ``InformationRetrievalEvaluator`` end to end (encoding included),
    split into encoding and the rest; then search alone on the same embedding arrays:
-   ``eval.search.sharded_topk`` vs ``sentence_transformers.util.semantic_search`` (queries/s).
+   ``eval.search.sharded_topk`` vs ``sentence_transformers.util.semantic_search`` (queries/s,
+   alternating), and the binary first stage (``eval.search.binary_rescored_topk``, the evaluator's
+   ``binary_first_stage``) at several ``rescore_multiplier`` values: time, overlap with the exact
+   top-100, nDCG@10 and recall@100.
 3. Encode throughput on all local devices (``eval.base.encode``, the local mesh) vs one
    (``Encoder.encode``): here and in a subprocess with 8 simulated CPU devices
    (``XLA_FLAGS=--xla_force_host_platform_device_count=8``).
@@ -42,20 +45,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from encode_speed import machine  # noqa: E402  (lscpu's model name and the cores: benchmarks/ is this script's folder)
+
 SECTIONS = ("sts", "retrieval", "devices", "packing")
+BINARY_MULTIPLIERS = (1, 2, 4, 10)  # rescore_multiplier values of the binary first stage (section 2)
+SEARCH_ROUNDS = 7  # alternating rounds of the search-alone timing (section 2), at least --repeats
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def machine() -> str:
-    model = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        model = next((l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name")), "")
-    except OSError:
-        pass
-    return f"{model or 'unknown CPU'}, {len(os.sched_getaffinity(0))} cores"
 
 
 def load() -> str:
@@ -223,19 +220,46 @@ def retrieval(enc, st_model, data: Path, n_docs: int, n_queries: int, batch_size
     qt, ct = torch.from_numpy(q), torch.from_numpy(c)
     ours_search = lambda: search.sharded_topk(q, c, k)  # noqa: E731
     st_search = lambda: util.semantic_search(qt, ct, top_k=k)  # noqa: E731
-    st_search()
-    t_s_ours = median_time(ours_search, repeats)
-    t_s_st = median_time(st_search, repeats)
     _, idx = ours_search()
     hits = st_search()
+    times = {"ours": [], "st": []}
+    rounds = max(repeats, SEARCH_ROUNDS)  # a second or so each: more rounds than the encodes get
+    for _ in range(rounds):  # alternating, so load drifts hit both
+        times["ours"].append(timed(ours_search)[0])
+        times["st"].append(timed(st_search)[0])
+    t_s_ours, t_s_st = statistics.median(times["ours"]), statistics.median(times["st"])
     agree = float(np.mean([idx[i, 0] == hits[i][0]["corpus_id"] for i in range(len(hits))]))
+
+    # Binary first stage (search.binary_rescored_topk, the evaluator's binary_first_stage): the
+    # Hamming shortlist of k * m, rescored exactly; overlap with the exact top-k, time, and the
+    # evaluator's metrics with it, on the same arrays.
+    binary = []
+    for m in BINARY_MULTIPLIERS:
+        run = lambda m=m: search.binary_rescored_topk(q, c, k, rescore_multiplier=m)  # noqa: E731
+        _, bidx = run()
+        t_b = []
+        for _ in range(repeats):  # alternating with the exact search again
+            t_b.append(timed(run)[0])
+            times["ours"].append(timed(ours_search)[0])
+        overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(bidx, idx)]))
+        ev = RetrievalEvaluator(beir, name="synthetic", batch_size=batch_size, binary_first_stage=True,
+                                rescore_multiplier=m)
+        got = ev.score(emb)
+        binary.append({"multiplier": m, "s": statistics.median(t_b),
+                       "exact_s": statistics.median(times["ours"][-repeats:]),
+                       "overlap": overlap, "top1": float(np.mean(bidx[:, 0] == idx[:, 0])),
+                       "ndcg@10": got["ndcg@10"], "recall@100": got["recall@100"]})
+        print(f"  binary first stage x{m}: {binary[-1]['s']:.3f} s (exact {binary[-1]['exact_s']:.3f} s), overlap with "
+              f"the exact top-{k} {100 * overlap:.2f}%, nDCG@10 {100 * got['ndcg@10']:.2f}  [{load()}]", flush=True)
     return {"docs": n_docs, "queries": len(ours.query_ids), "tokens_mean": statistics.mean(tokens),
             "embedjax": {"total_s": t_embed + t_score, "encode_s": t_embed, "rest_s": t_score,
                          "ndcg@10": scores_ours["ndcg@10"], "recall@100": scores_ours["recall@100"]},
             "st": {"total_s": t_st, "encode_s": sum(st_encode), "rest_s": t_st - sum(st_encode),
                    "ndcg@10": scores_st["synthetic_cosine_ndcg@10"],
                    "recall@100": scores_st["synthetic_cosine_recall@100"]},
-            "search": {"embedjax_s": t_s_ours, "st_s": t_s_st, "top1_agreement": agree}}
+            "search": {"embedjax_s": t_s_ours, "st_s": t_s_st, "top1_agreement": agree,
+                       "rounds": rounds, "embedjax_all_s": times["ours"][:rounds], "st_all_s": times["st"]},
+            "binary": binary}
 
 
 # ----------------------------------------------------------------------------- 3. devices
@@ -435,10 +459,18 @@ def main() -> None:
         print(f"  ratio ST / embedjax: end to end {s['total_s'] / e['total_s']:.2f}x, encode "
               f"{s['encode_s'] / e['encode_s']:.2f}x, search+metrics {s['rest_s'] / e['rest_s']:.2f}x")
         q = r["queries"]
-        print(f"  search alone (top-100 cosine, same arrays, median of {args.repeats}): sharded_topk "
+        print(f"  search alone (top-100 cosine, same arrays, alternating, median of {sr['rounds']}): sharded_topk "
               f"{sr['embedjax_s']:.3f} s = {q / sr['embedjax_s']:.0f} queries/s; semantic_search {sr['st_s']:.3f} s = "
               f"{q / sr['st_s']:.0f} queries/s; ratio {sr['st_s'] / sr['embedjax_s']:.2f}x; "
               f"top-1 agreement {100 * sr['top1_agreement']:.1f}%  [{load()}]", flush=True)
+        print(f"  binary first stage + exact rescoring (binary_rescored_topk; same arrays, top-100, exact search "
+              f"timed alternately):")
+        print(f"  {'multiplier':>12} {'s':>7} {'queries/s':>10} {'vs exact':>9} {'top-100 overlap':>16} {'top-1 =':>8} "
+              f"{'nDCG@10':>8} {'R@100':>6}")
+        for b in r["binary"]:
+            print(f"  {b['multiplier']:>12} {b['s']:7.3f} {q / b['s']:10.0f} {b['exact_s'] / b['s']:8.2f}x "
+                  f"{100 * b['overlap']:15.2f}% {100 * b['top1']:7.1f}% {100 * b['ndcg@10']:8.2f} "
+                  f"{100 * b['recall@100']:6.2f}")
 
     if "devices" in only:
         print(f"\n== 3. Encode throughput: all local devices (base.encode) vs one (Encoder.encode), "

@@ -139,14 +139,8 @@ class Encoder:
             lengths = [max(n, len(e.ids)) for n, e in zip(lengths, aux_encodings)]
         order = np.argsort([-n for n in lengths], kind="stable")
         starts = range(0, len(order), batch_size)
-        params, place = self.params, np.asarray
+        params, place = self._inference_params(mesh), np.asarray
         if mesh is not None:
-            key = (mesh, id(self.params))  # a new params tree (enc.params = ...) is placed anew
-            if key not in self._placed:
-                self._placed.clear()  # one copy at a time
-                # the source tree is kept with its copy, so its id cannot be reused meanwhile
-                self._placed[key] = (self.params, jax.device_put(self.params, NamedSharding(mesh, P())))
-            params = self._placed[key][1]
             rows_sharding = NamedSharding(mesh, P(mesh.axis_names))
             place = lambda x: jax.device_put(x, rows_sharding)  # noqa: E731
         pending = []
@@ -183,6 +177,25 @@ class Encoder:
             out[chunk] = np.asarray(z)[: len(chunk)]
         return out[0] if single else out
 
+    def _inference_params(self, mesh: jax.sharding.Mesh | None):
+        """The params ``encode`` runs on, cached until the params change: replicated on ``mesh`` (when
+        given, placed once rather than on every call), and on CPU with the layer stack as a tuple of
+        per-layer zero-copy views (``_layer_views``), so that no compiled call copies weights out of
+        the stack. The same values either way."""
+        leaves = jax.tree.leaves(self.params)
+        # a new params tree, or any leaf replaced in place (enc.params["dense"] = ...), is prepared anew
+        key = (mesh, jax.tree.structure(self.params), tuple(map(id, leaves)))
+        if key not in self._placed:
+            self._placed.clear()  # one copy at a time
+            params = self.params if mesh is None else jax.device_put(self.params, NamedSharding(mesh, P()))
+            if registry.of(self.cfg).unstacked_layers and isinstance(params, Mapping) and "layers" in params:
+                views = _layer_views(params["layers"], self.cfg.num_layers)
+                if views is not None:
+                    params = {**params, "layers": views}
+            # the source leaves are kept with the prepared tree, so their ids cannot be reused meanwhile
+            self._placed[key] = (leaves, params)
+        return self._placed[key][1]
+
     def _prompt(self, prompt: str | None, prompt_name: str | None) -> str:
         if prompt is not None and prompt_name is not None:
             raise ValueError("pass prompt or prompt_name, not both")
@@ -194,6 +207,38 @@ class Encoder:
         if name not in self.prompts:
             raise KeyError(f"prompt_name {name!r} not in this checkpoint's prompts {sorted(self.prompts)}")
         return self.prompts[name]
+
+
+_MAX_LAYER_COPY = 1 << 20  # bytes: a per-layer slice this small may be copied (an unaligned view)
+
+
+def _layer_views(stack, total: int):
+    """A stacked layer tree on CPU (leaves ``(total, ...)``, each on one device or replicated) as a
+    tuple of ``total`` per-layer trees whose arrays share the stack's memory (numpy views of the CPU
+    buffers, placed zero-copy on the same devices); None when that is not possible without copying
+    real weights (another platform, split arrays, a big slice that would be copied)."""
+    leaves, treedef = jax.tree.flatten(stack)
+    per_layer = [[] for _ in range(total)]
+    for x in leaves:
+        if (not isinstance(x, jax.Array) or x.ndim < 1 or x.shape[0] != total or not x.is_fully_replicated
+                or any(d.platform != "cpu" for d in x.sharding.device_set)):
+            return None
+        shards = x.addressable_shards
+        hosts = [np.asarray(s.data) for s in shards]  # CPU buffers as numpy: no copy
+        small = x.nbytes // total <= _MAX_LAYER_COPY
+        for i in range(total):
+            arrays = []
+            for host, shard in zip(hosts, shards):
+                view = host[i]
+                a = jax.device_put(view, shard.device)
+                if not small and a.unsafe_buffer_pointer() != view.ctypes.data:
+                    return None  # copied: keep the stack
+                arrays.append(a)
+            if len(arrays) == 1 and not x.committed:
+                per_layer[i].append(arrays[0])
+            else:
+                per_layer[i].append(jax.make_array_from_single_device_arrays(x.shape[1:], x.sharding, arrays))
+    return tuple(jax.tree.unflatten(treedef, layer) for layer in per_layer)
 
 
 def _check_texts(texts) -> list[str]:

@@ -191,6 +191,53 @@ def test_sharded_topk_hamming():
     np.testing.assert_array_equal(s8, -np.take_along_axis(dist, i8, 1))
 
 
+def naive_hamming(a, b):
+    """Bit by bit: the number of differing sign bits of every pair of packed rows."""
+    out = np.zeros((len(a), len(b)), np.int64)
+    for i in range(len(a)):
+        for j in range(len(b)):
+            for x, y in zip(a[i], b[j]):
+                out[i, j] += sum(((int(x) >> s) & 1) != ((int(y) >> s) & 1) for s in range(8))
+    return out
+
+
+@pytest.mark.parametrize("dim", [24, 64, 70])  # 3, 8, 9 bytes: whole uint32 words or zero-padded ones
+def test_hamming_on_words_equals_a_bit_loop(dim):
+    from embedjax import similarity
+
+    rng = np.random.default_rng(dim)
+    a, b = quantize.binary(rng.normal(size=(5, dim))), quantize.binary(rng.normal(size=(7, dim)))
+    want = naive_hamming(a, b)
+    np.testing.assert_array_equal(-np.asarray(similarity.hamming_matrix(a, b)), want)
+    np.testing.assert_array_equal(-np.asarray(similarity.hamming_pairwise(a[:, None], b[None])), want)
+
+
+def test_binary_rescored_topk():
+    rng = np.random.default_rng(8)
+    q, c = rng.normal(size=(23, 32)).astype(np.float32), rng.normal(size=(150, 32)).astype(np.float32)
+    c[77] = c[5]  # an exact tie: the lower index must win after rescoring too
+    qb, cb = quantize.binary(q), quantize.binary(c)
+    hamming = naive_hamming(qb, cb)
+    for metric, full in (("cosine", numpy_cosine(q, c)), ("euclidean", -np.linalg.norm(q[:, None] - c[None], axis=-1))):
+        # a shortlist of the whole corpus: the exact search, 8 devices or 1
+        s8, i8 = search.binary_rescored_topk(q, c, 10, rescore_multiplier=15, metric=metric)
+        s1, i1 = search.binary_rescored_topk(q, c, 10, rescore_multiplier=15, metric=metric, mesh=one_device_mesh())
+        np.testing.assert_array_equal(i8, naive_topk(full, 10))
+        np.testing.assert_array_equal(i8, i1)
+        np.testing.assert_allclose(s8, np.take_along_axis(full, i8, 1), atol=1e-5)
+        # a short list: the 20 nearest by Hamming distance (ties to the lower index), re-ranked exactly
+        _, idx = search.binary_rescored_topk(q, c, 10, rescore_multiplier=2, metric=metric)
+        shortlist = naive_topk(-hamming.astype(float), 20)
+        masked = np.full(full.shape, -np.inf)
+        np.put_along_axis(masked, shortlist, np.take_along_axis(full, shortlist, 1), 1)
+        np.testing.assert_array_equal(idx, naive_topk(masked, 10))
+    s0, i0 = search.binary_rescored_topk(q, c, 10, rescore_multiplier=0)  # no rescoring: the Hamming ranking
+    np.testing.assert_array_equal(i0, naive_topk(-hamming.astype(float), 10))
+    np.testing.assert_array_equal(s0, -np.take_along_axis(hamming, i0, 1))
+    with pytest.raises(ValueError, match="corpus_bits"):
+        search.binary_rescored_topk(q, c, 10, corpus_bits=cb[:, :2])
+
+
 def test_sharded_topk_rejects_bad_input():
     x = np.ones((3, 8), np.float32)
     with pytest.raises(ValueError, match="k <= corpus size"):
@@ -332,6 +379,25 @@ def test_evaluator_int8_and_binary_rescoring_equal_naive():
     assert got != ev.score({"queries": qb, "corpus": cb})  # rescoring changed something
 
 
+def test_evaluator_binary_first_stage():
+    rng = np.random.default_rng(9)
+    data, q, c = synthetic(rng, n_docs=120, dim=64, shared_ids=True)  # self-hits are dropped after rescoring too
+    q, ks = q[:-1], (1, 5, 10)
+    exact = retrieval.RetrievalEvaluator(data, k_values=ks).score({"queries": q, "corpus": c})
+    wide = retrieval.RetrievalEvaluator(data, k_values=ks, binary_first_stage=True, rescore_multiplier=12)
+    assert wide.score({"queries": q, "corpus": c}) == pytest.approx(exact, abs=1e-12)  # shortlist = the corpus
+    hamming = -naive_hamming(quantize.binary(q), quantize.binary(c)).astype(float)
+    full = numpy_cosine(q, c)
+    shortlist = naive_topk(hamming, 11 * 2)  # depth 10, one more for the self-hit, times 2
+    masked = np.full(full.shape, -np.inf)
+    np.put_along_axis(masked, shortlist, np.take_along_axis(full, shortlist, 1), 1)
+    ev = retrieval.RetrievalEvaluator(data, k_values=ks, binary_first_stage=True, rescore_multiplier=2)
+    got = ev.score({"queries": q, "corpus": c})
+    assert got == pytest.approx(naive_evaluation(data, masked, ks, ev.query_ids), abs=1e-12)
+    with pytest.raises(ValueError, match="binary_first_stage"):
+        retrieval.RetrievalEvaluator(data, binary_first_stage="yes")
+
+
 def test_evaluator_rejects_bad_options_and_embeddings(beir_dir):
     data = read_beir(beir_dir)
     with pytest.raises(ValueError, match="k_values"):
@@ -346,8 +412,8 @@ def test_evaluator_rejects_bad_options_and_embeddings(beir_dir):
     with pytest.raises(ValueError, match="missing 'path'"):
         retrieval.from_spec("x", {"split": "test"})
     ev = retrieval.from_spec("scifact", {"path": str(beir_dir), "split": "test", "k_values": [1, 2],
-                                         "query_prompt": "query: "})
-    assert ev.name == "scifact" and ev.k_values == (1, 2) and ev.main_metric == "ndcg@2"
+                                         "query_prompt": "query: ", "binary_first_stage": True})
+    assert ev.name == "scifact" and ev.k_values == (1, 2) and ev.main_metric == "ndcg@2" and ev.binary_first_stage
     assert ev.query_ids == ("q1", "q2")
 
 

@@ -5,6 +5,7 @@ tokenizer instead: it does not depend on the weights, and each shape is a compil
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -157,6 +158,38 @@ def test_checkpoint_pooling_config_is_the_default(minilm_path, tmp_path, stsb_de
         embedjax.load_pretrained(d, pooling="median")
     with pytest.raises(ValueError, match="max_length must be in 1..512"):
         embedjax.load_pretrained(d, max_length=1000)
+
+
+def test_encode_reads_the_layers_as_views_of_the_stack(minilm, stsb_dev_sentences):
+    """On CPU ``encode`` passes each layer's weights as its own array (no weight copy in any compiled
+    call) sharing the stacked params' memory; the embeddings are the stacked program's."""
+    from embedjax import sharding
+    from embedjax.embed import embed_jit
+
+    stack = minilm.params["layers"]["mlp"]["up"]["kernel"]
+    for mesh in (None, sharding.local_mesh()):  # one device, and 8 with the params replicated
+        layers = minilm._inference_params(mesh)["layers"]
+        assert isinstance(layers, tuple) and len(layers) == minilm.cfg.num_layers == stack.shape[0]
+        view = layers[2]["mlp"]["up"]["kernel"]
+        assert view.shape == stack.shape[1:]
+        if mesh is None:  # the same bytes, not a copy
+            assert view.unsafe_buffer_pointer() == stack.unsafe_buffer_pointer() + 2 * view.nbytes
+    texts = stsb_dev_sentences[:16]
+    b = minilm.tokenizer(texts)
+    args = (minilm.cfg, b.input_ids, b.attention_mask, b.token_type_ids, b.attention_mask)
+    kw = dict(pooling=minilm.pooling, normalize=True, dim=None, num_layers=None)
+    stacked = np.asarray(embed_jit(minilm.params, *args, **kw))  # the computation before: lax.scan over the stack
+    np.testing.assert_allclose(np.asarray(embed_jit(minilm._inference_params(None), *args, **kw)), stacked, atol=1e-6)
+    np.testing.assert_allclose(minilm.encode(texts), stacked[: len(texts)], atol=1e-5)
+    kw["num_layers"] = 3  # depth truncation slices the tuple
+    np.testing.assert_allclose(np.asarray(embed_jit(minilm._inference_params(None), *args, **kw)),
+                               np.asarray(embed_jit(minilm.params, *args, **kw)), atol=1e-6)
+    # every layer's embedding (the layer loop's stacked outputs) from a tuple of layers, copied here
+    from embedjax.encoders import layers
+
+    copied = {**minilm.params, "layers": layers.unstacked(minilm.params["layers"], minilm.cfg.num_layers)}
+    per_layer = jax.jit(lambda p: embedjax.embed(p, minilm.cfg, b.input_ids, b.attention_mask, per_layer=True))
+    np.testing.assert_allclose(np.asarray(per_layer(copied)), np.asarray(per_layer(minilm.params)), atol=1e-6)
 
 
 def test_public_embed_is_the_function_behind_encode(minilm, stsb_dev_sentences):

@@ -146,6 +146,31 @@ def test_topk_matches_argsort(metric, k, chunk):
     assert np.asarray(idx).max() < 101
 
 
+@pytest.mark.parametrize("block, num_valid", [(4, None), (4, 150), (8, 131), (8, 5)])
+def test_two_stage_topk_matches_argsort(block, num_valid):
+    """The block-maximum pre-selection (chunks of 64 rows in blocks of 4 or 8) against a plain argsort:
+    exact ties (duplicated rows, and integer scores), rows past num_valid (padding, even one that
+    straddles a block), a block straddling the chunk boundary."""
+    k, chunk = 5, 64
+    c = RNG.normal(size=(200, 8)).astype(np.float32)
+    c[150:] = 0.0  # padding: dot 0 would outscore every negative real score
+    c[[33, 70, 71, 120]] = c[3]  # exact ties across blocks and chunks: the lower index wins
+    q = RNG.normal(size=(9, 8)).astype(np.float32)
+    q[4] = -np.abs(q[4]) - 0.1  # a query whose every real score is negative
+    c[:150] = np.abs(c[:150]) if num_valid else c[:150]
+    rounded = np.round(c * 2)  # integer-valued: many ties
+    for corpus in (c, rounded.astype(np.float32)):
+        valid = 200 if num_valid is None else num_valid
+        fn = jax.jit(lambda q, c: sim.chunked_topk(lambda x: sim.matrix(q, x, "dot"), c, q.shape[0], k,
+                                                    chunk_size=chunk, block=block, num_valid=valid))
+        scores, idx = fn(jnp.asarray(q), jnp.asarray(corpus))
+        full = q.astype(np.float64) @ corpus[:valid].astype(np.float64).T
+        want = np.argsort(-full, axis=1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(np.asarray(idx), want)
+        np.testing.assert_allclose(np.asarray(scores), np.take_along_axis(full, want, 1), rtol=1e-5, atol=1e-5)
+    assert sim.block_size(4000, 100) == 8 and sim.block_size(20000, 100) == 16 and sim.block_size(300, 100) == 1
+
+
 def test_topk_rejects_k_above_corpus():
     with pytest.raises(ValueError):
         sim.topk(jnp.ones((2, 4)), jnp.ones((3, 4)), 4)

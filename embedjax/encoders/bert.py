@@ -211,7 +211,8 @@ def apply(
     """Runs the encoder.
 
     Args:
-      params: the param pytree (see the module docstring).
+      params: the param pytree (see the module docstring); ``params["layers"]`` may also be a tuple
+        of per-layer trees (``layers.unstacked``: no weight slicing inside the program).
       cfg: the static ``BertConfig``.
       input_ids, attention_mask: (B, T) integer arrays; mask is 1 for real tokens.
       token_type_ids: optional (B, T); zeros when omitted.
@@ -251,7 +252,7 @@ def apply(
         h = layer(p, cfg, h, bias, key)
         return h, (h if all_layers else None)
 
-    last, hidden = jax.lax.scan(L.rematerialized(body, remat), x, (stack, layer_keys), unroll=unroll)
+    last, hidden = L.scan_layers(body, x, stack, layer_keys, unroll=unroll, remat=remat)
     if all_layers:
         return jnp.concatenate([x[None], hidden], axis=0)
     return last
@@ -361,7 +362,7 @@ NO_DECAY = r"(bias|scale)$|^embeddings/"
 BACKBONE = registry.register(registry.Backbone(
     name="bert", model_types=SUPPORTED_MODEL_TYPES, config_from_hf=BertConfig.from_hf, init=init, apply=apply,
     params_from_state_dict=params_from_state_dict, state_dict_from_params=state_dict_from_params,
-    sharding_rules=SHARDING_RULES, no_decay=NO_DECAY,
+    sharding_rules=SHARDING_RULES, no_decay=NO_DECAY, unstacked_layers=True,
     dense_modules=tuple(("layers/" + "/".join(ours), f"encoder.layer.{{i}}.{theirs}")
                         for ours, theirs in _LAYER_MAP if ours[1] != "norm"),
     # BertModel / RobertaModel / XLMRobertaModel build a pooler (dense + tanh over [CLS]) no embedding reads

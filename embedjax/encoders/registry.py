@@ -55,6 +55,9 @@ class Backbone:
     # the sentence-transformers module that reads this family's directory: "Transformer" (token states,
     # then a Pooling module) or "StaticEmbedding" (already pooled by mean: no Pooling module)
     sentence_transformers_module: str = "Transformer"
+    # apply also takes params["layers"] as a tuple of per-layer trees (``layers.unstacked``), which
+    # ``Encoder.encode`` passes on CPU so that no compiled call slices (copies) the stacked weights
+    unstacked_layers: bool = False
 
 
 _BACKBONES: dict[str, Backbone] = {}

@@ -16,7 +16,9 @@ Quantised embeddings (``embedjax.eval.quantize``): int8 is scored as floats with
 packed sign bits (uint8) by Hamming distance, retrieving ``k * rescore_multiplier``
 candidates which, when the float32 ``reference`` embeddings are given and
 ``rescore_multiplier > 0``, are re-ranked by the float32 query . unpacked +-1 document bits
-(sentence-transformers' ``semantic_search`` rescoring of binary indexes).
+(sentence-transformers' ``semantic_search`` rescoring of binary indexes). ``binary_first_stage``
+searches float embeddings the same way, shortlisting by Hamming distance of their sign bits, then
+re-ranks the shortlist exactly with the float embeddings (``search.binary_rescored_topk``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,11 @@ class RetrievalEvaluator:
       corpus_chunk_size: documents encoded per call (with a progress bar over the chunks).
       rescore_multiplier: binary embeddings retrieve ``k * rescore_multiplier`` candidates by
         Hamming distance and rescore them against the float32 reference; 0 turns rescoring off.
+      binary_first_stage: float (and int8) embeddings too are searched in two stages
+        (``search.binary_rescored_topk``): their sign bits, packed, shortlist
+        ``k * rescore_multiplier`` candidates by Hamming distance, re-ranked by the exact
+        ``metric`` on the embeddings themselves (equal to the exact search whenever the shortlist
+        holds the true top k). False (default): the exact search.
     """
 
     data: BeirData
@@ -117,6 +124,7 @@ class RetrievalEvaluator:
     batch_size: int = 128
     corpus_chunk_size: int = 50_000
     rescore_multiplier: int = 4
+    binary_first_stage: bool = False
 
     def __post_init__(self):
         ks = tuple(self.k_values)
@@ -130,6 +138,8 @@ class RetrievalEvaluator:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.rescore_multiplier < 0:
             raise ValueError(f"rescore_multiplier must be >= 0, got {self.rescore_multiplier}")
+        if not isinstance(self.binary_first_stage, (bool, np.bool_)):
+            raise ValueError(f"binary_first_stage must be True or False, got {self.binary_first_stage!r}")
         qrels, texts = self.data.qrels, dict(zip(self.data.query_ids, self.data.query_texts))
         # BEIR scores only queries with a relevant judgment.
         self.query_ids = tuple(q for q in self.data.query_ids if any(r > 0 for r in qrels.get(q, {}).values()))
@@ -175,6 +185,9 @@ class RetrievalEvaluator:
             _, indices = search.sharded_topk(queries, corpus, candidates, metric="hamming")
             if rescore:
                 indices = rescore_binary(indices, reference["queries"], corpus, wanted)
+        elif self.binary_first_stage:
+            _, indices = search.binary_rescored_topk(queries, corpus, wanted, metric=self.metric,
+                                                     rescore_multiplier=self.rescore_multiplier)
         else:
             _, indices = search.sharded_topk(queries, corpus, wanted, metric=self.metric)
         return drop_self_hits(indices, self.data.corpus_ids, self.query_ids, depth)
@@ -194,7 +207,7 @@ class RetrievalEvaluator:
 
 
 OPTIONS = ("path", "split", "k_values", "metric", "query_prompt", "document_prompt", "query_prompt_name",
-           "document_prompt_name", "batch_size", "corpus_chunk_size", "rescore_multiplier")
+           "document_prompt_name", "batch_size", "corpus_chunk_size", "rescore_multiplier", "binary_first_stage")
 
 
 def from_spec(name: str, spec: Mapping[str, Any]) -> RetrievalEvaluator:

@@ -298,3 +298,13 @@ def test_plan_reports_both(mesh):
         sizes[exchange] = plan.step_memory(config, TINY_BERT, mesh=mesh).temporaries
     local, candidates = 4096 // 8, 2 * 4096  # a positive and a hard negative per query
     assert sizes["gathered"] - sizes["ring"] >= local * candidates * 4  # at least one float32 (local x global) block
+
+
+def test_runs_without_a_ring_form_refuse_it():
+    """A SPLADE run (InfoNCE on sparse dot products) has no ring form: the switch is refused, not ignored."""
+    from configs import base
+    from embedjax.train.sparse_objective import SparseObjective
+
+    section = {**base.base_config().objective.to_dict(), "loss": "infonce", "negatives_exchange": "ring"}
+    with pytest.raises(ValueError, match="negatives_exchange='ring'"):
+        SparseObjective.from_config(section, {})

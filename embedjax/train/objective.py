@@ -132,7 +132,7 @@ class Objective:
         if guide is not None and (not isinstance(guide, str) or not guide):
             raise ValueError(f"objective.guide must be a checkpoint directory / hub id, 'initial', or None, got {guide!r}")
         distill_on = distill["teacher"] is not None and float(distill["weight"]) > 0
-        exchange = cfg["negatives_exchange"]
+        exchange = cfg.get("negatives_exchange", "gathered")  # a newer key: sections written before it gather
         if exchange not in NEGATIVES_EXCHANGES:
             raise ValueError(f"unknown objective.negatives_exchange {exchange!r}; choose one of {NEGATIVES_EXCHANGES}")
         if exchange == "ring" and loss not in RING_LOSSES:
@@ -163,10 +163,11 @@ class Objective:
 def dense_only_options(fields: Mapping[str, Any]) -> list[str]:
     """The wrappers set in a checked objective section (``Objective.check_section``'s fields) that
     only a bi-encoder run applies (Matryoshka, layers, GradCache, auxiliary losses, distillation,
-    guide): what a cross-encoder or SPLADE run must refuse."""
+    guide, the ring loss): what a cross-encoder or SPLADE run must refuse."""
     used = {"matryoshka_dims": fields["matryoshka_dims"], "layers": fields["layers"],
             "gradcache_chunk": fields["gradcache_chunk"], "aux_losses": fields["aux_losses"],
-            "distill.teacher": fields["distill_loss"], "guide": fields["guide"]}
+            "distill.teacher": fields["distill_loss"], "guide": fields["guide"],
+            "negatives_exchange='ring'": fields.get("negatives_exchange") == "ring"}
     return sorted(k for k, v in used.items() if v)
 
 

@@ -186,7 +186,8 @@ def test_lora_trains_the_tri_head_and_the_objective_refuses_what_it_cannot_condi
     declared = {"loss": "cosine_mse", "loss_kwargs": {}, "matryoshka_dims": (64,), "matryoshka_weights": None,
                 "matryoshka_n_per_step": 0, "layers": None, "layer_kwargs": {}, "remat": False, "unroll": True,
                 "dropout": True, "gradcache_chunk": 0, "aux_losses": {}, "distill": {"teacher": None, "weight": 0.0,
-                                                                                       "loss": "mse"}, "guide": None}
+                                                                                       "loss": "mse"}, "guide": None,
+                "negatives_exchange": "gathered"}
     with pytest.raises(ValueError, match="matryoshka_dims, distill and guide do not apply"):
         Objective.from_config(declared, "mean", tri_head=True)
     from embedjax.train.loss_specs import check_objective_data

@@ -132,7 +132,7 @@ class Objective:
         if guide is not None and (not isinstance(guide, str) or not guide):
             raise ValueError(f"objective.guide must be a checkpoint directory / hub id, 'initial', or None, got {guide!r}")
         distill_on = distill["teacher"] is not None and float(distill["weight"]) > 0
-        exchange = cfg.get("negatives_exchange", "gathered")  # a newer key: sections written before it gather
+        exchange = cfg["negatives_exchange"]
         if exchange not in NEGATIVES_EXCHANGES:
             raise ValueError(f"unknown objective.negatives_exchange {exchange!r}; choose one of {NEGATIVES_EXCHANGES}")
         if exchange == "ring" and loss not in RING_LOSSES:

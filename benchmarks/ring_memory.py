@@ -5,7 +5,8 @@ Nothing is allocated: every program is compiled ahead of time and XLA's ``memory
 what one device needs. Two programs per setting:
 
 - the loss alone: InfoNCE + its gradient with respect to 384-wide embeddings (a query, its positive
-  and one hard negative per example), as ``losses.infonce`` (gathered) or ``losses.ring.ring_infonce``;
+  and one hard negative per example), as ``losses.infonce`` (gathered) or ``losses.ring.ring_infonce``
+  (in its default column tiles of 2,048 candidates, and in whole (local x local) blocks);
 - the whole train step of all-MiniLM-L6-v2's shape (``plan.step_memory``: params, AdamW state,
   the encoder under GradCache chunks of 256 texts, 32 tokens per text), as the run would compile it.
 
@@ -16,6 +17,7 @@ what one device needs. Two programs per setting:
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -37,6 +39,7 @@ from embedjax.train import memory, plan  # noqa: E402
 MINILM = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
           "num_attention_heads": 12, "intermediate_size": 1536, "max_position_embeddings": 512}
 LOSSES = {"gathered": losses.infonce, "ring": ring_infonce}
+LOSS_ALONE = {**LOSSES, "ring, whole blocks": functools.partial(ring_infonce, tile_columns=None)}
 
 
 def loss_temporaries(loss_fn, batch: int, width: int, mesh) -> int:
@@ -68,22 +71,24 @@ def main() -> None:
     mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3)
     mib = lambda n: f"{n / 2**20:,.1f}"  # noqa: E731
     print("per-device temporaries (MiB), 8 devices; one (local x global) float32 logit block is "
-          "local * 2 * global * 4 bytes")
-    print(f"{'global batch':>12} {'program':>24} {'gathered':>10} {'ring':>10} {'ratio':>7} {'block':>9} {'compile':>8}")
+          "local * 2 * global * 4 bytes, one (local x local) block an eighth of that")
+    print(f"{'global batch':>12} {'program':>24} {'gathered':>10} {'ring':>10} {'ratio':>7} {'ring, whole blocks':>19} "
+          f"{'(local x global)':>17} {'(local x local)':>16} {'compile':>8}")
     for batch in args.batches:
         local = batch // 8
         block = local * 2 * batch * 4  # rows x (positives + hard negatives of the global batch), float32
         t = time.perf_counter()
-        sizes = {name: loss_temporaries(fn, batch, args.width, mesh) for name, fn in LOSSES.items()}
+        sizes = {name: loss_temporaries(fn, batch, args.width, mesh) for name, fn in LOSS_ALONE.items()}
         print(f"{batch:>12} {'loss + gradient':>24} {mib(sizes['gathered']):>10} {mib(sizes['ring']):>10} "
-              f"{sizes['gathered'] / sizes['ring']:>6.1f}x {mib(block):>9} {time.perf_counter() - t:>7.0f}s", flush=True)
+              f"{sizes['gathered'] / sizes['ring']:>6.1f}x {mib(sizes['ring, whole blocks']):>19} {mib(block):>17} "
+              f"{mib(block / 8):>16} {time.perf_counter() - t:>7.0f}s", flush=True)
         if args.no_step:
             continue
         t = time.perf_counter()
         steps = {name: step_temporaries(name, batch, mesh, length=args.length, chunk=args.chunk) for name in LOSSES}
         g, r = steps["gathered"].temporaries, steps["ring"].temporaries
-        print(f"{batch:>12} {'MiniLM step, GradCache':>24} {mib(g):>10} {mib(r):>10} {g / r:>6.1f}x {mib(block):>9} "
-              f"{time.perf_counter() - t:>7.0f}s", flush=True)
+        print(f"{batch:>12} {'MiniLM step, GradCache':>24} {mib(g):>10} {mib(r):>10} {g / r:>6.1f}x {'':>19} "
+              f"{mib(block):>17} {mib(block / 8):>16} {time.perf_counter() - t:>7.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -168,14 +168,14 @@ def base_config() -> ml_collections.ConfigDict:
         "format": placeholder(str),  # tsv | csv | jsonl | txt | parquet | arrow (a save_to_disk folder); None = from the suffix
         # Training files of any size (embedjax/data/streaming.py): records read one at a time through an
         # index, never all held in memory; parquet and arrow always are, tsv/csv/jsonl/txt when streaming=True.
-        "streaming": False,       # True: tsv/csv/jsonl/txt through a byte-offset index (not with skip_bad)
+        "streaming": False,       # True: tsv/csv/jsonl/txt through a byte-offset index
         "index_dir": placeholder(str),  # streaming: where indexes go; None = beside the file, else $EMBEDJAX_CACHE/index
         "columns": {},            # {field: column name / JSON key / 0-based index} (files), or TFDS features; {} = defaults
         "score_range": placeholder(tuple),  # scored files: (lo, hi) every score must lie in; None = any finite score
         "tfds_name": placeholder(str),  # kind=tfds: the dataset, e.g. "glue/stsb"
         "tfds_split": "train",    # kind=tfds: the split to train on
         "tfds_data_dir": placeholder(str),  # kind=tfds: where TFDS keeps datasets; None = TFDS's default
-        "skip_bad": False,        # skip (and count) malformed rows instead of stopping at the first
+        "skip_bad": False,        # skip (and count) malformed rows instead of stopping at the first (streamed: checked once first)
         # kind=beir: train is a BEIR directory (corpus.jsonl, queries.jsonl, qrels/<split>.tsv);
         # one record per query with all its relevant documents (embedjax/data/retrieval_training.py)
         "split": "train",         # kind=beir: the qrels split to train on; kind=csts: train | dev | all (carved by pair)

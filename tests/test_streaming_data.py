@@ -314,8 +314,8 @@ def test_training_config_streams_parquet_arrow_and_text_on_request(files, tmp_pa
                                                  columns={"text_a": "text_b"}, noise="delete"))
     assert [p.text_b for p in sentences] == [r.text_b for r in files["memory"]]  # noise is applied lazily
 
-    with pytest.raises(ValueError, match="data.skip_bad"):
-        sources.train_source(data_config(train=str(files["parquet"]), skip_bad=True, **scored))
+    checked = sources.train_source(data_config(train=str(files["parquet"]), skip_bad=True, **scored))
+    assert isinstance(checked, S.WithoutBadRecords) and list(checked) == files["memory"] and checked.skipped == 0
     with pytest.raises(ValueError, match="data.streaming and data.format parquet / arrow read data.kind"):
         sources.train_source(data_config(streaming=True))  # kind stsb
     with pytest.raises(ValueError, match="data.format must be one of"):
@@ -365,3 +365,45 @@ def test_resume_after_sigkill_on_a_parquet_source_is_bitwise_exact(tiny_straight
     for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(final_params(tiny_straight_run, 8)),
                          jax.tree.leaves(final_params(workdir, 8))):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(p))
+
+
+def test_skip_bad_streams_what_read_records_keeps(tmp_path):
+    """``skip_bad=True``: the records, line numbers and skipped count of ``read_records(skip_bad=True)``,
+    from a jsonl file (blank lines, broken JSON) and from a Parquet file of the same rows; picklable."""
+    rows = [{"text_a": f"q{i}", "text_b": f"p{i}", "score": i / 10} for i in range(12)]
+    rows[0]["text_a"] = ""  # the first row bad: what it would fix is fixed by the first good one
+    rows[4]["score"] = float("nan")
+    rows[5]["text_b"] = None
+    rows[11]["text_a"] = "   "
+    lines = [json.dumps(r) for r in rows]
+    jsonl_path = write(tmp_path / "scored.jsonl", "\n".join(lines[:7]) + "\n\n" + '{"text_a": "x"' + "\n" +
+                       "\n".join(lines[7:]) + "\n")
+    ref = R.read_records(jsonl_path, "scored", skip_bad=True)
+    assert ref.skipped == 5 and len(ref) == 8
+    got = S.open_records(jsonl_path, "scored", skip_bad=True)
+    assert isinstance(got, S.WithoutBadRecords) and got.skipped == ref.skipped
+    assert list(got) == list(ref) and lines_of(got) == ref.lines and got[-1] == ref[-1]
+    assert got.scores().tolist() == [r.score for r in ref]
+    again = pickle.loads(pickle.dumps(got))  # the bad positions travel; the file is not checked again
+    assert [again[i] for i in reversed(range(len(ref)))] == list(reversed(ref)) and again.skipped == 5
+    with pytest.raises(DataError) as err:  # without skip_bad the bad first row fails on opening
+        S.open_records(jsonl_path, "scored")
+    assert err.value.line == 1
+
+    parquet = tmp_path / "scored.parquet"  # the same rows as typed columns (a null text, a NaN score)
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in ("text_a", "text_b", "score")}), parquet)
+    ref = R.read_records(write(tmp_path / "same.jsonl", "\n".join(lines) + "\n"), "scored", skip_bad=True)
+    got = S.open_records(parquet, "scored", skip_bad=True, index_dir=tmp_path / "idx")
+    assert list(got) == list(ref) and lines_of(got) == ref.lines and got.skipped == ref.skipped == 4
+
+    # tsv: the first row (bad) fixes the column count, as in read_records
+    tsv = write(tmp_path / "pairs.tsv", "\tb\nc\td\ne\tf\tg\nh\ti\n")
+    ref = R.read_records(tsv, "pairs", skip_bad=True)
+    got = S.open_records(tsv, "pairs", skip_bad=True)
+    assert list(got) == list(ref) == [R.Pair("c", "d"), R.Pair("h", "i")] and lines_of(got) == ref.lines == [2, 4]
+
+    every_row_bad = write(tmp_path / "bad.jsonl", '{"text_a": "", "text_b": "p"}\n{"text_a": "q"}\n')
+    for read in (lambda: R.read_records(every_row_bad, "pairs", skip_bad=True),
+                 lambda: S.open_records(every_row_bad, "pairs", skip_bad=True)):
+        with pytest.raises(DataError, match=r"no usable rows \(all 2 row\(s\) were bad"):
+            read()

@@ -23,8 +23,9 @@ parser (``readers.record_parser``). A bad row raises the same ``DataError`` (``f
 what was expected``), when that record is read; for Parquet and Arrow the line is the 1-based
 row (record ``i`` is row ``i + 1``; an Arrow dataset folder is named as a whole). The header and
 the first record are parsed on opening, so what the first row fixes for the rest (column count,
-number of hard negatives) is fixed as ``read_records`` fixes it. ``skip_bad`` has no streaming
-form (it would need every row parsed before the first batch); ``read_records`` has it.
+number of hard negatives) is fixed as ``read_records`` fixes it. ``skip_bad`` (``WithoutBadRecords``,
+``open_records(skip_bad=True)``) checks every record once on opening and keeps the positions of
+the bad ones, so a run is not stopped hours in by a malformed line.
 
 An index (or an Arrow cache) records its source file's size and modification time and is
 rebuilt when either changes. Builds are atomic (written to a temporary file, then renamed),
@@ -304,18 +305,20 @@ class TextRecords(Sequence):
     """The records of a jsonl / tsv / csv / txt file, read one at a time through its ``LineIndex``.
 
     ``TextRecords(path, kind, format=, columns=, header=, num_columns=, score_range=, index_dir=)``:
-    the arguments of ``readers.read_records`` (less ``skip_bad`` / ``keep_blank``), and
-    ``index_dir`` (where the index goes; default beside the file, else ``default_index_dir()``).
+    the arguments of ``readers.read_records`` (less ``skip_bad`` / ``keep_blank``: ``WithoutBadRecords``
+    skips), and ``index_dir`` (where the index goes; default beside the file, else
+    ``default_index_dir()``). ``check_first=False``: the first row is not parsed on opening.
     ``self[i]`` equals ``read_records(...)[i]``; ``line(i)`` is record i's line in the file;
     ``index`` the ``LineIndex``. Picklable (the index is opened again, not rebuilt).
     """
 
     def __init__(self, path, kind: str, *, format: str | None = None, columns: Mapping[str, str | int] | None = None,
                  header: bool | None = None, num_columns: int | None = None,
-                 score_range: tuple[float, float] | None = None, index_dir=None):
+                 score_range: tuple[float, float] | None = None, index_dir=None, check_first: bool = True):
         self.path, self.kind = Path(path), kind
         self._args = dict(format=format, columns=None if columns is None else dict(columns), header=header,
-                          num_columns=num_columns, score_range=score_range, index_dir=index_dir)
+                          num_columns=num_columns, score_range=score_range, index_dir=index_dir,
+                          check_first=check_first)
         self.parser = readers.record_parser(self.path, kind, format=format, columns=columns, header=header,
                                             num_columns=num_columns, score_range=score_range)
         self.format = self.parser.format
@@ -334,7 +337,8 @@ class TextRecords(Sequence):
         self._n = len(self.index) - self._first
         if self._n == 0:
             raise DataError(self.path, None, "no usable rows (the file has a header but no rows; expected at least one)")
-        self[0]  # the first row fixes the column count and the number of negatives, as in read_records
+        if check_first:
+            self[0]  # the first row fixes the column count and the number of negatives, as in read_records
 
     def _text(self, j: int) -> tuple[int, str]:
         """(line number, decoded text) of non-blank line ``j``: read with ``os.pread`` from its
@@ -486,10 +490,10 @@ class ArrowRecords(Sequence):
     """
 
     def __init__(self, path, kind: str, *, format: str | None = None, columns: Mapping[str, str | int] | None = None,
-                 score_range: tuple[float, float] | None = None, index_dir=None):
+                 score_range: tuple[float, float] | None = None, index_dir=None, check_first: bool = True):
         self.path, self.kind = Path(path), kind
         self._args = dict(format=format, columns=None if columns is None else dict(columns), score_range=score_range,
-                          index_dir=index_dir)
+                          index_dir=index_dir, check_first=check_first)
         self.format = infer_format(self.path, format, kind=kind)
         if self.format not in COLUMNAR_FORMATS:
             raise ValueError(f"ArrowRecords reads {COLUMNAR_FORMATS}, not {self.format!r} (TextRecords reads it)")
@@ -526,7 +530,8 @@ class ArrowRecords(Sequence):
         if self._n == 0:
             raise DataError(self.path, None, "no rows (expected at least one)")
         self.parser = readers.record_parser(self.path, kind, format="jsonl", columns=mapping, score_range=score_range)
-        self[0]  # the first row fixes the number of negatives, as in read_records
+        if check_first:
+            self[0]  # the first row fixes the number of negatives, as in read_records
 
     def _mapping(self, fields, columns, names) -> dict[str, str]:
         """{field: column name}: the fields themselves by default; a position is the schema's."""
@@ -567,6 +572,10 @@ class ArrowRecords(Sequence):
         i = _index_of(i, self._n)
         return self.parser.parse_row(i + 1, self.row(i))
 
+    def line(self, i: int) -> int:
+        """Record ``i``'s 1-based row, the "line" of its ``DataError``."""
+        return _index_of(i, self._n) + 1
+
     def scores(self) -> np.ndarray:
         """Every record's score (float64): the score column read whole when it is numeric (its
         finite values; a bad one raises its ``DataError`` when its record is read), else a pass
@@ -593,21 +602,106 @@ class ArrowRecords(Sequence):
         return f"ArrowRecords({str(self.path)!r}, {self.kind!r}, format={self.format!r}, records={self._n})"
 
 
+class WithoutBadRecords(Sequence):
+    """A streaming source with its bad records left out: ``read_records(..., skip_bad=True)``'s
+    records, still read one at a time.
+
+    Opening checks every record once, in file order (a progress bar; about the cost of reading the
+    file, once per process), and keeps only the positions of the bad ones: a record past ``k`` bad
+    ones is ``source[i + k]``, found by a binary search, so memory grows with the bad records, not
+    the file. As ``read_records``, the bad rows are counted (``skipped``) and logged, a file with no
+    good row raises ``DataError``, and what the first row fixes (the column count, the number of
+    hard negatives of the first good row) is fixed the same way. Picklable (the positions travel;
+    the file is not checked again)."""
+
+    def __init__(self, source: TextRecords | ArrowRecords, *, progress: bool = True, _bad=None):
+        self.source, self.path, self.kind = source, source.path, source.kind
+        self.format = source.format
+        if _bad is None:
+            _bad, first = self._check(progress)
+            if len(_bad):
+                readers.log.warning("%s: skipped %d bad row(s); the first: %s", self.path, len(_bad), first)
+        else:
+            self._fix_first_row()
+        self._bad = np.asarray(_bad, np.int64)
+        self.skipped = len(self._bad)
+        self._n = len(source) - self.skipped
+        if self._n == 0:
+            raise DataError(self.path, None, f"no usable rows (all {self.skipped} row(s) were bad; expected at least one)")
+        self._key = self._bad - np.arange(self.skipped, dtype=np.int64)  # bad ones before good record i: <= i
+
+    def _check(self, progress: bool) -> tuple[list[int], DataError | None]:
+        from tqdm.auto import tqdm
+
+        bad, first = [], None
+        for j in tqdm(range(len(self.source)), desc=f"checking {self.path.name}", unit="rec", unit_scale=True,
+                      mininterval=1.0, disable=not progress or len(self.source) < 100_000):
+            try:
+                self.source[j]
+            except DataError as err:
+                bad.append(j)
+                first = first or err
+        return bad, first
+
+    def _fix_first_row(self) -> None:
+        """Reads the records up to the first good one, as the check did: what they fix in the parser."""
+        for j in range(len(self.source)):
+            try:
+                self.source[j]
+                return
+            except DataError:
+                continue
+
+    def _position(self, i) -> int:
+        i = _index_of(i, self._n)
+        return i + int(np.searchsorted(self._key, i, side="right"))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        return self.source[self._position(i)]
+
+    def line(self, i: int) -> int:
+        """The 1-based line (Parquet / Arrow: row) of record ``i`` in the file."""
+        return self.source.line(self._position(i))
+
+    def scores(self) -> np.ndarray:
+        """Every good record's score (float64)."""
+        if "score" not in readers.RECORD_KINDS[self.kind][0]:
+            raise ValueError(f"kind {self.kind!r} records have no score")
+        return np.fromiter((self[i].score for i in range(self._n)), np.float64, self._n)
+
+    def __getstate__(self):
+        return {"source": self.source, "bad": self._bad}
+
+    def __setstate__(self, state):
+        self.__init__(state["source"], _bad=state["bad"])
+
+    def __repr__(self) -> str:
+        return f"WithoutBadRecords({self.source!r}, skipped={self.skipped})"
+
+
 def open_records(path, kind: str, *, format: str | None = None, columns: Mapping[str, str | int] | None = None,
                  header: bool | None = None, num_columns: int | None = None,
-                 score_range: tuple[float, float] | None = None, index_dir=None) -> TextRecords | ArrowRecords:
+                 score_range: tuple[float, float] | None = None, index_dir=None,
+                 skip_bad: bool = False) -> TextRecords | ArrowRecords | WithoutBadRecords:
     """The streaming source of a file: ``ArrowRecords`` for Parquet / Arrow, ``TextRecords`` for
     jsonl / tsv / csv / txt (``infer_format``). Arguments as ``readers.read_records``'s
-    (``header`` / ``num_columns``: tsv / csv only) plus ``index_dir``."""
+    (``header`` / ``num_columns``: tsv / csv only) plus ``index_dir``; ``skip_bad=True`` checks
+    every record on opening and leaves the bad ones out (``WithoutBadRecords``)."""
     fmt = infer_format(path, format, kind=kind)
     if fmt in COLUMNAR_FORMATS:
         if header is not None or num_columns is not None:
             raise ValueError(f"header and num_columns apply to tsv/csv files, not {fmt}")
-        return ArrowRecords(path, kind, format=fmt, columns=columns, score_range=score_range, index_dir=index_dir)
-    return TextRecords(path, kind, format=fmt, columns=columns, header=header, num_columns=num_columns,
-                       score_range=score_range, index_dir=index_dir)
+        source = ArrowRecords(path, kind, format=fmt, columns=columns, score_range=score_range, index_dir=index_dir,
+                              check_first=not skip_bad)
+    else:
+        source = TextRecords(path, kind, format=fmt, columns=columns, header=header, num_columns=num_columns,
+                             score_range=score_range, index_dir=index_dir, check_first=not skip_bad)
+    return WithoutBadRecords(source) if skip_bad else source
 
 
-__all__ = ["COLUMNAR_FORMATS", "FORMATS", "ArrowRecords", "LineIndex", "TextRecords", "arrow_files",
+__all__ = ["COLUMNAR_FORMATS", "FORMATS", "ArrowRecords", "LineIndex", "TextRecords", "WithoutBadRecords", "arrow_files",
            "default_index_dir", "infer_format", "is_columnar", "line_index", "open_records", "parquet_cache",
            "scan_lines"]

@@ -30,8 +30,8 @@ through an index (``embedjax.data.streaming.open_records``, the same records as 
 never all held in memory, from Parquet and Arrow always and from tsv/csv/jsonl/txt with
 ``data.streaming=True``; the index (or Parquet's Arrow copy) is kept beside the file, or under
 ``data.index_dir`` (default ``$EMBEDJAX_CACHE/index``) when that folder is read-only. A bad row
-stops the run when it is read (``data.skip_bad`` needs the whole file parsed first: not with
-streaming).
+stops the run when it is read, unless ``data.skip_bad``: then every record is checked once before
+training and the bad ones are left out, as the in-memory readers leave them out.
 
 ``data.columns`` maps fields (text_a, text_b, text_n, score) to a file's columns (header names
 or JSON keys, or 0-based indexes) or to a TFDS dataset's features; ``{}`` = the defaults.
@@ -76,12 +76,8 @@ def _records(data: DataConfig):
         raise ValueError(f"data.streaming and data.format parquet / arrow read data.kind one of {STREAMING_KINDS}, "
                          f"not {kind!r}")
     if kind in STREAMING_KINDS and (data.streaming or streaming.is_columnar(data.train, data.format)):
-        if skip_bad:
-            raise ValueError(f"data.skip_bad parses the whole file before training; {data.train} is read record by "
-                             "record (data.streaming, or a parquet / arrow file), so a bad row stops the run when it "
-                             "is read: set data.skip_bad=False (or data.streaming=False for a text file)")
         return streaming.open_records(data.train, kind, format=data.format, columns=columns,
-                                      score_range=data.score_range, index_dir=data.index_dir)
+                                      score_range=data.score_range, index_dir=data.index_dir, skip_bad=skip_bad)
     if kind == "stsb":
         return readers.read_stsb(data.train, skip_bad=skip_bad)
     if kind == "stsb_sentences":

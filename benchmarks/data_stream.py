@@ -13,6 +13,8 @@ pair of files. Then, each in a fresh process (so its ``ru_maxrss`` is its own):
   records read one by one, and ``--batches`` batches of 32 from ``pipeline.train_pipeline`` with
   all-MiniLM-L6-v2's tokenizer, packed as training packs them (``data.pack_length=64``; after 10
   warm-up batches); then the same file opened again (the stored index reused);
+* ``checked``: the same file opened with ``skip_bad=True`` (its index already stored): the open
+  time is the check of every record, then the same reads and batches;
 * ``memory``: ``readers.read_records`` of the ``--memory-n`` jsonl file, then the same reads and
   batches from the list (10M Python records would not fit this machine's memory);
 * ``parquet_rowgroup`` / ``parquet_table``: the alternatives to the Arrow copy for Parquet, at
@@ -109,6 +111,8 @@ if what == "memory":
     source = readers.read_records(path, "pairs")
 elif what == "stream":
     source = streaming.open_records(path, "pairs")
+elif what == "checked":  # data.skip_bad: every record parsed once on opening (the index already stored)
+    source = streaming.open_records(path, "pairs", skip_bad=True)
 elif what in ("parquet_rowgroup", "parquet_table"):
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(path)
@@ -204,6 +208,8 @@ def main() -> None:
             clear_indexes(root / label)
             for fmt in ("jsonl", "parquet"):
                 rows.append((f"stream {fmt}", n, measure("stream", paths[fmt], args.reads, args.batches)))
+            for fmt in ("jsonl", "parquet"):  # open = the check of every record (the index is stored by now)
+                rows.append((f"stream {fmt}, skip_bad", n, measure("checked", paths[fmt], args.reads, args.batches)))
             if label == "small":
                 rows.append(("in memory (read_records, jsonl)", n,
                              measure("memory", paths["jsonl"], args.reads, args.batches)))

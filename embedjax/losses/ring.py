@@ -54,11 +54,6 @@ class _RunningLogSumExp(NamedTuple):
     def empty(cls, rows, dtype):
         return cls(jnp.full((rows,), -jnp.inf, dtype), jnp.zeros((rows,), dtype))
 
-    @classmethod
-    def of(cls, block):
-        peak = jax.lax.stop_gradient(jnp.max(block, axis=1))
-        return cls(peak, jnp.sum(jnp.exp(block - _finite(peak)[:, None]), axis=1))
-
     def add(self, block):
         peak = jax.lax.stop_gradient(jnp.maximum(self.peak, jnp.max(block, axis=1)))
         rescaled = self.total * jnp.exp(_finite(self.peak) - _finite(peak))

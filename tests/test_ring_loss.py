@@ -336,3 +336,16 @@ def test_runs_without_a_ring_form_refuse_it():
     section = {**base.base_config().objective.to_dict(), "loss": "infonce", "negatives_exchange": "ring"}
     with pytest.raises(ValueError, match="negatives_exchange='ring'"):
         SparseObjective.from_config(section, {})
+
+
+def test_tile_count_is_the_fewest_dividing_tiles_within_the_limit():
+    from embedjax.losses.ring import tile_count
+
+    for queries in range(1, 40):
+        for per_query in (1, 3):
+            columns = queries * per_query
+            for limit in (None, 1, 2, 5, 8, 64):
+                got = tile_count(queries, columns, limit)
+                fits = [t for t in range(1, queries + 1) if queries % t == 0
+                        and (limit is None or columns // t <= limit)]
+                assert got == (fits[0] if fits else queries)  # one query's columns are the finest tile

@@ -87,7 +87,7 @@ def tile_count(queries: int, columns: int, tile_columns: int | None) -> int:
     ``tile_columns`` of its ``columns`` candidate documents each (None: one tile)."""
     if tile_columns is None or columns <= tile_columns:
         return 1
-    return next(t for t in range(2, queries + 1) if queries % t == 0 and columns // t <= tile_columns)
+    return next((t for t in range(2, queries + 1) if queries % t == 0 and columns // t <= tile_columns), queries)
 
 
 def _tiles(columns, count):

@@ -147,7 +147,11 @@ def sharded_topk(queries, corpus, k: int, *, mesh: Mesh | None = None, metric: s
     return _by_query_chunks(fn, (queries,), (corpus,), padding, mesh, k, query_chunk_size)
 
 
-RESCORE_QUERY_CHUNK = 128  # queries rescored at once: bounds the (chunk, candidates, D) gathered floats
+# Queries rescored at once: bounds the (chunk, candidates, D) gathered floats, and keeps them in
+# cache (rescoring 1,000 queries' 400 / 1,000 candidates among 100k on a 2-core CPU: 0.34 / 0.71 s in
+# chunks of 64 queries, 0.22 / 0.36 s in chunks of 16).
+RESCORE_QUERY_CHUNK = 16
+_unit_rows = jax.jit(similarity.l2_normalize)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "metric"))
@@ -204,7 +208,9 @@ def binary_rescored_topk(queries, corpus, k: int, *, rescore_multiplier: int = 4
                                        chunk_size=max(chunk_size, 32 * shortlist), query_chunk_size=query_chunk_size)
     if not rescore_multiplier or not len(queries):
         return (hamming, candidates) if not rescore_multiplier else (hamming[:, :k], candidates[:, :k])
-    corpus_dev = jax.device_put(corpus)
+    corpus_dev = jax.device_put(_padded_aligned(corpus, 0))
+    if metric == "cosine":  # normalised once here, not once per gathered candidate row
+        queries, corpus_dev, metric = np.asarray(_unit_rows(queries)), _unit_rows(corpus_dev), "dot"
     step = min(RESCORE_QUERY_CHUNK, len(queries))
     pending = []
     for start in range(0, len(queries), step):

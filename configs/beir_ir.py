@@ -21,7 +21,8 @@ and compressed scores, the 0.95 relative filter leaves most NFCorpus queries wit
 negative), ``all=1`` every sampled positive in the numerator, ``positives=M`` positives per query and step,
 ``lr=X``, ``epochs=E``, ``mined=DIR`` where the mined files are, ``start=1`` evaluates the start too,
 ``anchor=W`` anchors every training text to the initial model (configs/stsb_anchored.py's cosine
-distillation, weight W), ``smoke``.
+distillation, weight W), ``gte=1`` GTE's four directions in the denominator (arXiv:2308.03281),
+``hardness=A`` LLaVE's hardness weighting of the negatives (arXiv:2503.04812; A=9 in the paper), ``smoke``.
 """
 
 from configs import base
@@ -75,12 +76,16 @@ def retrieval_loss_kwargs(args: dict) -> dict:
         kwargs["fn_margin"] = float(fn)
     if args.get("all"):
         kwargs["all_positives"] = True
+    if args.get("gte"):  # GTE's improved contrastive loss: query-query, doc-query and doc-doc terms too
+        kwargs["directions"] = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+    if args.get("hardness"):  # LLaVE's hardness weighting of every negative: + alpha * stop_grad(s)
+        kwargs["hardness"] = float(args["hardness"])
     return kwargs
 
 
 def get_config(arg: str | None = None):
     args = base.parse_arg(arg, allowed=("smoke", "fn", "guide", "negatives", "nf_negatives", "all", "positives", "lr",
-                                        "epochs", "mined", "start", "anchor"))
+                                        "epochs", "mined", "start", "anchor", "gte", "hardness"))
     c = base.base_config()
     c.objective.loss = "infonce"
     c.objective.loss_kwargs = retrieval_loss_kwargs(args)

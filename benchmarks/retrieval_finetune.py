@@ -91,7 +91,8 @@ def parse_method(method: str) -> tuple[str, str, dict]:
     """``method`` -> (family "start" / "st" / "embedjax", base name, options).
 
     Besides the named methods, ``st:<loss>,lr=X`` trains a sentence-transformers loss at another
-    peak learning rate, and ``<recipe>:<variant>`` runs any variant of ``configs/<recipe>.py`` (the
+    peak learning rate, ``st:<loss>,mode=round_robin`` on the batches of ``configs/beir_ir.py:mode=round_robin``
+    (its sources in a fixed turn, not sampled per step), and ``<recipe>:<variant>`` runs any variant of ``configs/<recipe>.py`` (the
     config's own ``:name=value,...`` syntax), so a recipe search needs no edit here.
     """
     if method == "start":
@@ -99,9 +100,10 @@ def parse_method(method: str) -> tuple[str, str, dict]:
     name, _, options = method.partition(",")
     if name in ST:
         opts = dict(o.split("=", 1) for o in options.split(",") if o)
-        if set(opts) - {"lr"}:
-            raise ValueError(f"{method}: sentence-transformers methods take only lr=X, not {sorted(set(opts) - {'lr'})}")
-        return "st", name, {k: float(v) for k, v in opts.items()}
+        if set(opts) - {"lr", "mode"}:
+            raise ValueError(f"{method}: sentence-transformers methods take only lr=X and mode=M, "
+                             f"not {sorted(set(opts) - {'lr', 'mode'})}")
+        return "st", name, {k: float(v) if k == "lr" else v for k, v in opts.items()}
     recipe, _, variant = method.partition(":")
     if method in EMBEDJAX or recipe in EMBEDJAX:
         config = EMBEDJAX[method][0] if method in EMBEDJAX else f"configs/{recipe}.py:{variant}"
@@ -219,15 +221,15 @@ def scorer(method: str):
             else score)
 
 
-def same_batches(seed: int, batch_size: int) -> tuple[list[str], dict[str, list[dict]]]:
-    """What configs/beir_ir.py trains on with ``seed`` and ``batch_size``: the source of every step
-    and each source's records in the order it is read (embedjax's own pipeline order)."""
+def same_batches(seed: int, batch_size: int, mode: str = "sampled") -> tuple[list[str], dict[str, list[dict]]]:
+    """What configs/beir_ir.py trains on with ``seed``, ``batch_size`` and mixture ``mode``: the source
+    of every step and each source's records in the order it is read (embedjax's own pipeline order)."""
     from embedjax.data import pipeline
     from embedjax.data.mixture import schedule
     from embedjax.train import sources
     from embedjax.train.config import TrainConfig
 
-    c = recipe_config(EMBEDJAX["beir_ir"][0], seed)
+    c = recipe_config(f"{EMBEDJAX['beir_ir'][0]}:mode={mode}", seed)
     c.batch_size = batch_size
     run = TrainConfig.from_config(c)
     names = sorted(run.sources)
@@ -250,14 +252,14 @@ def same_batches(seed: int, batch_size: int) -> tuple[list[str], dict[str, list[
 
 
 # --------------------------------------------------------------------------- one run (in a subprocess)
-def replayed_datasets(seed: int, batch_size: int):
+def replayed_datasets(seed: int, batch_size: int, mode: str = "sampled"):
     """``(datasets, replay)``: each source's records as a ``datasets.Dataset`` (anchor, positive,
     negative_j) and a batch sampler that replays configs/beir_ir.py's batches in order (indices into
     the trainer's concatenation of the sources)."""
     import numpy as np
     from datasets import Dataset
 
-    plan, rows = same_batches(seed, batch_size)
+    plan, rows = same_batches(seed, batch_size, mode)
     names = list(rows)
     datasets = {}
     for name in names:
@@ -292,7 +294,7 @@ def replayed_datasets(seed: int, batch_size: int):
 
 
 def train_replayed(trainer_class, model, loss, seed: int, workdir: Path, batch_size: int, lr: float | None,
-                   args_class=None, **trainer_kwargs) -> dict:
+                   args_class=None, mode: str = "sampled", **trainer_kwargs) -> dict:
     """Trains ``model`` with a sentence-transformers-style trainer on the replayed batches (the
     schedule of the module docstring), saves it to ``workdir/export`` and returns its timings.
     ``args_class``: the trainer's own arguments class (default SentenceTransformerTrainingArguments)."""
@@ -301,7 +303,7 @@ def train_replayed(trainer_class, model, loss, seed: int, workdir: Path, batch_s
     from sentence_transformers.training_args import SentenceTransformerTrainingArguments
     from transformers import TrainerCallback
 
-    datasets, replay = replayed_datasets(seed, batch_size)
+    datasets, replay = replayed_datasets(seed, batch_size, mode)
     stamps: list[float] = []
 
     class Trainer(trainer_class):
@@ -330,7 +332,8 @@ def train_replayed(trainer_class, model, loss, seed: int, workdir: Path, batch_s
     return {"steps": steps, "train_s": round(train_s, 1), "step_s": round(statistics.median(times), 3)}
 
 
-def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | None = None) -> dict:
+def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | None = None,
+           mode: str = "sampled") -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -364,7 +367,7 @@ def run_st(method: str, seed: int, workdir: Path, batch_size: int, lr: float | N
                 "st:cmnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=8),
                 "st:gist": lambda: losses.GISTEmbedLoss(model, SentenceTransformer(hf.minilm_l6(), device="cpu"),
                                                         temperature=0.05)}[method]()
-    row = train_replayed(trainer_class, model, loss, seed, workdir, batch_size, lr, args_class=args_class)
+    row = train_replayed(trainer_class, model, loss, seed, workdir, batch_size, lr, args_class=args_class, mode=mode)
     return {**row, **scorer(method)(str(workdir / "export"))}
 
 
@@ -452,7 +455,7 @@ def run_one(method: str, seed: int, root: Path, batch_size: int) -> dict:
     elif family == "st" and name == "pylate:contrastive":
         row = run_pylate(seed, workdir, batch_size, lr=options.get("lr"))
     elif family == "st":
-        row = run_st(name, seed, workdir, batch_size, lr=options.get("lr"))
+        row = run_st(name, seed, workdir, batch_size, lr=options.get("lr"), mode=options.get("mode", "sampled"))
     else:
         row = run_embedjax(options["config"], seed, workdir, batch_size)
     return {"method": method, "seed": seed, **row}

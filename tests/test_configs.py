@@ -37,6 +37,7 @@ VARIANTS = [
     "beir_ir", "beir_ir:smoke", "beir_ir:fn=none,guide=1,negatives=0,nf_negatives=2,all=1,positives=2,lr=1e-5,epochs=2",
     "sick_angle", "sick_angle:smoke", "stsb_sick:sick_weight=0,pearson=1.0",
     "ir_sts", "ir_sts:smoke", "ir_sts:ir=2,anchor=0,guide=1,fn=none,lr=1e-5", "beir_ir:start=1,anchor=10",
+    "beir_ir:gte=1,hardness=9,mode=round_robin",
     "stsb_cross_encoder", "stsb_cross_encoder:smoke", "stsb_cross_encoder:epochs=1,seed=2",
     "stsb_augsbert", "stsb_augsbert:smoke", "stsb_augsbert:silver=/tmp/silver.tsv",
     "beir_reranker", "beir_reranker:smoke", "beir_reranker:cpu,seed=2", "beir_reranker:loss=bce,in_batch=1,negatives=0,top_k=20,lr=1e-5,seed=1,epochs=2",

@@ -91,9 +91,10 @@ def parse_method(method: str) -> tuple[str, str, dict]:
     """``method`` -> (family "start" / "st" / "embedjax", base name, options).
 
     Besides the named methods, ``st:<loss>,lr=X`` trains a sentence-transformers loss at another
-    peak learning rate, ``st:<loss>,mode=round_robin`` on the batches of ``configs/beir_ir.py:mode=round_robin``
-    (its sources in a fixed turn, not sampled per step), and ``<recipe>:<variant>`` runs any variant of ``configs/<recipe>.py`` (the
-    config's own ``:name=value,...`` syntax), so a recipe search needs no edit here.
+    peak learning rate, ``st:<loss>,mode=round_robin`` on the batches of
+    ``configs/beir_ir.py:mode=round_robin`` (its sources in a fixed turn, not sampled per step), and
+    ``<recipe>:<variant>`` runs any variant of ``configs/<recipe>.py`` (the config's own
+    ``:name=value,...`` syntax), so a recipe search needs no edit here.
     """
     if method == "start":
         return "start", method, {}
